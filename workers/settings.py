@@ -1,0 +1,39 @@
+"""Worker-side settings, read from the environment once per process (never at import).
+
+The API's settings extend these (``service.settings``): both processes must agree
+on Redis, the data directory and the queue name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTTRAIN_", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Job records and Celery broker.")
+    broker_url: str | None = Field(None, description="Celery broker; default = redis_url.")
+    data_dir: Path = Field(Path("./posttrain-data"), description="Uploads and checkpoints.")
+    queue: str = Field("posttrain.gpu", description="Celery queue the workers consume.")
+    key_prefix: str = Field("posttrain:", description="Prefix of every Redis key posttrain owns.")
+    checkpoint_every_steps: int = Field(50, ge=1, description="Default checkpoint interval.")
+    lease_seconds: float = Field(30.0, gt=1, description="A job's lease lasts this long unrenewed.")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="How often the supervisor renews.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed for good.")
+    cancel_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL delay.")
+    train_threads: int | None = Field(None, ge=1, description="torch threads per training process.")
+    concurrency: int = Field(1, ge=1, description="Jobs at once per worker (one per GPU).")
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    def threads_per_job(self) -> int:
+        if self.train_threads:
+            return self.train_threads
+        return max(1, (os.cpu_count() or 1) // self.concurrency)
