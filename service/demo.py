@@ -1,0 +1,151 @@
+"""``posttrain demo``: one real SFT job end to end on the tiny offline model.
+
+Starts what is missing (Redis if none answers, the API, one worker), builds the
+tiny model, uploads the bundled demo data, submits a job, shows a progress bar
+until it ends, downloads the final checkpoint and prints a generation from it.
+Everything lives under ``POSTTRAIN_DATA_DIR`` (default ./posttrain-data).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from service import launch
+from service.settings import ApiSettings
+
+# Tuned for a randomly initialised 0.1M-parameter model: it needs a high learning rate.
+DEMO_HYPERPARAMETERS = {"n_epochs": 20, "batch_size": 8, "learning_rate": 5e-3}
+SAMPLES = 3  # conversations from the demo data whose replies are shown before and after
+
+
+def _api_up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _start_stack(s: ApiSettings, data: Path, started: list) -> str:
+    logs = data / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    proc = launch.start_redis(s.redis_url, logs / "redis.log")
+    if proc:
+        print(f"started redis-server for {s.redis_url}")
+        started.append(proc)
+    env = {
+        **os.environ,
+        "POSTTRAIN_DATA_DIR": str(data),
+        "POSTTRAIN_REDIS_URL": s.redis_url,
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
+    url = f"http://127.0.0.1:{s.port}"
+    if _api_up(url):
+        print(f"using the API already running at {url}")
+    else:
+        started.append(launch.start_api(env, s.port, logs / "api.log"))
+        print(f"started the API at {url} (log: {logs / 'api.log'})")
+    started.append(launch.start_worker(env, logs / "worker.log", name="demo"))
+    print(f"started a worker (log: {logs / 'worker.log'})")
+    return url
+
+
+def _latest_step(c: httpx.Client, job_id: str) -> dict | None:
+    events = c.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 10}).json()["data"]
+    return next((e["data"] for e in events if e["type"] == "metrics" and e["data"]), None)
+
+
+def _follow(c: httpx.Client, job_id: str) -> dict:
+    """Poll the job, drawing a progress bar from its metrics events, until it ends."""
+    bar = tqdm(total=1, desc="queued", unit="step", dynamic_ncols=True, mininterval=0.5)
+    status = "queued"
+    while True:
+        job = c.get(f"/fine_tuning/jobs/{job_id}").json()
+        step = _latest_step(c, job_id)
+        if step and step["step"] != bar.n:
+            bar.total = step.get("total_steps") or bar.total
+            bar.update(step["step"] - bar.n)
+            if "loss" in step:
+                bar.set_postfix(loss=f"{step['loss']:.3f}", refresh=False)
+        if job["status"] != status:
+            status = job["status"]
+            bar.set_description(status)
+        if status in ("succeeded", "failed", "cancelled"):
+            bar.close()
+            return job
+        time.sleep(0.5)
+
+
+def _download(c: httpx.Client, job_id: str, dest: Path) -> Path:
+    ckpt = c.get(f"/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 1}).json()["data"][0]
+    blob = c.get(f"/fine_tuning/jobs/{job_id}/checkpoints/{ckpt['id']}/content").content
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        tar.extractall(dest, filter="data")
+    print(
+        f"downloaded checkpoint {ckpt['id']} (step {ckpt['step_number']}, "
+        f"{len(blob) / 1e6:.1f} MB) to {dest / top}"
+    )
+    return dest / top
+
+
+def _samples(path) -> list[list[dict]]:
+    """The first few prompts of the demo data (every turn before the last assistant reply)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()][:SAMPLES]
+    return [r["messages"][:-1] for r in rows]
+
+
+def run_demo(keep_running: bool = False) -> int:
+    from trainers.sampling import greedy_replies
+    from trainers.tiny_model import build_tiny_model
+
+    s = ApiSettings()
+    data = Path(s.data_dir).resolve()
+    started: list = []
+    try:
+        url = _start_stack(s, data, started)
+        model_dir = build_tiny_model(data / "tiny-model")
+        print(f"built the tiny model at {model_dir}")
+        c = httpx.Client(base_url=f"{url}/v1", timeout=60)
+        demo = resources.files("trainers") / "assets" / "demo_sft.jsonl"
+        with demo.open("rb") as fh:
+            f = c.post(
+                "/files", files={"file": ("demo_sft.jsonl", fh)}, data={"purpose": "fine-tune"}
+            ).json()
+        print(f"uploaded {f['filename']}: {f['rows']} rows, {f['format']} format -> {f['id']}")
+        job = c.post(
+            "/fine_tuning/jobs",
+            json={
+                "model": str(model_dir),
+                "training_file": f["id"],
+                "suffix": "demo",
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": DEMO_HYPERPARAMETERS},
+                },
+            },
+        ).json()
+        print(f"created job {job['id']}")
+        job = _follow(c, job["id"])
+        if job["status"] != "succeeded":
+            print(f"job {job['status']}: {json.dumps(job.get('error'))}")
+            return 1
+        print(f"job succeeded: {job['fine_tuned_model']} ({job['trained_tokens']} tokens)")
+        ckpt_dir = _download(c, job["id"], data / "downloads")
+        prompts = _samples(demo)
+        base, tuned = greedy_replies(model_dir, prompts), greedy_replies(ckpt_dir, prompts)
+        for prompt, b, t in zip(prompts, base, tuned, strict=True):
+            print(f"\nuser:       {prompt[-1]['content']}\nbase:       {b!r}\nfine-tuned: {t!r}")
+        return 0
+    finally:
+        if not keep_running:
+            for proc in reversed(started):
+                launch.stop(proc)

@@ -1,0 +1,191 @@
+"""OpenAI API objects, built from Redis records.
+
+Every object carries every field the official ``openai`` SDK's model declares
+(``FineTuningJob``, ``FileObject``, ``FineTuningJobEvent``,
+``FineTuningJobCheckpoint``); posttrain's extensions are extra fields in the
+same objects (``training_type``, ``resources``, ``suffix``, ``attempt``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from trainers.spec import JobSpec
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: ErrorInfo | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str] = []
+    seed: int
+    status: str
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    # extensions
+    suffix: str | None = None
+    training_type: str
+    resources: dict[str, Any]
+    attempt: int = 0
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+    # extensions
+    format: str | None = None
+    rows: int | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    data: Any = None
+    type: Literal["message", "metrics"] = "message"
+
+
+class CheckpointMetrics(BaseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class JobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class Page(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+def page(items: list[BaseModel], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": items,
+        "has_more": has_more,
+        "first_id": items[0].id if items else None,
+        "last_id": items[-1].id if items else None,
+    }
+
+
+def _int(value: str | None) -> int | None:
+    return int(float(value)) if value not in (None, "", "None") else None
+
+
+def job_object(rec: dict[str, str], organization_id: str) -> FineTuningJob:
+    spec = JobSpec.model_validate_json(rec["spec"])
+    method = spec.method.model_dump(mode="json")
+    hps = spec.method_hyperparameters().model_dump(mode="json")
+    error = json.loads(rec["error"]) if rec.get("error") else None
+    status = rec["status"]
+    return FineTuningJob(
+        id=rec["id"],
+        created_at=_int(rec["created_at"]),
+        error=error,
+        fine_tuned_model=rec.get("fine_tuned_model") or None,
+        finished_at=_int(rec.get("finished_at")),
+        hyperparameters={
+            k: hps[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier") if k in hps
+        },
+        model=spec.model,
+        organization_id=organization_id,
+        seed=spec.seed,
+        status=status,
+        trained_tokens=_int(rec.get("trained_tokens")),
+        training_file=spec.training_file,
+        validation_file=spec.validation_file,
+        estimated_finish=_int(rec.get("estimated_finish")) if status == "running" else None,
+        integrations=[],
+        metadata=spec.metadata,
+        method=method,
+        suffix=spec.suffix,
+        training_type=spec.training_type,
+        resources=spec.resources.model_dump(mode="json"),
+        attempt=_int(rec.get("attempt")) or 0,
+    )
+
+
+def file_object(rec: dict[str, Any]) -> FileObject:
+    return FileObject(
+        id=rec["id"],
+        bytes=rec["bytes"],
+        created_at=rec["created_at"],
+        filename=rec["filename"],
+        purpose=rec["purpose"],
+        status=rec["status"],
+        format=rec.get("format"),
+        rows=rec.get("rows"),
+    )
+
+
+def event_object(stream_id: str, fields: dict[str, str]) -> JobEvent:
+    data = json.loads(fields["data"]) if fields.get("data") else None
+    return JobEvent(
+        id=f"ftevent-{stream_id}",
+        created_at=int(fields["created_at"]),
+        level=fields.get("level", "info"),
+        message=fields["message"],
+        data=data,
+        type=fields.get("type", "message"),
+    )
+
+
+def checkpoint_object(job_id: str, meta: dict[str, Any]) -> JobCheckpoint:
+    return JobCheckpoint(
+        id=meta["id"],
+        created_at=meta["created_at"],
+        fine_tuned_model_checkpoint=meta["fine_tuned_model_checkpoint"],
+        fine_tuning_job_id=job_id,
+        metrics=CheckpointMetrics(**meta["metrics"]),
+        step_number=meta["step"],
+    )
