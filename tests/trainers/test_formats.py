@@ -1,0 +1,100 @@
+"""JSONL row validation: formats are detected, and bad rows name the line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainers.formats import DatasetError, RowFormat, summarize
+
+
+def lines(*rows) -> list[str]:
+    return [r if isinstance(r, str) else json.dumps(r) for r in rows]
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+@pytest.mark.parametrize(
+    "row,fmt",
+    [
+        (CHAT, RowFormat.chat),
+        ({"prompt": "2+2=", "completion": "4"}, RowFormat.prompt_completion),
+        ({"prompt": "q", "chosen": "a", "rejected": "b"}, RowFormat.preference),
+        (
+            {
+                "input": {"messages": [{"role": "user", "content": "q"}]},
+                "preferred_output": [{"role": "assistant", "content": "a"}],
+                "non_preferred_output": [{"role": "assistant", "content": "b"}],
+            },
+            RowFormat.preference,
+        ),
+        ({"prompt": "q", "completion": "a", "label": True}, RowFormat.unpaired_preference),
+        ({"prompt": "q", "answer": "4"}, RowFormat.prompt_only),
+        ({"messages": [{"role": "user", "content": "q"}]}, RowFormat.prompt_only),
+        ({"prompt": "q", "response": "a", "reward": 0.5}, RowFormat.scored),
+    ],
+)
+def test_each_shape_is_recognised(row, fmt):
+    summary = summarize(lines(row, row))
+    assert summary.format == fmt and summary.rows == 2
+
+
+def test_blank_lines_are_skipped_and_content_parts_accepted():
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "yo"},
+        ]
+    }
+    assert summarize(lines(CHAT, "", "  ", parts)).rows == 2
+
+
+@pytest.mark.parametrize(
+    "bad,line,param,fragment",
+    [
+        ('{"messages": [', 2, None, "invalid JSON"),
+        ("[1, 2]", 2, None, "JSON object"),
+        (
+            {
+                "messages": [
+                    {"role": "robot", "content": "x"},
+                    {"role": "assistant", "content": "y"},
+                ]
+            },
+            2,
+            "messages[0].role",
+            "'system'",
+        ),
+        ({"messages": [{"role": "assistant"}]}, 2, "messages[0].content", "required"),
+        ({"foo": 1}, 2, None, "matches no known format"),
+        ({"prompt": "q", "completion": "a"}, 2, None, "format"),
+    ],
+)
+def test_bad_rows_name_their_line_and_field(bad, line, param, fragment):
+    with pytest.raises(DatasetError) as info:
+        summarize(lines(CHAT, bad))
+    err = info.value
+    assert err.line == line and err.param == param
+    assert fragment in str(err) and f"line {line}" in str(err)
+
+
+def test_bad_label_type_names_the_field():
+    with pytest.raises(DatasetError) as info:
+        summarize(lines({"prompt": "q", "completion": "a", "label": "maybe"}))
+    assert info.value.param == "label" and info.value.line == 1
+
+
+def test_empty_file_and_bad_utf8_are_rejected():
+    with pytest.raises(DatasetError, match="no rows"):
+        summarize([])
+    with pytest.raises(DatasetError, match="UTF-8"):
+        summarize([json.dumps(CHAT).encode(), b"\xff\xfe"])
+
+
+def test_chat_row_needs_an_assistant_turn_for_sft_but_not_as_a_prompt():
+    prompt_only = {"messages": [{"role": "user", "content": "q"}]}
+    assert summarize(lines(prompt_only)).format == RowFormat.prompt_only
+    with pytest.raises(DatasetError, match="line 2"):
+        summarize(lines(CHAT, prompt_only))

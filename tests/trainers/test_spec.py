@@ -1,0 +1,91 @@
+"""The job spec: defaults, aliases, and cross-field checks that say how to fix a request."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from trainers import registry
+from trainers.spec import PLANNED_METHODS, JobSpec
+
+BASE = {"model": "m", "training_file": "file-1"}
+
+
+def test_method_defaults_to_supervised_with_auto_hyperparameters():
+    spec = JobSpec.model_validate(BASE)
+    hp = spec.method_hyperparameters()
+    assert spec.method_type == "supervised"
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == ("auto", "auto", "auto")
+    assert hp.resolved_epochs() == 3 and hp.resolved_batch_size(5) == 5
+    assert hp.resolved_learning_rate(lora=False) == pytest.approx(2e-5)
+    assert hp.resolved_learning_rate(lora=True) == pytest.approx(2e-4)
+
+
+def test_sft_alias_and_its_config_key_map_to_supervised():
+    spec = JobSpec.model_validate(
+        {
+            **BASE,
+            "method": {
+                "type": "sft",
+                "sft": {"hyperparameters": {"n_epochs": 2, "learning_rate_multiplier": 3}},
+            },
+        }
+    )
+    hp = spec.method_hyperparameters()
+    assert spec.method_type == "supervised" and hp.n_epochs == 2
+    assert hp.resolved_learning_rate(lora=False) == pytest.approx(6e-5)
+
+
+def test_absolute_learning_rate_overrides_multiplier():
+    spec = JobSpec.model_validate(
+        {
+            **BASE,
+            "method": {
+                "type": "supervised",
+                "supervised": {
+                    "hyperparameters": {"learning_rate": 5e-3, "learning_rate_multiplier": 10}
+                },
+            },
+        }
+    )
+    assert spec.method_hyperparameters().resolved_learning_rate(lora=True) == 5e-3
+
+
+def test_lora_settings_require_lora_training_type():
+    with pytest.raises(ValidationError, match="set training_type to 'lora'"):
+        JobSpec.model_validate({**BASE, "lora": {"r": 8}})
+    spec = JobSpec.model_validate({**BASE, "training_type": "lora"})
+    assert spec.lora is not None and spec.lora.r == 16
+
+
+@pytest.mark.parametrize(
+    "patch,fragment",
+    [
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+            "n_epochs",
+        ),
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"bogus": 1}}}},
+            "bogus",
+        ),
+        ({"suffix": "has spaces"}, "suffix"),
+        ({"metadata": {str(i): "v" for i in range(17)}}, "16 keys"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
+def test_invalid_requests_are_rejected_naming_the_problem(patch, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        JobSpec.model_validate({**BASE, **patch})
+
+
+def test_spec_round_trips_through_json():
+    spec = JobSpec.model_validate({**BASE, "training_type": "lora", "seed": 7})
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_registry_names_are_the_methods_the_spec_accepts():
+    assert registry.available_methods() == ["supervised"]
+    assert set(registry.planned_methods()) == set(PLANNED_METHODS)
+    with pytest.raises(KeyError, match="available: supervised"):
+        registry.resolve("dpo")

@@ -1,0 +1,1 @@
+"""One module per post-training method; each exposes ``train(plan, reporter) -> dict``."""

@@ -1,0 +1,71 @@
+"""The bridge from a transformers ``Trainer`` to the job's reporter.
+
+Every trainer in posttrain adds ``ReportingCallback``: it forwards logged
+metrics, announces each saved checkpoint (after the save has finished, so a
+checkpoint the record names always exists), forces a save at the last step so
+every run ends with a downloadable checkpoint, and on a pause request saves and
+stops at the next step boundary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from trainers.plan import RunPlan
+from trainers.reporting import PauseRequest, Reporter
+
+
+class ReportingCallback(TrainerCallback):
+    def __init__(self, plan: RunPlan, reporter: Reporter, pause: PauseRequest | None = None):
+        self.plan, self.reporter = plan, reporter
+        self.pause = pause or PauseRequest()
+        self.paused_at: int | None = None
+        self.last_logs: dict[str, Any] = {}
+        self.trained_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step:
+            self.reporter.event(
+                f"Resumed from checkpoint at step {state.global_step}", step=state.global_step
+            )
+        self.reporter.event(f"Training for {state.max_steps} steps", total_steps=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        if not logs:
+            return
+        self.last_logs.update(logs)
+        if "num_tokens" in logs:
+            self.trained_tokens = int(logs["num_tokens"])
+        if "train_runtime" in logs:  # the trainer's closing summary, not a step
+            self.reporter.event(
+                f"Training finished in {logs['train_runtime']:.1f} s, mean loss "
+                f"{logs.get('train_loss', float('nan')):.4f}",
+                **logs,
+            )
+            return
+        if any(k.startswith("eval_") for k in logs) and "loss" not in logs:
+            self.reporter.event(
+                f"Validation at step {state.global_step}: "
+                f"loss={logs.get('eval_loss', float('nan')):.4f}",
+                **logs,
+            )
+            return
+        self.reporter.log(state.global_step, state.max_steps, logs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        elif self.pause.requested:
+            control.should_save = control.should_training_stop = True
+            self.paused_at = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            return
+        final = state.global_step >= state.max_steps
+        self.reporter.checkpoint(state.global_step, self.plan.relative(ckpt), self.last_logs, final)

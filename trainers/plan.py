@@ -1,0 +1,39 @@
+"""The run plan: what the supervisor hands one training process (torch-free).
+
+The job spec names files by id; the plan resolves them to paths on the data
+volume and adds the worker's settings for this run (threads, checkpoint
+interval, attempt number). Written as JSON by ``workers.supervisor``, read by
+``trainers.run``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from trainers.spec import JobSpec
+
+
+class RunPlan(BaseModel):
+    job_id: str
+    spec: JobSpec
+    training_path: Path
+    validation_path: Path | None = None
+    output_dir: Path
+    data_dir: Path
+    checkpoint_every_steps: int = 50
+    threads: int = 1
+    attempt: int = 1
+
+    def relative(self, path: Path) -> str:
+        """A path as stored in records: relative to the data dir, so volumes can move."""
+        return str(Path(path).resolve().relative_to(Path(self.data_dir).resolve()))
+
+
+class JobError(Exception):
+    """A failure the user can act on (bad model name, unusable data): no retry."""
+
+    def __init__(self, code: str, message: str, param: str | None = None):
+        self.code, self.message, self.param = code, message, param
+        super().__init__(message)
