@@ -1,0 +1,328 @@
+"""Triton "linear -> token log-prob (+ entropy)" for CUDA tensors.
+
+Same maths and contract as ``chunked.py`` (read its docstring for the
+formulas); this module only changes where the tiles live.
+
+Forward (``_forward_kernel``). Grid ``(cdiv(N, BLOCK_N), splits)``. Program
+``(i, k)`` owns rows ``[i*BLOCK_N, (i+1)*BLOCK_N)`` and the vocabulary range
+``[k*cols_per_split, (k+1)*cols_per_split)``. It walks that range in
+``BLOCK_V`` columns; each step is a ``tl.dot`` over H in ``BLOCK_K`` slices
+with fp32 accumulation, then an online update of the per-row statistics
+relative to the running max ``m``::
+
+    s <- e^{m - m'} s + sum_j e^{z_j - m'}
+    u <- e^{m - m'} (u + (m - m') s) + sum_j e^{z_j - m'} (z_j - m')
+
+plus the target logit when it falls in the step. Each split writes its
+partial ``(m, s, u, z_y)`` to ``[splits, N]`` buffers, and ``_merge_splits``
+combines them in torch with the same associative merge, in a fixed order, so
+the result is deterministic (no atomics, no locks). Program id 0 varies
+fastest, so the programs resident at one time share a split and read the same
+``W`` tiles from L2. ``splits`` grows only until the grid covers the SMs
+about twice.
+
+Backward (``_dz_kernel``). Per chunk of rows (sized so that the ``[rows, V]``
+dz buffer stays under ``DZ_BUDGET_BYTES``), a grid of ``(row tiles, V tiles)``
+programs recomputes ``z`` and writes, in the input dtype::
+
+    dz = (p (alpha + beta log p) + g [j = y]) / T,   alpha = -g - e H, beta = -e
+
+Then cuBLAS does ``dh = dz @ W`` and ``dW += dz^T @ h`` (fp32 accumulator for
+bf16/fp16 through ``out_dtype``) and ``db += sum_rows dz``; the GEMMs of grads
+that ``needs_input_grad`` does not ask for are skipped.
+
+Constraints: fp16/bf16/fp32 only (fp64 goes to the chunked path); hidden and
+weight share a dtype; fp32 uses IEEE (not TF32) dot products. There are no
+``None`` pointer arguments (constexpr flags + a dummy tensor), so the kernels
+also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the CPU CI
+tests them. Importing this module without triton works; calling it raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # optional dependency: the CPU install has no triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+
+DZ_BUDGET_BYTES = 256 * 2**20
+GPU_CONFIG = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+# Kernel signatures stay compact (one parameter per line would double the module).
+# fmt: off
+@_jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_t,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """z[BLOCK_N, BLOCK_V] = (h[rows] @ W[cols].T + b[cols]) / T in fp32."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_w
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(h_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < H), other=0.0)
+        b = tl.load(w_cols + k[:, None], mask=col_ok[None, :] & (k[:, None] < H), other=0.0)
+        if UPCAST:  # exact: bf16 x bf16 products fit in fp32, as in the bf16 MMA
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_t
+
+
+@_jit
+def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, u_ptr, zy_ptr,
+                    N, V, H, cols_per_split, stride_h, stride_w, inv_t,
+                    HAS_BIAS: tl.constexpr, WANT_U: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """Partial (m, s, u, z_y) of one row tile over one vocabulary split."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    row_ok = rows < N
+    tgt = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    v_lo = split * cols_per_split
+    v_hi = tl.minimum(v_lo + cols_per_split, V)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zy = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_hi
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
+                         inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        zy += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        scale = tl.exp(m - m_new)
+        shifted = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)
+        e = tl.where(col_ok[None, :], tl.exp(shifted), 0.0)
+        if WANT_U:
+            # m - m' is -inf on the first step, where s == 0: drop the term.
+            drift = tl.where(s > 0, m - m_new, 0.0) * s
+            u = scale * (u + drift) + tl.sum(e * shifted, axis=1)
+        s = scale * s + tl.sum(e, axis=1)
+        m = m_new
+    out = split * N + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(zy_ptr + out, zy, mask=row_ok)
+    if WANT_U:
+        tl.store(u_ptr + out, u, mask=row_ok)
+
+
+@_jit
+def _dz_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, g_ptr, dz_ptr,
+               row0, n_rows, V, H, stride_h, stride_w, stride_dz, inv_t,
+               HAS_BIAS: tl.constexpr, HAS_BETA: tl.constexpr, HAS_G: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dz of one (row tile, vocabulary tile) of the chunk starting at row0."""
+    local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = local < n_rows
+    col_ok = cols < V
+    rows = row0 + local
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
+                     inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
+    logp = z - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    coef = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if HAS_BETA:
+        coef = coef + tl.load(beta_ptr + rows, mask=row_ok, other=0.0)[:, None] * logp
+    dz = tl.exp(logp) * coef
+    if HAS_G:
+        tgt = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        dz += tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0)
+    dz = dz * inv_t
+    ptrs = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+# fmt: on
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the Triton path needs `pip install triton`; use impl='torch' instead")
+
+
+def _launch_config(config: dict | None, dtype: torch.dtype) -> dict:
+    """Block sizes plus the dot-product constexprs for this dtype."""
+    cfg = dict(GPU_CONFIG if config is None else config)
+    if dtype == torch.float32 and config is None:
+        cfg["BLOCK_K"] = 32  # fp32 tiles take twice the shared memory
+    # The interpreter's bf16 tl.dot is wrong (triton 3.9); upcasting there is exact.
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    cfg["PRECISION"] = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    cfg["UPCAST"] = upcast
+    return cfg
+
+
+def _num_splits(n_tiles: int, vocab: int, block_v: int, device, forced: int | None) -> int:
+    """Vocabulary splits: enough programs to cover the SMs twice, at least 1 block each."""
+    if forced is not None:
+        return max(1, min(forced, triton.cdiv(vocab, block_v)))
+    sms = 1
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, n_tiles), triton.cdiv(vocab, block_v)))
+
+
+def _merge_splits(m, s, u, zy):
+    """Fold the [splits, N] partials in split order (deterministic)."""
+    top = m.amax(dim=0)
+    scale = torch.exp(m - top)
+    s_all = (scale * s).sum(dim=0)
+    u_all = None if u is None else (scale * (u + (m - top) * s)).sum(dim=0)
+    return top, s_all, u_all, zy.sum(dim=0)
+
+
+def triton_forward(
+    hidden, weight, bias, targets, temperature, want_entropy, config=None, num_splits=None
+):
+    """Returns (logp, lse, entropy or None, top1), fp32 ``[N]`` (top1: bool, ties count)."""
+    _require_triton()
+    n_rows, hdim = hidden.shape
+    vocab = weight.shape[0]
+    cfg = _launch_config(config, hidden.dtype)
+    n_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"])
+    splits = _num_splits(n_tiles, vocab, cfg["BLOCK_V"], hidden.device, num_splits)
+    cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    splits = triton.cdiv(vocab, cols_per_split)
+    part = torch.empty(4, splits, n_rows, dtype=torch.float32, device=hidden.device)
+    # fmt: off
+    _forward_kernel[(n_tiles, splits)](
+        hidden, weight, hidden if bias is None else bias, targets, part[0], part[1], part[2],
+        part[3], n_rows, vocab, hdim, cols_per_split, hidden.stride(0), weight.stride(0),
+        1.0 / temperature, HAS_BIAS=bias is not None, WANT_U=want_entropy, **cfg,
+    )
+    # fmt: on
+    m, s, u, zy = _merge_splits(part[0], part[1], part[2] if want_entropy else None, part[3])
+    log_s = torch.log(s)
+    lse = m + log_s
+    entropy = log_s - u / s if want_entropy else None
+    return zy - lse, lse, entropy, zy >= m
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 acc, without rounding the product to a's dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # CPU tensors under TRITON_INTERPRET=1
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _chunk_rows(n_rows: int, vocab: int, elem: int, block_n: int) -> int:
+    rows = max(block_n, DZ_BUDGET_BYTES // max(1, vocab * elem) // block_n * block_n)
+    return min(rows, n_rows)
+
+
+def triton_backward(saved, grad_logp, grad_ent, needs, temperature, config=None):
+    """Grads (dh, dW, db) in the input dtypes; None where not needed."""
+    hidden, weight, bias, targets, lse, entropy = saved
+    need_h, need_w, need_b = needs
+    n_rows, hdim = hidden.shape
+    vocab, dev = weight.shape[0], hidden.device
+    cfg = _launch_config(config, hidden.dtype)
+    g = None if grad_logp is None else grad_logp.float().contiguous()
+    alpha = torch.zeros(n_rows, dtype=torch.float32, device=dev) if g is None else -g
+    beta = None if grad_ent is None else -grad_ent.float().contiguous()
+    if beta is not None:
+        alpha = alpha + beta * entropy
+    dh = torch.empty_like(hidden) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
+    chunk = _chunk_rows(n_rows, vocab, hidden.element_size(), cfg["BLOCK_N"])
+    dz_buf = torch.empty(chunk, vocab, dtype=hidden.dtype, device=dev)
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(r0 + chunk, n_rows)
+        dz = dz_buf[: r1 - r0]
+        grid = (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
+        # fmt: off
+        _dz_kernel[grid](
+            hidden, weight, hidden if bias is None else bias, targets, lse, alpha,
+            alpha if beta is None else beta, alpha if g is None else g, dz, r0, r1 - r0, vocab,
+            hdim, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
+            HAS_BIAS=bias is not None, HAS_BETA=beta is not None, HAS_G=g is not None, **cfg,
+        )
+        # fmt: on
+        if dh is not None:  # one GEMM over the full vocabulary: cuBLAS accumulates in fp32
+            torch.mm(dz, weight, out=dh[r0:r1])
+        if dw is not None:
+            _addmm_fp32(dw, dz.t(), hidden[r0:r1])
+        if db is not None:
+            db += dz.sum(dim=0, dtype=torch.float32)
+    dw = None if dw is None else dw.to(weight.dtype)
+    return dh, dw, None if db is None else db.to(bias.dtype)
+
+
+class TritonTokenLogprobs(torch.autograd.Function):
+    """``apply(hidden, weight, bias, targets, temperature, want_entropy, config, num_splits)``
+    returns ``(logp, entropy, top1)`` (fp32; entropy None unless requested; top1 bool, no grad)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, config, num_splits):
+        ctx.set_materialize_grads(False)
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        targets = targets.contiguous()
+        logp, lse, entropy, top1 = triton_forward(
+            hidden, weight, bias, targets, temperature, want_entropy, config, num_splits
+        )
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.config = (temperature, config)
+        ctx.mark_non_differentiable(top1)
+        return logp, entropy, top1
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent, _grad_top1=None):
+        if grad_logp is None and grad_ent is None:
+            return (None,) * 8
+        temperature, config = ctx.config
+        dh, dw, db = triton_backward(
+            ctx.saved_tensors, grad_logp, grad_ent, ctx.needs_input_grad[:3], temperature, config
+        )
+        return dh, dw, db, None, None, None, None, None
+
+
+def triton_token_logprobs(
+    hidden,
+    weight,
+    targets,
+    *,
+    bias=None,
+    temperature=1.0,
+    return_entropy=False,
+    config=None,
+    num_splits=None,
+):
+    """Functional form of ``TritonTokenLogprobs`` (targets must all be in ``[0, V)``).
+
+    ``config`` overrides the block sizes (``BLOCK_N``, ``BLOCK_V``, ``BLOCK_K``,
+    ``num_warps``, ``num_stages``); ``num_splits`` forces the vocabulary split count.
+    """
+    _require_triton()
+    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"Triton path supports fp16/bf16/fp32, got {hidden.dtype}")
+    logp, entropy, _ = TritonTokenLogprobs.apply(
+        hidden, weight, bias, targets, float(temperature), bool(return_entropy), config, num_splits
+    )
+    return (logp, entropy) if return_entropy else logp
