@@ -1,0 +1,85 @@
+"""The real stack for end-to-end tests: uvicorn and a Celery worker as subprocesses.
+
+They share a Redis database of their own (15 unless POSTTRAIN_E2E_REDIS_URL says
+otherwise) and a temporary data directory. The tiny model is built once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from service import launch
+
+E2E_URL = os.environ.get("POSTTRAIN_E2E_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    base_url: str
+    data_dir: Path
+    model_dir: Path
+    redis: redis.Redis
+    logs: Path
+    env: dict
+    api: object = None
+    worker: object = None
+
+    def start_worker(self, name: str = "e2e"):
+        self.worker = launch.start_worker(self.env, self.logs / f"{name}.log", name=name)
+        return self.worker
+
+    def stop(self) -> None:
+        launch.stop(self.worker)
+        launch.stop(self.api)
+        self.redis.flushdb()
+
+
+def start_stack(root: Path, redis_url: str, **env_overrides: str) -> Stack:
+    """API + one worker on their own Redis database, queue and data directory."""
+    from trainers.tiny_model import build_tiny_model
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    model_dir = build_tiny_model(root / "tiny-model", seed=0)
+    env = {
+        **os.environ,
+        "POSTTRAIN_REDIS_URL": redis_url,
+        "POSTTRAIN_DATA_DIR": str(root / "data"),
+        "POSTTRAIN_QUEUE": f"posttrain.e2e.{root.name}",
+        "POSTTRAIN_CHECKPOINT_EVERY_STEPS": "10",
+        "POSTTRAIN_TRAIN_THREADS": "1",
+        "POSTTRAIN_CANCEL_GRACE_SECONDS": "3",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **env_overrides,
+    }
+    port = _free_port()
+    st = Stack(f"http://127.0.0.1:{port}", root / "data", Path(model_dir), client, root, env)
+    st.api = launch.start_api(env, port, root / "api.log")
+    try:
+        st.start_worker()
+    except BaseException:
+        st.stop()
+        raise
+    return st
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    st = start_stack(tmp_path_factory.mktemp("e2e"), E2E_URL)
+    try:
+        yield st
+    finally:
+        st.stop()

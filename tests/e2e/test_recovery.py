@@ -1,0 +1,104 @@
+"""A crashed worker or training process never loses a job: it resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import start_stack
+from tests.e2e.test_sft_job import DEMO, wait_for
+
+pytestmark = pytest.mark.e2e
+RECOVERY_URL = os.environ.get("POSTTRAIN_RECOVERY_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@pytest.fixture(scope="module")
+def rstack(tmp_path_factory):
+    st = start_stack(
+        tmp_path_factory.mktemp("recovery"),
+        RECOVERY_URL,
+        POSTTRAIN_LEASE_SECONDS="3",
+        POSTTRAIN_HEARTBEAT_SECONDS="0.5",
+    )
+    try:
+        yield st
+    finally:
+        st.stop()
+
+
+def _submit(st, n_epochs: int) -> tuple[httpx.Client, str]:
+    c = httpx.Client(base_url=f"{st.base_url}/v1", timeout=30)
+    with DEMO.open("rb") as fh:
+        fid = c.post(
+            "/files", files={"file": ("demo.jsonl", fh)}, data={"purpose": "fine-tune"}
+        ).json()["id"]
+    hp = {"n_epochs": n_epochs, "batch_size": 8, "learning_rate": 5e-3}
+    job = c.post(
+        "/fine_tuning/jobs",
+        json={
+            "model": str(st.model_dir),
+            "training_file": fid,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        },
+    ).json()
+    return c, job["id"]
+
+
+def _after_first_checkpoint(c: httpx.Client, job_id: str) -> int:
+    ckpts = wait_for(
+        lambda: c.get(f"/fine_tuning/jobs/{job_id}/checkpoints").json()["data"],
+        120,
+        "a first checkpoint",
+        poll=0.1,
+    )
+    return ckpts[-1]["step_number"]
+
+
+def _messages(c: httpx.Client, job_id: str) -> list[str]:
+    return [
+        e["message"]
+        for e in c.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    ]
+
+
+def _wait_end(c: httpx.Client, job_id: str) -> dict:
+    return wait_for(
+        lambda: (
+            (j := c.get(f"/fine_tuning/jobs/{job_id}").json())["status"]
+            in ("succeeded", "failed", "cancelled")
+            and j
+        ),
+        240,
+        "the job to end",
+    )
+
+
+def test_killed_training_process_is_retried_and_resumes(rstack):
+    c, job_id = _submit(rstack, n_epochs=30)
+    _after_first_checkpoint(c, job_id)
+    pid = int(rstack.redis.hget(f"posttrain:job:{job_id}", "pid"))
+    os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    job = _wait_end(c, job_id)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    msgs = _messages(c, job_id)
+    assert any("ended unexpectedly (signal 9); retrying" in m for m in msgs)
+    assert any(m.startswith("Resumed from checkpoint at step") for m in msgs)
+
+
+def test_killed_worker_loses_no_job(rstack):
+    c, job_id = _submit(rstack, n_epochs=30)
+    _after_first_checkpoint(c, job_id)
+    pid = int(rstack.redis.hget(f"posttrain:job:{job_id}", "pid"))
+    os.killpg(rstack.worker.pid, signal.SIGKILL)  # the whole worker, as a lost machine
+    rstack.worker.wait(timeout=10)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the orphaned trainer to die")
+    assert c.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "running"  # lease still live
+    rstack.start_worker("e2e-replacement")
+    job = _wait_end(c, job_id)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    msgs = _messages(c, job_id)
+    assert any(m.startswith("Worker lost after attempt 1; job re-queued") for m in msgs)
+    assert any(m.startswith("Resumed from checkpoint at step") for m in msgs)
