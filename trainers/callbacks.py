@@ -2,7 +2,8 @@
 
 Every trainer in posttrain adds ``ReportingCallback``: it forwards logged
 metrics, announces each saved checkpoint (after the save has finished, so a
-checkpoint the record names always exists), forces a save at the last step so
+checkpoint the record names always exists, and is marked complete so a
+retry never resumes from a torn one), forces a save at the last step so
 every run ends with a downloadable checkpoint, and on a pause request saves and
 stops at the next step boundary.
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from trainers.checkpoints import mark_complete
 from trainers.plan import RunPlan
 from trainers.reporting import PauseRequest, Reporter
 
@@ -67,5 +69,6 @@ class ReportingCallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not ckpt.is_dir():
             return
+        mark_complete(ckpt)
         final = state.global_step >= state.max_steps
         self.reporter.checkpoint(state.global_step, self.plan.relative(ckpt), self.last_logs, final)

@@ -22,6 +22,7 @@ from trl import SFTTrainer
 
 from trainers.base import PosttrainTrainerMixin
 from trainers.callbacks import ReportingCallback
+from trainers.checkpoints import resumable_checkpoint
 from trainers.data import build_dataset, read_rows, sft_record
 from trainers.formats import RowFormat
 from trainers.models import load_causal_lm, load_tokenizer, lora_config, pick_device_dtype
@@ -106,8 +107,6 @@ def sft_config(
 
 
 def train(plan: RunPlan, reporter: Reporter, pause: PauseRequest | None = None) -> dict[str, Any]:
-    from transformers.trainer_utils import get_last_checkpoint
-
     spec = plan.spec
     hp = spec.method.supervised.hyperparameters
     tokenizer = load_tokenizer(spec.model)
@@ -127,8 +126,8 @@ def train(plan: RunPlan, reporter: Reporter, pause: PauseRequest | None = None) 
         peft_config=lora_config(spec.lora) if spec.training_type == "lora" else None,
         callbacks=[callback],
     )
-    resume = get_last_checkpoint(str(plan.output_dir)) if plan.output_dir.is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
+    resume = resumable_checkpoint(plan.output_dir)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = plan.output_dir / f"checkpoint-{trainer.state.global_step}"
     return {
         "trained_tokens": callback.trained_tokens,
