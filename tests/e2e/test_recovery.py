@@ -78,14 +78,19 @@ def _wait_end(c: httpx.Client, job_id: str) -> dict:
 
 def test_killed_training_process_is_retried_and_resumes(rstack):
     c, job_id = _submit(rstack, n_epochs=30)
-    _after_first_checkpoint(c, job_id)
+    step = _after_first_checkpoint(c, job_id)
     pid = int(rstack.redis.hget(f"posttrain:job:{job_id}", "pid"))
+    # A save the kill interrupted: newer than any real checkpoint, and half-written.
+    torn = rstack.data_dir / "jobs" / job_id / "output" / f"checkpoint-{step + 1000}"
+    torn.mkdir(parents=True)
+    (torn / "model.safetensors").write_bytes(b"\0" * 100)
     os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
     job = _wait_end(c, job_id)
     assert job["status"] == "succeeded" and job["attempt"] == 2
     msgs = _messages(c, job_id)
     assert any("ended unexpectedly (signal 9); retrying" in m for m in msgs)
     assert any(m.startswith("Resumed from checkpoint at step") for m in msgs)
+    assert not torn.exists()  # the retry skipped and removed it
 
 
 def test_killed_worker_loses_no_job(rstack):
