@@ -21,15 +21,22 @@ fastest, so the programs resident at one time share a split and read the same
 ``W`` tiles from L2. ``splits`` grows only until the grid covers the SMs
 about twice.
 
-Backward (``_dz_kernel``). Per chunk of rows (sized so that the ``[rows, V]``
-dz buffer stays under ``DZ_BUDGET_BYTES``), a grid of ``(row tiles, V tiles)``
-programs recomputes ``z`` and writes, in the input dtype::
+Backward (``_dz_kernel``). A grid of ``(row tiles, vocabulary tiles)`` programs
+recomputes ``z`` over a window of rows x columns and writes, in the input dtype::
 
     dz = (p (alpha + beta log p) + g [j = y]) / T,   alpha = -g - e H, beta = -e
 
-Then cuBLAS does ``dh = dz @ W`` and ``dW += dz^T @ h`` (fp32 accumulator for
-bf16/fp16 through ``out_dtype``) and ``db += sum_rows dz``; the GEMMs of grads
-that ``needs_input_grad`` does not ask for are skipped.
+and cuBLAS turns each window into ``dh = dz @ W`` and ``dW = dz^T @ h``. A window
+that spans every column gives its rows' dh exactly (one GEMM, fp32 accumulation
+inside cuBLAS) while dW must be summed over row windows; a window spanning every
+row does the opposite. So the loop order decides which gradient needs an fp32
+accumulator, and ``_backward_order`` picks the smaller one: ``"rows"`` (N-outer,
+accumulates dW, ``4 V H`` bytes) when there are more tokens than vocabulary
+entries or W is frozen, ``"cols"`` (V-outer, accumulates dh, ``4 N H`` bytes)
+otherwise. At the Llama-3 shape (N=16384, V=128256, H=4096) that is 256 MB
+instead of 2 GB, and a frozen head or frozen inputs need no accumulator at all.
+Each window's dz stays under ``DZ_BUDGET_BYTES``; GEMMs of grads that
+``needs_input_grad`` does not ask for are skipped.
 
 Constraints: fp16/bf16/fp32 only (fp64 goes to the chunked path); hidden and
 weight share a dtype; fp32 uses IEEE (not TF32) dot products. There are no
@@ -130,16 +137,17 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, u_ptr, zy_ptr,
 
 @_jit
 def _dz_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, g_ptr, dz_ptr,
-               row0, n_rows, V, H, stride_h, stride_w, stride_dz, inv_t,
+               row0, n_rows, col0, n_cols, H, stride_h, stride_w, stride_dz, inv_t,
                HAS_BIAS: tl.constexpr, HAS_BETA: tl.constexpr, HAS_G: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dz of one (row tile, vocabulary tile) of the chunk starting at row0."""
+    """dz of one (row tile, column tile) of the window [row0, +n_rows) x [col0, +n_cols)."""
     local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    local_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = local < n_rows
-    col_ok = cols < V
+    col_ok = local_c < n_cols
     rows = row0 + local
+    cols = col0 + local_c
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
                      inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
     logp = z - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -152,7 +160,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, g_ptr, 
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         dz += tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0)
     dz = dz * inv_t
-    ptrs = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    ptrs = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + local_c[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 # fmt: on
 
@@ -165,6 +173,7 @@ def _require_triton() -> None:
 def _launch_config(config: dict | None, dtype: torch.dtype) -> dict:
     """Block sizes plus the dot-product constexprs for this dtype."""
     cfg = dict(GPU_CONFIG if config is None else config)
+    cfg.pop("order", None)  # a backward choice, not a kernel argument
     if dtype == torch.float32 and config is None:
         cfg["BLOCK_K"] = 32  # fp32 tiles take twice the shared memory
     # The interpreter's bf16 tl.dot is wrong (triton 3.9); upcasting there is exact.
@@ -230,9 +239,27 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _chunk_rows(n_rows: int, vocab: int, elem: int, block_n: int) -> int:
-    rows = max(block_n, DZ_BUDGET_BYTES // max(1, vocab * elem) // block_n * block_n)
-    return min(rows, n_rows)
+def _window(total: int, other: int, elem: int, block: int) -> int:
+    """Lines per dz window (a multiple of ``block``) so that ``lines x other`` fits the budget."""
+    lines = max(block, DZ_BUDGET_BYTES // max(1, other * elem) // block * block)
+    return min(lines, total)
+
+
+def _backward_order(n_rows: int, vocab: int, need_h: bool, need_w: bool, forced=None) -> str:
+    """ "rows" (N-outer: dh exact, dW accumulated) or "cols" (V-outer: the reverse)."""
+    if forced is not None:
+        return forced
+    if not need_w:
+        return "rows"
+    if not need_h:
+        return "cols"
+    return "cols" if n_rows < vocab else "rows"
+
+
+def _grad_buffer(like: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    if accumulate:
+        return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    return torch.empty_like(like)
 
 
 def triton_backward(saved, grad_logp, grad_ent, needs, temperature, config=None):
@@ -240,36 +267,58 @@ def triton_backward(saved, grad_logp, grad_ent, needs, temperature, config=None)
     hidden, weight, bias, targets, lse, entropy = saved
     need_h, need_w, need_b = needs
     n_rows, hdim = hidden.shape
-    vocab, dev = weight.shape[0], hidden.device
-    cfg = _launch_config(config, hidden.dtype)
+    vocab, dev, dtype = weight.shape[0], hidden.device, hidden.dtype
+    cfg = _launch_config(config, dtype)
+    order = _backward_order(n_rows, vocab, need_h, need_w, (config or {}).get("order"))
     g = None if grad_logp is None else grad_logp.float().contiguous()
     alpha = torch.zeros(n_rows, dtype=torch.float32, device=dev) if g is None else -g
     beta = None if grad_ent is None else -grad_ent.float().contiguous()
     if beta is not None:
         alpha = alpha + beta * entropy
-    dh = torch.empty_like(hidden) if need_h else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
-    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
-    chunk = _chunk_rows(n_rows, vocab, hidden.element_size(), cfg["BLOCK_N"])
-    dz_buf = torch.empty(chunk, vocab, dtype=hidden.dtype, device=dev)
-    for r0 in range(0, n_rows, chunk):
-        r1 = min(r0 + chunk, n_rows)
-        dz = dz_buf[: r1 - r0]
-        grid = (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
+    # The gradient the loop order sums over windows gets an fp32 accumulator;
+    # the other is written window by window straight into its output.
+    dh = _grad_buffer(hidden, order == "cols") if need_h else None
+    dw = _grad_buffer(weight, order == "rows") if need_w else None
+    db = None
+    if need_b:
+        db = torch.zeros(vocab, dtype=torch.float32, device=dev)
+
+    def windows():
+        if order == "rows":
+            step = _window(n_rows, vocab, hidden.element_size(), cfg["BLOCK_N"])
+            buf = torch.empty(step, vocab, dtype=dtype, device=dev)
+            for r0 in range(0, n_rows, step):
+                yield r0, min(r0 + step, n_rows), 0, vocab, buf
+        else:
+            step = _window(vocab, n_rows, hidden.element_size(), cfg["BLOCK_V"])
+            buf = torch.empty(n_rows, step, dtype=dtype, device=dev)
+            for c0 in range(0, vocab, step):
+                yield 0, n_rows, c0, min(c0 + step, vocab), buf
+
+    for r0, r1, c0, c1, buf in windows():
+        dz = buf[: r1 - r0, : c1 - c0]
+        grid = (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(c1 - c0, cfg["BLOCK_V"]))
         # fmt: off
         _dz_kernel[grid](
             hidden, weight, hidden if bias is None else bias, targets, lse, alpha,
-            alpha if beta is None else beta, alpha if g is None else g, dz, r0, r1 - r0, vocab,
-            hdim, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
+            alpha if beta is None else beta, alpha if g is None else g, dz, r0, r1 - r0, c0,
+            c1 - c0, hdim, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, HAS_BETA=beta is not None, HAS_G=g is not None, **cfg,
         )
         # fmt: on
-        if dh is not None:  # one GEMM over the full vocabulary: cuBLAS accumulates in fp32
-            torch.mm(dz, weight, out=dh[r0:r1])
+        if dh is not None:
+            if order == "rows":  # every column: one GEMM, cuBLAS accumulates in fp32
+                torch.mm(dz, weight, out=dh[r0:r1])
+            else:
+                _addmm_fp32(dh, dz, weight[c0:c1])
         if dw is not None:
-            _addmm_fp32(dw, dz.t(), hidden[r0:r1])
+            if order == "cols":  # every row
+                torch.mm(dz.t(), hidden, out=dw[c0:c1])
+            else:
+                _addmm_fp32(dw, dz.t(), hidden[r0:r1])
         if db is not None:
-            db += dz.sum(dim=0, dtype=torch.float32)
+            db[c0:c1] += dz.sum(dim=0, dtype=torch.float32)
+    dh = None if dh is None else dh.to(dtype)
     dw = None if dw is None else dw.to(weight.dtype)
     return dh, dw, None if db is None else db.to(bias.dtype)
 

@@ -73,7 +73,10 @@ def _against_fp64(
         config=config,
         num_splits=num_splits,
     )
-    ref_in = [None if t is None else t.detach().double().requires_grad_() for t in (h, w, b)]
+    ref_in = [
+        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+        for t in (h, w, b)
+    ]
     ref = _outputs_and_grads(
         chunked_token_logprobs,
         *ref_in,
@@ -193,6 +196,36 @@ def check_frozen_weight_skips_dw_gemm():
     return 0.0 if counts == [2, 1] else 1.0  # one chunk: dh GEMM (+ dW GEMM)
 
 
+def check_backward_orders_over_many_windows():
+    """Both loop orders, each cut into one-block dz windows, and a frozen ``hidden``."""
+    from trainers.kernels import triton_logprob
+
+    budget = triton_logprob.DZ_BUDGET_BYTES
+    triton_logprob.DZ_BUDGET_BYTES = 1  # windows of one block: 3 row or 10 column windows
+    try:
+        errs = [
+            _against_fp64(_inputs(37, 40, 301), temperature=0.7, config={**SMALL, "order": order})
+            for order in ("rows", "cols")
+        ]
+        h, w, b, y = _inputs(37, 40, 301)
+        errs.append(_against_fp64((h.detach(), w, b, y), num_splits=2))
+    finally:
+        triton_logprob.DZ_BUDGET_BYTES = budget
+    return max(errs)
+
+
+def check_default_order_accumulates_the_smaller_gradient():
+    from trainers.kernels.triton_logprob import _backward_order
+
+    want = {
+        (100, 50, True, True): "rows",  # N > V: the fp32 accumulator is dW's
+        (50, 100, True, True): "cols",  # N < V (every LM head): dh's
+        (50, 100, True, False): "rows",  # frozen head: no accumulator
+        (100, 50, False, True): "cols",  # frozen inputs: no accumulator
+    }
+    return float(sum(_backward_order(*k) != v for k, v in want.items()))
+
+
 def check_ignore_index_through_public_api():
     from trainers.kernels import naive_token_logprobs, token_logprobs
 
@@ -234,6 +267,8 @@ CHECKS = {  # name -> max relative error allowed (vs fp64 unless noted)
     "fp16_no_worse_than_naive_fp16": 1.1,
     "split_count_changes_little_and_runs_repeat_bitwise": 1e-6,
     "frozen_weight_skips_dw_gemm": 0.0,
+    "backward_orders_over_many_windows": 1e-5,
+    "default_order_accumulates_the_smaller_gradient": 0.0,  # a count of wrong choices
     "ignore_index_through_public_api": 1e-5,
     "top1_matches_argmax": 0.0,  # a mismatch fraction
 }
@@ -328,5 +363,6 @@ def test_gpu_bitwise_deterministic_and_memory_bounded():
         peak = torch.cuda.max_memory_allocated() - base
         runs.append(got)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
-    grads_bytes = n * hdim * 2 + vocab * hdim * (4 + 2)  # dh, fp32 dW accumulator, bf16 dW
-    assert peak <= grads_bytes + DZ_BUDGET_BYTES + 64 * 2**20
+    grads_bytes = (n + vocab) * hdim * 2  # the bf16 dh and dW themselves
+    accumulator = n * hdim * 4  # N < V: the fp32 dh accumulator (not a 4 V H dW one)
+    assert peak <= grads_bytes + accumulator + DZ_BUDGET_BYTES + 64 * 2**20
