@@ -221,23 +221,29 @@ def _fmt_ratio(x, ref):
     return f"{x / ref:6.2f}" if ref and x is not None else "   n/a"
 
 
-def print_table(shape, mode, results: dict) -> None:
+def print_table(shape, mode, results: dict, elem: int = 4) -> None:
+    """One table; ``beyond`` = peak minus the dh and dW outputs every method must return
+    (``elem`` bytes each), i.e. the memory a method adds on top of the gradients."""
     n, hdim, vocab = shape
-    print(f"\n## N={n} H={hdim} V={vocab}  [{mode}]")
+    grads_mb = (n + vocab) * hdim * elem / 2**20
+    print(f"\n## N={n} H={hdim} V={vocab}  [{mode}]  (dh + dW outputs: {grads_mb:.0f} MB)")
     print(
-        f"{'method':<10} {'fwd s':>8} {'fwd+bwd s':>10} {'peak MB':>9} | "
-        f"{'t/naive':>7} {'t/trl':>6} {'mem/naive':>9} {'mem/trl':>7}"
+        f"{'method':<10} {'fwd s':>8} {'fwd+bwd s':>10} {'peak MB':>9} {'beyond':>7} | "
+        f"{'t/naive':>7} {'t/trl':>6} {'mem/naive':>9} {'mem/trl':>7} {'beyond/naive':>12}"
     )
     ref_a, ref_b = results.get("naive", {}), results.get("trl", {})
+    naive_beyond = ref_a.get("peak_mb", 0) - grads_mb if "peak_mb" in ref_a else None
     for name, r in results.items():
         if "error" in r or "skip" in r:
             print(f"{name:<10} {r.get('skip') or 'failed: ' + r['error']}")
             continue
+        beyond = max(0.0, r["peak_mb"] - grads_mb)
         print(
-            f"{name:<10} {r['fwd']:8.3f} {r['full']:10.3f} {r['peak_mb']:9.0f} | "
+            f"{name:<10} {r['fwd']:8.3f} {r['full']:10.3f} {r['peak_mb']:9.0f} {beyond:7.0f} | "
             f"{_fmt_ratio(r['full'], ref_a.get('full'))} {_fmt_ratio(r['full'], ref_b.get('full'))}"
             f" {_fmt_ratio(r['peak_mb'], ref_a.get('peak_mb')):>9}"
             f" {_fmt_ratio(r['peak_mb'], ref_b.get('peak_mb')):>7}"
+            f" {_fmt_ratio(beyond, naive_beyond):>12}"
         )
 
 
@@ -278,7 +284,7 @@ def bench_cuda(shapes, methods, reps) -> None:
                 except Exception as exc:  # e.g. OOM of the naive path
                     results[name] = {"error": repr(exc)[:80]}
                 torch.cuda.empty_cache()
-            print_table(shape, mode, results)
+            print_table(shape, mode, results, elem=2)
 
 
 def cuda_throughput(reps) -> None:
@@ -299,13 +305,17 @@ def cuda_throughput(reps) -> None:
             )
 
 
+def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    return [tuple(int(x) for x in part.split(",")) for part in text.split(";")]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only N=2048 H=256 V=32768")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (CPU)")
     ap.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    ap.add_argument("--shapes", help="CUDA only: N,H,V;N,H,V;... instead of the default list")
+    ap.add_argument("--shapes", help="N,H,V;N,H,V;... instead of the default shape lists")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -326,9 +336,12 @@ def main(argv=None) -> None:
     if device == "cuda":
         shapes = CPU_BIG[:1] if args.quick else CPU_BIG + CPU_SWEEP + CUDA_PERF
         if args.shapes:
-            shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+            shapes = _parse_shapes(args.shapes)
         bench_cuda(shapes, methods, reps=3)
         cuda_throughput(reps=5)
+        return
+    if args.shapes:
+        bench_cpu(_parse_shapes(args.shapes), methods, rounds=args.rounds, reps=2)
         return
     bench_cpu(CPU_BIG[:1], methods, rounds=args.rounds, reps=2)
     if not args.quick:
