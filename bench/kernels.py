@@ -232,7 +232,7 @@ def print_table(shape, mode, results: dict, elem: int = 4) -> None:
         f"{'t/naive':>7} {'t/trl':>6} {'mem/naive':>9} {'mem/trl':>7} {'beyond/naive':>12}"
     )
     ref_a, ref_b = results.get("naive", {}), results.get("trl", {})
-    naive_beyond = ref_a.get("peak_mb", 0) - grads_mb if "peak_mb" in ref_a else None
+    naive_beyond = ref_a["peak_mb"] - grads_mb if "peak_mb" in ref_a else None
     for name, r in results.items():
         if "error" in r or "skip" in r:
             print(f"{name:<10} {r.get('skip') or 'failed: ' + r['error']}")

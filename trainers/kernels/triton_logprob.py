@@ -246,7 +246,7 @@ def _window(total: int, other: int, elem: int, block: int) -> int:
 
 
 def _backward_order(n_rows: int, vocab: int, need_h: bool, need_w: bool, forced=None) -> str:
-    """ "rows" (N-outer: dh exact, dW accumulated) or "cols" (V-outer: the reverse)."""
+    """The loop order: "rows" (N-outer: dh exact, dW summed) or "cols" (V-outer: the reverse)."""
     if forced is not None:
         return forced
     if not need_w:
