@@ -28,10 +28,10 @@ redis:
 demo: install
 	$(VENV)/bin/posttrain demo
 
-test: install redis
+test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-test-fast: install redis
+test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not e2e"
 
 lint: install

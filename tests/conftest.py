@@ -1,29 +1,42 @@
-"""Shared fixtures: a real Redis database per test session, flushed around each test.
+"""Shared fixtures: a real Redis database, flushed around each test.
 
-Tests never mock Redis or Celery. Unit tests use database 14, the end-to-end
-tests database 15 (override with POSTTRAIN_TEST_REDIS_URL / _E2E_REDIS_URL).
+Tests never mock Redis or Celery, and never touch a Redis they did not start:
+the session starts its own throwaway ``redis-server`` (``tests/redis_server.py``).
+Unit tests use its database 14, the end-to-end tests 15 and 13.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import redis
 
+from tests import redis_server
 from workers.filestore import FileStore
 from workers.store import JobStore
 
-UNIT_URL = os.environ.get("POSTTRAIN_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+UNIT_DB = 14
+
+
+def pytest_configure(config):
+    redis_server.start()
+
+
+def pytest_unconfigure(config):
+    redis_server.stop()
+
+
+@pytest.fixture(scope="session")
+def unit_redis_url() -> str:
+    return redis_server.url(UNIT_DB)
 
 
 @pytest.fixture
-def redis_client():
-    client = redis.Redis.from_url(UNIT_URL, decode_responses=True)
+def redis_client(unit_redis_url):
+    client = redis.Redis.from_url(unit_redis_url, decode_responses=True)
     try:
         client.ping()
     except redis.ConnectionError as exc:  # pragma: no cover - environment problem
-        pytest.fail(f"Redis is not reachable at {UNIT_URL}: {exc}")
+        pytest.fail(f"Redis is not reachable at {unit_redis_url}: {exc}")
     client.flushdb()
     yield client
     client.flushdb()

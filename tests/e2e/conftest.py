@@ -1,7 +1,7 @@
 """The real stack for end-to-end tests: uvicorn and a Celery worker as subprocesses.
 
-They share a Redis database of their own (15 unless POSTTRAIN_E2E_REDIS_URL says
-otherwise) and a temporary data directory. The tiny model is built once.
+They share database 15 of the suite's throwaway Redis (``tests/redis_server.py``)
+and a temporary data directory. The tiny model is built once.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 import redis
 
 from service import launch
+from tests import redis_server
 
-E2E_URL = os.environ.get("POSTTRAIN_E2E_REDIS_URL", "redis://127.0.0.1:6379/15")
+E2E_DB = 15
 
 
 def _free_port() -> int:
@@ -78,7 +79,7 @@ def start_stack(root: Path, redis_url: str, **env_overrides: str) -> Stack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    st = start_stack(tmp_path_factory.mktemp("e2e"), E2E_URL)
+    st = start_stack(tmp_path_factory.mktemp("e2e"), redis_server.url(E2E_DB))
     try:
         yield st
     finally:

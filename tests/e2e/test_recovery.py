@@ -8,18 +8,19 @@ import signal
 import httpx
 import pytest
 
+from tests import redis_server
 from tests.e2e.conftest import start_stack
 from tests.e2e.test_sft_job import DEMO, wait_for
 
 pytestmark = pytest.mark.e2e
-RECOVERY_URL = os.environ.get("POSTTRAIN_RECOVERY_REDIS_URL", "redis://127.0.0.1:6379/13")
+RECOVERY_DB = 13
 
 
 @pytest.fixture(scope="module")
 def rstack(tmp_path_factory):
     st = start_stack(
         tmp_path_factory.mktemp("recovery"),
-        RECOVERY_URL,
+        redis_server.url(RECOVERY_DB),
         POSTTRAIN_LEASE_SECONDS="3",
         POSTTRAIN_HEARTBEAT_SECONDS="0.5",
     )

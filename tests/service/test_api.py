@@ -11,15 +11,14 @@ from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.settings import ApiSettings
-from tests.conftest import UNIT_URL
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 
 
 @pytest.fixture
-def settings(tmp_path, redis_client):
+def settings(tmp_path, redis_client, unit_redis_url):
     return ApiSettings(
-        redis_url=UNIT_URL, data_dir=tmp_path, key_prefix="test:", queue="posttrain.test-api"
+        redis_url=unit_redis_url, data_dir=tmp_path, key_prefix="test:", queue="posttrain.test-api"
     )
 
 

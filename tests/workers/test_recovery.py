@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import time
 
-from tests.conftest import UNIT_URL
 from workers.celery_app import enqueue, make_celery
 from workers.recovery import requeue_expired
 from workers.settings import WorkerSettings
 from workers.store import JobStatus
 
 
-def test_expired_lease_is_requeued_once_and_enqueued(store, redis_client):
-    celery = make_celery(WorkerSettings(redis_url=UNIT_URL, queue="posttrain.test-recovery"))
+def test_expired_lease_is_requeued_once_and_enqueued(store, redis_client, unit_redis_url):
+    celery = make_celery(WorkerSettings(redis_url=unit_redis_url, queue="posttrain.test-recovery"))
     store.create("ftjob-dead", "{}", JobStatus.queued)
     store.create("ftjob-alive", "{}", JobStatus.queued)
     store.claim("ftjob-dead", "w-dead", lease_seconds=0.05, max_attempts=3)
