@@ -17,8 +17,8 @@ from celery import Celery
 from pydantic import ValidationError
 
 from service.errors import APIError, loc_to_param, not_found
-from trainers import registry
-from trainers.formats import RowFormat
+from trainers.formats import DatasetError, read_as
+from trainers.methods import METHODS, PLANNED_METHODS
 from trainers.spec import JobSpec, normalize_method
 from workers.celery_app import enqueue
 from workers.filestore import FileNotFound, FileStore
@@ -28,10 +28,10 @@ from workers.store import InvalidTransition, JobNotFound, JobStatus, JobStore, n
 def _check_method(body: dict[str, Any]) -> None:
     method = normalize_method(body.get("method"))
     mtype = method.get("type") if isinstance(method, dict) else None
-    if mtype in registry.available_methods():
+    if mtype in METHODS:
         return
-    available = ", ".join(registry.available_methods())
-    if mtype in registry.planned_methods():
+    available = ", ".join(METHODS)
+    if mtype in PLANNED_METHODS:
         raise APIError(
             400,
             f"method '{mtype}' is not available yet in this posttrain release; "
@@ -52,6 +52,8 @@ def parse_spec(body: dict[str, Any]) -> JobSpec:
     if body.get("integrations"):
         raise APIError(400, "integrations are not supported by posttrain", param="integrations")
     body.pop("integrations", None)
+    if "spec_version" in body:
+        raise APIError(400, "spec_version is set by the server", param="spec_version")
     legacy = body.pop("hyperparameters", None)  # OpenAI's deprecated top-level field
     if legacy and not body.get("method"):
         body["method"] = {"type": "supervised", "supervised": {"hyperparameters": legacy}}
@@ -67,6 +69,7 @@ def parse_spec(body: dict[str, Any]) -> JobSpec:
 
 
 def check_files(spec: JobSpec, files: FileStore) -> None:
+    """Each file exists, is for fine-tuning, and holds rows this method can train on."""
     accepted = type(spec.method).accepted_formats
     for param in ("training_file", "validation_file"):
         fid = getattr(spec, param)
@@ -83,15 +86,27 @@ def check_files(spec: JobSpec, files: FileStore) -> None:
                 param=param,
                 code="invalid_file",
             )
-        if RowFormat(rec["format"]) not in accepted:
+        if not set(rec["formats"]) & set(accepted):
             raise APIError(
                 400,
                 f"{param} {fid} holds '{rec['format']}' rows, but method "
-                f"'{spec.method_type}' needs one of "
-                f"{sorted(str(f) for f in accepted)}",
+                f"'{spec.method_type}' needs {' or '.join(str(f) for f in accepted)} rows"
+                + _first_misfit(files, fid, accepted),
                 param=param,
                 code="invalid_file",
             )
+
+
+def _first_misfit(files: FileStore, fid: str, accepted) -> str:
+    """'': <the first line that fits none of ``accepted``, and why>' (a rescan, error path only)."""
+    try:
+        with open(files.path(fid), "rb") as fh:
+            read_as(fh, accepted)
+    except DatasetError as exc:
+        return f": {exc}"
+    except OSError:
+        pass
+    return ""
 
 
 _BRANCHES = {"int", "float", "str", "bool", "function-after", "function-before"}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from trainers.spec import JobSpec
+from trainers.spec import stored_spec_view
 
 
 class ErrorInfo(BaseModel):
@@ -123,9 +123,10 @@ def _int(value: str | None) -> int | None:
 
 
 def job_object(rec: dict[str, str], organization_id: str) -> FineTuningJob:
-    spec = JobSpec.model_validate_json(rec["spec"])
-    method = spec.method.model_dump(mode="json")
-    hps = spec.method_hyperparameters().model_dump(mode="json")
+    spec = stored_spec_view(rec["spec"])  # never fails, even on a record of an older release
+    method = spec["method"]
+    config = method.get(method.get("type"), {}) if isinstance(method, dict) else {}
+    hps = config.get("hyperparameters", {}) if isinstance(config, dict) else {}
     error = json.loads(rec["error"]) if rec.get("error") else None
     status = rec["status"]
     return FineTuningJob(
@@ -137,20 +138,20 @@ def job_object(rec: dict[str, str], organization_id: str) -> FineTuningJob:
         hyperparameters={
             k: hps[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier") if k in hps
         },
-        model=spec.model,
+        model=spec["model"],
         organization_id=organization_id,
-        seed=spec.seed,
+        seed=spec["seed"] or 0,
         status=status,
         trained_tokens=_int(rec.get("trained_tokens")),
-        training_file=spec.training_file,
-        validation_file=spec.validation_file,
+        training_file=spec["training_file"],
+        validation_file=spec["validation_file"],
         estimated_finish=_int(rec.get("estimated_finish")) if status == "running" else None,
         integrations=[],
-        metadata=spec.metadata,
+        metadata=spec["metadata"],
         method=method,
-        suffix=spec.suffix,
-        training_type=spec.training_type,
-        resources=spec.resources.model_dump(mode="json"),
+        suffix=spec["suffix"],
+        training_type=spec["training_type"],
+        resources=spec["resources"],
         attempt=_int(rec.get("attempt")) or 0,
     )
 

@@ -6,6 +6,11 @@ checkpoint the record names always exists, and is marked complete so a
 retry never resumes from a torn one), forces a save at the last step so
 every run ends with a downloadable checkpoint, and on a pause request saves and
 stops at the next step boundary.
+
+Counters live in the trainer's own ``TrainerState``, which every checkpoint saves
+and every resume restores, so they continue across pause/resume and crash/retry:
+``trained_tokens`` is ``state.num_input_tokens_seen`` (non-padding input tokens,
+counted by transformers when the runner sets ``include_num_input_tokens_seen``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from trainers.checkpoints import mark_complete
 from trainers.plan import RunPlan
 from trainers.reporting import PauseRequest, Reporter
 
+_DROPPED = frozenset({"num_tokens", "num_input_tokens_seen"})
+
 
 class ReportingCallback(TrainerCallback):
     def __init__(self, plan: RunPlan, reporter: Reporter, pause: PauseRequest | None = None):
@@ -28,7 +35,12 @@ class ReportingCallback(TrainerCallback):
         self.last_logs: dict[str, Any] = {}
         self.trained_tokens = 0
 
+    def _count(self, state) -> int:
+        self.trained_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        return self.trained_tokens
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self._count(state)
         if state.global_step:
             self.reporter.event(
                 f"Resumed from checkpoint at step {state.global_step}", step=state.global_step
@@ -36,12 +48,15 @@ class ReportingCallback(TrainerCallback):
         self.reporter.event(f"Training for {state.max_steps} steps", total_steps=state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        # TRL's own ``num_tokens`` restarts at 0 on every resume; ``trained_tokens`` does not.
+        logs = {
+            k: v
+            for k, v in (logs or {}).items()
+            if isinstance(v, (int, float)) and k not in _DROPPED
+        }
         if not logs:
             return
         self.last_logs.update(logs)
-        if "num_tokens" in logs:
-            self.trained_tokens = int(logs["num_tokens"])
         if "train_runtime" in logs:  # the trainer's closing summary, not a step
             self.reporter.event(
                 f"Training finished in {logs['train_runtime']:.1f} s, mean loss "
@@ -56,7 +71,7 @@ class ReportingCallback(TrainerCallback):
                 **logs,
             )
             return
-        self.reporter.log(state.global_step, state.max_steps, logs)
+        self.reporter.log(state.global_step, state.max_steps, logs, self._count(state))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:

@@ -1,4 +1,8 @@
-"""Turning a validated JSONL file into the dataset shapes TRL's trainers expect."""
+"""Turning a validated JSONL file into the dataset shapes TRL's trainers expect.
+
+SFT rows become ``messages`` or ``prompt``/``completion``; preference rows (all three
+shapes in ``trainers.formats``) become TRL's ``prompt``/``chosen``/``rejected``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from trainers.formats import ChatMessage, DatasetError, RowFormat, iter_rows
+from trainers.formats import (
+    ChatMessage,
+    DatasetError,
+    ImplicitPreferenceRow,
+    OpenAIPreferenceRow,
+    RowFormat,
+    read_as,
+)
 from trainers.plan import JobError
 
 # Roles TRL chat templates know; OpenAI's "developer" is a system turn.
@@ -30,28 +41,60 @@ def sft_record(fmt: RowFormat, row: Any) -> dict[str, Any]:
     }
 
 
+def _as_messages(value: Any, role: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value)
+
+
+def dpo_record(row: Any, conversational: bool | None = None) -> dict[str, Any]:
+    """TRL's explicit-prompt preference example from any preference row shape.
+
+    OpenAI rows map ``input.messages`` / ``preferred_output`` / ``non_preferred_output``
+    to ``prompt`` / ``chosen`` / ``rejected``; implicit-prompt rows are split after their
+    shared prefix (``prompt_length()``). ``conversational=True`` turns plain-string
+    fields into one user (prompt) or assistant (answer) turn, so a file whose rows mix
+    strings and message lists becomes one conversational dataset; ``None`` keeps the
+    row's own types.
+    """
+    if isinstance(row, OpenAIPreferenceRow):
+        prompt, chosen, rejected = row.input.messages, row.preferred_output, row.non_preferred_output
+    elif isinstance(row, ImplicitPreferenceRow):
+        n = row.prompt_length()
+        prompt, chosen, rejected = row.chosen[:n], row.chosen[n:], row.rejected[n:]
+    else:
+        prompt, chosen, rejected = row.prompt, row.chosen, row.rejected
+    if conversational is None:
+        conversational = not all(isinstance(v, str) for v in (prompt, chosen, rejected))
+    if not conversational:
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {
+        "prompt": _as_messages(prompt, "user"),
+        "chosen": _as_messages(chosen, "assistant"),
+        "rejected": _as_messages(rejected, "assistant"),
+    }
+
+
+def dpo_records(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    """``dpo_record`` for a whole file: all plain text, or all conversational if any
+    row holds a message list (a dataset column has one type)."""
+    rows = list(rows)
+    mixed = [dpo_record(r) for r in rows]
+    if all(isinstance(r["prompt"], str) and isinstance(r["chosen"], str) for r in mixed):
+        return mixed
+    return [dpo_record(r, conversational=True) for r in rows]
+
+
 def read_rows(path: Path, accepted: Iterable[RowFormat], param: str) -> tuple[RowFormat, list]:
-    """Parse a JSONL file again in the training process (files can change under a job)."""
-    accepted = frozenset(accepted)
+    """Parse a JSONL file again in the training process, as the first of the method's
+    ``accepted`` formats that every row fits (files can change under a job)."""
     try:
         with open(path, "rb") as fh:
-            rows = list(iter_rows(fh))
+            return read_as(fh, accepted)
     except FileNotFoundError:
         raise JobError(
             "invalid_training_file", f"{param} is missing from the data volume", param
         ) from None
     except DatasetError as exc:
         raise JobError("invalid_training_file", f"{param}: {exc}", param) from None
-    if not rows:
-        raise JobError("invalid_training_file", f"{param} has no rows", param)
-    fmt = rows[0][1]
-    if fmt not in accepted:
-        raise JobError(
-            "invalid_training_file",
-            f"{param} is in '{fmt}' format; this method accepts {sorted(str(f) for f in accepted)}",
-            param,
-        )
-    return fmt, [(fmt, row) for _, fmt, row in rows]
 
 
 def build_dataset(records: list[dict[str, Any]]):

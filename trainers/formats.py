@@ -4,17 +4,21 @@ This module is shared by the API (which validates uploads before anything is
 stored) and the training process (which turns validated rows into the shapes
 TRL expects). It imports pydantic only, never torch.
 
-A file has exactly one format, fixed by its first row; every later row must have
-the same one. Each method accepts a set of formats (see ``trainers.spec``).
+A row may fit several formats (``{"prompt", "completion", "label"}`` is both an
+unpaired preference and a prompt/completion pair; a GRPO prompt row may carry
+grader fields such as ``answer`` or ``label``). A file's formats are those every
+row fits. Each method lists the formats it accepts (``trainers.spec``), so which
+reading applies is decided by the method at job creation, not by the upload.
 
 | format               | row fields                                              | used by      |
 |----------------------|---------------------------------------------------------|--------------|
 | chat                 | messages (with at least one assistant turn)             | SFT          |
 | prompt_completion    | prompt, completion                                      | SFT          |
-| preference           | prompt, chosen, rejected  or OpenAI's input,            | DPO, BCO     |
-|                      | preferred_output, non_preferred_output                  |              |
+| preference           | prompt, chosen, rejected; chosen, rejected (implicit    | DPO, BCO     |
+|                      | prompt); or OpenAI's input, preferred_output,           |              |
+|                      | non_preferred_output                                    |              |
 | unpaired_preference  | prompt, completion, label (bool)                        | BCO          |
-| prompt_only          | messages without an assistant turn, or prompt alone     | GRPO, EGPO   |
+| prompt_only          | messages not ending in an assistant turn, or prompt     | GRPO, EGPO   |
 | scored               | prompt, response, reward                                | OREO         |
 """
 
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 
 class RowFormat(StrEnum):
@@ -86,12 +90,6 @@ class PromptCompletionRow(_Row):
     completion: str | list[ChatMessage]
 
 
-class PreferenceRow(_Row):
-    prompt: str | list[ChatMessage]
-    chosen: str | list[ChatMessage]
-    rejected: str | list[ChatMessage]
-
-
 class OpenAIInput(BaseModel):
     model_config = ConfigDict(extra="allow")
     messages: list[ChatMessage]
@@ -99,10 +97,84 @@ class OpenAIInput(BaseModel):
     _check = field_validator("messages")(lambda cls, v: _non_empty(v))
 
 
+_ANSWER_FIELDS = frozenset({"completion", "chosen", "rejected", "response"})
+
+
+def _answer(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """A preferred/rejected answer: assistant turns only, with some text."""
+    _non_empty(messages)
+    for i, m in enumerate(messages):
+        if m.role != "assistant":
+            raise ValueError(
+                f"message {i} has role '{m.role}'; an answer holds assistant turns only"
+            )
+    if not any(m.text().strip() for m in messages):
+        raise ValueError("the answer is empty")
+    return messages
+
+
+def _text_answer(value: str | list[ChatMessage]) -> str | list[ChatMessage]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("the answer is empty")
+        return value
+    return _answer(value)
+
+
 class OpenAIPreferenceRow(_Row):
+    """OpenAI's DPO row: ``input.messages`` plus one preferred and one non-preferred answer."""
+
     input: OpenAIInput
-    preferred_output: list[ChatMessage] = Field(min_length=1)
-    non_preferred_output: list[ChatMessage] = Field(min_length=1)
+    preferred_output: list[ChatMessage]
+    non_preferred_output: list[ChatMessage]
+
+    _answers = field_validator("preferred_output", "non_preferred_output")(
+        lambda cls, v: _answer(v)
+    )
+
+
+class PreferenceRow(_Row):
+    """TRL's explicit-prompt preference row (strings or message lists)."""
+
+    prompt: str | list[ChatMessage]
+    chosen: str | list[ChatMessage]
+    rejected: str | list[ChatMessage]
+
+    _answers = field_validator("chosen", "rejected")(lambda cls, v: _text_answer(v))
+
+
+class ImplicitPreferenceRow(_Row):
+    """TRL's implicit-prompt row: two full conversations sharing a prompt prefix.
+
+    The prompt is the longest common prefix of the two message lists; what follows
+    it on each side must be assistant turns with some text.
+    """
+
+    chosen: list[ChatMessage]
+    rejected: list[ChatMessage]
+
+    @model_validator(mode="after")
+    def _split(self) -> ImplicitPreferenceRow:
+        n = self.prompt_length()
+        if n == 0:
+            raise ValueError("'chosen' and 'rejected' share no prompt turns; add a 'prompt' field")
+        for name in ("chosen", "rejected"):
+            try:
+                _answer(getattr(self, name)[n:])
+            except ValueError as exc:
+                raise ValueError(f"'{name}' after the shared prompt: {exc}") from None
+        return self
+
+    def prompt_length(self) -> int:
+        n = 0
+        for a, b in zip(self.chosen, self.rejected, strict=False):
+            if a.role != b.role or a.text() != b.text():
+                break
+            n += 1
+        # The shared part must end before the first answer turn of either side.
+        while n and self.chosen[n - 1].role == "assistant":
+            n -= 1
+        return n
 
 
 class UnpairedPreferenceRow(_Row):
@@ -112,13 +184,28 @@ class UnpairedPreferenceRow(_Row):
 
 
 class PromptOnlyRow(_Row):
+    """A prompt to sample answers for; extra fields (``answer``, ``label``...) feed graders."""
+
     prompt: str | list[ChatMessage]
+
+    @model_validator(mode="after")
+    def _no_answer(self) -> PromptOnlyRow:
+        answers = sorted(_ANSWER_FIELDS.intersection(self.model_extra or {}))
+        if answers:
+            raise ValueError(f"a prompt-only row has no answer field, found {answers}")
+        return self
 
 
 class ChatPromptRow(_Row):
     messages: list[ChatMessage]
 
-    _check = field_validator("messages")(lambda cls, v: _non_empty(v))
+    @field_validator("messages")
+    @classmethod
+    def _prompt(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        _non_empty(v)
+        if v[-1].role == "assistant":
+            raise ValueError("a prompt must not end with an assistant turn")
+        return v
 
 
 class ScoredRow(_Row):
@@ -127,8 +214,28 @@ class ScoredRow(_Row):
     reward: float
 
 
+# Every row shape, most specific first. A row fits a shape when the shape's required
+# fields are present and it validates; a file's formats are those every row fits.
+SHAPES: tuple[tuple[RowFormat, type[_Row]], ...] = (
+    (RowFormat.chat, ChatRow),
+    (RowFormat.preference, OpenAIPreferenceRow),
+    (RowFormat.preference, PreferenceRow),
+    (RowFormat.preference, ImplicitPreferenceRow),
+    (RowFormat.unpaired_preference, UnpairedPreferenceRow),
+    (RowFormat.scored, ScoredRow),
+    (RowFormat.prompt_completion, PromptCompletionRow),
+    (RowFormat.prompt_only, ChatPromptRow),
+    (RowFormat.prompt_only, PromptOnlyRow),
+)
+FORMAT_ORDER: tuple[RowFormat, ...] = tuple(dict.fromkeys(f for f, _ in SHAPES))
+
+
+def _required(model: type[_Row]) -> frozenset[str]:
+    return frozenset(n for n, f in model.model_fields.items() if f.is_required())
+
+
 def _classify(row: dict[str, Any]) -> tuple[RowFormat, type[_Row]]:
-    """Pick a row's format from the fields it has (most specific shape first)."""
+    """The shape a row was most likely meant to have (the one its errors are reported for)."""
     keys = row.keys()
     if "messages" in keys:
         msgs = row["messages"]
@@ -141,7 +248,9 @@ def _classify(row: dict[str, Any]) -> tuple[RowFormat, type[_Row]]:
     if "input" in keys or "preferred_output" in keys or "non_preferred_output" in keys:
         return RowFormat.preference, OpenAIPreferenceRow
     if "chosen" in keys or "rejected" in keys:
-        return RowFormat.preference, PreferenceRow
+        if "prompt" in keys:
+            return RowFormat.preference, PreferenceRow
+        return RowFormat.preference, ImplicitPreferenceRow
     if "label" in keys:
         return RowFormat.unpaired_preference, UnpairedPreferenceRow
     if "response" in keys or "reward" in keys:
@@ -154,8 +263,8 @@ def _classify(row: dict[str, Any]) -> tuple[RowFormat, type[_Row]]:
         0,
         None,
         "row matches no known format; expected one of: messages | prompt+completion | "
-        "prompt+chosen+rejected | input+preferred_output+non_preferred_output | "
-        "prompt+completion+label | prompt+response+reward | prompt",
+        "prompt+chosen+rejected | chosen+rejected | input+preferred_output+"
+        "non_preferred_output | prompt+completion+label | prompt+response+reward | prompt",
     )
 
 
@@ -170,9 +279,16 @@ class DatasetError(ValueError):
 
 @dataclass
 class FileSummary:
-    format: RowFormat
+    """What an upload holds. ``formats``: every format all rows fit, most specific first;
+    ``format`` is the first of them (the one shown to users)."""
+
+    formats: list[RowFormat]
     rows: int
     extra_fields: set[str] = field(default_factory=set)
+
+    @property
+    def format(self) -> RowFormat:
+        return self.formats[0]
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str:
@@ -187,8 +303,7 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def parse_row(line_no: int, text: str) -> tuple[RowFormat, _Row]:
-    """Parse and validate one JSONL line; raise DatasetError naming the line and field."""
+def _load(line_no: int, text: str) -> dict[str, Any]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -198,51 +313,106 @@ def parse_row(line_no: int, text: str) -> tuple[RowFormat, _Row]:
         raise DatasetError(
             line_no, None, f"each line must be a JSON object, got {type(raw).__name__}"
         )
+    return raw
+
+
+def _validate(line_no: int, model: type[_Row], raw: dict[str, Any]) -> _Row:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = _loc_to_param(err["loc"])
+        reason = err["msg"].removeprefix("Value error, ")
+        raise DatasetError(line_no, param or None, reason) from None
+
+
+def parse_row(
+    line_no: int, text: str, formats: Iterable[RowFormat] | None = None
+) -> dict[RowFormat, _Row]:
+    """Every format (of ``formats``, default all) one JSONL line fits, with its parsed row.
+
+    Raises DatasetError naming the line and field when the line fits none of them; the
+    error is the one of the shape the row was most likely meant to have.
+    """
+    raw = _load(line_no, text)
+    wanted = FORMAT_ORDER if formats is None else tuple(formats)
+    fits: dict[RowFormat, _Row] = {}
+    for fmt, model in SHAPES:
+        if fmt in wanted and fmt not in fits and _required(model) <= raw.keys():
+            try:
+                fits[fmt] = model.model_validate(raw)
+            except ValidationError:
+                continue
+    if fits:
+        return fits
     try:
         fmt, model = _classify(raw)
     except DatasetError as exc:
         raise DatasetError(line_no, None, exc.reason) from None
-    try:
-        return fmt, model.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = _loc_to_param(err["loc"])
-        raise DatasetError(line_no, param or None, err["msg"]) from None
+    if fmt not in wanted:  # meant as another format: name the ones wanted instead
+        fmt, model = next((f, m) for f, m in SHAPES if f in wanted)
+    _validate(line_no, model, raw)
+    raise DatasetError(line_no, None, f"row does not fit the '{fmt}' format")  # pragma: no cover
 
 
-def iter_rows(lines: Iterable[str | bytes]) -> Iterator[tuple[int, RowFormat, _Row]]:
-    """Yield (line_no, format, row) for every non-blank line, enforcing one format per file."""
-    file_format: RowFormat | None = None
+def _decode(line_no: int, line: str | bytes) -> str:
+    if isinstance(line, bytes):
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DatasetError(line_no, None, "not valid UTF-8") from None
+    return line
+
+
+def iter_rows(
+    lines: Iterable[str | bytes], formats: Iterable[RowFormat] | None = None
+) -> Iterator[tuple[int, dict[RowFormat, _Row]]]:
+    """Yield (line_no, {format: row}) for every non-blank line, keeping only the formats
+    every line so far fits; a line that narrows them to none is an error."""
+    common: list[RowFormat] | None = None
     first_line = 0
     for line_no, line in enumerate(lines, start=1):
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DatasetError(line_no, None, "not valid UTF-8") from None
-        if not line.strip():
+        text = _decode(line_no, line)
+        if not text.strip():
             continue
-        fmt, row = parse_row(line_no, line)
-        if file_format is None:
-            file_format, first_line = fmt, line_no
-        elif fmt != file_format:
-            raise DatasetError(
-                line_no,
-                None,
-                f"row is in '{fmt}' format but line {first_line} set the file's format to "
-                f"'{file_format}'; a file must use one format throughout",
-            )
-        yield line_no, fmt, row
+        fits = parse_row(line_no, text, formats)
+        if common is None:
+            common, first_line = [f for f in FORMAT_ORDER if f in fits], line_no
+        else:
+            narrowed = [f for f in common if f in fits]
+            if not narrowed:
+                raise DatasetError(
+                    line_no,
+                    None,
+                    f"row is in '{next(iter(fits))}' format but line {first_line} set the "
+                    f"file's format to '{common[0]}'; a file must use one format throughout",
+                )
+            common = narrowed
+        yield line_no, {f: fits[f] for f in common}
 
 
 def summarize(lines: Iterable[str | bytes]) -> FileSummary:
-    """Validate a whole JSONL file; return its format and row count or raise DatasetError."""
+    """Validate a whole JSONL file; return the formats it fits and its row count."""
     summary: FileSummary | None = None
-    for _, fmt, row in iter_rows(lines):
+    for _, fits in iter_rows(lines):
         if summary is None:
-            summary = FileSummary(format=fmt, rows=0)
+            summary = FileSummary(formats=list(fits), rows=0)
+        summary.formats = [f for f in summary.formats if f in fits]
         summary.rows += 1
-        summary.extra_fields.update((row.model_extra or {}).keys())
+        summary.extra_fields.update((next(iter(fits.values())).model_extra or {}).keys())
     if summary is None:
         raise DatasetError(1, None, "file contains no rows")
     return summary
+
+
+def read_as(
+    lines: Iterable[str | bytes], accepted: Iterable[RowFormat]
+) -> tuple[RowFormat, list[_Row]]:
+    """Parse a file as the first of ``accepted`` (in the method's order of preference) that
+    every row fits. Raises DatasetError naming the first line that fits none of them."""
+    accepted = tuple(accepted)
+    rows: list[dict[RowFormat, _Row]] = [fits for _, fits in iter_rows(lines, accepted)]
+    if not rows:
+        raise DatasetError(1, None, "file contains no rows")
+    fmt = next(f for f in accepted if f in rows[-1])
+    return fmt, [fits[fmt] for fits in rows]

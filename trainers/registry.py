@@ -1,38 +1,31 @@
-"""Method registry: method name -> the function that trains it.
+"""Method registry: method name -> the ``MethodDef`` that trains it (training process only).
 
-Entries are import paths, resolved only inside the training process, so the API
-can list and validate method names without importing torch. The names a request
-may use are the keys here; ``trainers.spec`` and the API read them from here.
+Entries are import paths, resolved only inside the training process, so importing
+this module never loads torch. The names are ``trainers.methods.METHODS``; a test
+checks the two agree.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-from trainers.spec import PLANNED_METHODS
+from trainers.methods import METHODS
+
+if TYPE_CHECKING:
+    from trainers.runner import MethodDef
 
 TRAINERS: dict[str, str] = {
-    "supervised": "trainers.algorithms.sft:train",
+    "supervised": "trainers.algorithms.sft:METHOD",
+    "dpo": "trainers.algorithms.dpo:METHOD",
 }
 
 
-def available_methods() -> list[str]:
-    return sorted(TRAINERS)
-
-
-def planned_methods() -> list[str]:
-    return [m for m in PLANNED_METHODS if m not in TRAINERS]
-
-
-def resolve(method: str) -> Callable[..., Any]:
-    """Import and return the train function for ``method`` (training process only)."""
+def resolve(method: str) -> MethodDef:
+    """Import and return the method definition for ``method``."""
     try:
         target = TRAINERS[method]
     except KeyError:
-        raise KeyError(
-            f"unknown method '{method}'; available: {', '.join(available_methods())}"
-        ) from None
-    module_name, func_name = target.split(":")
-    return getattr(importlib.import_module(module_name), func_name)
+        raise KeyError(f"unknown method '{method}'; available: {', '.join(METHODS)}") from None
+    module_name, attr = target.split(":")
+    return getattr(importlib.import_module(module_name), attr)

@@ -1,7 +1,8 @@
 """Entry point of one training process: ``python -m trainers.run --plan P --report-fd N``.
 
-Reads the run plan, sets torch's thread count, runs the method's trainer from the
-registry, and reports the outcome on the report fd. SIGUSR1 pauses: the trainer
+Reads the run plan, sets torch's thread count, runs the method from the registry
+through the shared runner (``trainers.runner``), and reports the outcome on the
+report fd. SIGUSR1 pauses: the trainer
 saves a checkpoint at the next step boundary, reports ``paused`` and exits 0. Exit codes: 0 success,
 2 a user-facing error (reported, not retried), 1 an unexpected exception
 (reported with its type). A process killed by a signal reports nothing; the
@@ -31,12 +32,12 @@ def execute(plan: RunPlan, reporter: Reporter) -> int:
     import torch
 
     from trainers import registry
+    from trainers.runner import run_method
 
     torch.set_num_threads(plan.threads)
     pause = PauseRequest().install()
     try:
-        train = registry.resolve(plan.spec.method_type)
-        result = train(plan, reporter, pause)
+        result = run_method(registry.resolve(plan.spec.method_type), plan, reporter, pause)
     except JobError as exc:
         reporter.error(exc.code, exc.message, exc.param)
         return 2
@@ -44,11 +45,10 @@ def execute(plan: RunPlan, reporter: Reporter) -> int:
         traceback.print_exc()
         reporter.error("training_error", f"{type(exc).__name__}: {exc}")
         return 1
-    if result.get("paused"):
-        step = int(result["checkpoint"].rsplit("-", 1)[-1])
-        reporter.paused(step, result["checkpoint"])
-        return 0
-    reporter.result(int(result.get("trained_tokens", 0)), result["checkpoint"])
+    if result.paused:
+        reporter.paused(result.step, result.trained_tokens, result.checkpoint)
+    else:
+        reporter.result(result.step, result.trained_tokens, result.checkpoint)
     return 0
 
 

@@ -4,37 +4,40 @@ A request body is validated into a ``JobSpec`` by the API, stored as JSON in the
 job record, and parsed back by the training process. Pure pydantic: importing
 this module never loads torch.
 
-``method`` is a discriminated union on ``type``. Each method's hyperparameters
-carry their default and where the default comes from. Methods that are known to
-posttrain but whose trainer has not landed yet are listed in ``PLANNED_METHODS``
-so the API can say so instead of calling them unknown.
+``method`` is a discriminated union on ``type``; each member holds its
+hyperparameters (``trainers.hparams``, one shared base plus the method's own
+fields) and the row formats it trains on. Names come from ``trainers.methods``.
+
+Stored specs carry ``spec_version``. ``read_stored_spec`` upgrades older
+versions, so a record written by an earlier release still parses; the API
+additionally falls back to the raw JSON when a record cannot be parsed at all
+(``stored_spec_view``), so GET and list never fail on an old record.
 
 OpenAI compatibility: ``method.type`` and ``method.<type>.hyperparameters``
-follow OpenAI's fine-tuning API ("auto" or a value for n_epochs, batch_size,
-learning_rate_multiplier). Fields OpenAI lacks are extensions in the same style.
+follow OpenAI's fine-tuning API. Fields OpenAI lacks are extensions in the same
+style.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from trainers.formats import RowFormat
+from trainers.hparams import DPOHyperparameters, Strict, SupervisedHyperparameters
+from trainers.methods import METHOD_ALIASES, PLANNED_METHODS
 
-Auto = Literal["auto"]
+__all__ = ["PLANNED_METHODS", "SPEC_VERSION", "JobSpec", "read_stored_spec"]
 
-# Known methods whose trainers arrive in later issues: the API answers
-# "not available yet" for them rather than "unknown".
-PLANNED_METHODS: tuple[str, ...] = ("dpo", "bco", "grpo", "reinforcement", "egpo", "oreo")
-METHOD_ALIASES: dict[str, str] = {"sft": "supervised"}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# 1: the first release (no spec_version field). 2: shared hyperparameter base, DPO.
+SPEC_VERSION = 2
+# Module names that are an LM head in the model families transformers ships.
+_HEAD_MODULES = frozenset({"lm_head", "embed_out", "output", "output_layer"})
 
 
-class LoraSettings(_Strict):
+class LoraSettings(Strict):
     """LoRA adapter settings, used when ``training_type == "lora"`` (peft ``LoraConfig``)."""
 
     r: int = Field(16, ge=1, le=1024, description="Adapter rank. Default 16 (common SFT choice).")
@@ -46,8 +49,20 @@ class LoraSettings(_Strict):
         "all-linear", description="Module names to adapt; 'all-linear' = every linear but the head."
     )
 
+    @model_validator(mode="after")
+    def _no_head(self) -> LoraSettings:
+        if isinstance(self.target_modules, list):
+            heads = sorted(_HEAD_MODULES.intersection(self.target_modules))
+            if heads:
+                raise ValueError(
+                    f"LoRA on the LM head ({', '.join(heads)}) is not supported: posttrain's fused "
+                    "log-prob kernel reads the head's base weight; drop it from target_modules "
+                    "(or train the head with training_type 'full')"
+                )
+        return self
 
-class Resources(_Strict):
+
+class Resources(Strict):
     """What one job may use on its worker (extension)."""
 
     gpus: int = Field(1, ge=0, le=64, description="GPUs for the job; 0 = CPU (tests, demo).")
@@ -56,74 +71,34 @@ class Resources(_Strict):
     )
 
 
-class SupervisedHyperparameters(_Strict):
-    """SFT hyperparameters. OpenAI's three fields first, then extensions."""
-
-    n_epochs: int | Auto = Field("auto", description="Epochs; auto = 3 (OpenAI's usual choice).")
-    batch_size: int | Auto = Field(
-        "auto", description="Rows per optimizer step; auto = min(8, rows in the training file)."
-    )
-    learning_rate_multiplier: float | Auto = Field(
-        "auto", description="Scales the base rate (2e-5 full, 2e-4 LoRA); auto = 1.0."
-    )
-    learning_rate: float | None = Field(
-        None,
-        gt=0,
-        le=1.0,
-        description="Absolute learning rate (extension); overrides the multiplier.",
-    )
-    max_seq_length: int = Field(1024, ge=8, le=131072, description="Rows are truncated to this.")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps of LR warmup.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs)."
-    )
-    loss_on_prompt: bool = Field(
-        False, description="Train on prompt/user tokens too; default trains on completions only."
-    )
-
-    def resolved_epochs(self) -> int:
-        return 3 if self.n_epochs == "auto" else self.n_epochs
-
-    def resolved_batch_size(self, rows: int) -> int:
-        return max(1, min(8, rows)) if self.batch_size == "auto" else self.batch_size
-
-    def resolved_learning_rate(self, lora: bool) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        mult = 1.0 if self.learning_rate_multiplier == "auto" else self.learning_rate_multiplier
-        return (2e-4 if lora else 2e-5) * mult
-
-    @model_validator(mode="after")
-    def _check(self) -> SupervisedHyperparameters:
-        if isinstance(self.n_epochs, int) and self.n_epochs < 1:
-            raise ValueError("n_epochs must be >= 1 or 'auto'")
-        if isinstance(self.batch_size, int) and self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1 or 'auto'")
-        mult = self.learning_rate_multiplier
-        if isinstance(mult, float) and mult <= 0:
-            raise ValueError("learning_rate_multiplier must be > 0 or 'auto'")
-        return self
-
-
-class SupervisedConfig(_Strict):
+class SupervisedConfig(Strict):
     hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
 
 
-class SupervisedMethod(_Strict):
+class SupervisedMethod(Strict):
     """Supervised fine-tuning with TRL's SFTTrainer (``type`` alias: ``sft``)."""
 
-    accepted_formats: ClassVar[frozenset[RowFormat]] = frozenset(
-        {RowFormat.chat, RowFormat.prompt_completion}
+    accepted_formats: ClassVar[tuple[RowFormat, ...]] = (
+        RowFormat.chat,
+        RowFormat.prompt_completion,
     )
     type: Literal["supervised"]
     supervised: SupervisedConfig = Field(default_factory=SupervisedConfig)
 
 
-# A discriminated union (one member until the next method lands; later ones add members).
-Method = Annotated[Union[SupervisedMethod], Field(discriminator="type")]  # noqa: UP007
+class DPOConfig(Strict):
+    hyperparameters: DPOHyperparameters = Field(default_factory=DPOHyperparameters)
+
+
+class DPOMethod(Strict):
+    """Direct preference optimisation with TRL's DPOTrainer."""
+
+    accepted_formats: ClassVar[tuple[RowFormat, ...]] = (RowFormat.preference,)
+    type: Literal["dpo"]
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+
+
+Method = Annotated[Union[SupervisedMethod, DPOMethod], Field(discriminator="type")]  # noqa: UP007
 
 
 def normalize_method(raw: Any) -> Any:
@@ -141,9 +116,10 @@ def normalize_method(raw: Any) -> Any:
     return raw
 
 
-class JobSpec(_Strict):
+class JobSpec(Strict):
     """Everything a training process needs to run one job (files by id)."""
 
+    spec_version: int = Field(SPEC_VERSION, description="Schema version of a stored spec.")
     model: str = Field(min_length=1, max_length=512, description="HF model id or local path.")
     training_file: str = Field(min_length=1)
     validation_file: str | None = None
@@ -193,3 +169,50 @@ class JobSpec(_Strict):
 
     def method_hyperparameters(self) -> BaseModel:
         return getattr(self.method, self.method.type).hyperparameters
+
+
+class StoredSpecError(ValueError):
+    """A stored spec that no migration can turn into a valid ``JobSpec``."""
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a stored spec of any earlier version to ``SPEC_VERSION``."""
+    version = int(data.get("spec_version", 1))
+    if version > SPEC_VERSION:
+        raise StoredSpecError(f"spec_version {version} is newer than this release ({SPEC_VERSION})")
+    # 1 -> 2: only the version field is new; every v1 field kept its name and meaning.
+    return {**data, "spec_version": SPEC_VERSION}
+
+
+def read_stored_spec(text: str) -> JobSpec:
+    """Parse a spec as stored in a job record, upgrading older versions."""
+    try:
+        return JobSpec.model_validate(_upgrade(json.loads(text)))
+    except (ValueError, ValidationError) as exc:
+        raise StoredSpecError(f"stored job spec cannot be read: {exc}") from exc
+
+
+def stored_spec_view(text: str) -> dict[str, Any]:
+    """The stored spec as a plain dict with every field the API shows, even when it no
+    longer validates (a method this release dropped, a field it renamed)."""
+    try:
+        return read_stored_spec(text).model_dump(mode="json")
+    except StoredSpecError:
+        pass
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raw = {}
+    raw = raw if isinstance(raw, dict) else {}
+    method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    return {
+        "model": str(raw.get("model", "")),
+        "training_file": str(raw.get("training_file", "")),
+        "validation_file": raw.get("validation_file"),
+        "method": method,
+        "seed": raw.get("seed") if isinstance(raw.get("seed"), int) else None,
+        "suffix": raw.get("suffix"),
+        "training_type": raw.get("training_type", "full"),
+        "resources": raw.get("resources") if isinstance(raw.get("resources"), dict) else {},
+        "metadata": raw.get("metadata") if isinstance(raw.get("metadata"), dict) else None,
+    }

@@ -1,6 +1,7 @@
 """Uploaded files: bytes on the data volume, metadata in Redis.
 
-  file:{id}   hash: filename, bytes, purpose, created_at, status, format, rows
+  file:{id}   hash: filename, bytes, purpose, created_at, status, format, formats, rows,
+              extra_fields
   files       sorted set of file ids by creation time
 
 A file is written to a temporary name, validated, then renamed into place, so a
@@ -9,6 +10,7 @@ half-uploaded or invalid file never becomes visible to a job.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -38,8 +40,22 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self.dir / f"{file_id}.jsonl"
 
-    def commit(self, staged: Path, *, filename: str, purpose: str, fmt: str, rows: int) -> dict:
-        """Move a validated staged upload into place and record it."""
+    def commit(
+        self,
+        staged: Path,
+        *,
+        filename: str,
+        purpose: str,
+        formats: list[str],
+        rows: int,
+        extra_fields: list[str] = (),
+    ) -> dict:
+        """Move a validated staged upload into place and record it.
+
+        ``formats``: every row format all rows fit, most specific first (the first is
+        the one shown as ``format``); ``extra_fields``: row fields beyond the format's
+        own (graders may read them), so a job can check they exist without a rescan.
+        """
         file_id = new_id("file")
         final = self.path(file_id)
         os.replace(staged, final)
@@ -50,8 +66,10 @@ class FileStore:
             "bytes": final.stat().st_size,
             "created_at": int(time.time()),
             "status": "processed",
-            "format": fmt,
+            "format": formats[0],
+            "formats": ",".join(formats),
             "rows": rows,
+            "extra_fields": json.dumps(sorted(extra_fields)),
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k_file(file_id), mapping={k: str(v) for k, v in meta.items()})
@@ -66,6 +84,9 @@ class FileStore:
         rec["bytes"] = int(rec["bytes"])
         rec["created_at"] = int(rec["created_at"])
         rec["rows"] = int(rec.get("rows", 0))
+        # Records of the first release hold one format and no extra fields.
+        rec["formats"] = rec.get("formats", rec.get("format", "")).split(",")
+        rec["extra_fields"] = json.loads(rec.get("extra_fields", "[]"))
         return rec
 
     def list(

@@ -1,19 +1,22 @@
 """Turns the training process's report lines into job-record updates.
 
-The training process writes one JSON object per line to a pipe (see
-``trainers.reporting``). This module is the only place those messages meet
-Redis: metrics go to the metrics stream and as ``metrics`` events, checkpoints
-to the checkpoint list, progress to the record (trained tokens, estimated end).
+The training process writes one typed message per line to a pipe
+(``trainers.messages``, parsed here with the same models). This module is the
+only place those messages meet Redis. A line that is not a valid message ends
+the run as failed with ``invalid_report`` (``RunOutcome.invalid``) rather than
+crashing the supervisor or storing something the API cannot serve. Metrics go
+to the metrics stream and as ``metrics`` events, checkpoints to the checkpoint
+list, progress to the record (trained tokens, estimated end).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainers import messages as m
 from workers.store import JobStore, new_id
 
 log = logging.getLogger(__name__)
@@ -34,10 +37,11 @@ METRIC_EVENTS = 1000
 class RunOutcome:
     """What the supervisor learnt from the reports of one run."""
 
-    result: dict[str, Any] | None = None
-    paused: dict[str, Any] | None = None
+    result: m.Result | None = None
+    paused: m.Paused | None = None
     lines: int = 0
     error: dict[str, Any] | None = None
+    invalid: bool = False  # a line was not a valid report message
     last_metrics: dict[str, float] = field(default_factory=dict)
     checkpoints: int = 0
 
@@ -55,23 +59,28 @@ class RecordReporter:
         self._first_step: int | None = None
 
     def handle_line(self, line: str) -> None:
+        """Apply one report line; an invalid one marks the run failed (once)."""
         try:
-            msg = json.loads(line)
-            handler = getattr(self, f"_on_{msg['type']}")
-        except (ValueError, KeyError, AttributeError):
-            log.warning("job %s: unreadable report line %r", self.job_id, line[:200])
+            msg = m.parse_report(line)
+        except m.InvalidReport as exc:
+            log.warning("job %s: invalid report line: %s", self.job_id, exc)
+            if not self.outcome.invalid:
+                self.outcome.invalid = True
+                self.outcome.error = {
+                    "code": "invalid_report",
+                    "message": f"the training process sent an invalid report: {exc}",
+                    "param": None,
+                }
             return
-        handler(msg)
+        getattr(self, f"_on_{msg.type}")(msg)
         self.outcome.lines += 1
 
-    def _on_event(self, msg: dict) -> None:
-        self.store.add_event(
-            self.job_id, msg["message"], level=msg.get("level", "info"), data=msg.get("data")
-        )
+    def _on_event(self, msg: m.Event) -> None:
+        self.store.add_event(self.job_id, msg.message, level=msg.level, data=msg.data)
 
-    def _on_log(self, msg: dict) -> None:
-        step, total = int(msg["step"]), int(msg.get("total_steps") or 0)
-        values = {k: v for k, v in msg["metrics"].items() if isinstance(v, (int, float))}
+    def _on_log(self, msg: m.Log) -> None:
+        step, total = msg.step, msg.total_steps
+        values = {k: v for k, v in msg.metrics.items() if v is not None}
         self.outcome.last_metrics.update(values)
         self.store.add_metrics(self.job_id, step, values)
         if self._wants_event(step, total):
@@ -81,8 +90,8 @@ class RecordReporter:
                 text += f": training loss={values['loss']:.4f}"
             self.store.add_event(self.job_id, text, type="metrics", data=data)
         fields: dict[str, Any] = {"step": step, "total_steps": total}
-        if "num_tokens" in values:
-            fields["trained_tokens"] = int(values["num_tokens"])
+        if msg.trained_tokens is not None:
+            fields["trained_tokens"] = msg.trained_tokens
         eta = self._estimate_finish(step, total)
         if eta:
             fields["estimated_finish"] = eta
@@ -106,12 +115,12 @@ class RecordReporter:
         per_step = (time.time() - self._started) / done
         return int(time.time() + per_step * (total - step))
 
-    def _on_checkpoint(self, msg: dict) -> None:
-        step = int(msg["step"])
+    def _on_checkpoint(self, msg: m.Checkpoint) -> None:
+        step = msg.step
         metrics = {"step": step}
         for src, dst in _CKPT_METRICS.items():
-            if src in msg.get("metrics", {}):
-                metrics[dst] = msg["metrics"][src]
+            if msg.metrics.get(src) is not None:
+                metrics[dst] = msg.metrics[src]
             elif src in self.outcome.last_metrics:
                 metrics[dst] = self.outcome.last_metrics[src]
         ckpt_id = new_id("ftckpt")
@@ -119,9 +128,9 @@ class RecordReporter:
             "id": ckpt_id,
             "step": step,
             "created_at": int(time.time()),
-            "path": msg["path"],
+            "path": msg.path,
             "metrics": metrics,
-            "final": bool(msg.get("final")),
+            "final": msg.final,
             "fine_tuned_model_checkpoint": (
                 f"ft:{model_label(self.model_name)}:{self.job_id}:ckpt-step-{step}"
             ),
@@ -134,15 +143,13 @@ class RecordReporter:
             data={"checkpoint": ckpt_id, "step": step},
         )
 
-    def _on_paused(self, msg: dict) -> None:
+    def _on_paused(self, msg: m.Paused) -> None:
         self.outcome.paused = msg
+        self.store.set_fields(self.job_id, trained_tokens=msg.trained_tokens)
 
-    def _on_result(self, msg: dict) -> None:
+    def _on_result(self, msg: m.Result) -> None:
         self.outcome.result = msg
 
-    def _on_error(self, msg: dict) -> None:
-        self.outcome.error = {
-            "code": msg.get("code", "training_error"),
-            "message": msg.get("message", "training failed"),
-            "param": msg.get("param"),
-        }
+    def _on_error(self, msg: m.Error) -> None:
+        if not self.outcome.invalid:
+            self.outcome.error = {"code": msg.code, "message": msg.message, "param": msg.param}

@@ -23,7 +23,7 @@ from pathlib import Path
 import redis
 
 from trainers.plan import RunPlan
-from trainers.spec import JobSpec
+from trainers.spec import JobSpec, StoredSpecError, read_stored_spec
 from workers.filestore import FileNotFound, FileStore
 from workers.reporter import RecordReporter, model_label
 from workers.settings import WorkerSettings
@@ -163,6 +163,9 @@ class Supervisor:
                 if ready and not chunk:  # EOF: the child closed its end (exited)
                     proc.wait()
                     break
+                if verdict is None and reporter.outcome.invalid:
+                    verdict = Verdict("failed", "invalid report")
+                    self.kill(proc)
                 if verdict is None:
                     verdict = self._control(job_id, state, proc, reporter)
                     if verdict is not None:
@@ -225,10 +228,12 @@ class Supervisor:
     @staticmethod
     def _judge(returncode: int, reporter: RecordReporter) -> Verdict:
         out = reporter.outcome
+        if out.invalid:
+            return Verdict("failed", "invalid report")
         if returncode == 0 and out.result is not None:
             return Verdict("succeeded")
         if returncode == 0 and out.paused is not None:
-            return Verdict("paused", f"step {out.paused['step']}")
+            return Verdict("paused", f"step {out.paused.step}")
         if out.error is not None:
             return Verdict("failed")
         how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
@@ -242,14 +247,13 @@ class Supervisor:
         out = reporter.outcome
         try:
             if verdict.kind == "succeeded":
-                res = out.result or {}
                 name = f"ft:{model_label(spec.model)}:{spec.suffix or 'posttrain'}:{job_id}"
                 self.store.transition(
                     job_id,
                     S.succeeded,
                     owner=self.owner,
                     fine_tuned_model=name,
-                    trained_tokens=int(res.get("trained_tokens") or 0),
+                    trained_tokens=out.result.trained_tokens,
                 )
                 self.store.add_event(job_id, "The job has successfully completed")
             elif verdict.kind == "failed":
@@ -298,10 +302,15 @@ class Supervisor:
         return "failed"
 
     def run(self, job_id: str, attempt: int) -> str:
-        spec = JobSpec.model_validate_json(self.store.get(job_id)["spec"])
-        problem = self._check_files(spec)
+        try:
+            spec = read_stored_spec(self.store.get(job_id)["spec"])
+        except StoredSpecError as exc:
+            spec, problem, code = None, str(exc), "invalid_spec"
+        else:
+            problem, code = self._check_files(spec), "invalid_training_file"
         if problem:
-            error = {"code": "invalid_training_file", "message": problem, "param": "training_file"}
+            param = "training_file" if code == "invalid_training_file" else None
+            error = {"code": code, "message": problem, "param": param}
             self.store.transition(job_id, S.failed, owner=self.owner, error=error)
             self.store.add_event(job_id, f"Job failed: {problem}", level="error")
             return "failed"

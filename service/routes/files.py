@@ -63,8 +63,9 @@ def upload(
             staged,
             filename=file.filename or "upload.jsonl",
             purpose=purpose,
-            fmt=str(summary.format),
+            formats=[str(f) for f in summary.formats],
             rows=summary.rows,
+            extra_fields=sorted(summary.extra_fields),
         )
     finally:
         staged.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from trainers.formats import DatasetError, RowFormat, summarize
+from trainers.formats import DatasetError, RowFormat, read_as, summarize
 
 
 def lines(*rows) -> list[str]:
@@ -14,6 +14,7 @@ def lines(*rows) -> list[str]:
 
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+PREF = {"prompt": "q", "chosen": "a", "rejected": "b"}
 
 
 @pytest.mark.parametrize(
@@ -70,20 +71,67 @@ def test_blank_lines_are_skipped_and_content_parts_accepted():
         ({"messages": [{"role": "assistant"}]}, 2, "messages[0].content", "required"),
         ({"foo": 1}, 2, None, "matches no known format"),
         ({"prompt": "q", "completion": "a"}, 2, None, "format"),
+        (
+            {
+                "input": {"messages": [{"role": "user", "content": "q"}]},
+                "preferred_output": [{"role": "user", "content": "a"}],
+                "non_preferred_output": [{"role": "assistant", "content": "b"}],
+            },
+            2,
+            "preferred_output",
+            "assistant turns only",
+        ),
+        ({"prompt": "q", "chosen": "a"}, 2, "rejected", "required"),
+        ({"prompt": "q", "chosen": "a", "rejected": "  "}, 2, "rejected", "empty"),
     ],
 )
 def test_bad_rows_name_their_line_and_field(bad, line, param, fragment):
     with pytest.raises(DatasetError) as info:
-        summarize(lines(CHAT, bad))
+        summarize(
+            lines(CHAT, bad)
+            if param != "rejected" and "output" not in str(param)
+            else lines(PREF, bad)
+        )
     err = info.value
     assert err.line == line and err.param == param
     assert fragment in str(err) and f"line {line}" in str(err)
 
 
-def test_bad_label_type_names_the_field():
+def test_a_row_fits_every_format_whose_fields_it_has():
+    # a prompt/completion row with a non-boolean label is still a prompt/completion row...
+    summary = summarize(lines({"prompt": "q", "completion": "a", "label": "maybe"}))
+    assert summary.formats == [RowFormat.prompt_completion]
+    # ...and read as an unpaired preference, the label is the problem, on its line
     with pytest.raises(DatasetError) as info:
-        summarize(lines({"prompt": "q", "completion": "a", "label": "maybe"}))
-    assert info.value.param == "label" and info.value.line == 1
+        read_as(
+            lines(
+                {"prompt": "q", "completion": "a", "label": True},
+                {"prompt": "q", "completion": "a", "label": "maybe"},
+            ),
+            [RowFormat.unpaired_preference],
+        )
+    assert info.value.param == "label" and info.value.line == 2
+    # a GRPO prompt carrying grader fields is not mistaken for a preference row
+    grpo = {"prompt": "2+2=", "answer": "4", "label": "4"}
+    assert summarize(lines(grpo)).formats == [RowFormat.prompt_only]
+    both = {"prompt": "q", "completion": "a", "label": False}
+    assert summarize(lines(both)).formats == [
+        RowFormat.unpaired_preference,
+        RowFormat.prompt_completion,
+    ]
+
+
+def test_implicit_prompt_rows_split_at_the_shared_turns():
+    user = {"role": "user", "content": "q"}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "good"}],
+        "rejected": [user, {"role": "assistant", "content": "bad"}],
+    }
+    fmt, (parsed,) = read_as(lines(row), [RowFormat.preference])
+    assert fmt == RowFormat.preference and parsed.prompt_length() == 1
+    no_prompt = {"chosen": row["chosen"][1:], "rejected": row["rejected"][1:]}
+    with pytest.raises(DatasetError, match="share no prompt"):
+        summarize(lines(no_prompt))
 
 
 def test_empty_file_and_bad_utf8_are_rejected():

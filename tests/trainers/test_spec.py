@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from trainers import registry
-from trainers.spec import PLANNED_METHODS, JobSpec
+from trainers.methods import METHODS
+from trainers.spec import JobSpec
 
 BASE = {"model": "m", "training_file": "file-1"}
 
@@ -85,7 +86,47 @@ def test_spec_round_trips_through_json():
 
 
 def test_registry_names_are_the_methods_the_spec_accepts():
-    assert registry.available_methods() == ["supervised"]
-    assert set(registry.planned_methods()) == set(PLANNED_METHODS)
-    with pytest.raises(KeyError, match="available: supervised"):
-        registry.resolve("dpo")
+    assert set(registry.TRAINERS) == set(METHODS)
+    spec_types = {m.model_fields["type"].annotation.__args__[0] for m in _method_models()}
+    assert spec_types == set(METHODS)
+    with pytest.raises(KeyError, match="available: supervised, dpo"):
+        registry.resolve("grpo")
+
+
+def _method_models():
+    from typing import get_args
+
+    from trainers.spec import Method
+
+    union = get_args(Method)[0]
+    return get_args(union)
+
+
+def test_lora_on_the_lm_head_is_refused_naming_the_fix():
+    with pytest.raises(ValidationError, match="LoRA on the LM head"):
+        JobSpec.model_validate(
+            {**BASE, "training_type": "lora", "lora": {"target_modules": ["q_proj", "lm_head"]}}
+        )
+
+
+def test_dpo_defaults_follow_openai_and_trl():
+    spec = JobSpec.model_validate({**BASE, "method": {"type": "dpo"}})
+    hp = spec.method_hyperparameters()
+    assert hp.resolved_beta() == 0.1 and hp.loss_types() == ["sigmoid"]
+    assert hp.resolved_learning_rate(lora=False) == pytest.approx(1e-6)
+    with pytest.raises(ValidationError, match="one weight per loss type"):
+        JobSpec.model_validate(
+            {
+                **BASE,
+                "method": {
+                    "type": "dpo",
+                    "dpo": {
+                        "hyperparameters": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1]}
+                    },
+                },
+            }
+        )
+    with pytest.raises(ValidationError, match="loss_type"):
+        JobSpec.model_validate(
+            {**BASE, "method": {"type": "dpo", "dpo": {"hyperparameters": {"loss_type": "nope"}}}}
+        )

@@ -1,0 +1,137 @@
+"""The one runner every method goes through: load, build, train, resume, pause, result.
+
+A method is a ``MethodDef``: its TRL config class and the fields only it sets,
+its data mapping (JSONL rows -> the dataset its trainer takes) and its trainer
+class (a TRL trainer with ``PosttrainTrainerMixin`` first). Everything else is
+here, once: the tokenizer and model, the settings every method shares (output
+dir, seed, epochs, batch size, learning rate and schedule, logging, checkpoint
+interval, device), LoRA, the reporting callback, resuming from the newest
+complete checkpoint, pausing at a step boundary, and the typed ``RunResult``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainers.callbacks import ReportingCallback
+from trainers.checkpoints import resumable_checkpoint
+from trainers.hparams import CommonHyperparameters
+from trainers.models import load_causal_lm, load_tokenizer, lora_config, pick_device_dtype
+from trainers.plan import RunPlan
+from trainers.reporting import PauseRequest, Reporter
+
+
+@dataclass
+class TrainData:
+    """A method's datasets: ``format`` is the row format the training file was read as."""
+
+    format: Any
+    train: Any
+    eval: Any = None
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    """What makes a method a method; the runner does the rest.
+
+    config_class:   the TRL config (``SFTConfig``, ``DPOConfig``...).
+    trainer_class:  the trainer, ``PosttrainTrainerMixin`` first in its bases.
+    datasets:       ``(plan) -> TrainData``.
+    config_fields:  ``(plan, hyperparameters, data) -> dict`` of the config fields
+                    only this method sets.
+    trainer_kwargs: ``(plan, model, data) -> dict`` of extra trainer arguments
+                    (a reference model, say).
+    """
+
+    name: str
+    config_class: type
+    trainer_class: type
+    datasets: Callable[[RunPlan], TrainData]
+    config_fields: Callable[[RunPlan, Any, TrainData], dict[str, Any]]
+    trainer_kwargs: Callable[[RunPlan, Any, TrainData], dict[str, Any]] = field(
+        default=lambda plan, model, data: {}
+    )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: at ``step``, with ``checkpoint`` (relative to the data dir)."""
+
+    step: int
+    checkpoint: str
+    trained_tokens: int
+    paused: bool
+
+
+def common_config(plan: RunPlan, hp: CommonHyperparameters, data: TrainData) -> dict[str, Any]:
+    """The config fields every method shares, from the job spec and the worker's plan."""
+    device, dtype = pick_device_dtype()
+    spec, every = plan.spec, plan.checkpoint_every_steps
+    has_eval = data.eval is not None
+    return {
+        "output_dir": str(plan.output_dir),
+        "seed": spec.seed,
+        "data_seed": spec.seed,
+        "num_train_epochs": hp.resolved_epochs(),
+        "max_steps": hp.max_steps or -1,
+        "per_device_train_batch_size": hp.resolved_batch_size(len(data.train)),
+        "per_device_eval_batch_size": hp.resolved_batch_size(len(data.train)),
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "learning_rate": hp.resolved_learning_rate(spec.training_type == "lora"),
+        "lr_scheduler_type": hp.lr_scheduler_type,
+        "warmup_steps": hp.warmup_ratio,  # a float below 1 is a fraction of the run
+        "weight_decay": hp.weight_decay,
+        "max_length": hp.max_seq_length,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": every,
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": every if has_eval else None,
+        "include_num_input_tokens_seen": "non_padding",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": device == "cpu",
+        "bf16": str(dtype) == "torch.bfloat16",
+        "gradient_checkpointing": device == "cuda",
+        "dataloader_num_workers": 0,
+    }
+
+
+def run_method(
+    method: MethodDef, plan: RunPlan, reporter: Reporter, pause: PauseRequest | None = None
+) -> RunResult:
+    """Train ``plan`` with ``method``, resuming from the newest complete checkpoint."""
+    spec = plan.spec
+    hp = spec.method_hyperparameters()
+    tokenizer = load_tokenizer(spec.model)
+    data = method.datasets(plan)
+    reporter.event(
+        f"Loaded {len(data.train)} training rows ({data.format} format)"
+        + (f" and {len(data.eval)} validation rows" if data.eval is not None else "")
+    )
+    model = load_causal_lm(spec.model)
+    args = method.config_class(
+        **common_config(plan, hp, data), **method.config_fields(plan, hp, data)
+    )
+    callback = ReportingCallback(plan, reporter, pause)
+    trainer = method.trainer_class(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=lora_config(spec.lora) if spec.training_type == "lora" else None,
+        callbacks=[callback],
+        **method.trainer_kwargs(plan, model, data),
+    )
+    resume = resumable_checkpoint(plan.output_dir)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    step = trainer.state.global_step
+    return RunResult(
+        step=step,
+        checkpoint=plan.relative(plan.output_dir / f"checkpoint-{step}"),
+        trained_tokens=int(trainer.state.num_input_tokens_seen or 0),
+        paused=callback.paused_at is not None,
+    )
