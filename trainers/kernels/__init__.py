@@ -12,10 +12,18 @@ Layers (see ``KERNELS.md`` section 7):
   tensors when triton is importable;
 - ``chunked.py``: chunked plain-torch twin with the same maths, used on CPU
   and as the test oracle (its docstring has the formulas);
+- ``head.py``: ``head_stats``, the fused LM head's entry (routes to the two above);
 - ``reference.py``: naive materialised-logits version for tests/benchmarks.
 
 Only 2D inputs are accepted: flatten ``[B, T, H]`` to ``[B*T, H]`` first
 (and select the completion positions there, which also saves compute).
+
+``head_stats`` is the entry point of the fused LM head (``trainers.fused_head``,
+TRL's ``fused_lm_head=True`` contract): logit scale and soft-cap, and the extra
+statistics ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1``. It runs the
+Triton kernels only for CUDA tensors without a soft-cap, without
+``log_sum_sq_probs`` and with one dtype for hidden and weight; everything else
+goes to the chunked torch path, which runs on CUDA tensors as well (``head.py``).
 """
 
 from __future__ import annotations
@@ -26,10 +34,18 @@ from dataclasses import dataclass
 import torch
 
 from .chunked import DEFAULT_BLOCK_V, DEFAULT_CHUNK_N, ChunkedTokenLogprobs
+from .head import HEAD_OUTPUTS, HeadStats, head_stats
 from .reference import naive_token_logprobs, output_dtype
 from .triton_logprob import TritonTokenLogprobs, triton_available
 
-__all__ = ["naive_token_logprobs", "token_logprobs"]
+__all__ = [
+    "HEAD_OUTPUTS",
+    "HeadStats",
+    "head_stats",
+    "naive_token_logprobs",
+    "token_logprobs",
+    "token_stats",
+]
 
 IMPLS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,13 +82,13 @@ def _use_triton(impl: str, hidden: torch.Tensor) -> bool:
     )
 
 
-def _run(hidden, weight, targets, bias, temperature, return_entropy, triton_path):
-    """(logp, entropy or None, top1) from the chosen path; all targets are valid here."""
+def _run(hidden, weight, targets, bias, temperature, return_entropy, triton_path, want_top1):
+    """(logp, entropy or None, top1 or None) from the chosen path; all targets are valid."""
     t, ent = float(temperature), bool(return_entropy)
     if triton_path:
         return TritonTokenLogprobs.apply(hidden, weight, bias, targets, t, ent, None, None)
     return ChunkedTokenLogprobs.apply(
-        hidden, weight, bias, targets, t, ent, DEFAULT_CHUNK_N, DEFAULT_BLOCK_V
+        hidden, weight, bias, targets, t, ent, DEFAULT_CHUNK_N, DEFAULT_BLOCK_V, want_top1
     )
 
 
@@ -82,7 +98,8 @@ class TokenStats:
 
     logp:    log-prob of the target (fp32; fp64 for fp64 inputs), 0 where ignored
     entropy: entropy of the row's distribution, or None when not asked for; 0 where ignored
-    top1:    bool, the target has the row's largest logit (ties count); False where ignored.
+    top1:    bool, the target is the row's argmax (the first maximal index; the Triton
+             path also counts a target tied with an earlier maximum); False where ignored.
              Not differentiable: it gives token accuracy without an argmax pass.
     """
 
@@ -103,6 +120,13 @@ def token_stats(
     impl: str = "auto",
 ) -> TokenStats:
     """``token_logprobs`` with every per-token output at once (see ``TokenStats``)."""
+    args = (hidden, weight, targets, bias, temperature, ignore_index, return_entropy, impl)
+    return _token_stats(*args, want_top1=True)
+
+
+def _token_stats(
+    hidden, weight, targets, bias, temperature, ignore_index, return_entropy, impl, want_top1
+) -> TokenStats:
     _check_inputs(hidden, weight, targets, bias, temperature, impl)
     triton_path = _use_triton(impl, hidden)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -111,7 +135,7 @@ def token_stats(
     n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()  # one host sync
     if n_bad:
         raise ValueError(f"{n_bad} targets are outside [0, {vocab}) and not ignore_index")
-    args = (hidden, weight, targets, bias, temperature, return_entropy, triton_path)
+    args = (hidden, weight, targets, bias, temperature, return_entropy, triton_path, want_top1)
     if n_valid == n_rows:
         return TokenStats(*_run(*args))
     return TokenStats(*_run_compacted(*args, valid, n_valid))
@@ -146,22 +170,15 @@ def token_logprobs(
         ``logp [N]`` or ``(logp [N], entropy [N])``, fp32 (fp64 for fp64 inputs).
         Gradients reach hidden/weight/bias in their own dtypes (fp32 accumulation).
     """
-    out = token_stats(
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        return_entropy=return_entropy,
-        impl=impl,
-    )
+    args = (hidden, weight, targets, bias, temperature, ignore_index, return_entropy, impl)
+    out = _token_stats(*args, want_top1=False)
     return (out.logp, out.entropy) if return_entropy else out.logp
 
 
 def _run_compacted(
-    hidden, weight, targets, bias, temperature, return_entropy, triton_path, valid, n_valid
-):
+    hidden, weight, targets, bias, temperature, return_entropy, triton_path, want_top1, valid,
+    n_valid,
+):  # fmt: skip
     """Runs only the kept rows and scatters them back into zeros."""
     n_rows = hidden.shape[0]
     zeros = torch.zeros(n_rows, dtype=output_dtype(hidden.dtype), device=hidden.device)
@@ -180,7 +197,8 @@ def _run_compacted(
         temperature,
         return_entropy,
         triton_path,
+        want_top1,
     )
     logp = zeros.index_copy(0, idx, logp)
     entropy = None if entropy is None else zeros.index_copy(0, idx, entropy)
-    return logp, entropy, no_top1.index_copy(0, idx, top1)
+    return logp, entropy, None if top1 is None else no_top1.index_copy(0, idx, top1)

@@ -5,15 +5,19 @@ logits: it is the correctness oracle for the tests and the baseline of
 ``bench/kernels.py``. It is not meant for training: at N=4096, V=151936 the
 fp32 logits alone take 2.5 GB and autograd keeps several such buffers.
 
-Formula (``T`` = temperature, ``y`` = targets)::
+Formula (``T`` = temperature, ``s`` = logit scale, ``c`` = optional soft-cap,
+``y`` = targets)::
 
-    z       = (hidden @ weight.T + bias) / T              [N, V]
+    r       = (hidden @ weight.T + bias) * s              [N, V]
+    z       = r / T,  or  c * tanh(r / c) / T with a soft-cap
     logp    = log_softmax(z)[i, y_i]                       [N]
     entropy = -sum_j p_ij log p_ij,  p = softmax(z)        [N]
 
 The projection runs in the input dtype (as ``F.linear`` would in a model) and
 the softmax in fp32, or in fp64 for fp64 inputs. Rows whose target equals
 ``ignore_index`` return exactly 0 for both outputs and receive no gradient.
+``naive_head_stats`` adds the non-differentiable statistics of TRL's fused LM
+head (``log_sum_sq_probs``, ``mean_logits``, ``is_top1`` with argmax semantics).
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ def output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def naive_logits(hidden, weight, bias=None, temperature=1.0, logit_scale=1.0, softcap=None):
+    """The full ``[N, V]`` transformed logits (fp32, fp64 for fp64 inputs)."""
+    logits = F.linear(hidden, weight, bias).to(output_dtype(hidden.dtype)) * logit_scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
 def naive_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -36,6 +48,8 @@ def naive_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs (and entropy) through fully materialised logits.
 
@@ -47,12 +61,13 @@ def naive_token_logprobs(
         temperature: logits are divided by it before the softmax.
         ignore_index: target value whose rows return 0 and get no gradient.
         return_entropy: also return the entropy of each row's distribution.
+        logit_scale: multiplies the logits before the soft-cap and the temperature.
+        softcap: if set, ``z = softcap * tanh(z / softcap)`` before the temperature.
 
     Returns:
         ``logp`` ``[N]`` (fp32, fp64 for fp64 inputs), or ``(logp, entropy)``.
     """
-    dtype = output_dtype(hidden.dtype)
-    logits = F.linear(hidden, weight, bias).to(dtype) / temperature
+    logits = naive_logits(hidden, weight, bias, temperature, logit_scale, softcap)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -63,3 +78,23 @@ def naive_token_logprobs(
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
+
+
+def naive_head_stats(
+    hidden, weight, targets, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None
+) -> dict[str, torch.Tensor]:
+    """Every per-token output of the fused LM head, from full logits (targets all valid).
+
+    Keys: ``logp``, ``entropy`` (differentiable), ``log_sum_sq_probs``, ``mean_logits``
+    and ``is_top1`` (the target is ``argmax``, i.e. the FIRST maximal index; detached).
+    """
+    logits = naive_logits(hidden, weight, bias, temperature, logit_scale, softcap)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    detached = log_probs.detach()
+    return {
+        "logp": log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+        "entropy": -(log_probs.exp() * log_probs).sum(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * detached, dim=-1),
+        "mean_logits": logits.detach().mean(-1),
+        "is_top1": logits.detach().argmax(-1) == targets,
+    }

@@ -298,3 +298,106 @@ def test_top1_flags_the_rows_whose_target_is_the_argmax(temperature):
     keep = y != -100
     _, _, tiled = ChunkedTokenLogprobs.apply(h[keep], w, None, y[keep], temperature, False, 7, 64)
     assert torch.equal(tiled, want[keep])
+
+
+# ----------------------------------------------------------------------------- fused-head stats
+def _head(h, w, b, y, **kw):
+    from trainers.kernels import head_stats
+
+    return head_stats(h, w, y, bias=b, impl="torch", **kw)
+
+
+@pytest.mark.parametrize(
+    "outputs,scale,temperature", [("both", 1.0, 1.0), ("both", 0.3, 0.7), ("entropy", 0.3, 0.7)]
+)
+def test_softcap_gradcheck_ragged_tiles(outputs, scale, temperature):
+    # softcap 2 against logits of a few units: tanh is far from linear here
+    h, w, b, y = make(9, 5, 23, bias=True, scale=3.0)
+
+    def f(hh, ww, bb):
+        st = _head(
+            hh, ww, bb, y, temperature=temperature, logit_scale=scale, softcap=2.0,
+            outputs=("entropy",), chunk_n=4, block_v=7,
+        )  # fmt: skip
+        return {"logp": (st.logp,), "entropy": (st.entropy,), "both": (st.logp, st.entropy)}[
+            outputs
+        ]
+
+    assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("chunk_n,block_v", [(2, 3), (7, 50), (64, 1000)])
+def test_head_stats_fp64_match_naive_tightly(softcap, chunk_n, block_v):
+    from trainers.kernels.reference import naive_head_stats
+
+    h, w, b, y = make(37, 16, 257, bias=True, scale=3.0)
+    y[:12] = torch.addmm(b, h, w.t())[:12].argmax(-1)
+    gl, ge = torch.randn(37, dtype=F64), torch.randn(37, dtype=F64)
+    kw = {"temperature": 0.8, "logit_scale": 1.7, "softcap": softcap}
+    st = _head(h, w, b, y, chunk_n=chunk_n, block_v=block_v, **kw)
+    ref = naive_head_stats(h, w, y, bias=b, **kw)
+    assert torch.equal(st.is_top1, ref["is_top1"]) and int(st.is_top1.sum()) >= 12
+    got = (st.logp, st.entropy, st.log_sum_sq_probs, st.mean_logits)
+    want = tuple(ref[k] for k in ("logp", "entropy", "log_sum_sq_probs", "mean_logits"))
+    assert max_err(got, want) <= 1e-10
+    g = torch.autograd.grad((st.logp * gl).sum() + (st.entropy * ge).sum(), (h, w, b))
+    r = torch.autograd.grad((ref["logp"] * gl).sum() + (ref["entropy"] * ge).sum(), (h, w, b))
+    assert max_err(g, r) <= 1e-10
+
+
+def test_log_sum_sq_probs_stays_finite_for_extreme_logits():
+    from trainers.kernels.reference import naive_head_stats
+
+    h, w, _, y = make(40, 8, 300, torch.float32, scale=300.0)  # |z| ~ 1e3
+    st = _head(h, w, None, y, outputs=("log_sum_sq_probs",), chunk_n=16, block_v=64)
+    ref = naive_head_stats(h.detach().double(), w.detach().double(), y)["log_sum_sq_probs"]
+    assert torch.isfinite(st.log_sum_sq_probs).all() and st.log_sum_sq_probs.max() <= 0
+    torch.testing.assert_close(st.log_sum_sq_probs.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_top1_is_argmax_first_when_logits_tie():
+    from trainers.kernels import token_stats
+    from trainers.kernels.chunked import ChunkedTokenLogprobs
+
+    w = torch.zeros(20, 2)
+    w[[3, 9, 17]] = torch.tensor([1.0, 1.0])  # three equal maximal logits per row
+    h = torch.ones(4, 2)
+    y = torch.tensor([3, 9, 17, 0])
+    for block_v in (2, 8, 64):
+        _, _, top1 = ChunkedTokenLogprobs.apply(h, w, None, y, 1.0, False, 3, block_v)
+        assert top1.tolist() == [True, False, False, False]
+    assert token_stats(h, w, y).top1.tolist() == [True, False, False, False]
+
+
+def test_mixed_dtypes_and_autocast_compute_in_fp32():
+    h, w, b, y = make(30, 16, 200, torch.float32, bias=True)
+    ref = _head(h, w, b, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head turns autocast off inside
+        under = _head(h, w, b, y)
+    assert under.logp.dtype == torch.float32 and torch.equal(under.logp, ref.logp)
+    h16 = h.detach().bfloat16().requires_grad_()
+    st = _head(h16, w, b, y, temperature=0.9)  # bf16 hidden, fp32 head: no common-dtype copy
+    dh, dw = torch.autograd.grad(st.logp.sum() + st.entropy.sum(), (h16, w))
+    assert dh.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    truth = _head(
+        h16.detach().double(), w.detach().double(), b.detach().double(), y, temperature=0.9
+    )
+    torch.testing.assert_close(st.logp.double(), truth.logp, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_context_is_entered_around_the_backward():
+    from contextlib import contextmanager
+
+    entered = []
+
+    @contextmanager
+    def gather(weight, bias):
+        entered.append((weight.shape, None if bias is None else bias.shape))
+        yield
+
+    h, w, b, y = make(8, 4, 30, bias=True)
+    st = _head(h, w, b, y, gather=gather)
+    assert entered == []  # the caller gathers around the forward; the backward recomputes
+    (st.logp.sum() + st.entropy.sum()).backward()
+    assert entered == [((30, 4), (30,))]
