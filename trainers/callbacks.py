@@ -24,7 +24,18 @@ from trainers.checkpoints import mark_complete
 from trainers.plan import RunPlan
 from trainers.reporting import PauseRequest, Reporter
 
-_DROPPED = frozenset({"num_tokens", "num_input_tokens_seen"})
+# Keys in a step's logs that are not that step's metrics. transformers adds the run's
+# wall time and throughput to every step once it counts tokens; TRL's ``num_tokens``
+# (and ``eval_num_tokens``) restart at 0 on every resume, ``trained_tokens`` does not.
+_NOT_STEP_METRICS = frozenset(
+    {
+        "num_tokens",
+        "eval_num_tokens",
+        "num_input_tokens_seen",
+        "train_runtime",
+        "train_tokens_per_second",
+    }
+)
 
 
 class ReportingCallback(TrainerCallback):
@@ -48,22 +59,18 @@ class ReportingCallback(TrainerCallback):
         self.reporter.event(f"Training for {state.max_steps} steps", total_steps=state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # TRL's own ``num_tokens`` restarts at 0 on every resume; ``trained_tokens`` does not.
-        logs = {
-            k: v
-            for k, v in (logs or {}).items()
-            if isinstance(v, (int, float)) and k not in _DROPPED
-        }
-        if not logs:
-            return
-        self.last_logs.update(logs)
-        if "train_runtime" in logs:  # the trainer's closing summary, not a step
+        logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        if "train_loss" in logs:  # the trainer's closing summary, not a step
             self.reporter.event(
-                f"Training finished in {logs['train_runtime']:.1f} s, mean loss "
-                f"{logs.get('train_loss', float('nan')):.4f}",
+                f"Training finished in {logs.get('train_runtime', float('nan')):.1f} s, "
+                f"mean loss {logs['train_loss']:.4f}",
                 **logs,
             )
             return
+        logs = {k: v for k, v in logs.items() if k not in _NOT_STEP_METRICS}
+        if not logs:
+            return
+        self.last_logs.update(logs)
         if any(k.startswith("eval_") for k in logs) and "loss" not in logs:
             self.reporter.event(
                 f"Validation at step {state.global_step}: "

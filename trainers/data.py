@@ -56,7 +56,11 @@ def dpo_record(row: Any, conversational: bool | None = None) -> dict[str, Any]:
     row's own types.
     """
     if isinstance(row, OpenAIPreferenceRow):
-        prompt, chosen, rejected = row.input.messages, row.preferred_output, row.non_preferred_output
+        prompt, chosen, rejected = (
+            row.input.messages,
+            row.preferred_output,
+            row.non_preferred_output,
+        )
     elif isinstance(row, ImplicitPreferenceRow):
         n = row.prompt_length()
         prompt, chosen, rejected = row.chosen[:n], row.chosen[n:], row.rejected[n:]

@@ -126,6 +126,11 @@ class DPOHyperparameters(CommonHyperparameters):
         types = self.loss_types()
         if not types:
             raise ValueError("loss_type must name at least one loss")
+        if "exo_pair" in types and self.label_smoothing == 0.0:
+            raise ValueError(
+                "loss_type 'exo_pair' needs label_smoothing > 0 (its epsilon; the EXO paper "
+                "uses 1e-3)"
+            )
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} entries but loss_type has "

@@ -115,7 +115,8 @@ def test_sft_job_end_to_end_learns_the_data(stack, sdk, training_file, tmp_path)
         seed=1,
         method={"type": "supervised", "supervised": {"hyperparameters": FAST}},
     )
-    assert job.status == "queued" and job.method.type == "supervised"
+    # a warm worker may already have claimed it by the time the response is built
+    assert job.status in ("queued", "running") and job.method.type == "supervised"
 
     job = wait_done(sdk, job.id)
     assert job.status == "succeeded", job.error
