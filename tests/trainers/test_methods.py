@@ -1,0 +1,24 @@
+"""The torch-free names the API accepts equal the keys of the torch-side implementations."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from trl import DPOTrainer
+
+from trainers import registry
+from trainers.methods import DPO_LOSS_TYPES, METHODS, PLANNED_METHODS
+
+
+def test_method_names_are_the_registry_keys_and_resolve_to_their_method():
+    assert set(registry.TRAINERS) == set(METHODS)
+    assert not set(METHODS) & set(PLANNED_METHODS)
+    for name in METHODS:
+        assert registry.resolve(name).name == name
+
+
+def test_dpo_loss_types_are_the_branches_trls_dpo_loss_implements():
+    source = inspect.getsource(DPOTrainer)
+    implemented = set(re.findall(r'loss_type == "([a-z_]+)"', source))
+    assert implemented == set(DPO_LOSS_TYPES)
