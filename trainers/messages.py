@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 Scalar = float | int | str | bool | None
 
@@ -21,8 +21,10 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _finite(values: dict[str, Any]) -> dict[str, Any]:
+def _finite(values: Any) -> Any:
     """Tensors to numbers, non-finite floats to None (JSON has no NaN)."""
+    if not isinstance(values, dict):
+        return values
     out = {}
     for k, v in values.items():
         if hasattr(v, "item"):
@@ -33,17 +35,16 @@ def _finite(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+Metrics = Annotated[dict[str, float | None], BeforeValidator(_finite)]
+
+
 class Event(_Message):
     """A human-readable line for the job's event list."""
 
     type: Literal["event"] = "event"
     level: Literal["info", "warn", "error"] = "info"
     message: str = Field(max_length=4000)
-    data: dict[str, Scalar] | None = None
-
-    _clean = field_validator("data", mode="before")(
-        lambda cls, v: _finite(v) if isinstance(v, dict) else v
-    )
+    data: Annotated[dict[str, Scalar] | None, BeforeValidator(_finite)] = None
 
 
 class Log(_Message):
@@ -52,12 +53,8 @@ class Log(_Message):
     type: Literal["log"] = "log"
     step: int = Field(ge=0)
     total_steps: int = Field(ge=0)
-    metrics: dict[str, float | None]
+    metrics: Metrics
     trained_tokens: int | None = Field(None, ge=0, description="Tokens trained on so far.")
-
-    _clean = field_validator("metrics", mode="before")(
-        lambda cls, v: _finite(v) if isinstance(v, dict) else v
-    )
 
 
 class Checkpoint(_Message):
@@ -66,12 +63,8 @@ class Checkpoint(_Message):
     type: Literal["checkpoint"] = "checkpoint"
     step: int = Field(ge=0)
     path: str = Field(min_length=1)
-    metrics: dict[str, float | None] = {}
+    metrics: Metrics = {}
     final: bool = False
-
-    _clean = field_validator("metrics", mode="before")(
-        lambda cls, v: _finite(v) if isinstance(v, dict) else v
-    )
 
 
 class Result(_Message):
