@@ -138,6 +138,12 @@ def test_idempotency_key_replays_the_same_job(client, redis_client):
         ({"method": {"type": "grpo"}}, 400, "method.type", "not available yet"),
         ({"method": {"type": "nonsense"}}, 400, "method.type", "unknown method"),
         (
+            {"training_type": "lora", "lora": {"target_modules": ["q_proj", "lm_head"]}},
+            400,
+            "lora",
+            "LoRA on the LM head",
+        ),
+        (
             {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": -1}}}},
             400,
             "method.supervised.hyperparameters",
