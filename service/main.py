@@ -10,7 +10,7 @@ import redis
 from fastapi import FastAPI
 
 from service import errors
-from service.routes import files, health, jobs
+from service.routes import files, graders, health, jobs
 from service.settings import ApiSettings
 from workers.celery_app import make_celery
 from workers.filestore import FileStore
@@ -32,6 +32,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.api_keys = settings.key_set()
     app.state.celery = make_celery(settings)
     errors.install(app)
-    for module in (health, files, jobs):
+    for module in (health, files, jobs, graders):
         app.include_router(module.router)
     return app

@@ -1,0 +1,136 @@
+"""OpenAI's grader test endpoints: ``/v1/fine_tuning/alpha/graders/{run,validate}``.
+
+``validate`` checks a grader's shape and answers ``{"grader": ...}``. ``run``
+grades one ``model_sample`` against one ``item`` and answers OpenAI's
+``GraderRunResponse``. Grading runs in a child process with a deadline
+(``trainers.graders.registry.run_isolated``). Graders that load a model
+(``score_model``, ``text_similarity`` with ``cosine``) validate here but run
+only in the training process: this process never imports torch.
+
+Extension: ``metadata.errors.details`` maps each raised error flag to a
+sentence saying what went wrong (OpenAI's flags alone do not say which
+variable was missing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.deps import Auth
+from service.errors import APIError
+from trainers.graders.registry import GradeReport, run_isolated
+from trainers.graders.spec import (
+    GraderSpec,
+    InvalidGrader,
+    MultiGrader,
+    dump_grader,
+    needs_model,
+    parse_grader,
+)
+
+router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"], dependencies=[Auth])
+
+_FLAGS = (
+    "formula_parse_error",
+    "invalid_variable_error",
+    "model_grader_parse_error",
+    "model_grader_refusal_error",
+    "model_grader_server_error",
+    "other_error",
+    "python_grader_runtime_error",
+    "python_grader_server_error",
+    "sample_parse_error",
+    "truncated_observation_error",
+    "unresponsive_reward_error",
+)
+_DETAILS = (
+    "model_grader_server_error_details",
+    "python_grader_runtime_error_details",
+    "python_grader_server_error_type",
+)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: dict[str, Any] = Field(description="The grader (one of trainers.methods.GRADERS).")
+
+
+class RunRequest(_Request):
+    model_sample: str = Field(description="The model output graded; fills sample.output_text.")
+    item: Any = Field(None, description="The dataset row; fills the item namespace.")
+
+
+class ValidateRequest(_Request):
+    pass
+
+
+class RunMetadata(BaseModel):
+    name: str
+    type: str
+    errors: dict[str, Any]
+    execution_time: float
+    scores: dict[str, float]
+    token_usage: dict[str, int] | None = None
+    sampled_model_name: str | None = None
+
+
+class RunResponse(BaseModel):
+    reward: float
+    metadata: RunMetadata
+    sub_rewards: dict[str, float]
+    model_grader_token_usage_per_model: dict[str, Any]
+
+
+class ValidateResponse(BaseModel):
+    grader: dict[str, Any]
+
+
+def _parse(raw: dict[str, Any]) -> GraderSpec:
+    try:
+        return parse_grader(raw)
+    except InvalidGrader as exc:
+        raise APIError(400, exc.message, param=exc.param, code="invalid_grader") from None
+
+
+def _response(grader: GraderSpec, report: GradeReport) -> RunResponse:
+    errors: dict[str, Any] = {flag: flag in report.errors for flag in _FLAGS}
+    errors.update(dict.fromkeys(_DETAILS))
+    errors["details"] = dict(report.errors)
+    multi = isinstance(grader, MultiGrader)
+    return RunResponse(
+        reward=report.reward,
+        metadata=RunMetadata(
+            name=grader.name,
+            type=grader.type,
+            errors=errors,
+            execution_time=report.execution_time,
+            scores=dict(report.sub_rewards) if multi else {grader.name: report.reward},
+        ),
+        sub_rewards=dict(report.sub_rewards),
+        model_grader_token_usage_per_model={},
+    )
+
+
+@router.post("/run", response_model=RunResponse)
+def run(body: RunRequest) -> RunResponse:
+    """Grade ``model_sample`` (and ``item``) with a torch-free grader."""
+    grader = _parse(body.grader)
+    if needs_model(grader):
+        raise APIError(
+            400,
+            "score_model graders (and text_similarity with 'cosine') run only during training: "
+            "the API process loads no models. Use /v1/fine_tuning/alpha/graders/validate to "
+            "check the grader's shape.",
+            param="grader",
+            code="unsupported_grader",
+        )
+    return _response(grader, run_isolated(grader, body.item, body.model_sample))
+
+
+@router.post("/validate", response_model=ValidateResponse)
+def validate(body: ValidateRequest) -> ValidateResponse:
+    """Check a grader's shape, templates and formula; echo it back."""
+    return ValidateResponse(grader=dump_grader(_parse(body.grader)))
