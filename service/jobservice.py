@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from service.errors import APIError, loc_to_param, not_found
 from trainers.formats import DatasetError, read_as
 from trainers.methods import METHODS, PLANNED_METHODS
-from trainers.spec import JobSpec, normalize_method
+from trainers.spec import JobSpec, grader_fields, normalize_method
 from workers.celery_app import enqueue
 from workers.filestore import FileNotFound, FileStore
 from workers.store import InvalidTransition, JobNotFound, JobStatus, JobStore, new_id
@@ -64,7 +64,10 @@ def parse_spec(body: dict[str, Any]) -> JobSpec:
         err = exc.errors()[0]
         param = loc_to_param(_user_loc(err["loc"]))
         raise APIError(
-            400, f"{param or 'body'}: {err['msg']}", param=param or None, code="invalid_value"
+            400,
+            f"{param or 'body'}: {err['msg'].removeprefix('Value error, ')}",
+            param=param or None,
+            code="invalid_value",
         ) from None
 
 
@@ -95,6 +98,26 @@ def check_files(spec: JobSpec, files: FileStore) -> None:
                 param=param,
                 code="invalid_file",
             )
+        _check_grader_fields(spec, fid, rec, param)
+
+
+def _check_grader_fields(spec: JobSpec, fid: str, rec: dict, param: str) -> None:
+    """Every ``{{item.x}}`` a grader reads must be a field of the file's rows."""
+    have = set(rec["extra_fields"]) | {"prompt", "messages"}
+    missing = sorted(f for f in grader_fields(spec.method) if f.split(".")[0] not in have)
+    if missing:
+        raise APIError(
+            400,
+            f"the graders read {', '.join('item.' + f for f in missing)}, but {param} {fid} "
+            f"has no such field (its rows have: {', '.join(sorted(have & _row_fields(rec)))})",
+            param=param,
+            code="invalid_file",
+        )
+
+
+def _row_fields(rec: dict) -> set[str]:
+    base = {"messages"} if "messages" in rec.get("format", "") else {"prompt"}
+    return base | set(rec["extra_fields"])
 
 
 def _first_misfit(files: FileStore, fid: str, accepted) -> str:

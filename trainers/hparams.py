@@ -14,11 +14,19 @@ gradient_accumulation_steps x processes`` rows (a DPO row is one pair).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainers.methods import DPO_LOSS_TYPES
+from trainers.methods import (
+    ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SHAPERS,
+    AGGREGATIONS,
+    DPO_LOSS_TYPES,
+    OBJECTIVES,
+    ROLLOUT_PLANNERS,
+    TEMPERATURE_RULES,
+)
 
 Auto = Literal["auto"]
 DPOLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
@@ -137,3 +145,132 @@ class DPOHyperparameters(CommonHyperparameters):
                 f"{len(types)}; give one weight per loss type"
             )
         return self
+
+
+Aggregation = Literal[AGGREGATIONS]  # type: ignore[valid-type]
+Estimator = Literal[ADVANTAGE_ESTIMATORS]  # type: ignore[valid-type]
+Shaper = Literal[ADVANTAGE_SHAPERS]  # type: ignore[valid-type]
+Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
+Planner = Literal[ROLLOUT_PLANNERS]  # type: ignore[valid-type]
+TemperatureRule = Literal[TEMPERATURE_RULES]  # type: ignore[valid-type]
+
+
+class GRPOHyperparameters(CommonHyperparameters):
+    """The GRPO family on TRL's GRPOTrainer. Fields left None take the variant's preset
+    (``trainers/grpo_presets.py``). Base learning rate 1e-6 (TRL's default) / 1e-5 (LoRA).
+
+    ``batch_size`` counts completions, not prompts: one micro-batch on each process holds
+    ``batch_size / num_generations`` prompts' whole groups.
+    """
+
+    base_learning_rate: ClassVar[tuple[float, float]] = (1e-6, 1e-5)
+
+    num_generations: int = Field(8, ge=2, le=256, description="Completions per prompt (G).")
+    max_completion_length: int = Field(
+        256, ge=1, le=32768, description="Tokens generated per completion at most."
+    )
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
+    num_iterations: int = Field(
+        1, ge=1, le=64, description="Policy updates per generated batch (PPO's mu)."
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Ratio per token (GRPO) or per sequence (GSPO)."
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="One weight per grader; default 1.0 each (rewards are summed)."
+    )
+    eval_interval: int | Auto = Field(
+        "auto", description="Steps between validation rewards; auto = the checkpoint interval."
+    )
+    eval_samples: int | Auto = Field(
+        "auto", description="Completions per validation prompt; auto = 1."
+    )
+    # The pieces and their settings; None = the variant's preset.
+    advantage_estimator: Estimator | None = None
+    advantage_shaper: Shaper | None = None
+    objective: Objective | None = None
+    loss_type: Aggregation | None = Field(None, description="Token aggregation (TRL's name).")
+    rollout_planner: Planner | None = None
+    temperature_rule: TemperatureRule | None = None
+    beta: float | None = Field(None, ge=0.0, description="KL (k3) coefficient to the reference.")
+    epsilon: float | None = Field(None, gt=0.0, lt=1.0, description="Lower clip width.")
+    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip width.")
+    dual_clip: float | None = Field(None, gt=1.0, description="Dual-clip bound c for A < 0.")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="z-score by the group's std, the batch's, or not at all."
+    )
+    mask_truncated_completions: bool | None = Field(
+        None, description="Leave completions cut at max_completion_length out of the loss."
+    )
+    ngrpo_virtual_reward: float = Field(1.0, description="NGRPO: r_max of the virtual sample.")
+    ngrpo_virtual_count: int = Field(1, ge=0, le=64, description="NGRPO: copies of r_max (k).")
+    xrpo_novelty_lambda: float = Field(2.5, ge=0.0, description="XRPO novelty strength.")
+    xrpo_novelty_kappa: float = Field(0.5, ge=0.0, description="XRPO novelty cap (x A).")
+    xrpo_alpha: float = Field(0.05, gt=0.0, lt=1.0, description="XRPO CI level of the allocator.")
+    xrpo_ucb_lambda: float = Field(0.1, ge=0.0, description="XRPO exploration bonus.")
+    xrpo_exemplars: int = Field(2, ge=0, le=8, description="XRPO ICL exemplars (K).")
+    hapo_alpha: float = Field(1.0, ge=0.0, description="HAPO adaptive-clip strength.")
+    hapo_beta_a: float = Field(1.0, ge=0.0, le=1.0, description="HAPO advantage redistribution.")
+    hapo_pivot_quantile: float = Field(0.8, gt=0.0, lt=1.0, description="HAPO entropy pivot.")
+    hapo_tau: float = Field(0.05, ge=0.0, lt=1.0, description="HAPO temperature range (tau).")
+    # Where rollouts are generated.
+    rollout_engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto = vLLM on a GPU worker that has it, else transformers."
+    )
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="vLLM in the training process, or a server the worker starts."
+    )
+
+    def resolved_eval_samples(self) -> int:
+        return 1 if self.eval_samples == "auto" else self.eval_samples
+
+    def generations(self) -> int:
+        """Completions per prompt (G) this job samples."""
+        return self.num_generations
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> GRPOHyperparameters:
+        g = self.generations()
+        if isinstance(self.batch_size, int) and self.batch_size % g:
+            raise ValueError(
+                f"batch_size ({self.batch_size} completions) must be a multiple of "
+                f"num_generations ({g}) so every micro-batch holds whole groups; "
+                f"try batch_size {max(g, self.batch_size // g * g)}"
+            )
+        if isinstance(self.eval_samples, int) and self.eval_samples < 1:
+            raise ValueError("eval_samples must be >= 1 or 'auto'")
+        if isinstance(self.eval_interval, int) and self.eval_interval < 1:
+            raise ValueError("eval_interval must be >= 1 or 'auto'")
+        return self
+
+    def resolved_batch_size(self, rows: int) -> int:
+        """Completions per micro-batch: auto = two prompts' groups."""
+        return 2 * self.generations() if self.batch_size == "auto" else self.batch_size
+
+
+class ReinforcementHyperparameters(GRPOHyperparameters):
+    """OpenAI's reinforcement fine-tuning hyperparameters, run as GRPO (every GRPO field is
+    accepted too). ``compute_multiplier`` scales the completions sampled per prompt;
+    ``reasoning_effort`` is passed to the chat template (templates that ignore it, ignore
+    it); ``eval_interval``/``eval_samples`` are GRPO's own."""
+
+    compute_multiplier: float | Auto = Field(
+        "auto", description="Scales num_generations (rounded, at least 2); auto = 1.0."
+    )
+    reasoning_effort: Literal["auto", "default", "low", "medium", "high"] = Field(
+        "auto", description="Passed to the chat template as reasoning_effort; auto = not passed."
+    )
+
+    def generations(self) -> int:
+        mult = 1.0 if self.compute_multiplier == "auto" else self.compute_multiplier
+        return max(2, round(self.num_generations * mult))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _positive_multiplier(cls, data: Any) -> Any:
+        mult = data.get("compute_multiplier") if isinstance(data, dict) else None
+        if isinstance(mult, (int, float)) and not isinstance(mult, bool) and not mult > 0:
+            raise ValueError("compute_multiplier must be > 0 or 'auto'")
+        return data

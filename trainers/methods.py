@@ -10,9 +10,9 @@ implements).
 from __future__ import annotations
 
 # Methods with a trainer in this release, in the order the docs list them.
-METHODS: tuple[str, ...] = ("supervised", "dpo")
+METHODS: tuple[str, ...] = ("supervised", "dpo", "grpo", "reinforcement")
 # Known methods whose trainers arrive in later releases: the API says "not available yet".
-PLANNED_METHODS: tuple[str, ...] = ("bco", "grpo", "reinforcement", "egpo", "oreo")
+PLANNED_METHODS: tuple[str, ...] = ("bco", "egpo", "oreo")
 # Other spellings a request may use for a method type (and for its config key).
 METHOD_ALIASES: dict[str, str] = {"sft": "supervised"}
 
@@ -34,3 +34,33 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
     "sft",
     "sigmoid_norm",
 )
+
+# GRPO family (trainers/core registries; tests compare these with the registry keys).
+# Advantage estimators: a base normaliser per group.
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "ngrpo", "hapo")
+# Advantage shapers applied on top of any estimator ("none" = identity).
+ADVANTAGE_SHAPERS: tuple[str, ...] = ("none", "xrpo_novelty")
+# Per-token surrogate objectives (clipping rules).
+OBJECTIVES: tuple[str, ...] = ("ppo_clip", "hapo")
+# Loss aggregation over tokens (TRL's loss_type names).
+AGGREGATIONS: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Rollout planners: how many samples each prompt gets, and from what context.
+ROLLOUT_PLANNERS: tuple[str, ...] = ("uniform", "xrpo")
+# Sampling temperature rules.
+TEMPERATURE_RULES: tuple[str, ...] = ("constant", "hapo_ats")
+# Named presets over the pieces above (trainers/algorithms/grpo_presets.py).
+GRPO_VARIANTS: tuple[str, ...] = ("grpo", "dapo", "dr_grpo", "ngrpo", "xrpo", "hapo")
+# OpenAI grader types posttrain runs, plus its own; "python" is refused by name.
+GRADERS: tuple[str, ...] = (
+    "string_check",
+    "text_similarity",
+    "score_model",
+    "multi",
+    "math_verify",
+    "regex",
+    "length_penalty",
+)
+REFUSED_GRADERS: dict[str, str] = {
+    "python": "posttrain never runs user code; use string_check, text_similarity, score_model, "
+    "multi, math_verify, regex or length_penalty",
+}

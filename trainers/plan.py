@@ -25,6 +25,7 @@ class RunPlan(BaseModel):
     checkpoint_every_steps: int = 50
     threads: int = 1
     attempt: int = 1
+    vllm_server_url: str | None = None  # a vLLM server the worker started for this run
 
     def relative(self, path: Path) -> str:
         """A path as stored in records: relative to the data dir, so volumes can move."""

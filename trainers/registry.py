@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 TRAINERS: dict[str, str] = {
     "supervised": "trainers.algorithms.sft:METHOD",
     "dpo": "trainers.algorithms.dpo:METHOD",
+    "grpo": "trainers.algorithms.grpo:METHOD",
+    "reinforcement": "trainers.algorithms.grpo:METHOD",  # OpenAI's name for GRPO with a grader
 }
 
 

@@ -83,7 +83,6 @@ def common_config(plan: RunPlan, hp: CommonHyperparameters, data: TrainData) -> 
         "lr_scheduler_type": hp.lr_scheduler_type,
         "warmup_steps": hp.warmup_ratio,  # a float below 1 is a fraction of the run
         "weight_decay": hp.weight_decay,
-        "max_length": hp.max_seq_length,
         "logging_steps": 1,
         "save_strategy": "steps",
         "save_steps": every,
@@ -112,8 +111,9 @@ def run_method(
         + (f" and {len(data.eval)} validation rows" if data.eval is not None else "")
     )
     model = load_causal_lm(spec.model)
+    # a method's own fields win over the shared ones it needs to set differently
     args = method.config_class(
-        **common_config(plan, hp, data), **method.config_fields(plan, hp, data)
+        **{**common_config(plan, hp, data), **method.config_fields(plan, hp, data)}
     )
     callback = ReportingCallback(plan, reporter, pause)
     trainer = method.trainer_class(

@@ -26,12 +26,19 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from trainers.formats import RowFormat
-from trainers.hparams import DPOHyperparameters, Strict, SupervisedHyperparameters
-from trainers.methods import METHOD_ALIASES, PLANNED_METHODS
+from trainers.graders.spec import Grader, template_fields
+from trainers.hparams import (
+    DPOHyperparameters,
+    GRPOHyperparameters,
+    ReinforcementHyperparameters,
+    Strict,
+    SupervisedHyperparameters,
+)
+from trainers.methods import GRPO_VARIANTS, METHOD_ALIASES, PLANNED_METHODS
 
 __all__ = ["PLANNED_METHODS", "SPEC_VERSION", "JobSpec", "read_stored_spec"]
 
-# 1: the first release (no spec_version field). 2: shared hyperparameter base, DPO.
+# 1: the first release (no spec_version field). 2: shared hyperparameter base, DPO, GRPO.
 SPEC_VERSION = 2
 # Module names that are an LM head in the model families transformers ships.
 _HEAD_MODULES = frozenset({"lm_head", "embed_out", "output", "output_layer"})
@@ -98,7 +105,83 @@ class DPOMethod(Strict):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
 
 
-Method = Annotated[Union[SupervisedMethod, DPOMethod], Field(discriminator="type")]  # noqa: UP007
+GRPOVariant = Literal[GRPO_VARIANTS]  # type: ignore[valid-type]
+
+
+def _check_pieces(variant: str, hp: GRPOHyperparameters) -> None:
+    from trainers.grpo_presets import resolve  # a sibling torch-free module
+
+    resolve(variant, hp)
+
+
+def _check_weights(hp: GRPOHyperparameters, n_graders: int) -> None:
+    if hp.reward_weights is not None and len(hp.reward_weights) != n_graders:
+        raise ValueError(
+            f"reward_weights has {len(hp.reward_weights)} entries for {n_graders} graders; "
+            "give one weight per grader"
+        )
+
+
+class GRPOConfig(Strict):
+    variant: GRPOVariant = Field("grpo", description="Preset over the pieces; see the README.")
+    graders: list[Grader] = Field(min_length=1, max_length=16, description="Reward sources.")
+    hyperparameters: GRPOHyperparameters = Field(default_factory=GRPOHyperparameters)
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        _check_pieces(self.variant, self.hyperparameters)
+        _check_weights(self.hyperparameters, len(self.graders))
+        return self
+
+
+class GRPOMethod(Strict):
+    """The GRPO family on TRL's GRPOTrainer: ``variant`` plus ``hyperparameters``."""
+
+    accepted_formats: ClassVar[tuple[RowFormat, ...]] = (RowFormat.prompt_only,)
+    type: Literal["grpo"]
+    grpo: GRPOConfig
+
+    def graders(self) -> list:
+        return list(self.grpo.graders)
+
+
+class ReinforcementConfig(Strict):
+    """OpenAI's reinforcement method: one grader and its hyperparameters (plus GRPO's)."""
+
+    grader: Grader
+    hyperparameters: ReinforcementHyperparameters = Field(
+        default_factory=ReinforcementHyperparameters
+    )
+    variant: GRPOVariant = Field("grpo", description="Extension: the GRPO preset to run.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ReinforcementConfig:
+        _check_pieces(self.variant, self.hyperparameters)
+        _check_weights(self.hyperparameters, 1)
+        return self
+
+
+class ReinforcementMethod(Strict):
+    """OpenAI's reinforcement fine-tuning, run as GRPO with the request's grader."""
+
+    accepted_formats: ClassVar[tuple[RowFormat, ...]] = (RowFormat.prompt_only,)
+    type: Literal["reinforcement"]
+    reinforcement: ReinforcementConfig
+
+    def graders(self) -> list:
+        return [self.reinforcement.grader]
+
+
+def grader_fields(method) -> set[str]:
+    """The dataset fields a job's graders read (``{{item.x}}``); empty for other methods."""
+    graders = method.graders() if hasattr(method, "graders") else []
+    return set().union(*(template_fields(g) for g in graders)) if graders else set()
+
+
+Method = Annotated[
+    Union[SupervisedMethod, DPOMethod, GRPOMethod, ReinforcementMethod],  # noqa: UP007
+    Field(discriminator="type"),
+]
 
 
 def normalize_method(raw: Any) -> Any:

@@ -28,6 +28,15 @@ class WorkerSettings(BaseSettings):
     cancel_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL delay.")
     train_threads: int | None = Field(None, ge=1, description="torch threads per training process.")
     concurrency: int = Field(1, ge=1, description="Jobs at once per worker (one per GPU).")
+    vllm_command: str = Field(
+        "vllm", description="The vLLM executable a worker starts for server-mode rollouts."
+    )
+    vllm_server_gpus: str | None = Field(
+        None, description="CUDA_VISIBLE_DEVICES of the vLLM server; default = inherited."
+    )
+    vllm_start_timeout: float = Field(
+        600.0, gt=0, description="Seconds a starting vLLM server may take to answer /health."
+    )
 
     @property
     def effective_broker_url(self) -> str:

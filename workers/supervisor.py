@@ -28,6 +28,7 @@ from workers.filestore import FileNotFound, FileStore
 from workers.reporter import RecordReporter, model_label
 from workers.settings import WorkerSettings
 from workers.store import InvalidTransition, JobStatus, JobStore
+from workers.vllm_server import VLLMServer, wants_server
 
 log = logging.getLogger(__name__)
 S = JobStatus
@@ -65,7 +66,9 @@ class Supervisor:
     def job_dir(self, job_id: str) -> Path:
         return Path(self.s.data_dir) / "jobs" / job_id
 
-    def write_plan(self, job_id: str, spec: JobSpec, attempt: int) -> RunPlan:
+    def write_plan(
+        self, job_id: str, spec: JobSpec, attempt: int, vllm_server_url: str | None = None
+    ) -> RunPlan:
         workdir = self.job_dir(job_id)
         workdir.mkdir(parents=True, exist_ok=True)
         plan = RunPlan(
@@ -78,6 +81,7 @@ class Supervisor:
             data_dir=self.s.data_dir,
             checkpoint_every_steps=spec.checkpoint_every_steps or self.s.checkpoint_every_steps,
             threads=spec.resources.cpu_threads or self.s.threads_per_job(),
+            vllm_server_url=vllm_server_url,
         )
         (workdir / f"plan-{attempt}.json").write_text(plan.model_dump_json(indent=2))
         return plan
@@ -309,12 +313,30 @@ class Supervisor:
         else:
             problem, code = self._check_files(spec), "invalid_training_file"
         if problem:
-            param = "training_file" if code == "invalid_training_file" else None
-            error = {"code": code, "message": problem, "param": param}
-            self.store.transition(job_id, S.failed, owner=self.owner, error=error)
-            self.store.add_event(job_id, f"Job failed: {problem}", level="error")
-            return "failed"
-        plan = self.write_plan(job_id, spec, attempt)
+            return self._fail_before_start(job_id, code, problem)
+        server = None
+        if wants_server(spec):
+            try:
+                server = VLLMServer.start(self.s, spec.model, self.job_dir(job_id) / "vllm.log")
+            except RuntimeError as exc:
+                return self._fail_before_start(job_id, "rollout_server_failed", str(exc))
+            self.store.add_event(job_id, f"Started a vLLM server for rollouts at {server.url}")
+        try:
+            return self._run_trainer(job_id, spec, attempt, server)
+        finally:
+            if server is not None:
+                server.stop()
+                self.store.add_event(job_id, "Stopped the run's vLLM server")
+
+    def _fail_before_start(self, job_id: str, code: str, problem: str) -> str:
+        param = "training_file" if code == "invalid_training_file" else None
+        error = {"code": code, "message": problem, "param": param}
+        self.store.transition(job_id, S.failed, owner=self.owner, error=error)
+        self.store.add_event(job_id, f"Job failed: {problem}", level="error")
+        return "failed"
+
+    def _run_trainer(self, job_id: str, spec: JobSpec, attempt: int, server) -> str:
+        plan = self.write_plan(job_id, spec, attempt, server.url if server else None)
         self.store.add_event(job_id, f"Fine-tuning job started (attempt {attempt})")
         reporter = RecordReporter(self.store, job_id, spec.model)
         proc, read_fd = self.spawn(job_id, plan)

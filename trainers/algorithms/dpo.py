@@ -76,6 +76,7 @@ def datasets(plan: RunPlan) -> TrainData:
 def config_fields(plan: RunPlan, hp: DPOHyperparameters, data: TrainData) -> dict[str, Any]:
     types = hp.loss_types()  # exo_pair without label_smoothing is refused by the spec
     return {
+        "max_length": hp.max_seq_length,
         "beta": hp.resolved_beta(),
         "loss_type": types,
         "loss_weights": list(hp.loss_weights) if hp.loss_weights else [1.0] * len(types),

@@ -44,6 +44,7 @@ def datasets(plan: RunPlan) -> TrainData:
 
 def config_fields(plan: RunPlan, hp: SupervisedHyperparameters, data: TrainData) -> dict[str, Any]:
     return {
+        "max_length": hp.max_seq_length,
         "assistant_only_loss": data.format == RowFormat.chat and not hp.loss_on_prompt,
         "completion_only_loss": data.format == RowFormat.prompt_completion
         and not hp.loss_on_prompt,

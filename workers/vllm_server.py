@@ -1,0 +1,120 @@
+"""A vLLM server owned by one run: started before its trainer, stopped after it.
+
+GRPO jobs with ``rollout_engine: vllm`` and ``vllm_mode: server`` generate on a
+vLLM server instead of inside the training process. The worker starts that
+server itself, next to the job's training process and for that run only, in its
+own process group that dies with the worker (``PR_SET_PDEATHSIG``), waits for
+its ``/health`` endpoint, hands its URL to the trainer through the run plan
+(TRL's ``vllm_server_base_url``), and stops the whole group when the run ends
+however it ends. The command is what TRL 1.16's ``trl vllm-serve`` would run:
+``vllm serve MODEL --port P`` with NCCL weight transfer and processed log-probs,
+so TRL's ``VLLMClient`` can push weights to it each step.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from workers.settings import WorkerSettings
+
+
+def wants_server(spec) -> bool:
+    """Whether a job's rollouts run on a worker-owned vLLM server."""
+    method = spec.method
+    block = getattr(method, method.type, None)
+    hp = getattr(block, "hyperparameters", None)
+    return (
+        getattr(hp, "rollout_engine", None) == "vllm" and getattr(hp, "vllm_mode", None) == "server"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(settings: WorkerSettings, model: str, port: int) -> list[str]:
+    return [
+        *shlex.split(settings.vllm_command),
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--weight-transfer-config",
+        '{"backend":"nccl"}',
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--max-logprobs",
+        "-1",
+    ]
+
+
+@dataclass
+class VLLMServer:
+    proc: subprocess.Popen
+    url: str
+
+    @classmethod
+    def start(cls, settings: WorkerSettings, model: str, log: Path) -> VLLMServer:
+        from workers.supervisor import _die_with_parent
+
+        port = _free_port()
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+        if settings.vllm_server_gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = settings.vllm_server_gpus
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                server_command(settings, model, port),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        server = cls(proc, f"http://127.0.0.1:{port}")
+        try:
+            server.wait_healthy(settings.vllm_start_timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with code {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the vLLM server did not answer /health within {timeout:.0f} s")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the server's process group, SIGKILL it after ``grace`` seconds."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            if self.proc.poll() is not None:
+                return
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
