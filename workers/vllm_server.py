@@ -74,6 +74,7 @@ class VLLMServer:
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
         if settings.vllm_server_gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = settings.vllm_server_gpus
+        log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 server_command(settings, model, port),
