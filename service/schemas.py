@@ -88,6 +88,9 @@ class CheckpointMetrics(BaseModel):
     valid_mean_token_accuracy: float | None = None
     full_valid_loss: float | None = None
     full_valid_mean_token_accuracy: float | None = None
+    # extensions: mean grader reward (GRPO family) on training and validation prompts
+    train_mean_reward: float | None = None
+    valid_mean_reward: float | None = None
 
 
 class JobCheckpoint(BaseModel):

@@ -72,9 +72,10 @@ class ReportingCallback(TrainerCallback):
             return
         self.last_logs.update(logs)
         if any(k.startswith("eval_") for k in logs) and "loss" not in logs:
+            shown = "reward" if "eval_reward" in logs else "loss"
             self.reporter.event(
                 f"Validation at step {state.global_step}: "
-                f"loss={logs.get('eval_loss', float('nan')):.4f}",
+                f"{shown}={logs.get('eval_' + shown, float('nan')):.4f}",
                 **logs,
             )
             return

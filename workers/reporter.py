@@ -27,6 +27,9 @@ _CKPT_METRICS = {
     "mean_token_accuracy": "train_mean_token_accuracy",
     "eval_loss": "valid_loss",
     "eval_mean_token_accuracy": "valid_mean_token_accuracy",
+    # extensions for reward-based methods (OpenAI's checkpoint object has no reward field)
+    "reward": "train_mean_reward",
+    "eval_reward": "valid_mean_reward",
 }
 
 

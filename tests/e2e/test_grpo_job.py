@@ -117,7 +117,10 @@ def test_the_variant_learns_the_toy_task_through_the_api(stack, sdk, files, name
     )
     if name == "reinforcement":  # validation reward on the held-out prompts, every 20 steps
         messages = [e.message for e in events]
-        assert any(m.startswith("Validation at step") for m in messages), messages
+        assert any(m.startswith("Validation at step 20: reward=") for m in messages), messages
+        final = next(iter(sdk.fine_tuning.jobs.checkpoints.list(job.id)))
+        extra = final.metrics.model_extra or {}
+        assert extra.get("valid_mean_reward") is not None and extra.get("train_mean_reward")
 
 
 BAD = [
