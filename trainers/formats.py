@@ -193,6 +193,8 @@ class PromptOnlyRow(_Row):
         answers = sorted(_ANSWER_FIELDS.intersection(self.model_extra or {}))
         if answers:
             raise ValueError(f"a prompt-only row has no answer field, found {answers}")
+        if isinstance(self.prompt, list) and self.prompt and self.prompt[-1].role == "assistant":
+            raise ValueError("a prompt must not end with an assistant turn")
         return self
 
 

@@ -133,6 +133,12 @@ def check(s: GRPOSettings, hp: GRPOHyperparameters) -> None:
             f"scale_rewards applies to the 'grpo' estimator; '{s.advantage_estimator}' "
             "defines its own normalisation, so drop scale_rewards"
         )
+    if not s.trl_native and hp.importance_sampling_level == "sequence":
+        raise ValueError(
+            "importance_sampling_level 'sequence' (GSPO) is computed by TRL's own loss; "
+            f"variant '{s.variant}' with these settings uses posttrain's per-token objective, "
+            "so use importance_sampling_level 'token'"
+        )
     if s.temperature_rule == "hapo_ats" and hp.rollout_engine == "vllm":
         raise ValueError(
             "temperature_rule 'hapo_ats' sets a temperature per token, which vLLM's sampler "

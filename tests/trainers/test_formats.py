@@ -146,3 +146,9 @@ def test_chat_row_needs_an_assistant_turn_for_sft_but_not_as_a_prompt():
     assert summarize(lines(prompt_only)).format == RowFormat.prompt_only
     with pytest.raises(DatasetError, match="line 2"):
         summarize(lines(CHAT, prompt_only))
+
+
+def test_a_prompt_list_ending_with_the_answer_is_not_a_prompt():
+    row = {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(DatasetError, match="must not end with an assistant turn"):
+        summarize(lines(row))

@@ -27,7 +27,7 @@ from typing import Any
 from trl import GRPOConfig
 
 from trainers.algorithms.grpo_trainer import PosttrainGRPOTrainer
-from trainers.data import build_dataset, read_rows
+from trainers.data import _messages, build_dataset, read_rows
 from trainers.formats import ChatPromptRow
 from trainers.grpo_presets import GRPOSettings, resolve
 from trainers.hparams import GRPOHyperparameters
@@ -47,21 +47,33 @@ def grpo_config_of(plan: RunPlan):
 def _prompt_record(row) -> dict[str, Any]:
     extra = dict(row.model_extra or {})
     if isinstance(row, ChatPromptRow):
-        prompt = [{"role": m.role, "content": m.text()} for m in row.messages]
+        prompt = _messages(row.messages)  # OpenAI's "developer" turn is a system turn
     elif isinstance(row.prompt, str):
         prompt = row.prompt
     else:
-        prompt = [{"role": m.role, "content": m.text()} for m in row.prompt]
+        prompt = _messages(row.prompt)
     return {"prompt": prompt, **extra}
+
+
+def _prompt_dataset(rows):
+    """One dataset column type each: a file mixing text and chat prompts becomes chat (a
+    text prompt is one user turn), and a field only some rows carry is None on the rest."""
+    records = [_prompt_record(r) for r in rows]
+    if any(not isinstance(r["prompt"], str) for r in records):
+        for r in records:
+            if isinstance(r["prompt"], str):
+                r["prompt"] = [{"role": "user", "content": r["prompt"]}]
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return build_dataset([{k: r.get(k) for k in keys} for r in records])
 
 
 def datasets(plan: RunPlan) -> TrainData:
     fmt, rows = read_rows(plan.training_path, GRPOMethod.accepted_formats, "training_file")
-    train = build_dataset([_prompt_record(r) for r in rows])
+    train = _prompt_dataset(rows)
     evals = None
     if plan.validation_path:
         _, vrows = read_rows(plan.validation_path, (fmt,), "validation_file")
-        evals = build_dataset([_prompt_record(r) for r in vrows])
+        evals = _prompt_dataset(vrows)
     return TrainData(fmt, train, evals)
 
 

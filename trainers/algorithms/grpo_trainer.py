@@ -35,7 +35,7 @@ from trainers.base import PosttrainTrainerMixin
 from trainers.core import advantages as adv
 from trainers.core import aggregation as agg
 from trainers.core import objectives as obj
-from trainers.core.types import AdvantageInputs, ObjectiveInputs
+from trainers.core.types import AdvantageInputs, ObjectiveInputs, masked_mean
 from trainers.fused_head import unwrap_model
 from trainers.grpo_presets import GRPOSettings
 
@@ -219,16 +219,23 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
             mask=mask,
         )
         hp = {"dual_clip": s.dual_clip} if s.dual_clip is not None else {}
+        # the policy term only; the KL term is added below, after the sampler correction
         per_token, metrics = obj.get_objective(s.objective)(
             inp,
             epsilon_low=s.epsilon,
             epsilon_high=s.epsilon_high,
-            beta=s.beta,
+            beta=0.0,
             **hp,
             **self.pt_pieces["objective"],
         )
         if self.use_vllm and self.vllm_importance_sampling_correction:
             per_token = per_token * inputs["importance_sampling_ratio"]  # as TRL corrects its own
+        if s.beta != 0.0:  # as TRL adds it: uncorrected for the sampler, k3 x ratio if asked
+            kl = obj.k3_kl(logps, inp.ref_logps)
+            if self.args.use_bias_correction_kl:
+                kl = kl * torch.exp(logps - inp.old_logps)
+            metrics["kl"] = masked_mean(kl, mask)
+            per_token = per_token + s.beta * kl * mask
         loss = self._aggregate(per_token, mask, inputs)
         if self.pt_temperature is not None and self.model.training:
             self.pt_temperature.observe(entropy.detach(), mask)
