@@ -83,8 +83,8 @@ def ats_temperature(
 def next_token_entropy(scores: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(scores) per row, (B, V) -> (B,); −inf scores are excluded."""
     logp = torch.log_softmax(scores.float(), dim=-1)
-    plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
-    return -plogp.sum(dim=-1)
+    # exp(-inf) = 0, so masked tokens contribute 0 * 0 once their log-prob is zeroed
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(dim=-1)
 
 
 class HapoTemperatureProcessor(LogitsProcessor):
