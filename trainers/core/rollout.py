@@ -45,13 +45,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
+from trainers.core.retrieval import LexicalIndex
+from trainers.core.tdist import ci_half_width
 from trainers.core.types import lookup, registration
 
 Exemplar = tuple[str, str]  # (question, verified-correct solution)
@@ -134,74 +133,6 @@ class UniformPlanner(RolloutPlanner):
         return [Allocation(n) for _ in prompt_keys]
 
 
-# ----------------------------------------------------------------- Student t and priority
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta (modified Lentz, Numerical Recipes §6.4)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for aa in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def _t_upper_tail(t: float, df: float) -> float:
-    """P(X > t) for X ~ Student t(df), t ≥ 0."""
-    return 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-@lru_cache(maxsize=4096)
-def student_t_quantile(p: float, df: float) -> float:
-    """Quantile t_{p, df} of Student's t (scipy's ``stats.t.ppf``), by bisection to ~1e-12."""
-    if not 0.0 < p < 1.0 or df <= 0:
-        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -student_t_quantile(1.0 - p, df)
-    tail = 1.0 - p
-    lo, hi = 0.0, 1.0
-    while _t_upper_tail(hi, df) > tail:
-        lo, hi = hi, 2.0 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _t_upper_tail(mid, df) > tail:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return 0.5 * (lo + hi)
-
-
-def ci_half_width(std: float, n: int, alpha: float = 0.05) -> float:
-    """h(n) = t_{1−α/2, n−1}·s/√n, the Student-t CI half-width of a mean over n ≥ 2 rewards."""
-    return student_t_quantile(1.0 - alpha / 2.0, n - 1) * std / math.sqrt(n)
-
-
 def xrpo_priority(
     std: float, n: int, step: int, alpha: float = 0.05, lam: float = 0.1, sqrt_bonus: bool = True
 ) -> tuple[float, float, float]:
@@ -220,62 +151,6 @@ def xrpo_priority(
     ratio = math.log1p(step) / n
     phi = lam * (math.sqrt(ratio) if sqrt_bonus else ratio)
     return delta, phi, delta + phi
-
-
-# ----------------------------------------------------------------- exemplar retrieval
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
-def _terms(text: str) -> Counter[str]:
-    tokens = _TOKEN.findall(text.lower())
-    return Counter(tokens + [f"{a} {b}" for a, b in itertools.pairwise(tokens)])
-
-
-class LexicalIndex:
-    """TF-IDF cosine similarity over word uni- and bigrams (sublinear tf, smoothed idf)."""
-
-    def __init__(self) -> None:
-        self._docs: dict[str, Counter[str]] = {}
-        self._postings: dict[str, set[str]] = {}
-        self._norms: dict[str, float] | None = None
-
-    def __len__(self) -> int:
-        return len(self._docs)
-
-    def add(self, key: str, text: str) -> None:
-        self.remove(key)
-        self._docs[key] = _terms(text)
-        for term in self._docs[key]:
-            self._postings.setdefault(term, set()).add(key)
-        self._norms = None
-
-    def remove(self, key: str) -> None:
-        for term in self._docs.pop(key, ()):
-            self._postings[term].discard(key)
-            if not self._postings[term]:
-                del self._postings[term]
-        self._norms = None
-
-    def _idf(self, term: str) -> float:
-        return math.log((1 + len(self._docs)) / (1 + len(self._postings.get(term, ())))) + 1.0
-
-    def scores(self, text: str) -> dict[str, float]:
-        """Cosine similarity of ``text`` to every indexed entry sharing a term with it."""
-        if self._norms is None:
-            self._norms = {
-                key: math.sqrt(
-                    sum(((1 + math.log(tf)) * self._idf(t)) ** 2 for t, tf in doc.items())
-                )
-                for key, doc in self._docs.items()
-            }
-        query = {t: (1 + math.log(tf)) * self._idf(t) for t, tf in _terms(text).items()}
-        q_norm = math.sqrt(sum(w * w for w in query.values())) or 1.0
-        dots: dict[str, float] = {}
-        for term, weight in query.items():
-            for key in self._postings.get(term, ()):
-                tf = self._docs[key][term]
-                dots[key] = dots.get(key, 0.0) + weight * (1 + math.log(tf)) * self._idf(term)
-        return {key: dot / (q_norm * (self._norms[key] or 1.0)) for key, dot in dots.items()}
 
 
 def format_seeded_prompt(prompt: str | list[dict], exemplars: Sequence[Exemplar]) -> Any:

@@ -9,17 +9,17 @@ import statistics
 
 import pytest
 
+from trainers.core.retrieval import LexicalIndex
 from trainers.core.rollout import (
     PLANNERS,
     Allocation,
-    LexicalIndex,
     UniformPlanner,
     XrpoPlanner,
     format_seeded_prompt,
     get_planner,
-    student_t_quantile,
     xrpo_priority,
 )
+from trainers.core.tdist import student_t_quantile
 from trainers.methods import ROLLOUT_PLANNERS
 
 EX3 = {"a": [1, 0, 0, 0], "b": [1, 1, 0, 0], "c": [1, 1, 1, 1]}
