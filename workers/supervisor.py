@@ -9,7 +9,6 @@ cancel request, and deciding the job's end state from the child's exit.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import select
@@ -25,6 +24,7 @@ import redis
 from trainers.plan import RunPlan
 from trainers.spec import JobSpec, StoredSpecError, read_stored_spec
 from workers.filestore import FileNotFound, FileStore
+from workers.processes import die_with_parent, stop_group
 from workers.reporter import RecordReporter, model_label
 from workers.settings import WorkerSettings
 from workers.store import InvalidTransition, JobStatus, JobStore
@@ -32,14 +32,6 @@ from workers.vllm_server import VLLMServer, wants_server
 
 log = logging.getLogger(__name__)
 S = JobStatus
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -121,7 +113,7 @@ class Supervisor:
                 ],
                 pass_fds=[write_fd],
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -134,18 +126,7 @@ class Supervisor:
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGTERM the process group, SIGKILL it after the grace period."""
-        if proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, self.s.cancel_grace_seconds), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc, self.s.cancel_grace_seconds)
 
     def watch(
         self, job_id: str, proc: subprocess.Popen, read_fd: int, reporter: RecordReporter

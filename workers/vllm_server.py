@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from workers.processes import die_with_parent, stop_group
 from workers.settings import WorkerSettings
 
 
@@ -68,8 +68,6 @@ class VLLMServer:
 
     @classmethod
     def start(cls, settings: WorkerSettings, model: str, log: Path) -> VLLMServer:
-        from workers.supervisor import _die_with_parent
-
         port = _free_port()
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
         if settings.vllm_server_gpus is not None:
@@ -79,7 +77,7 @@ class VLLMServer:
             proc = subprocess.Popen(
                 server_command(settings, model, port),
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -108,14 +106,4 @@ class VLLMServer:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the server's process group, SIGKILL it after ``grace`` seconds."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            if self.proc.poll() is not None:
-                return
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(self.proc, grace)

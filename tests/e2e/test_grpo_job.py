@@ -18,6 +18,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from tests.e2e.test_sft_job import wait_done
+
 pytestmark = pytest.mark.e2e
 ASSETS = resources.files("trainers") / "assets"
 GRADER = {
@@ -48,16 +50,6 @@ def files(sdk):
         with (ASSETS / name).open("rb") as fh:
             out[name] = sdk.files.create(file=(name, fh), purpose="fine-tune").id
     return out
-
-
-def wait_done(sdk, job_id: str, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = sdk.fine_tuning.jobs.retrieve(job_id)
-        if job.status in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not end in {timeout} s")
 
 
 def reward_curve(stack, job_id: str) -> list[float]:
