@@ -64,3 +64,5 @@ REFUSED_GRADERS: dict[str, str] = {
     "python": "posttrain never runs user code; use string_check, text_similarity, score_model, "
     "multi, math_verify, regex or length_penalty",
 }
+# OREO loss variants (trainers/core/oreo.py; the method itself is planned).
+OREO_VARIANTS: tuple[str, ...] = ("token", "step", "response")

@@ -22,3 +22,10 @@ def test_dpo_loss_types_are_the_branches_trls_dpo_loss_implements():
     source = inspect.getsource(DPOTrainer)
     implemented = set(re.findall(r'loss_type == "([a-z_]+)"', source))
     assert implemented == set(DPO_LOSS_TYPES)
+
+
+def test_oreo_variant_names_are_its_registry_keys():
+    from trainers.core.oreo import OREO_VARIANTS as REGISTRY
+    from trainers.methods import OREO_VARIANTS
+
+    assert tuple(REGISTRY) == OREO_VARIANTS
