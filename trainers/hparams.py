@@ -239,6 +239,11 @@ class GRPOHyperparameters(CommonHyperparameters):
                 f"num_generations ({g}) so every micro-batch holds whole groups; "
                 f"try batch_size {max(g, self.batch_size // g * g)}"
             )
+        if self.max_completion_length >= self.max_seq_length:
+            raise ValueError(
+                f"max_completion_length ({self.max_completion_length}) must be below "
+                f"max_seq_length ({self.max_seq_length}), which also holds the prompt"
+            )
         if isinstance(self.eval_samples, int) and self.eval_samples < 1:
             raise ValueError("eval_samples must be >= 1 or 'auto'")
         if isinstance(self.eval_interval, int) and self.eval_interval < 1:

@@ -696,3 +696,30 @@ def test_sequence_level_ratios_are_refused_where_posttrains_objective_runs():
     assert resolve("grpo", seq).trl_native  # GSPO through TRL's own loss is fine
     with pytest.raises(ValueError, match="importance_sampling_level 'token'"):
         resolve("hapo", seq)
+
+
+def test_a_prompt_longer_than_the_sequence_budget_is_refused_naming_its_row(tmp_path):
+    from trainers import registry
+    from trainers.plan import JobError, RunPlan
+    from trainers.reporting import Reporter
+    from trainers.runner import run_method
+    from trainers.spec import JobSpec
+    from trainers.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", seed=0)
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "short"}\n{"prompt": "' + "word " * 200 + '"}\n')
+    grader = {"type": "regex", "name": "r", "input": "{{sample.output_text}}", "pattern": "x"}
+    hp = {"max_seq_length": 64, "max_completion_length": 16, "num_generations": 2}
+    spec = JobSpec.model_validate(
+        {
+            "model": str(model),
+            "training_file": "f",
+            "method": {"type": "grpo", "grpo": {"graders": [grader], "hyperparameters": hp}},
+        }
+    )
+    plan = RunPlan(
+        job_id="j", spec=spec, training_path=data, output_dir=tmp_path / "o", data_dir=tmp_path
+    )
+    with pytest.raises(JobError, match="training_file row 2: the prompt is"):
+        run_method(registry.resolve("grpo"), plan, Reporter(), None)

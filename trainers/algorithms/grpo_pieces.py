@@ -59,4 +59,5 @@ def build_pieces(s: GRPOSettings, hp: GRPOHyperparameters) -> dict[str, Any]:
         "planner": planner,
         "temperature": temperature,
         "seed_prompt": format_seeded_prompt,
+        "max_seq_length": hp.max_seq_length,
     }

@@ -38,6 +38,7 @@ from trainers.core import objectives as obj
 from trainers.core.types import AdvantageInputs, ObjectiveInputs, masked_mean
 from trainers.fused_head import unwrap_model
 from trainers.grpo_presets import GRPOSettings
+from trainers.plan import JobError
 
 STATE_FILE = "posttrain_rollout_state.json"
 
@@ -53,6 +54,31 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
         self._pt_rewards: torch.Tensor | None = None
         self._pt_rollout_s = 0.0
         super().__init__(*args, **kwargs)
+        self._check_prompt_lengths()
+
+    def _check_prompt_lengths(self) -> None:
+        """TRL 1.16 does not truncate GRPO prompts: one that leaves no room for
+        ``max_completion_length`` within ``max_seq_length`` tokens is refused, naming its row."""
+        room = self.pt_pieces["max_seq_length"] - self.max_completion_length
+        tok = self.processing_class
+        for param, data in (
+            ("training_file", self.train_dataset),
+            ("validation_file", self.eval_dataset),
+        ):
+            for i, prompt in enumerate(data["prompt"] if data is not None else []):
+                if isinstance(prompt, str):
+                    n = len(tok(prompt)["input_ids"])
+                else:
+                    n = len(tok.apply_chat_template(prompt, add_generation_prompt=True))
+                if n > room:
+                    raise JobError(
+                        "invalid_training_file",
+                        f"{param} row {i + 1}: the prompt is {n} tokens, more than "
+                        f"max_seq_length ({self.pt_pieces['max_seq_length']}) minus "
+                        f"max_completion_length ({self.max_completion_length}); shorten it or "
+                        "raise max_seq_length",
+                        param,
+                    )
 
     # ---------------------------------------------------------------- rollouts and advantages
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
