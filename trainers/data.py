@@ -1,7 +1,8 @@
 """Turning a validated JSONL file into the dataset shapes TRL's trainers expect.
 
 SFT rows become ``messages`` or ``prompt``/``completion``; preference rows (all three
-shapes in ``trainers.formats``) become TRL's ``prompt``/``chosen``/``rejected``.
+shapes in ``trainers.formats``) become TRL's ``prompt``/``chosen``/``rejected``;
+BCO takes unpaired ``prompt``/``completion``/``label`` rows, paired rows split in two.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from trainers.formats import (
     DatasetError,
     ImplicitPreferenceRow,
     OpenAIPreferenceRow,
+    OpenAIUnpairedRow,
     RowFormat,
+    UnpairedPreferenceRow,
     read_as,
 )
 from trainers.plan import JobError
@@ -85,6 +88,41 @@ def dpo_records(rows: Iterable[Any]) -> list[dict[str, Any]]:
     if all(isinstance(r["prompt"], str) and isinstance(r["chosen"], str) for r in mixed):
         return mixed
     return [dpo_record(r, conversational=True) for r in rows]
+
+
+def _bco_record(row: Any) -> list[dict[str, Any]]:
+    """One unpaired row -> [it]; one preference row -> [thumbs-up, thumbs-down]."""
+    if isinstance(row, OpenAIUnpairedRow):
+        return [{"prompt": row.input.messages, "completion": row.output, "label": row.label}]
+    if isinstance(row, UnpairedPreferenceRow):
+        return [{"prompt": row.prompt, "completion": row.completion, "label": row.label}]
+    pair = dpo_record(row, conversational=False)
+    return [
+        {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+        {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False},
+    ]
+
+
+def bco_records(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    """BCO's ``prompt``/``completion``/``label`` examples from unpaired or preference rows.
+
+    A preference row becomes a thumbs-up row (its chosen answer) followed by a
+    thumbs-down row (its rejected answer), with the same prompt. As in
+    ``dpo_records``, the file becomes all plain text, or all messages if any field
+    of any row is a message list (a plain prompt is then a user turn, a plain
+    completion an assistant turn).
+    """
+    out = [rec for row in rows for rec in _bco_record(row)]
+    if all(isinstance(r["prompt"], str) and isinstance(r["completion"], str) for r in out):
+        return out
+    return [
+        {
+            "prompt": _as_messages(r["prompt"], "user"),
+            "completion": _as_messages(r["completion"], "assistant"),
+            "label": r["label"],
+        }
+        for r in out
+    ]
 
 
 def read_rows(path: Path, accepted: Iterable[RowFormat], param: str) -> tuple[RowFormat, list]:

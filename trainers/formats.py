@@ -17,7 +17,8 @@ reading applies is decided by the method at job creation, not by the upload.
 | preference           | prompt, chosen, rejected; chosen, rejected (implicit    | DPO, BCO     |
 |                      | prompt); or OpenAI's input, preferred_output,           |              |
 |                      | non_preferred_output                                    |              |
-| unpaired_preference  | prompt, completion, label (bool)                        | BCO          |
+| unpaired_preference  | prompt, completion, label (bool); or OpenAI-style       | BCO          |
+|                      | input, output, label                                    |              |
 | prompt_only          | messages not ending in an assistant turn, or prompt     | GRPO, EGPO   |
 | scored               | prompt, response, reward                                | OREO         |
 """
@@ -30,7 +31,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class RowFormat(StrEnum):
@@ -178,9 +186,23 @@ class ImplicitPreferenceRow(_Row):
 
 
 class UnpairedPreferenceRow(_Row):
+    """TRL's unpaired (KTO/BCO) row; ``label`` must be a JSON boolean (True = thumbs-up)."""
+
     prompt: str | list[ChatMessage]
     completion: str | list[ChatMessage]
-    label: bool
+    label: StrictBool
+
+    _answer = field_validator("completion")(lambda cls, v: _text_answer(v))
+
+
+class OpenAIUnpairedRow(_Row):
+    """The OpenAI-style unpaired row: ``input.messages``, one assistant ``output``, ``label``."""
+
+    input: OpenAIInput
+    output: list[ChatMessage]
+    label: StrictBool
+
+    _answer = field_validator("output")(lambda cls, v: _answer(v))
 
 
 class PromptOnlyRow(_Row):
@@ -223,6 +245,7 @@ SHAPES: tuple[tuple[RowFormat, type[_Row]], ...] = (
     (RowFormat.preference, OpenAIPreferenceRow),
     (RowFormat.preference, PreferenceRow),
     (RowFormat.preference, ImplicitPreferenceRow),
+    (RowFormat.unpaired_preference, OpenAIUnpairedRow),
     (RowFormat.unpaired_preference, UnpairedPreferenceRow),
     (RowFormat.scored, ScoredRow),
     (RowFormat.prompt_completion, PromptCompletionRow),
@@ -247,6 +270,8 @@ def _classify(row: dict[str, Any]) -> tuple[RowFormat, type[_Row]]:
         return (
             (RowFormat.chat, ChatRow) if has_assistant else (RowFormat.prompt_only, ChatPromptRow)
         )
+    if "input" in keys and ("output" in keys or "label" in keys):
+        return RowFormat.unpaired_preference, OpenAIUnpairedRow
     if "input" in keys or "preferred_output" in keys or "non_preferred_output" in keys:
         return RowFormat.preference, OpenAIPreferenceRow
     if "chosen" in keys or "rejected" in keys:

@@ -10,9 +10,9 @@ implements).
 from __future__ import annotations
 
 # Methods with a trainer in this release, in the order the docs list them.
-METHODS: tuple[str, ...] = ("supervised", "dpo", "grpo", "reinforcement")
+METHODS: tuple[str, ...] = ("supervised", "dpo", "bco", "grpo", "reinforcement")
 # Known methods whose trainers arrive in later releases: the API says "not available yet".
-PLANNED_METHODS: tuple[str, ...] = ("bco", "egpo", "oreo")
+PLANNED_METHODS: tuple[str, ...] = ("egpo", "oreo")
 # Other spellings a request may use for a method type (and for its config key).
 METHOD_ALIASES: dict[str, str] = {"sft": "supervised"}
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 TRAINERS: dict[str, str] = {
     "supervised": "trainers.algorithms.sft:METHOD",
     "dpo": "trainers.algorithms.dpo:METHOD",
+    "bco": "trainers.algorithms.bco:METHOD",
     "grpo": "trainers.algorithms.grpo:METHOD",
     "reinforcement": "trainers.algorithms.grpo:METHOD",  # OpenAI's name for GRPO with a grader
 }

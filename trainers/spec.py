@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from trainers.formats import RowFormat
 from trainers.graders.spec import Grader, template_fields
 from trainers.hparams import (
+    BCOHyperparameters,
     DPOHyperparameters,
     GRPOHyperparameters,
     ReinforcementHyperparameters,
@@ -105,6 +106,21 @@ class DPOMethod(Strict):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
 
 
+class BCOConfig(Strict):
+    hyperparameters: BCOHyperparameters = Field(default_factory=BCOHyperparameters)
+
+
+class BCOMethod(Strict):
+    """Binary classifier optimisation: thumbs-up/down rows (paired rows are split)."""
+
+    accepted_formats: ClassVar[tuple[RowFormat, ...]] = (
+        RowFormat.unpaired_preference,
+        RowFormat.preference,
+    )
+    type: Literal["bco"]
+    bco: BCOConfig = Field(default_factory=BCOConfig)
+
+
 GRPOVariant = Literal[GRPO_VARIANTS]  # type: ignore[valid-type]
 
 
@@ -179,7 +195,7 @@ def grader_fields(method) -> set[str]:
 
 
 Method = Annotated[
-    Union[SupervisedMethod, DPOMethod, GRPOMethod, ReinforcementMethod],  # noqa: UP007
+    Union[SupervisedMethod, DPOMethod, BCOMethod, GRPOMethod, ReinforcementMethod],  # noqa: UP007
     Field(discriminator="type"),
 ]
 

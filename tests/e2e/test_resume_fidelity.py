@@ -1,6 +1,6 @@
 """Resume fidelity: an interrupted job trains exactly like an uninterrupted one.
 
-For each method (SFT, DPO) three jobs with the same seed, data and
+For each method (SFT, DPO, BCO) three jobs with the same seed, data and
 hyperparameters run through the real API and worker:
 
   straight  uninterrupted;
@@ -90,6 +90,23 @@ METHODS = {
                     "batch_size": 6,
                     "beta": 0.1,
                     "learning_rate": 5e-3,
+                }
+            },
+        },
+    ),
+    # 120 unpaired rows at batch 12: 10 steps an epoch, 20 steps; UDM on, so the
+    # running delta and the prompt classifier must both come back from the checkpoint.
+    "bco": (
+        "demo_bco.jsonl",
+        {
+            "type": "bco",
+            "bco": {
+                "hyperparameters": {
+                    "n_epochs": 2,
+                    "batch_size": 12,
+                    "learning_rate": 5e-3,
+                    "udm": True,
+                    "udm_prompt_sample_size": 32,
                 }
             },
         },
