@@ -34,6 +34,15 @@ def _rows_for(method: str, work: Path) -> Path:
     out = work / f"{method}.jsonl"
     if method == "sft":
         rows = [{"prompt": r["input"]["messages"], "completion": r["output"]} for r in rows]
+    elif method == "oreo":  # the thumbs-up/down label is the trajectory's reward
+        rows = [
+            {
+                "prompt": r["input"]["messages"][-1]["content"],
+                "response": r["output"][0]["content"],
+                "reward": float(r["label"]),
+            }
+            for r in rows
+        ]
     out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return out
 
