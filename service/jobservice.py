@@ -17,7 +17,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from service.errors import APIError, loc_to_param, not_found
-from trainers.formats import DatasetError, read_as
+from trainers.formats import DatasetError, RowFormat, iter_rows, read_as
 from trainers.methods import METHODS, PLANNED_METHODS
 from trainers.spec import JobSpec, grader_fields, normalize_method
 from workers.celery_app import enqueue
@@ -99,6 +99,31 @@ def check_files(spec: JobSpec, files: FileStore) -> None:
                 code="invalid_file",
             )
         _check_grader_fields(spec, fid, rec, param)
+        _check_oreo_steps(spec, files, fid, param)
+
+
+def _check_oreo_steps(spec: JobSpec, files: FileStore, fid: str, param: str) -> None:
+    """A step-level OREO job needs every response split into steps: the first response
+    without a step delimiter is a 400 naming its line (one scan of the file)."""
+    if spec.method_type != "oreo":
+        return
+    hp = spec.method_hyperparameters()
+    if hp.variant != "step":
+        return
+    delimiters = hp.step_delimiters
+    with open(files.path(fid), "rb") as fh:
+        for line, fits in iter_rows(fh, [RowFormat.scored]):
+            row = fits[RowFormat.scored]
+            response = row.response if hasattr(row, "response") else row.messages[-1].text()
+            if not any(d in response for d in delimiters):
+                raise APIError(
+                    400,
+                    f"{param} {fid}: line {line}: the response has no step delimiter "
+                    f"({', '.join(repr(d) for d in delimiters)}); variant 'step' splits each "
+                    "response into steps at step_delimiters: add them, or use variant 'token'",
+                    param=param,
+                    code="invalid_file",
+                )
 
 
 def _check_grader_fields(spec: JobSpec, fid: str, rec: dict, param: str) -> None:

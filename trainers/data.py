@@ -18,6 +18,8 @@ from trainers.formats import (
     OpenAIPreferenceRow,
     OpenAIUnpairedRow,
     RowFormat,
+    ScoredChatRow,
+    ScoredRow,
     UnpairedPreferenceRow,
     read_as,
 )
@@ -123,6 +125,31 @@ def bco_records(rows: Iterable[Any]) -> list[dict[str, Any]]:
         }
         for r in out
     ]
+
+
+def oreo_records(rows: Iterable[ScoredRow]) -> list[dict[str, Any]]:
+    """OREO's ``prompt``/``response``/``reward`` trajectories from scored rows.
+
+    A message prompt stays a message list (the chat template is applied at tokenisation);
+    if any prompt is a message list, every plain prompt becomes a user turn.
+    """
+    rows = [_split_scored_chat(r) for r in rows]
+    text = all(isinstance(prompt, str) for prompt, _, _ in rows)
+    return [
+        {
+            "prompt": prompt if text else _as_messages(prompt, "user"),
+            "response": response,
+            "reward": float(reward),
+        }
+        for prompt, response, reward in rows
+    ]
+
+
+def _split_scored_chat(row: Any) -> tuple[Any, str, float]:
+    """(prompt, response text, reward): a ``messages`` row's last turn is its response."""
+    if isinstance(row, ScoredChatRow):
+        return row.messages[:-1], row.messages[-1].text(), row.reward
+    return row.prompt, row.response, row.reward
 
 
 def read_rows(path: Path, accepted: Iterable[RowFormat], param: str) -> tuple[RowFormat, list]:

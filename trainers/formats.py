@@ -20,7 +20,8 @@ reading applies is decided by the method at job creation, not by the upload.
 | unpaired_preference  | prompt, completion, label (bool); or OpenAI-style       | BCO          |
 |                      | input, output, label                                    |              |
 | prompt_only          | messages not ending in an assistant turn, or prompt     | GRPO, EGPO   |
-| scored               | prompt, response, reward                                | OREO         |
+| scored               | prompt, response, reward; or messages ending in the     | OREO         |
+|                      | scored assistant turn, reward                           |              |
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -233,9 +236,25 @@ class ChatPromptRow(_Row):
 
 
 class ScoredRow(_Row):
+    """OREO's trajectory: a prompt, one response, and its number reward."""
+
     prompt: str | list[ChatMessage]
     response: str
-    reward: float
+    reward: StrictFloat | StrictInt
+
+
+class ScoredChatRow(_Row):
+    """The OpenAI-style trajectory: ``messages`` ending in the scored assistant turn, ``reward``."""
+
+    messages: list[ChatMessage]
+    reward: StrictFloat | StrictInt
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_answer(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        if len(v) < 2 or v[-1].role != "assistant":
+            raise ValueError("must hold the prompt turns and end with the assistant's response")
+        return v
 
 
 # Every row shape, most specific first. A row fits a shape when the shape's required
@@ -248,6 +267,7 @@ SHAPES: tuple[tuple[RowFormat, type[_Row]], ...] = (
     (RowFormat.unpaired_preference, OpenAIUnpairedRow),
     (RowFormat.unpaired_preference, UnpairedPreferenceRow),
     (RowFormat.scored, ScoredRow),
+    (RowFormat.scored, ScoredChatRow),
     (RowFormat.prompt_completion, PromptCompletionRow),
     (RowFormat.prompt_only, ChatPromptRow),
     (RowFormat.prompt_only, PromptOnlyRow),
@@ -262,6 +282,8 @@ def _required(model: type[_Row]) -> frozenset[str]:
 def _classify(row: dict[str, Any]) -> tuple[RowFormat, type[_Row]]:
     """The shape a row was most likely meant to have (the one its errors are reported for)."""
     keys = row.keys()
+    if "messages" in keys and "reward" in keys:
+        return RowFormat.scored, ScoredChatRow
     if "messages" in keys:
         msgs = row["messages"]
         has_assistant = isinstance(msgs, list) and any(

@@ -320,3 +320,53 @@ class BCOHyperparameters(CommonHyperparameters):
         if self.udm_min_density_ratio >= self.udm_max_density_ratio:
             raise ValueError("udm_min_density_ratio must be below udm_max_density_ratio")
         return self
+
+
+class OREOHyperparameters(CommonHyperparameters):
+    """OREO (Wang et al. 2024, arXiv 2412.16145): a policy and a separate value model trained
+    on scored trajectories with the soft-Bellman residual. Base learning rate 5e-6 (the
+    paper's) / 5e-5 (LoRA); cosine schedule with 3% warmup for both models (the scripts')."""
+
+    base_learning_rate: ClassVar[tuple[float, float]] = (5e-6, 5e-5)
+
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule of both the policy and the value model."
+    )
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps of warmup.")
+    beta: float = Field(0.03, gt=0.0, description="Scale of the log-ratio in the residual.")
+    alpha: float | Auto = Field(
+        "auto",
+        description="Weight of the full-vocabulary KL(pi || pi_ref) term; "
+        "auto = 0.01 (token), 0.1 (step), 0.3 (response).",
+    )
+    variant: Literal["token", "step", "response"] = Field(
+        "token", description="Where the residual is evaluated: every token, each step, s_0."
+    )
+    step_delimiters: list[str] = Field(
+        default_factory=lambda: ["\n"],
+        min_length=1,
+        description="Strings that end a step (variant 'step'); MATH used ['\\n', '. ', '.$ '].",
+    )
+    value_learning_rate: float | Auto = Field(
+        "auto", description="Learning rate of the value model; auto = the policy's."
+    )
+    reward_scale: float = Field(1.0, description="R = reward * reward_scale + reward_offset.")
+    reward_offset: float = Field(0.0, description="See reward_scale.")
+
+    _ALPHA: ClassVar[dict[str, float]] = {"token": 0.01, "step": 0.1, "response": 0.3}
+
+    def resolved_alpha(self) -> float:
+        return self._ALPHA[self.variant] if self.alpha == "auto" else self.alpha
+
+    def resolved_value_learning_rate(self, policy_lr: float) -> float:
+        return policy_lr if self.value_learning_rate == "auto" else self.value_learning_rate
+
+    @model_validator(mode="after")
+    def _check_oreo(self) -> OREOHyperparameters:
+        if isinstance(self.alpha, float) and self.alpha < 0:
+            raise ValueError("alpha must be >= 0 or 'auto'")
+        if isinstance(self.value_learning_rate, float) and not 0 < self.value_learning_rate <= 1:
+            raise ValueError("value_learning_rate must be in (0, 1] or 'auto'")
+        if not all(self.step_delimiters):
+            raise ValueError("step_delimiters must not hold an empty string")
+        return self

@@ -10,9 +10,9 @@ implements).
 from __future__ import annotations
 
 # Methods with a trainer in this release, in the order the docs list them.
-METHODS: tuple[str, ...] = ("supervised", "dpo", "bco", "grpo", "reinforcement")
+METHODS: tuple[str, ...] = ("supervised", "dpo", "bco", "oreo", "grpo", "reinforcement")
 # Known methods whose trainers arrive in later releases: the API says "not available yet".
-PLANNED_METHODS: tuple[str, ...] = ("egpo", "oreo")
+PLANNED_METHODS: tuple[str, ...] = ("egpo",)
 # Other spellings a request may use for a method type (and for its config key).
 METHOD_ALIASES: dict[str, str] = {"sft": "supervised"}
 
@@ -64,5 +64,5 @@ REFUSED_GRADERS: dict[str, str] = {
     "python": "posttrain never runs user code; use string_check, text_similarity, score_model, "
     "multi, math_verify, regex or length_penalty",
 }
-# OREO loss variants (trainers/core/oreo.py; the method itself is planned).
+# OREO loss variants (trainers/core/oreo.py).
 OREO_VARIANTS: tuple[str, ...] = ("token", "step", "response")

@@ -19,6 +19,7 @@ TRAINERS: dict[str, str] = {
     "supervised": "trainers.algorithms.sft:METHOD",
     "dpo": "trainers.algorithms.dpo:METHOD",
     "bco": "trainers.algorithms.bco:METHOD",
+    "oreo": "trainers.algorithms.oreo:METHOD",
     "grpo": "trainers.algorithms.grpo:METHOD",
     "reinforcement": "trainers.algorithms.grpo:METHOD",  # OpenAI's name for GRPO with a grader
 }

@@ -31,6 +31,7 @@ from trainers.hparams import (
     BCOHyperparameters,
     DPOHyperparameters,
     GRPOHyperparameters,
+    OREOHyperparameters,
     ReinforcementHyperparameters,
     Strict,
     SupervisedHyperparameters,
@@ -121,6 +122,18 @@ class BCOMethod(Strict):
     bco: BCOConfig = Field(default_factory=BCOConfig)
 
 
+class OREOConfig(Strict):
+    hyperparameters: OREOHyperparameters = Field(default_factory=OREOHyperparameters)
+
+
+class OREOMethod(Strict):
+    """OREO: a policy and a value model from scored trajectories (prompt, response, reward)."""
+
+    accepted_formats: ClassVar[tuple[RowFormat, ...]] = (RowFormat.scored,)
+    type: Literal["oreo"]
+    oreo: OREOConfig = Field(default_factory=OREOConfig)
+
+
 GRPOVariant = Literal[GRPO_VARIANTS]  # type: ignore[valid-type]
 
 
@@ -195,7 +208,9 @@ def grader_fields(method) -> set[str]:
 
 
 Method = Annotated[
-    Union[SupervisedMethod, DPOMethod, BCOMethod, GRPOMethod, ReinforcementMethod],  # noqa: UP007
+    Union[  # noqa: UP007
+        SupervisedMethod, DPOMethod, BCOMethod, OREOMethod, GRPOMethod, ReinforcementMethod
+    ],
     Field(discriminator="type"),
 ]
 

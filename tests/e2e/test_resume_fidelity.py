@@ -111,6 +111,22 @@ METHODS = {
             },
         },
     ),
+    # 120 scored trajectories at batch 12: 20 steps; the value model, its optimizer and
+    # scheduler must all come back from the checkpoint with the policy.
+    "oreo": (
+        "demo_oreo.jsonl",
+        {
+            "type": "oreo",
+            "oreo": {
+                "hyperparameters": {
+                    "n_epochs": 2,
+                    "batch_size": 12,
+                    "learning_rate": 3e-3,
+                    "beta": 0.1,
+                }
+            },
+        },
+    ),
 }
 
 

@@ -135,7 +135,7 @@ def test_idempotency_key_replays_the_same_job(client, redis_client):
 @pytest.mark.parametrize(
     "patch,status,param,fragment",
     [
-        ({"method": {"type": "oreo"}}, 400, "method.type", "not available yet"),
+        ({"method": {"type": "egpo"}}, 400, "method.type", "not available yet"),
         ({"method": {"type": "nonsense"}}, 400, "method.type", "unknown method"),
         (
             {"training_type": "lora", "lora": {"target_modules": ["q_proj", "lm_head"]}},

@@ -152,3 +152,22 @@ def test_a_prompt_list_ending_with_the_answer_is_not_a_prompt():
     row = {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     with pytest.raises(DatasetError, match="must not end with an assistant turn"):
         summarize(lines(row))
+
+
+def test_chat_style_scored_rows_are_oreo_trajectories():
+    from trainers.data import oreo_records
+
+    row = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ],
+        "reward": 1,
+    }
+    fmt, (parsed,) = read_as(lines(row), [RowFormat.scored])
+    (rec,) = oreo_records([parsed])
+    assert fmt == RowFormat.scored and rec["response"] == "4" and rec["reward"] == 1.0
+    assert [m["role"] for m in rec["prompt"]] == ["system", "user"]
+    with pytest.raises(DatasetError, match="reward"):
+        read_as(lines({**row, "reward": "high"}), [RowFormat.scored])
