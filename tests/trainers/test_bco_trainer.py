@@ -268,3 +268,22 @@ def test_delta_and_classifier_are_saved_and_restored_not_refitted(model_dir, tmp
     tail_b = {m["epoch"]: m["loss"] for m in _logs(resumed)}
     for k, v in tail_b.items():
         assert v == pytest.approx(tail_a[k], abs=1e-6)
+
+
+def test_udm_with_a_local_embedding_model_fits_and_trains(model_dir, tmp_path):
+    """``udm_embedding_model``: prompts embedded by a separate local encoder (here the
+    tiny model's backbone loaded with ``AutoModel``) instead of the reference model."""
+    hp = {
+        "n_epochs": 1,
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "udm": True,
+        "udm_prompt_sample_size": 16,
+        "udm_embedding_model": str(model_dir),
+    }
+    reporter = Reporter()
+    result = run_method(METHOD, _plan(model_dir, tmp_path, "full", **hp), reporter)
+    last = _logs(reporter)[-1]
+    assert result.step > 0
+    assert 0.0 <= last["udm/classifier_holdout_accuracy"] <= 1.0
+    assert 0.5 <= last["udm_weight/min"] <= last["udm_weight/max"] <= 10.0
