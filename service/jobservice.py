@@ -17,8 +17,9 @@ from celery import Celery
 from pydantic import ValidationError
 
 from service.errors import APIError, loc_to_param, not_found
-from trainers.formats import DatasetError, RowFormat, iter_rows, read_as
+from trainers.formats import DatasetError, iter_rows, read_as
 from trainers.methods import METHODS, PLANNED_METHODS
+from trainers.rows import RowFormat
 from trainers.spec import JobSpec, grader_fields, normalize_method
 from workers.celery_app import enqueue
 from workers.filestore import FileNotFound, FileStore

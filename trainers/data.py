@@ -1,7 +1,7 @@
 """Turning a validated JSONL file into the dataset shapes TRL's trainers expect.
 
 SFT rows become ``messages`` or ``prompt``/``completion``; preference rows (all three
-shapes in ``trainers.formats``) become TRL's ``prompt``/``chosen``/``rejected``;
+shapes in ``trainers.rows``) become TRL's ``prompt``/``chosen``/``rejected``;
 BCO takes unpaired ``prompt``/``completion``/``label`` rows, paired rows split in two.
 """
 
@@ -11,9 +11,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from trainers.formats import (
+from trainers.formats import DatasetError, read_as
+from trainers.plan import JobError
+from trainers.rows import (
     ChatMessage,
-    DatasetError,
     ImplicitPreferenceRow,
     OpenAIPreferenceRow,
     OpenAIUnpairedRow,
@@ -21,9 +22,7 @@ from trainers.formats import (
     ScoredChatRow,
     ScoredRow,
     UnpairedPreferenceRow,
-    read_as,
 )
-from trainers.plan import JobError
 
 # Roles TRL chat templates know; OpenAI's "developer" is a system turn.
 _ROLE = {"developer": "system"}

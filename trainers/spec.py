@@ -25,7 +25,6 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from trainers.formats import RowFormat
 from trainers.graders.spec import Grader, template_fields
 from trainers.hparams import (
     BCOHyperparameters,
@@ -37,6 +36,7 @@ from trainers.hparams import (
     SupervisedHyperparameters,
 )
 from trainers.methods import GRPO_VARIANTS, METHOD_ALIASES, PLANNED_METHODS
+from trainers.rows import RowFormat
 
 __all__ = ["PLANNED_METHODS", "SPEC_VERSION", "JobSpec", "read_stored_spec"]
 

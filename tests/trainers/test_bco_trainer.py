@@ -21,15 +21,15 @@ from trainers.algorithms.bco import METHOD, STATE_FILE, BCOSettings, PosttrainBC
 from trainers.algorithms.bco_data import truncate
 from trainers.core.bco import PromptClassifier
 from trainers.data import bco_records, build_dataset
-from trainers.formats import (
+from trainers.plan import RunPlan
+from trainers.reporting import Reporter
+from trainers.rows import (
     ImplicitPreferenceRow,
     OpenAIPreferenceRow,
     OpenAIUnpairedRow,
     PreferenceRow,
     UnpairedPreferenceRow,
 )
-from trainers.plan import RunPlan
-from trainers.reporting import Reporter
 from trainers.runner import run_method
 from trainers.spec import JobSpec
 from trainers.tiny_model import build_tiny_model

@@ -22,9 +22,9 @@ from trl import DPOConfig, DPOTrainer
 from trainers import fused_head
 from trainers.algorithms.dpo import DPO_METRICS, METHOD, PosttrainDPOTrainer
 from trainers.data import build_dataset, dpo_record, dpo_records
-from trainers.formats import ImplicitPreferenceRow, OpenAIPreferenceRow, PreferenceRow
 from trainers.plan import RunPlan
 from trainers.reporting import PauseRequest, Reporter
+from trainers.rows import ImplicitPreferenceRow, OpenAIPreferenceRow, PreferenceRow
 from trainers.runner import TrainData, common_config, run_method
 from trainers.spec import JobSpec
 from trainers.tiny_model import build_tiny_model

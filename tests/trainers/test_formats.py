@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from trainers.formats import DatasetError, RowFormat, read_as, summarize
+from trainers.formats import DatasetError, read_as, summarize
+from trainers.rows import RowFormat
 
 
 def lines(*rows) -> list[str]:

@@ -17,9 +17,9 @@ from trainers.algorithms import oreo_search
 from trainers.algorithms.oreo import METHOD, OREOSettings, PosttrainOREOTrainer
 from trainers.algorithms.oreo_value import CRITIC_STATE, HEAD_FILE, VALUE_DIR, ValueModel
 from trainers.data import build_dataset, oreo_records
-from trainers.formats import ScoredRow
 from trainers.plan import JobError, RunPlan
 from trainers.reporting import Reporter
+from trainers.rows import ScoredRow
 from trainers.runner import run_method
 from trainers.spec import JobSpec
 from trainers.tiny_model import build_tiny_model

@@ -28,10 +28,10 @@ from trl import GRPOConfig
 
 from trainers.algorithms.grpo_trainer import PosttrainGRPOTrainer
 from trainers.data import _messages, build_dataset, read_rows
-from trainers.formats import ChatPromptRow
 from trainers.grpo_presets import GRPOSettings, resolve
 from trainers.hparams import GRPOHyperparameters
 from trainers.plan import JobError, RunPlan
+from trainers.rows import ChatPromptRow
 from trainers.runner import MethodDef, TrainData
 from trainers.spec import GRPOMethod
 

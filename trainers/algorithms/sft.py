@@ -21,9 +21,9 @@ from trl import SFTConfig, SFTTrainer
 
 from trainers.base import PosttrainTrainerMixin
 from trainers.data import build_dataset, read_rows, sft_record
-from trainers.formats import RowFormat
 from trainers.hparams import SupervisedHyperparameters
 from trainers.plan import RunPlan
+from trainers.rows import RowFormat
 from trainers.runner import MethodDef, TrainData
 from trainers.spec import SupervisedMethod
 
