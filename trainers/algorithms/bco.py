@@ -32,18 +32,16 @@ Choices where TRL/the spec are silent or that depart from them:
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import SequentialSampler
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from trainers.algorithms import bco_data
-from trainers.base import PosttrainTrainerMixin
+from trainers.algorithms.reference_trainer import ReferenceTrainer
 from trainers.core.bco import (
     PromptClassifier,
     RunningRewardMean,
@@ -52,7 +50,6 @@ from trainers.core.bco import (
     sample_prompts,
 )
 from trainers.data import bco_records, build_dataset, read_rows
-from trainers.fused_head import install_fused_head
 from trainers.hparams import BCOHyperparameters
 from trainers.plan import RunPlan
 from trainers.runner import MethodDef, TrainData
@@ -90,13 +87,7 @@ class BCOSettings:
         )
 
 
-def _disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-class PosttrainBCOTrainer(PosttrainTrainerMixin, Trainer):
+class PosttrainBCOTrainer(ReferenceTrainer):
     """BCO on posttrain's fused kernel; see the module docstring."""
 
     def __init__(
@@ -112,15 +103,6 @@ class PosttrainBCOTrainer(PosttrainTrainerMixin, Trainer):
         peft_config=None,
         **kwargs,
     ):
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()
-        elif ref_model is None:
-            raise ValueError("full training needs a frozen ref_model (a copy of the base model)")
-        _disable_dropout(model)
         self.bco = bco
         self.running = RunningRewardMean(balanced=bco.balanced_delta)
         self.classifier: PromptClassifier | None = PromptClassifier() if bco.udm else None
@@ -137,34 +119,16 @@ class PosttrainBCOTrainer(PosttrainTrainerMixin, Trainer):
         )
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         super().__init__(
-            model=model,
-            args=args,
+            model,
+            args,
+            ref_model=ref_model,
+            peft_config=peft_config,
             train_dataset=train,
             eval_dataset=evals,
             processing_class=tok,
             data_collator=bco_data.BCOCollator(pad),
             **kwargs,
         )
-        self.model_accepts_loss_kwargs = False  # our loss is a batch mean: scale by accumulation
-        self.ref_model = ref_model
-        if ref_model is not None:
-            install_fused_head(ref_model)
-            ref_model.eval().requires_grad_(False).to(self.args.device)
-
-    # ------------------------------------------------------------------ data order
-    def _get_train_sampler(self, train_dataset=None):
-        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
-    # ------------------------------------------------------------------ reference
-    @contextlib.contextmanager
-    def _reference(self, model):
-        """Yield the reference model: the frozen copy, or the policy with its adapter off."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        peft_model = self.accelerator.unwrap_model(model)
-        with peft_model.disable_adapter():
-            yield peft_model
 
     # ------------------------------------------------------------------ UDM
     def _fit_or_load_udm(self, state: dict[str, Any] | None) -> None:

@@ -45,15 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import SequentialSampler
-from transformers import Trainer, TrainingArguments, get_scheduler
+from transformers import TrainingArguments, get_scheduler
 
 from trainers.algorithms import oreo_data
 from trainers.algorithms.oreo_value import CRITIC_STATE, VALUE_DIR, ValueModel
-from trainers.base import PosttrainTrainerMixin
+from trainers.algorithms.reference_trainer import ReferenceTrainer, disable_dropout
 from trainers.core.oreo import get_oreo_variant, value_loss
 from trainers.data import build_dataset, oreo_records, read_rows
-from trainers.fused_head import install_fused_head, unwrap_model
+from trainers.fused_head import unwrap_model
 from trainers.hparams import OREOHyperparameters
 from trainers.kernels.kl import token_kl
 from trainers.plan import RunPlan
@@ -100,12 +99,6 @@ class OREOSettings:
         )
 
 
-def _disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 @contextlib.contextmanager
 def capture_hidden(model: torch.nn.Module):
     """Yield a dict whose ``"h"`` is the backbone's last hidden state [B,L,H] after a forward."""
@@ -134,7 +127,7 @@ def _plain_head(model: torch.nn.Module) -> bool:
     )
 
 
-class PosttrainOREOTrainer(PosttrainTrainerMixin, Trainer):
+class PosttrainOREOTrainer(ReferenceTrainer):
     """OREO on posttrain's fused kernel; see the module docstring."""
 
     def __init__(
@@ -151,16 +144,7 @@ class PosttrainOREOTrainer(PosttrainTrainerMixin, Trainer):
         peft_config=None,
         **kwargs,
     ):
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()
-        elif ref_model is None:
-            raise ValueError("full training needs a frozen ref_model (a copy of the base model)")
-        _disable_dropout(model)
-        _disable_dropout(value_model)
+        disable_dropout(value_model)
         self.oreo = oreo
         self.loss_fn = get_oreo_variant(oreo.variant)
         self.kl_exact = _plain_head(model)
@@ -172,19 +156,16 @@ class PosttrainOREOTrainer(PosttrainTrainerMixin, Trainer):
             evals = oreo_data.tokenize_dataset(eval_dataset, tok, oreo.max_length, delims)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         super().__init__(
-            model=model,
-            args=args,
+            model,
+            args,
+            ref_model=ref_model,
+            peft_config=peft_config,
             train_dataset=train,
             eval_dataset=evals,
             processing_class=tok,
             data_collator=oreo_data.OREOCollator(pad),
             **kwargs,
         )
-        self.model_accepts_loss_kwargs = False  # our loss is a batch mean
-        self.ref_model = ref_model
-        if ref_model is not None:
-            install_fused_head(ref_model)
-            ref_model.eval().requires_grad_(False).to(self.args.device)
         self.value_model = value_model.to(self.args.device)
         self.critic_optimizer: torch.optim.Optimizer | None = None
         self.critic_scheduler = None
@@ -192,20 +173,7 @@ class PosttrainOREOTrainer(PosttrainTrainerMixin, Trainer):
         self._stash: dict[str, torch.Tensor] = {}
         self._metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
-    # ------------------------------------------------------------------ data order
-    def _get_train_sampler(self, train_dataset=None):
-        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
     # ------------------------------------------------------------------ models
-    @contextlib.contextmanager
-    def _reference(self, model):
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        peft_model = self.accelerator.unwrap_model(model)
-        with peft_model.disable_adapter():
-            yield peft_model
-
     def _ensure_critic(self) -> None:
         if self.critic_optimizer is not None:
             return
