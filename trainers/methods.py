@@ -10,9 +10,17 @@ implements).
 from __future__ import annotations
 
 # Methods with a trainer in this release, in the order the docs list them.
-METHODS: tuple[str, ...] = ("supervised", "dpo", "bco", "oreo", "grpo", "reinforcement")
+METHODS: tuple[str, ...] = (
+    "supervised",
+    "dpo",
+    "bco",
+    "oreo",
+    "grpo",
+    "reinforcement",
+    "egpo",
+)
 # Known methods whose trainers arrive in later releases: the API says "not available yet".
-PLANNED_METHODS: tuple[str, ...] = ("egpo",)
+PLANNED_METHODS: tuple[str, ...] = ()
 # Other spellings a request may use for a method type (and for its config key).
 METHOD_ALIASES: dict[str, str] = {"sft": "supervised"}
 

@@ -22,6 +22,7 @@ TRAINERS: dict[str, str] = {
     "oreo": "trainers.algorithms.oreo:METHOD",
     "grpo": "trainers.algorithms.grpo:METHOD",
     "reinforcement": "trainers.algorithms.grpo:METHOD",  # OpenAI's name for GRPO with a grader
+    "egpo": "trainers.algorithms.egpo:METHOD",
 }
 
 
