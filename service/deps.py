@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from service.auth import DEFAULT, KeyRing, Tenant
 from service.errors import APIError
 from service.settings import ApiSettings
 from workers.filestore import FileStore
@@ -25,21 +25,32 @@ def get_files(request: Request) -> FileStore:
     return request.app.state.files
 
 
-def require_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    keys = request.app.state.api_keys
-    if not keys:
-        return
-    token = (authorization or "").removeprefix("Bearer ").strip()
-    if not any(secrets.compare_digest(token, k) for k in keys):
-        raise APIError(
-            401,
-            "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
-            type="authentication_error",
-            code="invalid_api_key",
-        )
+def require_key(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Tenant:
+    """The caller's tenant (the default tenant when auth is off); 401 for a bad key.
+
+    Routers list it as a dependency, and routes take ``TenantDep``: FastAPI runs it
+    once per request either way."""
+    ring: KeyRing = request.app.state.keyring
+    if not ring.enabled:
+        tenant = DEFAULT
+    else:
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        tenant = ring.tenant_for(token)
+        if tenant is None:
+            raise APIError(
+                401,
+                "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+    request.state.tenant = tenant
+    return tenant
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 JobsDep = Annotated[JobStore, Depends(get_jobs)]
 FilesDep = Annotated[FileStore, Depends(get_files)]
+TenantDep = Annotated[Tenant, Depends(require_key)]
 Auth = Depends(require_key)

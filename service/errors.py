@@ -1,11 +1,38 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``."""
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every answer that is not a success has this shape, whatever raised it:
+
+* ``APIError`` (the routes' own refusals), FastAPI's request validation (400, never
+  422) and Starlette's HTTP errors (404 for an unknown path, 405 with an ``Allow``
+  header listing every method the path serves);
+* Redis or the Celery broker unreachable: 503 ``service_unavailable``;
+* anything else: 500 ``internal_error``, answered by ``CatchAll`` as an ordinary
+  response, so the client's keep-alive connection survives (the traceback goes
+  to the log, never to the client).
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as BrokerError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("posttrain.api")
+
+# Ids posttrain issues are "<prefix>-<hex>"; anything outside this alphabet (":" above
+# all, which would reach another record's Redis key) can name no record.
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+_ID = re.compile(ID_PATTERN)
+# Path parameters that name a record, and what a 404 calls them.
+_ID_PARAMS = {"job_id": "fine-tuning job", "file_id": "file", "checkpoint_id": "checkpoint"}
 
 
 class APIError(Exception):
@@ -36,6 +63,17 @@ def _body(message: str, type: str, param: str | None, code: str | None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(_body(message, type, param, code), status_code=status, headers=headers)
+
+
 def loc_to_param(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
     out = ""
@@ -44,12 +82,75 @@ def loc_to_param(loc: tuple) -> str:
     return out
 
 
+def valid_path_ids(request: Request) -> None:
+    """App-wide dependency: a record id in the path that no record can have is a 404 at
+    the route, before any store builds a Redis key from it. The caller's key is checked
+    first, so an unauthenticated caller still gets 401."""
+    params = request.path_params
+    bad = next(
+        (name for name in _ID_PARAMS if name in params and not _ID.match(params[name])), None
+    )
+    if bad is None:
+        return
+    from service.deps import require_key  # deps imports this module
+
+    require_key(request, request.headers.get("authorization"))
+    raise not_found(_ID_PARAMS[bad], params[bad], bad)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette names only the first
+    route's methods when several routes share a path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
+class CatchAll:
+    """Turn an exception no handler took into an OpenAI-shaped 500 response.
+
+    Starlette's own last-resort handler re-raises after answering, and uvicorn then
+    closes the connection; answering here ends the request normally instead. An
+    exception after the response has started cannot be answered and is re-raised.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = error_response(
+                500,
+                "The server had an error while processing your request; it has been logged",
+                type="server_error",
+                code="internal_error",
+            )
+            await response(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(
-            _body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status
-        )
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -57,15 +158,31 @@ def install(app: FastAPI) -> None:
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
         param = loc_to_param(tuple(first.get("loc", ()))) or None
         msg = "; ".join(f"{loc_to_param(tuple(e['loc'])) or 'body'}: {e['msg']}" for e in errs[:5])
-        return JSONResponse(
-            _body(msg, "invalid_request_error", param, "invalid_value"), status_code=400
-        )
+        return error_response(400, msg, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(
-            _body(str(exc.detail), "invalid_request_error", None, code),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"
+        return error_response(exc.status_code, message, param=None, code=code, headers=headers)
+
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        what = "the message broker" if isinstance(exc, BrokerError) else "Redis"
+        log.warning("%s unreachable during %s %s: %s", what, request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "The service is temporarily unavailable (its record store or queue cannot be "
+            "reached); retry shortly",
+            type="server_error",
+            code="service_unavailable",
+            headers={"Retry-After": "5"},
         )
+
+    for exc_class in (redis.ConnectionError, redis.TimeoutError, BrokerError):
+        app.add_exception_handler(exc_class, _unavailable)
+    app.add_middleware(CatchAll)

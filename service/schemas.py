@@ -11,9 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from trainers.spec import stored_spec_view
+
+
+def _omitted_when_null(description: str = ""):
+    """An optional field OpenAI's API leaves out, rather than sending null, when unset."""
+    return Field(None, exclude_if=lambda v: v is None, description=description or None)
 
 
 class ErrorInfo(BaseModel):
@@ -57,8 +62,8 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: Literal["uploaded", "processed", "error"] = "processed"
-    expires_at: int | None = None
-    status_details: str | None = None
+    expires_at: int | None = _omitted_when_null("When the file is deleted (expires_after).")
+    status_details: str | None = _omitted_when_null()
     # extensions
     format: str | None = None
     rows: int | None = None
@@ -76,21 +81,23 @@ class JobEvent(BaseModel):
     created_at: int
     level: Literal["info", "warn", "error"]
     message: str
-    data: Any = None
+    data: Any = _omitted_when_null()
     type: Literal["message", "metrics"] = "message"
 
 
 class CheckpointMetrics(BaseModel):
-    step: float | None = None
-    train_loss: float | None = None
-    train_mean_token_accuracy: float | None = None
-    valid_loss: float | None = None
-    valid_mean_token_accuracy: float | None = None
-    full_valid_loss: float | None = None
-    full_valid_mean_token_accuracy: float | None = None
+    """Every metric is optional in OpenAI's schema: one not measured is left out."""
+
+    step: float | None = _omitted_when_null()
+    train_loss: float | None = _omitted_when_null()
+    train_mean_token_accuracy: float | None = _omitted_when_null()
+    valid_loss: float | None = _omitted_when_null()
+    valid_mean_token_accuracy: float | None = _omitted_when_null()
+    full_valid_loss: float | None = _omitted_when_null()
+    full_valid_mean_token_accuracy: float | None = _omitted_when_null()
     # extensions: mean grader reward (GRPO family) on training and validation prompts
-    train_mean_reward: float | None = None
-    valid_mean_reward: float | None = None
+    train_mean_reward: float | None = _omitted_when_null()
+    valid_mean_reward: float | None = _omitted_when_null()
 
 
 class JobCheckpoint(BaseModel):
@@ -125,6 +132,15 @@ def _int(value: str | None) -> int | None:
     return int(float(value)) if value not in (None, "", "None") else None
 
 
+def _resources(requested: dict[str, Any], placement: str | None) -> dict[str, Any]:
+    """The job's resources as requested; once a worker placed it, the GPU and process
+    counts it resolved (a default ``gpus`` is 0 on a CPU-only worker, never shown as 1)."""
+    if not placement:
+        return requested
+    placed = json.loads(placement)
+    return {**requested, "gpus": placed["gpus"], "processes": placed["processes"]}
+
+
 def job_object(rec: dict[str, str], organization_id: str) -> FineTuningJob:
     spec = stored_spec_view(rec["spec"])  # never fails, even on a record of an older release
     method = spec["method"]
@@ -154,7 +170,7 @@ def job_object(rec: dict[str, str], organization_id: str) -> FineTuningJob:
         method=method,
         suffix=spec["suffix"],
         training_type=spec["training_type"],
-        resources=spec["resources"],
+        resources=_resources(spec["resources"], rec.get("placement")),
         attempt=_int(rec.get("attempt")) or 0,
     )
 
@@ -167,6 +183,7 @@ def file_object(rec: dict[str, Any]) -> FileObject:
         filename=rec["filename"],
         purpose=rec["purpose"],
         status=rec["status"],
+        expires_at=rec.get("expires_at"),
         format=rec.get("format"),
         rows=rec.get("rows"),
     )

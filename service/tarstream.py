@@ -1,7 +1,15 @@
-"""Stream a directory as an uncompressed tar without building it on disk or in memory."""
+"""Stream a directory as an uncompressed tar without building it on disk or in memory.
+
+Only regular files that really live inside the directory are streamed: symlinks
+(to a file or a directory, inside or outside) are skipped and never followed, and
+each file is opened with ``O_NOFOLLOW`` and checked to be a regular file, so a
+link swapped in after the listing is not read either.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,20 +19,51 @@ _BLOCK = 512
 SKIP = {"optimizer.pt", "scheduler.pt", "training_args.bin", "scaler.pt"}
 
 
-def _wanted(path: Path) -> bool:
-    return path.is_file() and path.name not in SKIP and not path.name.startswith("rng_state")
+def _wanted(name: str) -> bool:
+    return name not in SKIP and not name.startswith("rng_state")
+
+
+def _files(root: Path) -> list[Path]:
+    """Regular files below ``root``, sorted; symlinked files and directories left out."""
+    out: list[Path] = []
+    for here, dirs, names in os.walk(root, followlinks=False):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(here, d))]
+        for name in names:
+            path = Path(here) / name
+            if _wanted(name) and not path.is_symlink() and path.is_file():
+                out.append(path)
+    return sorted(out)
+
+
+def _open_regular(path: Path) -> int | None:
+    """A descriptor of ``path`` if it is (still) a regular file and not a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
 
 
 def tar_stream(root: Path, arcname: str, chunk: int = 1 << 20) -> Iterator[bytes]:
     """Yield a POSIX tar of ``root``'s files (trainer-only state left out) under ``arcname``/."""
-    for path in sorted(p for p in root.rglob("*") if _wanted(p)):
-        info = tarfile.TarInfo(f"{arcname}/{path.relative_to(root)}")
-        st = path.stat()
-        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o644
-        yield info.tobuf(format=tarfile.PAX_FORMAT)
-        with open(path, "rb") as fh:
-            while data := fh.read(chunk):
+    for path in _files(root):
+        fd = _open_regular(path)
+        if fd is None:
+            continue
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            info = tarfile.TarInfo(f"{arcname}/{path.relative_to(root)}")
+            info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o644
+            yield info.tobuf(format=tarfile.PAX_FORMAT)
+            left = info.size
+            while left > 0 and (data := fh.read(min(chunk, left))):
+                left -= len(data)
                 yield data
+            if left > 0:  # the file shrank while streaming: keep the archive well-formed
+                yield b"\0" * left
         if pad := (-info.size) % _BLOCK:
             yield b"\0" * pad
     yield b"\0" * (2 * _BLOCK)

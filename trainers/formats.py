@@ -27,6 +27,7 @@ reading applies is decided by the method at job creation, not by the upload.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,12 +85,60 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
     return out
 
 
+# What one row's JSON may hold (README, "Limits"): nesting depth, and the characters of
+# one number. Deeper or longer is no training row, and costs the parser memory and time.
+MAX_JSON_DEPTH = 64
+MAX_NUMBER_CHARS = 100
+
+
+_TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+class _Limit(ValueError):
+    pass
+
+
+def _int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _Limit(f"a number longer than {MAX_NUMBER_CHARS} characters")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _Limit(f"a number longer than {MAX_NUMBER_CHARS} characters")
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Limit(f"{text} is out of range for a number")
+    return value
+
+
+def _constant(text: str) -> float:
+    raise _Limit(f"{text} is not valid JSON (NaN and Infinity are not numbers)")
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def _load(line_no: int, text: str) -> dict[str, Any]:
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except json.JSONDecodeError as exc:
         msg = f"invalid JSON ({exc.msg} at column {exc.colno})"
         raise DatasetError(line_no, None, msg) from None
+    except _Limit as exc:
+        raise DatasetError(line_no, None, str(exc)) from None
+    except RecursionError:  # far deeper than the limit
+        raise DatasetError(line_no, None, _TOO_DEEP) from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(raw) > MAX_JSON_DEPTH:
+        raise DatasetError(line_no, None, _TOO_DEEP)
     if not isinstance(raw, dict):
         raise DatasetError(
             line_no, None, f"each line must be a JSON object, got {type(raw).__name__}"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("posttrain.api")
 
 
 @router.get("/healthz")
@@ -13,10 +18,22 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    redis: Literal["ok", "unreachable"]
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Redis cannot be reached"}},
+)
 def readyz(request: Request) -> JSONResponse:
+    """Whether the API can serve: Redis answers. The reason it does not goes to the log,
+    not to the (unauthenticated) caller."""
     try:
         request.app.state.redis.ping()
     except Exception as exc:
-        return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
+        log.warning("readiness check: Redis unreachable: %s", exc)
+        return JSONResponse({"status": "unavailable", "redis": "unreachable"}, status_code=503)
     return JSONResponse({"status": "ok", "redis": "ok"})

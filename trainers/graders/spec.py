@@ -300,6 +300,8 @@ def _type_check(allow_multi: bool):
         if not isinstance(value, dict):
             return value
         kind = value.get("type")
+        if not isinstance(kind, str):
+            return value  # the union names the bad type
         if kind in REFUSED_GRADERS:
             raise ValueError(f"grader type '{kind}' is not supported: {REFUSED_GRADERS[kind]}")
         if kind == "multi" and not allow_multi:

@@ -1,0 +1,220 @@
+"""The OpenAPI document, made to say what the API really does.
+
+FastAPI's generated document is the starting point; this module corrects it:
+
+* ``POST /v1/fine_tuning/jobs`` takes the job spec (``trainers.spec.JobSpec``: the
+  method union with every method's hyperparameters), not a free-form object. The
+  route still receives the raw body and validates it itself (``service.jobservice``),
+  so the messages of a bad body stay the ones the API has always given, as 400s.
+* ``POST /v1/files`` is a multipart form the route parses while streaming
+  (``service.upload``); its fields are declared here.
+* Error answers are declared as they are sent: the OpenAI error object with 400,
+  401, 404, 409, 410, 413 and 503 where an operation can answer them; FastAPI's 422
+  never occurs (validation errors are 400s) and is removed.
+* Content routes declare the media type they stream; bearer auth is declared when
+  the API has keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from trainers.spec import JobSpec
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
+}
+_WHY = {
+    "400": "Invalid request: the message names the field (or the file's line)",
+    "401": "Missing or wrong API key",
+    "404": "No such object (or an id no object can have)",
+    "409": "Idempotency-Key reused with another request, or still in flight",
+    "410": "The checkpoint's files are no longer on the data volume",
+    "413": "The upload exceeds the size limit",
+    "503": "Redis or the message broker cannot be reached; retry",
+}
+_SPEC_PREFIX = "spec."
+
+
+def _job_body(components: dict[str, Any]) -> dict[str, Any]:
+    """JobSpec's schema as a request body: what a caller may send (``spec_version`` is the
+    server's; ``method`` defaults to supervised; OpenAI's ``hyperparameters`` and
+    ``integrations`` fields are accepted as the API accepts them)."""
+    schema = JobSpec.model_json_schema(
+        ref_template=f"#/components/schemas/{_SPEC_PREFIX}{{model}}", mode="validation"
+    )
+    for name, sub in schema.pop("$defs", {}).items():
+        components[f"{_SPEC_PREFIX}{name}"] = sub
+    schema["properties"].pop("spec_version", None)
+    schema["required"] = [r for r in schema.get("required", []) if r not in ("method",)]
+    schema["properties"]["method"]["description"] = (
+        "The training method; default supervised ('sft' is accepted as an alias)."
+    )
+    schema["properties"]["hyperparameters"] = {
+        "type": "object",
+        "deprecated": True,
+        "description": "OpenAI's deprecated top-level field: the supervised method's "
+        "hyperparameters, used when 'method' is not given.",
+    }
+    schema["properties"]["integrations"] = {
+        "anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],
+        "description": "Not supported by posttrain: empty or null.",
+    }
+    schema["title"] = "JobCreateRequest"
+    components["JobCreateRequest"] = schema
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobCreateRequest"}}
+        },
+    }
+
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "JSONL, one training row per line (UTF-8; a BOM is "
+                        "accepted).",
+                    },
+                    "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                    "expires_after[seconds]": {
+                        "type": "integer",
+                        "minimum": 3600,
+                        "maximum": 2592000,
+                        "description": "The file is deleted this long after its creation.",
+                    },
+                },
+            }
+        }
+    },
+}
+
+_METADATA_FILTER = {
+    "name": "metadata",
+    "in": "query",
+    "required": False,
+    "style": "deepObject",
+    "explode": True,
+    "description": "Only jobs whose metadata holds every given pair: metadata[key]=value.",
+    "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+
+def _ref(path: str, method: str) -> str:
+    return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+# The uploaded file's id feeds the routes that take one (stateful API testing follows them).
+_FILE_LINKS = {
+    name: {"operationRef": _ref(path, method), "parameters": {"file_id": "$response.body#/id"}}
+    for name, path, method in (
+        ("RetrieveFile", "/v1/files/{file_id}", "get"),
+        ("FileContent", "/v1/files/{file_id}/content", "get"),
+        ("DeleteFile", "/v1/files/{file_id}", "delete"),
+    )
+}
+
+
+def _statuses(path: str, method: str, op: dict[str, Any], auth: bool) -> set[str]:
+    """The error statuses an operation can answer."""
+    params = op.get("parameters", [])
+    names = {p["name"] for p in params}
+    v1 = path.startswith("/v1/")
+    out = set()
+    if op.get("requestBody") or params:
+        out.add("400")
+    if v1 and auth:
+        out.add("401")
+    if "{" in path or "after" in names or (method == "post" and path == "/v1/fine_tuning/jobs"):
+        out.add("404")  # an unknown id in the path, the cursor, or a file the job names
+    if method == "post" and path == "/v1/fine_tuning/jobs":
+        out.add("409")
+    if path == "/v1/files" and method == "post":
+        out.add("413")
+    if path.endswith("/checkpoints/{checkpoint_id}/content"):
+        out.add("410")
+    if v1 or path == "/readyz":
+        out.add("503")
+    return out
+
+
+def build(app: FastAPI) -> dict[str, Any]:
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    components["Error"] = _ERROR
+    auth = bool(app.state.keyring.enabled) if hasattr(app.state, "keyring") else False
+    if auth:
+        schema["components"]["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer"}
+        }
+    for path, item in schema.get("paths", {}).items():
+        for method, op in item.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path == "/v1/fine_tuning/jobs" and method == "post":
+                op["requestBody"] = _job_body(components)
+            if path == "/v1/fine_tuning/jobs" and method == "get":
+                op.setdefault("parameters", []).append(copy.deepcopy(_METADATA_FILTER))
+            if path == "/v1/files" and method == "post":
+                op["requestBody"] = copy.deepcopy(_UPLOAD_BODY)
+                responses["200"]["links"] = copy.deepcopy(_FILE_LINKS)
+            if path == "/v1/files/{file_id}/content":
+                responses["200"]["content"] = {
+                    "application/jsonl": {"schema": {"type": "string", "format": "binary"}}
+                }
+            if path.endswith("/checkpoints/{checkpoint_id}/content"):
+                responses["200"]["content"] = {
+                    "application/x-tar": {"schema": {"type": "string", "format": "binary"}}
+                }
+            for status in sorted(_statuses(path, method, op, auth)):
+                responses.setdefault(
+                    status,
+                    {
+                        "description": _WHY[status],
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                        },
+                    },
+                )
+            if auth and path.startswith("/v1/"):
+                op["security"] = [{"bearerAuth": []}]
+    return schema
+
+
+def install(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
