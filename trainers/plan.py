@@ -26,6 +26,12 @@ class RunPlan(BaseModel):
     threads: int = 1
     attempt: int = 1
     vllm_server_url: str | None = None  # a vLLM server the worker started for this run
+    fence: int | None = None  # this run's fencing token (trainers.fencing)
+    fence_file: Path | None = None  # the job's fence file; a checkpoint is written only
+    # while it still holds ``fence``
+    report_journal: Path | None = None  # the trainer also appends its report lines here
+    processes: int = 1  # training processes (ranks) of this run; threads is per process
+    pause_path: Path | None = None  # a file whose existence asks every rank to pause
 
     def relative(self, path: Path) -> str:
         """A path as stored in records: relative to the data dir, so volumes can move."""

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.callbacks import ReportingCallback
+from trainers.callbacks import NonFiniteCallback, ReportingCallback
 from trainers.checkpoints import resumable_checkpoint
 from trainers.hparams import CommonHyperparameters
 from trainers.models import load_causal_lm, load_tokenizer, lora_config, pick_device_dtype
-from trainers.plan import RunPlan
+from trainers.plan import JobError, RunPlan
 from trainers.reporting import PauseRequest, Reporter
 
 
@@ -65,6 +65,20 @@ class RunResult:
     paused: bool
 
 
+def per_process_batch(plan: RunPlan, hp: CommonHyperparameters, rows: int) -> int:
+    """``batch_size`` is the global batch: each of the run's processes takes its share,
+    so a job trains alike on any process count."""
+    batch = hp.resolved_batch_size(rows)
+    if batch % plan.processes:
+        raise JobError(
+            "invalid_value",
+            f"batch_size {batch} does not split over the job's {plan.processes} training "
+            f"processes; use a multiple of {plan.processes}",
+            "hyperparameters.batch_size",
+        )
+    return batch // plan.processes
+
+
 def common_config(plan: RunPlan, hp: CommonHyperparameters, data: TrainData) -> dict[str, Any]:
     """The config fields every method shares, from the job spec and the worker's plan."""
     device, dtype = pick_device_dtype()
@@ -76,14 +90,15 @@ def common_config(plan: RunPlan, hp: CommonHyperparameters, data: TrainData) -> 
         "data_seed": spec.seed,
         "num_train_epochs": hp.resolved_epochs(),
         "max_steps": hp.max_steps or -1,
-        "per_device_train_batch_size": hp.resolved_batch_size(len(data.train)),
-        "per_device_eval_batch_size": hp.resolved_batch_size(len(data.train)),
+        "per_device_train_batch_size": per_process_batch(plan, hp, len(data.train)),
+        "per_device_eval_batch_size": per_process_batch(plan, hp, len(data.train)),
         "gradient_accumulation_steps": hp.gradient_accumulation_steps,
         "learning_rate": hp.resolved_learning_rate(spec.training_type == "lora"),
         "lr_scheduler_type": hp.lr_scheduler_type,
         "warmup_steps": hp.warmup_ratio,  # a float below 1 is a fraction of the run
         "weight_decay": hp.weight_decay,
         "logging_steps": 1,
+        "logging_nan_inf_filter": False,  # a NaN loss is logged as NaN (NonFiniteCallback)
         "save_strategy": "steps",
         "save_steps": every,
         "eval_strategy": "steps" if has_eval else "no",
@@ -116,6 +131,7 @@ def run_method(
         **{**common_config(plan, hp, data), **method.config_fields(plan, hp, data)}
     )
     callback = ReportingCallback(plan, reporter, pause)
+    diverged = NonFiniteCallback()
     trainer = method.trainer_class(
         model=model,
         args=args,
@@ -123,11 +139,19 @@ def run_method(
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(spec.lora) if spec.training_type == "lora" else None,
-        callbacks=[callback],
+        callbacks=[callback, diverged],
         **method.trainer_kwargs(plan, model, data),
     )
     resume = resumable_checkpoint(plan.output_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if diverged.step is not None:
+        raise JobError(
+            "training_diverged",
+            f"training stopped at step {diverged.step}: {diverged.what}. The weights of that "
+            "step were not saved; the last checkpoint before it is kept. Lower the learning "
+            "rate (or raise warmup), or look for extreme values in the training data",
+            param=f"method.{spec.method_type}.hyperparameters.learning_rate",
+        )
     step = trainer.state.global_step
     return RunResult(
         step=step,

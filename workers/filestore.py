@@ -1,41 +1,80 @@
 """Uploaded files: bytes on the data volume, metadata in Redis.
 
   file:{id}   hash: filename, bytes, purpose, created_at, status, format, formats, rows,
-              extra_fields
+              extra_fields, tenant (the owner; absent on older records = the default tenant)
+              expires_at (only when the upload set ``expires_after``)
   files       sorted set of file ids by creation time
+  files:expiry  sorted set of the ids of files that expire, by ``expires_at``
 
 A file is written to a temporary name, validated, then renamed into place, so a
-half-uploaded or invalid file never becomes visible to a job.
+half-uploaded or invalid file never becomes visible to a job; if its record then
+cannot be written, the renamed file is removed again (no file without a record).
+A file past its ``expires_at`` is deleted when it is next read, and by
+``sweep_expired``, which the API runs periodically.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import redis
 
-from workers.store import new_id
+from workers.store import DEFAULT_TENANT, new_id
 
 
 class FileNotFound(KeyError):
     pass
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class FileStore:
     def __init__(self, client: redis.Redis, data_dir: Path, prefix: str = "posttrain:"):
         self.r = client
         self.p = prefix
-        self.dir = Path(data_dir) / "files"
+        self.data_dir = Path(data_dir)
+        self.dir = self.data_dir / "files"
 
     def k_file(self, file_id: str) -> str:
         return f"{self.p}file:{file_id}"
 
     def staging_path(self) -> Path:
+        """A fresh staging name that says which process wrote it (``remove_stale_staging``)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        return self.dir / f".upload-{new_id('tmp')}"
+        return self.dir / f".upload-{os.getpid()}-{uuid.uuid4().hex}@{socket.gethostname()}"
+
+    def remove_stale_staging(self, max_age: float = 86_400.0) -> list[Path]:
+        """Delete staging files a killed API left behind: those of a process of this host
+        that is gone, and any older than ``max_age`` s (another host's, or unnamed)."""
+        removed = []
+        host = socket.gethostname()
+        for f in self.dir.glob(".upload-*") if self.dir.is_dir() else ():
+            owner, _, where = f.name.removeprefix(".upload-").partition("@")
+            pid = owner.split("-", 1)[0]
+            try:
+                stale = time.time() - f.stat().st_mtime > max_age
+            except FileNotFoundError:
+                continue
+            if where == host and pid.isdigit() and not _alive(int(pid)):
+                stale = True
+            if stale:
+                f.unlink(missing_ok=True)
+                removed.append(f)
+        return removed
 
     def path(self, file_id: str) -> Path:
         return self.dir / f"{file_id}.jsonl"
@@ -49,33 +88,74 @@ class FileStore:
         formats: list[str],
         rows: int,
         extra_fields: list[str] = (),
+        tenant: str = DEFAULT_TENANT,
+        expires_after: int | None = None,
     ) -> dict:
         """Move a validated staged upload into place and record it.
 
         ``formats``: every row format all rows fit, most specific first (the first is
         the one shown as ``format``); ``extra_fields``: row fields beyond the format's
-        own (graders may read them), so a job can check they exist without a rescan.
+        own (graders may read them), so a job can check they exist without a rescan;
+        ``expires_after``: seconds after creation at which the file is deleted.
         """
         file_id = new_id("file")
         final = self.path(file_id)
         os.replace(staged, final)
+        try:
+            return self._record(
+                file_id,
+                final,
+                expires_after,
+                filename=filename,
+                purpose=purpose,
+                formats=formats,
+                rows=rows,
+                extra_fields=extra_fields,
+                tenant=tenant,
+            )
+        except BaseException:
+            final.unlink(missing_ok=True)  # never a file on disk without its record
+            raise
+
+    def _record(
+        self,
+        file_id: str,
+        final: Path,
+        expires_after: int | None,
+        *,
+        filename: str,
+        purpose: str,
+        formats: list[str],
+        rows: int,
+        extra_fields: list[str],
+        tenant: str,
+    ) -> dict:
+        now = int(time.time())
         meta = {
             "id": file_id,
             "filename": filename,
             "purpose": purpose,
             "bytes": final.stat().st_size,
-            "created_at": int(time.time()),
+            "created_at": now,
             "status": "processed",
             "format": formats[0],
             "formats": ",".join(formats),
             "rows": rows,
             "extra_fields": json.dumps(sorted(extra_fields)),
+            "tenant": tenant,
         }
+        if expires_after is not None:
+            meta["expires_at"] = now + expires_after
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k_file(file_id), mapping={k: str(v) for k, v in meta.items()})
         pipe.zadd(f"{self.p}files", {file_id: time.time()})
+        if expires_after is not None:
+            pipe.zadd(self.k_expiry(), {file_id: meta["expires_at"]})
         pipe.execute()
         return self.get(file_id)
+
+    def k_expiry(self) -> str:
+        return f"{self.p}files:expiry"
 
     def get(self, file_id: str) -> dict:
         rec = self.r.hgetall(self.k_file(file_id))
@@ -87,23 +167,48 @@ class FileStore:
         # Records of the first release hold one format and no extra fields.
         rec["formats"] = rec.get("formats", rec.get("format", "")).split(",")
         rec["extra_fields"] = json.loads(rec.get("extra_fields", "[]"))
+        rec.setdefault("tenant", DEFAULT_TENANT)
+        if rec.get("expires_at"):
+            rec["expires_at"] = int(rec["expires_at"])
+            if rec["expires_at"] <= time.time():
+                self._remove(file_id)
+                raise FileNotFound(file_id)
         return rec
 
+    def sweep_expired(self, now: float | None = None) -> int:
+        """Delete every file whose ``expires_at`` has passed; return how many."""
+        due = self.r.zrangebyscore(self.k_expiry(), "-inf", now or time.time())
+        for file_id in due:
+            self._remove(file_id)
+        return len(due)
+
     def list(
-        self, after: str | None, limit: int, purpose: str | None = None
+        self,
+        after: str | None,
+        limit: int,
+        purpose: str | None = None,
+        tenant: str | None = None,
+        order: str = "desc",
     ) -> tuple[list[dict], bool]:
-        """Newest first, optionally filtered by purpose."""
+        """Newest first (``order="asc"``: oldest first), optionally filtered by purpose
+        and owner; ``after`` is the last id of the previous page in the same order."""
         key = f"{self.p}files"
+        desc = order != "asc"
         start = 0
         if after:
-            rank = self.r.zrevrank(key, after)
+            rank = self.r.zrevrank(key, after) if desc else self.r.zrank(key, after)
             if rank is None:
                 raise FileNotFound(after)
             start = rank + 1
         out: list[dict] = []
-        for file_id in self.r.zrange(key, start, -1, desc=True):
-            rec = self.get(file_id)
-            if purpose is None or rec["purpose"] == purpose:
+        for file_id in self.r.zrange(key, start, -1, desc=desc):
+            try:
+                rec = self.get(file_id)
+            except FileNotFound:  # expired (and now deleted), or removed meanwhile
+                continue
+            if (purpose is None or rec["purpose"] == purpose) and (
+                tenant is None or rec["tenant"] == tenant
+            ):
                 out.append(rec)
             if len(out) > limit:
                 break
@@ -111,8 +216,28 @@ class FileStore:
 
     def delete(self, file_id: str) -> None:
         self.get(file_id)
+        self._remove(file_id)
+
+    def _remove(self, file_id: str) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(self.k_file(file_id))
         pipe.zrem(f"{self.p}files", file_id)
+        pipe.zrem(self.k_expiry(), file_id)
         pipe.execute()
         self.path(file_id).unlink(missing_ok=True)
+
+    # ---- a job's files (the worker writes them under jobs/{id}/; see workers.supervisor)
+    def job_dir(self, job_id: str) -> Path:
+        """A job's directory on the data volume: run plans, trainer log, checkpoints."""
+        if not job_id or "/" in job_id or job_id in (".", ".."):
+            raise ValueError(f"not a job id: {job_id!r}")
+        return self.data_dir / "jobs" / job_id
+
+    def delete_job_dir(self, job_id: str) -> None:
+        """Remove everything the job wrote to the data volume (its uploads stay: they are
+        files of their own, deleted with ``DELETE /v1/files/{id}``)."""
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def delete_checkpoints(self, job_id: str) -> None:
+        """Remove the job's checkpoints (its model's weights); plans and log stay."""
+        shutil.rmtree(self.job_dir(job_id) / "output", ignore_errors=True)

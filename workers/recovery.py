@@ -1,11 +1,23 @@
-"""Recovery that does not rely on the broker: re-queue jobs whose worker vanished.
+"""Recovery that does not rely on the broker: re-queue jobs whose worker vanished, and
+re-enqueue queued jobs that have no broker message.
 
-Every worker runs ``Reaper`` in a daemon thread of its main process. A job
-whose lease expired (its worker was killed, its machine lost) goes back to
-``queued`` in one atomic step and is enqueued again; the next claim counts an
-attempt, resumes from the last checkpoint, and fails the job for good once
-``max_attempts`` is spent. Several reapers may run at once: the compare-and-set
-lets exactly one of them requeue a given job.
+Every worker runs ``Reaper`` in a daemon thread of its main process. Each pass:
+
+* a job whose lease expired (its worker was killed, its machine lost) goes back
+  to ``queued`` in one atomic step and is enqueued again; the next claim counts
+  an attempt, resumes from the last checkpoint, and fails the job for good once
+  ``max_attempts`` is spent. A job that was ``pausing`` is parked as ``paused``
+  instead (the user's pause is kept; resume continues from its last checkpoint);
+* a job ``queued`` for longer than the grace period whose message is not in the
+  broker (the API died between writing the record and enqueueing it, an enqueue
+  failed on resume or requeue) is enqueued again. Re-enqueueing is safe because
+  the claim is idempotent: a duplicate delivery exits at once.
+
+Several reapers may run at once: the compare-and-set lets exactly one of them
+requeue a given job. After a pass that could not reach Redis, a reaper waits a
+whole lease period once Redis answers again before it requeues anything, so the
+supervisors (which renew every heartbeat) get their leases back first instead of
+losing jobs that ran fine through the outage.
 """
 
 from __future__ import annotations
@@ -14,40 +26,120 @@ import logging
 import threading
 from collections.abc import Callable
 
+import redis
+
 from workers.store import JobStore
 
 log = logging.getLogger(__name__)
 
 
 def requeue_expired(store: JobStore, enqueue: Callable[[str], None]) -> list[str]:
-    """Requeue every job with an expired lease; return the ids this call requeued."""
+    """Requeue every job with an expired lease; return the ids this call requeued or parked."""
     done = []
     for job_id in store.expired_leases():
-        if not store.requeue_if_expired(job_id):
+        outcome = store.requeue_if_expired(job_id)
+        if outcome is None:
             continue
         attempt = store.get(job_id).get("attempt", "?")
-        store.add_event(
-            job_id,
-            f"Worker lost after attempt {attempt}; job re-queued and will "
-            "resume from its last checkpoint",
-            level="warn",
-        )
-        enqueue(job_id)
+        if outcome == "paused":
+            store.add_event(
+                job_id,
+                "Worker lost while the job was pausing; job paused at its last checkpoint",
+                level="warn",
+            )
+        else:
+            store.add_event(
+                job_id,
+                f"Worker lost after attempt {attempt}; job re-queued and will "
+                "resume from its last checkpoint",
+                level="warn",
+            )
+            enqueue(job_id)
+            store.mark_enqueued(job_id)
         done.append(job_id)
     return done
 
 
+def requeue_stranded(
+    store: JobStore,
+    enqueue: Callable[[str], None],
+    has_message: Callable[[str], bool],
+    grace: float,
+) -> list[str]:
+    """Enqueue every job queued for over ``grace`` s with no message in the broker."""
+    done = []
+    for job_id in store.queued_since(grace):
+        if store.status(job_id) != "queued":
+            store.r.zrem(store.k_queued(), job_id)  # a stale index entry (record gone)
+            continue
+        if not has_message(job_id):
+            enqueue(job_id)
+            store.add_event(
+                job_id,
+                f"Job was queued for over {grace:g} s with no message in the broker; "
+                "enqueued it again",
+                level="warn",
+            )
+            done.append(job_id)
+        store.mark_enqueued(job_id)
+    return done
+
+
+def broker_has_message(broker: redis.Redis, queue: str) -> Callable[[str], bool]:
+    """``has_message(job_id)`` for Celery's Redis transport: the job's id appears in a
+    message waiting in ``queue`` (any priority list) or in one delivered and not yet
+    acknowledged (kombu's ``unacked`` hash). Job ids are random, so a substring match
+    on the raw message is exact enough."""
+
+    def has_message(job_id: str) -> bool:
+        lists = [queue] + [k for k in broker.scan_iter(match=f"{queue}\x06\x16*", count=100)]
+        for key in lists:
+            if any(job_id in m for m in broker.lrange(key, 0, -1)):
+                return True
+        return any(job_id in v for v in broker.hvals("unacked"))
+
+    return has_message
+
+
 class Reaper(threading.Thread):
-    def __init__(self, store: JobStore, enqueue: Callable[[str], None], interval: float):
+    def __init__(
+        self,
+        store: JobStore,
+        enqueue: Callable[[str], None],
+        interval: float,
+        *,
+        lease_seconds: float = 0.0,
+        stranded_grace: float | None = None,
+        has_message: Callable[[str], bool] | None = None,
+    ):
         super().__init__(name="posttrain-reaper", daemon=True)
         self.store, self.enqueue, self.interval = store, enqueue, interval
+        self.lease_seconds = lease_seconds
+        self.stranded_grace, self.has_message = stranded_grace, has_message
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        outage = False
         while not self.stopped.is_set():
             try:
-                for job_id in requeue_expired(self.store, self.enqueue):
-                    log.warning("re-queued job %s: its worker's lease expired", job_id)
+                if outage:  # let live supervisors renew their leases first
+                    self.store.r.ping()
+                    outage = False
+                    log.warning("Redis is back; reaper waits %.1f s", self.lease_seconds)
+                    self.stopped.wait(self.lease_seconds)
+                self.run_once()
+            except redis.RedisError as exc:
+                outage = True
+                log.warning("reaper pass could not reach Redis: %s", exc)
             except Exception:
                 log.exception("reaper pass failed")
             self.stopped.wait(self.interval)
+
+    def run_once(self) -> None:
+        for job_id in requeue_expired(self.store, self.enqueue):
+            log.warning("re-queued job %s: its worker's lease expired", job_id)
+        if self.stranded_grace is not None and self.has_message is not None:
+            for job_id in requeue_stranded(
+                self.store, self.enqueue, self.has_message, self.stranded_grace
+            ):
+                log.warning("re-enqueued job %s: it was queued with no broker message", job_id)

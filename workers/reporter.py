@@ -7,6 +7,13 @@ the run as failed with ``invalid_report`` (``RunOutcome.invalid``) rather than
 crashing the supervisor or storing something the API cannot serve. Metrics go
 to the metrics stream and as ``metrics`` events, checkpoints to the checkpoint
 list, progress to the record (trained tokens, estimated end).
+
+Checkpoint retention happens here too: a checkpoint report arrives only after its
+save returned and the checkpoint was marked complete, so that is when the older
+ones beyond the job's ``keep_checkpoints`` are dropped from the record (one Lua
+call, ``JobStore.add_checkpoint``) and then their directories deleted
+(``trainers.checkpoints.remove_checkpoints``). Record first, files second: the API
+never lists a checkpoint whose files are already gone.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trainers import messages as m
+from trainers.checkpoints import remove_checkpoints
 from workers.store import JobStore, new_id
 
 log = logging.getLogger(__name__)
@@ -50,13 +59,27 @@ class RunOutcome:
 
 
 def model_label(model: str) -> str:
-    """The model's name for ``ft:`` identifiers: a local path contributes its last part."""
+    """The model's name for ``ft:`` identifiers: a local path contributes its last part, a
+    fine-tuned model its base's label."""
+    if model.startswith("ft:") and len(model.split(":")) > 2:
+        return model.split(":")[1]
     return model.rstrip("/").rsplit("/", 1)[-1] if model.startswith(("/", ".")) else model
 
 
 class RecordReporter:
-    def __init__(self, store: JobStore, job_id: str, model_name: str):
+    """``data_dir`` and ``keep_checkpoints`` (0 = keep all) enable checkpoint retention."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        model_name: str,
+        *,
+        data_dir: Path | None = None,
+        keep_checkpoints: int = 0,
+    ):
         self.store, self.job_id, self.model_name = store, job_id, model_name
+        self.data_dir, self.keep = data_dir, keep_checkpoints if data_dir is not None else 0
         self.outcome = RunOutcome()
         self._started = time.time()
         self._first_step: int | None = None
@@ -138,13 +161,24 @@ class RecordReporter:
                 f"ft:{model_label(self.model_name)}:{self.job_id}:ckpt-step-{step}"
             ),
         }
-        self.store.add_checkpoint(self.job_id, meta)
+        pruned = self.store.add_checkpoint(self.job_id, meta, keep=self.keep)
         self.outcome.checkpoints += 1
+        if self.keep:
+            self._remove_files(msg.path, pruned)
         self.store.add_event(
             self.job_id,
             f"Checkpoint created at step {step}",
             data={"checkpoint": ckpt_id, "step": step},
         )
+
+    def _remove_files(self, new_path: str, pruned: list[dict]) -> None:
+        """Delete the directories of checkpoints the record no longer keeps (pruned now, or
+        left over by an earlier attempt), never one the record still lists."""
+        output_dir = (Path(self.data_dir) / new_path).parent
+        kept = {c["step"] for c in self.store.checkpoints(self.job_id)}
+        removed = remove_checkpoints(output_dir, kept)
+        if pruned:
+            log.info("job %s: pruned checkpoints at steps %s", self.job_id, removed)
 
     def _on_paused(self, msg: m.Paused) -> None:
         self.outcome.paused = msg

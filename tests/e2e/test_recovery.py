@@ -108,3 +108,30 @@ def test_killed_worker_loses_no_job(rstack):
     msgs = _messages(c, job_id)
     assert any(m.startswith("Worker lost after attempt 1; job re-queued") for m in msgs)
     assert any(m.startswith("Resumed from checkpoint at step") for m in msgs)
+
+
+def test_resume_is_refused_unless_the_job_is_paused(rstack):
+    """Only paused -> queued is reachable through the API (issue 10, item 1): a resume of a
+    running job used to re-queue it, killing its live trainer and running a second one."""
+    c, job_id = _submit(rstack, n_epochs=100)
+    wait_for(
+        lambda: c.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "running", 60, "running"
+    )
+    fence = rstack.redis.hget(f"posttrain:job:{job_id}", "fence")
+    r = c.post(f"/fine_tuning/jobs/{job_id}/resume")
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == f"job {job_id} is running and cannot be resumed"
+    _after_first_checkpoint(c, job_id)
+    assert c.post(f"/fine_tuning/jobs/{job_id}/pause").status_code == 200
+    r = c.post(f"/fine_tuning/jobs/{job_id}/resume")  # still pausing (or already paused)
+    status = c.get(f"/fine_tuning/jobs/{job_id}").json()["status"]
+    assert r.status_code == 400 or status != "pausing"
+    if r.status_code == 400:
+        assert "is pausing and cannot be resumed" in r.json()["error"]["message"]
+    wait_for(
+        lambda: c.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "paused", 120, "paused"
+    )
+    rec = rstack.redis.hgetall(f"posttrain:job:{job_id}")
+    assert rec["fence"] == fence and rec["attempt"] == "0"  # one claim, never re-queued
+    assert c.post(f"/fine_tuning/jobs/{job_id}/resume").status_code == 200
+    assert c.post(f"/fine_tuning/jobs/{job_id}/cancel").status_code == 200

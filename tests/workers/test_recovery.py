@@ -47,3 +47,30 @@ def test_a_renewal_that_lands_first_prevents_the_requeue(store):
     assert store.renew("ftjob-slow", "w1", 30)  # heartbeat arrives late but before the reaper
     assert requeue_expired(store, lambda _id: None) == []
     assert store.get("ftjob-slow")["status"] == "running"
+
+
+def test_a_queued_job_with_no_broker_message_is_enqueued_again_once(
+    store, redis_client, unit_redis_url
+):
+    """The API died between writing the record and enqueueing: the reconciler sends it."""
+    from workers.recovery import broker_has_message, requeue_stranded
+
+    queue = "posttrain.test-stranded"
+    celery = make_celery(WorkerSettings(redis_url=unit_redis_url, queue=queue))
+    store.create("ftjob-stranded", "{}", JobStatus.queued)  # and no message
+    store.create("ftjob-sent", "{}", JobStatus.queued)
+    enqueue(celery, "ftjob-sent", queue)
+    has_message = broker_has_message(redis_client, queue)
+    assert not has_message("ftjob-stranded") and has_message("ftjob-sent")
+
+    def send(job_id: str) -> None:
+        enqueue(celery, job_id, queue)
+
+    assert requeue_stranded(store, send, has_message, grace=60) == []  # inside the grace
+    assert requeue_stranded(store, send, has_message, grace=0) == ["ftjob-stranded"]
+    assert requeue_stranded(store, send, has_message, grace=0) == []  # now it has one
+    bodies = redis_client.lrange(queue, 0, -1)
+    assert sum("ftjob-stranded" in b for b in bodies) == 1
+    assert sum("ftjob-sent" in b for b in bodies) == 1
+    events = [f["message"] for _, f in store.events("ftjob-stranded", None, 10)[0]]
+    assert any("no message in the broker" in e for e in events)

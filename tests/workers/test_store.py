@@ -186,3 +186,75 @@ def test_lease_index_tracks_exactly_the_jobs_holding_a_lease(store):
     assert store.expired_leases() == ["ftjob-2"]
     assert store.requeue_if_expired("ftjob-2")
     assert store.r.zrange(store.k_leased(), 0, -1) == ["ftjob-1"]
+
+
+# ---- fencing, server time, pausing through a worker loss, the queued index (issue 10)
+
+
+def test_each_claim_gets_a_larger_fencing_token_and_stale_tokens_are_refused(store):
+    a, b = _job_in(store, S.queued, "ftjob-fa"), _job_in(store, S.queued, "ftjob-fb")
+    first = store.claim(a, "w1", lease_seconds=0.05, max_attempts=3)
+    other = store.claim(b, "w1", lease_seconds=30, max_attempts=3)
+    time.sleep(0.1)
+    second = store.claim(a, "w1", lease_seconds=30, max_attempts=3)  # same owner name
+    assert first.fence < other.fence < second.fence
+    assert store.get(a)["fence"] == str(second.fence)
+    # the first claim's holder has the same owner string, but its token is stale
+    assert not store.renew(a, "w1", 30, fence=first.fence)
+    with pytest.raises(InvalidTransition):
+        store.transition(a, S.succeeded, owner="w1", fence=first.fence)
+    assert store.renew(a, "w1", 30, fence=second.fence)
+    store.transition(a, S.succeeded, owner="w1", fence=second.fence)
+    assert store.get(a)["status"] == "succeeded"
+
+
+def test_leases_use_redis_server_time_not_the_host_clock(store, monkeypatch):
+    """A worker whose clock is an hour fast (or slow) neither expires nor extends leases."""
+    job = _job_in(store, S.queued)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    store.claim(job, "w1", lease_seconds=30, max_attempts=3)
+    assert store.expired_leases() == []  # a skewed host clock would see it expired
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)
+    assert not store.requeue_if_expired(job)
+    expires = float(store.get(job)["lease_expires_at"])
+    assert abs(expires - (store.server_time() + 30)) < 5
+
+
+def test_a_pausing_job_whose_worker_died_is_parked_paused_not_resumed(store):
+    job = _job_in(store, S.queued)
+    store.claim(job, "w1", lease_seconds=0.05, max_attempts=3)
+    store.transition(job, S.pausing)
+    time.sleep(0.1)
+    # a redelivered message must not take it back to running
+    claim = store.claim(job, "w2", lease_seconds=30, max_attempts=3)
+    assert claim.paused and not claim.ok
+    rec = store.get(job)
+    assert rec["status"] == "paused" and rec["lease_owner"] == "" and rec["attempt"] == "0"
+    # the reaper's path ends the same way
+    job2 = _job_in(store, S.queued, "ftjob-p2")
+    store.claim(job2, "w1", lease_seconds=0.05, max_attempts=3)
+    store.transition(job2, S.pausing)
+    time.sleep(0.1)
+    assert store.requeue_if_expired(job2) == "paused"
+    assert store.get(job2)["status"] == "paused"
+    assert job2 not in store.r.zrange(store.k_leased(), 0, -1)
+
+
+def test_the_queued_index_holds_exactly_the_queued_jobs(store):
+    store.create("ftjob-q1", "{}", S.queued)
+    store.create("ftjob-q2", "{}", S.queued)
+    assert set(store.queued_since(-1)) == {"ftjob-q1", "ftjob-q2"}
+    assert store.queued_since(60) == []  # just sent: inside any grace period
+    store.claim("ftjob-q1", "w", lease_seconds=0.05, max_attempts=3)
+    store.transition("ftjob-q2", S.cancelled)
+    assert store.queued_since(-1) == []
+    time.sleep(0.1)
+    assert store.requeue_if_expired("ftjob-q1") == "queued"
+    assert store.queued_since(-1) == ["ftjob-q1"]
+    store.claim("ftjob-q1", "w", lease_seconds=30, max_attempts=3)
+    store.transition("ftjob-q1", S.pausing)
+    store.transition("ftjob-q1", S.paused)
+    assert store.queued_since(-1) == []
+    store.transition("ftjob-q1", S.queued, expect={S.paused})  # resume
+    assert store.queued_since(-1) == ["ftjob-q1"]
