@@ -3,14 +3,18 @@
     python -m bench.kernels            # CPU: ~25 min, needs ~13 GB free RAM (naive, big shape)
     python -m bench.kernels --quick    # one small shape, smoke check (~1 min)
     OMP_NUM_THREADS=2 python -m bench.kernels > out.txt
+    python -m bench.kernels --device cuda            # GPU: every shape, then the targets
+    python -m bench.kernels --device cuda --perf-only  # only the Llama-3 / Qwen shapes
 
 Methods (rows): (a) ``naive`` materialised fp32 logits (``trainers.kernels.reference``);
 (b) ``trl`` = TRL 1.16 ``trl.kernels.ChunkedLogProbFunction`` (4096-token x
 32768-vocab tiles, entropy supported); (c) Liger, when importable:
 ``liger-sce`` = ``LigerFusedLinearScaledCrossEntropyFunction`` (its CPU path
-is a 512-token torch fallback; logp = -nll) and ``liger-slp`` = the GRPO
-loss's ``_ChunkedSelectiveLogProbFunction`` (logp only); (d) ``ours`` =
-``trainers.kernels.token_logprobs``.
+is a 512-token torch fallback; logp = -nll; on sm90 it needs Liger's CuTe DSL
+kernels), ``liger-flce`` = Liger's fused linear cross-entropy
+(``liger_fused_linear_cross_entropy``, ``reduction="none"``, logp = -loss; no
+entropy) and ``liger-slp`` = the GRPO loss's ``_ChunkedSelectiveLogProbFunction``
+(logp only); (d) ``ours`` = ``trainers.kernels.token_logprobs``.
 
 What is measured, per (shape, mode, method): forward time, forward+backward
 time (upstream grads are random per-token weights, as a GRPO loss would give),
@@ -21,9 +25,15 @@ not hide it) minus the RSS at that point, over the first forward+backward
 (later calls only add allocator retention); it includes the fp32 ``dh`` and
 ``dW`` themselves and MKL's ~10 MB of GEMM buffers. Times are the minimum over all
 repetitions and rounds; rounds interleave the methods because this machine is
-shared (ratios under ~1.2x are ties). On CUDA the cases run in-process, peak =
-``max_memory_allocated`` delta, and a throughput table (ms, TFLOP/s, % of 990
-TF/s dense bf16) follows at the two large training shapes.
+shared (ratios under ~1.2x are ties). On CUDA the cases run in-process (bf16,
+the minimum of 5 repetitions, so Triton's first-call compile is not counted),
+peak = ``max_memory_allocated`` delta, and a closing table covers the training
+shapes (Llama-3-8B: N=16384 H=4096 V=128256; Qwen3-8B: V=151936; Qwen2.5-0.5B:
+H=896 V=151936): every method's time, TFLOP/s and % of the bf16 peak
+(``--peak-tflops``, default 989 dense for H100/H200 SXM), then the targets as
+ratios from the same run: ours / the best of TRL and Liger (<= 1.0x), ours'
+fraction of peak (>= 60%), ours' peak memory beyond the dh + dW outputs as a
+fraction of them (<= 10%).
 """
 
 from __future__ import annotations
@@ -40,9 +50,15 @@ import torch
 
 CPU_BIG = [(2048, 256, 32768), (4096, 896, 151936)]
 CPU_SWEEP = [(n, 256, 32768) for n in (512, 1024, 4096, 8192)]
-CUDA_PERF = [(16384, 896, 151936), (16384, 4096, 128256)]
+CUDA_PERF = [(16384, 4096, 128256), (16384, 4096, 151936), (16384, 896, 151936)]
+SHAPE_NAMES = {
+    (16384, 4096, 128256): "Llama-3-8B",
+    (16384, 4096, 151936): "Qwen3-8B",
+    (16384, 896, 151936): "Qwen2.5-0.5B",
+}
 MODES = ("logp", "logp+ent")
-PEAK_TFLOPS = 990.0
+PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16
+RIVALS = ("trl", "liger-sce", "liger-flce", "liger-slp")  # the ones ours must match or beat
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -94,6 +110,15 @@ def _liger_sce():
     return fn
 
 
+def _liger_flce():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as flce
+
+    def fn(h, w, y, ent):
+        return -flce(h, w, y, reduction="none"), None
+
+    return fn
+
+
 def _liger_slp():
     from liger_kernel.chunked_loss import fused_linear_ppo as ppo
 
@@ -108,6 +133,7 @@ METHODS = {
     "naive": (_naive, True),
     "trl": (_trl, True),
     "liger-sce": (_liger_sce, True),
+    "liger-flce": (_liger_flce, False),
     "liger-slp": (_liger_slp, False),
     "ours": (_ours, True),
 }
@@ -118,6 +144,7 @@ def available_methods() -> list[str]:
     for name, module in (
         ("trl", "trl.kernels"),
         ("liger-sce", "liger_kernel.ops"),
+        ("liger-flce", "liger_kernel.transformers.functional"),
         ("liger-slp", "liger_kernel.chunked_loss"),
     ):
         try:
@@ -271,7 +298,9 @@ def bench_cpu(shapes, methods, rounds, reps) -> None:
             sys.stdout.flush()
 
 
-def bench_cuda(shapes, methods, reps) -> None:
+def bench_cuda(shapes, methods, reps) -> dict:
+    """Every (shape, mode, method) on the GPU; returns the results for the targets table."""
+    out: dict = {}
     for shape in shapes:
         for mode in MODES:
             results = {}
@@ -281,28 +310,62 @@ def bench_cuda(shapes, methods, reps) -> None:
                     continue
                 try:
                     results[name] = run_case(name, *shape, mode, reps, "cuda", torch.bfloat16)
-                except Exception as exc:  # e.g. OOM of the naive path
+                except Exception as exc:  # e.g. OOM of the naive path, a missing Liger backend
                     results[name] = {"error": repr(exc)[:80]}
                 torch.cuda.empty_cache()
             print_table(shape, mode, results, elem=2)
+            sys.stdout.flush()
+            out[(tuple(shape), mode)] = results
+    return out
 
 
-def cuda_throughput(reps) -> None:
-    print("\n## CUDA throughput of ours (bf16); FLOPs: fwd 2NHV, fwd+bwd 8NHV (with recompute)")
+def _tflops(shape, r: dict) -> tuple[float, float]:
+    """(forward, forward+backward) TFLOP/s: 2NHV forward, 8NHV with the recompute."""
+    n, hdim, vocab = shape
+    f = 2.0 * n * hdim * vocab
+    return f / r["fwd"] / 1e12, 4 * f / r["full"] / 1e12
+
+
+def cuda_targets(results: dict, peak: float) -> None:
+    """The training shapes: each method's throughput, then ours against the targets."""
+    print(f"\n## CUDA training shapes (bf16); % of {peak:.0f} TF/s dense bf16 peak")
     print(
-        f"{'shape':<22} {'mode':<9} {'fwd ms':>8} {'TF/s':>6} {'%pk':>5} "
+        f"{'shape':<28} {'mode':<9} {'method':<10} {'fwd ms':>8} {'TF/s':>6} {'%pk':>5} "
         f"{'full ms':>8} {'TF/s':>6} {'%pk':>5} {'peak MB':>8}"
     )
-    for n, hdim, vocab in CUDA_PERF:
-        for mode in MODES:
-            r = run_case("ours", n, hdim, vocab, mode, reps, "cuda", torch.bfloat16)
-            f = 2.0 * n * hdim * vocab
-            tf_f, tf_b = f / r["fwd"] / 1e12, 4 * f / r["full"] / 1e12
+    targets = []
+    for (shape, mode), rows in results.items():
+        if shape not in SHAPE_NAMES:
+            continue
+        label = f"{SHAPE_NAMES[shape]} {shape[0]}x{shape[1]}x{shape[2]}"
+        for name, r in rows.items():
+            if "fwd" not in r:
+                print(f"{label:<28} {mode:<9} {name:<10} {r.get('skip') or r.get('error')}")
+                continue
+            tf_f, tf_b = _tflops(shape, r)
             print(
-                f"{f'{n}x{hdim}x{vocab}':<22} {mode:<9} {r['fwd'] * 1e3:8.2f} {tf_f:6.0f} "
-                f"{100 * tf_f / PEAK_TFLOPS:5.1f} {r['full'] * 1e3:8.2f} {tf_b:6.0f} "
-                f"{100 * tf_b / PEAK_TFLOPS:5.1f} {r['peak_mb']:8.0f}"
+                f"{label:<28} {mode:<9} {name:<10} {r['fwd'] * 1e3:8.2f} {tf_f:6.0f} "
+                f"{100 * tf_f / peak:5.1f} {r['full'] * 1e3:8.2f} {tf_b:6.0f} "
+                f"{100 * tf_b / peak:5.1f} {r['peak_mb']:8.0f}"
             )
+        ours = rows.get("ours", {})
+        rivals = {k: v["full"] for k, v in rows.items() if k in RIVALS and "full" in v}
+        if "full" in ours:
+            grads_mb = (shape[0] + shape[2]) * shape[1] * 2 / 2**20
+            best = min(rivals, key=rivals.get) if rivals else None
+            targets.append(
+                (
+                    label,
+                    mode,
+                    f"{ours['full'] / rivals[best]:.2f}x {best}" if best else "n/a (no rival ran)",
+                    100 * _tflops(shape, ours)[1] / peak,
+                    100 * max(0.0, ours["peak_mb"] - grads_mb) / grads_mb,
+                )
+            )
+    print("\n## Targets (fwd+bwd): ours/best rival <= 1.0x, >= 60% of peak, extra mem <= 10%")
+    print(f"{'shape':<28} {'mode':<9} {'ours/best':>18} {'%peak':>6} {'extra/grads %':>14}")
+    for label, mode, ratio, pct, extra in targets:
+        print(f"{label:<28} {mode:<9} {ratio:>18} {pct:6.1f} {extra:14.1f}")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -316,6 +379,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (CPU)")
     ap.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     ap.add_argument("--shapes", help="N,H,V;N,H,V;... instead of the default shape lists")
+    ap.add_argument("--perf-only", action="store_true", help="CUDA: only the training shapes")
+    ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="dense bf16 peak")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -334,11 +399,13 @@ def main(argv=None) -> None:
         f"threads={torch.get_num_threads()} methods={','.join(methods)}"
     )
     if device == "cuda":
+        print(f"# {torch.cuda.get_device_name()}  peak {args.peak_tflops:.0f} TF/s bf16")
         shapes = CPU_BIG[:1] if args.quick else CPU_BIG + CPU_SWEEP + CUDA_PERF
+        if args.perf_only:
+            shapes = CUDA_PERF
         if args.shapes:
             shapes = _parse_shapes(args.shapes)
-        bench_cuda(shapes, methods, reps=3)
-        cuda_throughput(reps=5)
+        cuda_targets(bench_cuda(shapes, methods, reps=5), args.peak_tflops)
         return
     if args.shapes:
         bench_cpu(_parse_shapes(args.shapes), methods, rounds=args.rounds, reps=2)

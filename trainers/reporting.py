@@ -7,13 +7,18 @@ lines never interleave.
 
 Control flows the other way as one signal: SIGUSR1 asks the trainer to pause,
 that is, to save a resumable checkpoint at the next step boundary and exit
-(``PauseRequest``).
+(``PauseRequest``). A run of several processes (ranks under ``accelerate
+launch``) reports from rank 0 only (``main_process``: the others' reporters keep
+their lines to themselves), and is asked to pause by a flag file every rank reads
+at the step boundary, since the launcher between the supervisor and the ranks
+does not pass SIGUSR1 on.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from trainers import messages as m
@@ -25,11 +30,22 @@ class Reporter:
     def __init__(self, fd: int | None = None):
         self.fd = fd
         self.sent: list[m.ReportMessage] = []
+        self.journal_fd: int | None = None
+
+    def keep_journal(self, path: Path) -> None:
+        """Also append every line to ``path``: the run's own durable record, which the
+        next attempt's supervisor replays if these lines never reached the job record
+        (a worker that stalled or died while holding them)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.journal_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def send(self, msg: m.ReportMessage) -> None:
         self.sent.append(msg)
+        line = m.encode(msg)
+        if self.journal_fd is not None:
+            os.write(self.journal_fd, line)
         if self.fd is not None:
-            os.write(self.fd, m.encode(msg))
+            os.write(self.fd, line)
 
     def event(self, message: str, level: str = "info", **data: Any) -> None:
         self.send(m.Event(level=level, message=message, data=data or None))
@@ -58,11 +74,27 @@ class Reporter:
         self.send(m.Error(code=code, message=message, param=param))
 
 
-class PauseRequest:
-    """Set by SIGUSR1 (from the supervisor), read by the trainer callback at step ends."""
+def main_process() -> bool:
+    """Whether this process reports: the only one, or rank 0 of a launched run."""
+    return int(os.environ.get("RANK", "0")) == 0
 
-    def __init__(self) -> None:
+
+def open_report_path(path: str) -> int | None:
+    """The report fd of a launched run: the named pipe the supervisor reads, opened by
+    rank 0 only; ``None`` (keep lines in memory) on every other rank."""
+    return os.open(path, os.O_WRONLY) if main_process() else None
+
+
+class PauseRequest:
+    """Set by SIGUSR1 (from the supervisor), or by the flag file ``path`` appearing; read
+    by the trainer callback at step ends (which makes the ranks of a run agree)."""
+
+    def __init__(self, path: Path | None = None) -> None:
         self.requested = False
+        self.path = path
+
+    def is_requested(self) -> bool:
+        return self.requested or (self.path is not None and self.path.exists())
 
     def install(self) -> PauseRequest:
         signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "requested", True))

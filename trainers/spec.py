@@ -21,6 +21,7 @@ style.
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -29,6 +30,7 @@ from trainers.graders.spec import Grader, template_fields
 from trainers.hparams import (
     BCOHyperparameters,
     DPOHyperparameters,
+    EGPOHyperparameters,
     GRPOHyperparameters,
     OREOHyperparameters,
     ReinforcementHyperparameters,
@@ -41,7 +43,8 @@ from trainers.rows import RowFormat
 __all__ = ["PLANNED_METHODS", "SPEC_VERSION", "JobSpec", "read_stored_spec"]
 
 # 1: the first release (no spec_version field). 2: shared hyperparameter base, DPO, GRPO.
-SPEC_VERSION = 2
+# 3: resources.gpus defaults to null (the worker's devices), processes, strategy, queue.
+SPEC_VERSION = 3
 # Module names that are an LM head in the model families transformers ships.
 _HEAD_MODULES = frozenset({"lm_head", "embed_out", "output", "output_layer"})
 
@@ -71,13 +74,62 @@ class LoraSettings(Strict):
         return self
 
 
-class Resources(Strict):
-    """What one job may use on its worker (extension)."""
+# Distributed strategies of a multi-process job, each one of accelerate's own launch
+# configurations (``workers.launch``): DDP, FSDP2, DeepSpeed ZeRO stage 2 or 3.
+STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
 
-    gpus: int = Field(1, ge=0, le=64, description="GPUs for the job; 0 = CPU (tests, demo).")
+
+class Resources(Strict):
+    """What one job may use on its worker (extension).
+
+    A job runs on a worker of ``queue`` (one queue per GPU class); every training
+    process sees exactly that worker's devices (``CUDA_VISIBLE_DEVICES``). More than
+    one process (``gpus`` > 1, or ``processes`` > 1 on CPU) runs under
+    ``accelerate launch`` with ``strategy``.
+    """
+
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="GPUs, one training process each; 0 = CPU. Default (null): 1 on a GPU "
+        "worker, 0 on a CPU-only worker.",
+    )
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Training processes of a CPU job (gloo); default 1. A GPU job runs one "
+        "process per GPU.",
+    )
+    strategy: Literal[STRATEGIES] = Field(
+        "ddp", description="How processes share the model: ddp, fsdp2, deepspeed_zero2/3."
+    )
+    queue: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Celery queue (GPU class) whose workers run the job; default = the "
+        "API's POSTTRAIN_QUEUE.",
+    )
     cpu_threads: int | None = Field(
         None, ge=1, le=512, description="torch threads; default = the worker's share of cores."
     )
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> Resources:
+        if self.gpus and self.processes is not None and self.processes != self.gpus:
+            raise ValueError(
+                f"processes ({self.processes}) must equal gpus ({self.gpus}): a GPU job runs "
+                "one process per GPU; drop processes"
+            )
+        if self.gpus == 0 and self.strategy != "ddp":
+            raise ValueError(
+                f"strategy '{self.strategy}' needs GPUs (on CPU accelerate runs DDP over "
+                "gloo); set gpus >= 1 or use 'ddp'"
+            )
+        return self
 
 
 class SupervisedConfig(Strict):
@@ -201,6 +253,21 @@ class ReinforcementMethod(Strict):
         return [self.reinforcement.grader]
 
 
+class EGPOConfig(Strict):
+    """EGPO's block: its hyperparameters, the judge among them (required)."""
+
+    hyperparameters: EGPOHyperparameters
+
+
+class EGPOMethod(Strict):
+    """EGPO: online Nash preference optimisation with extragradient steps; prompts only
+    (``prompt`` or ``messages``, extra fields ignored), answers sampled and judged online."""
+
+    accepted_formats: ClassVar[tuple[RowFormat, ...]] = (RowFormat.prompt_only,)
+    type: Literal["egpo"]
+    egpo: EGPOConfig
+
+
 def grader_fields(method) -> set[str]:
     """The dataset fields a job's graders read (``{{item.x}}``); empty for other methods."""
     graders = method.graders() if hasattr(method, "graders") else []
@@ -209,7 +276,13 @@ def grader_fields(method) -> set[str]:
 
 Method = Annotated[
     Union[  # noqa: UP007
-        SupervisedMethod, DPOMethod, BCOMethod, OREOMethod, GRPOMethod, ReinforcementMethod
+        SupervisedMethod,
+        DPOMethod,
+        BCOMethod,
+        OREOMethod,
+        GRPOMethod,
+        ReinforcementMethod,
+        EGPOMethod,
     ],
     Field(discriminator="type"),
 ]
@@ -221,7 +294,8 @@ def normalize_method(raw: Any) -> Any:
         return {"type": "supervised"}
     if isinstance(raw, dict):
         raw = dict(raw)
-        alias = METHOD_ALIASES.get(raw.get("type"))
+        kind = raw.get("type")
+        alias = METHOD_ALIASES.get(kind) if isinstance(kind, str) else None
         if alias:
             raw["type"] = alias
             for name, target in METHOD_ALIASES.items():
@@ -248,7 +322,17 @@ class JobSpec(Strict):
     lora: LoraSettings | None = None
     resources: Resources = Field(default_factory=Resources)
     checkpoint_every_steps: int | None = Field(
-        None, ge=1, description="Checkpoint interval in steps; default from the worker settings."
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Checkpoint interval in steps; default from the worker settings.",
+    )
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="Checkpoints kept besides the final one (the newest N); 0 = keep all; "
+        "default from the worker settings.",
     )
     metadata: dict[str, str] | None = None
 
@@ -295,14 +379,41 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
     if version > SPEC_VERSION:
         raise StoredSpecError(f"spec_version {version} is newer than this release ({SPEC_VERSION})")
     # 1 -> 2: only the version field is new; every v1 field kept its name and meaning.
+    if version < 3:
+        # 2 -> 3: resources.gpus was stored as its default 1 and never read; a stored 1 is
+        # the new default (null: 1 on a GPU worker, CPU on a CPU-only one), so an old job
+        # does not start demanding a GPU.
+        resources = data.get("resources")
+        if isinstance(resources, dict) and resources.get("gpus") == 1:
+            data = {**data, "resources": {**resources, "gpus": None}}
     return {**data, "spec_version": SPEC_VERSION}
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _not_a_number(text: str) -> float:
+    raise ValueError(f"{text} is not a number")
+
+
+def _finite_or_none(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
 def read_stored_spec(text: str) -> JobSpec:
-    """Parse a spec as stored in a job record, upgrading older versions."""
+    """Parse a spec as stored in a job record, upgrading older versions. NaN and
+    Infinity (which an earlier release could store) make it unreadable."""
     try:
-        return JobSpec.model_validate(_upgrade(json.loads(text)))
-    except (ValueError, ValidationError) as exc:
+        data = json.loads(text, parse_float=_finite, parse_constant=_not_a_number)
+        if not isinstance(data, dict):
+            raise ValueError("a stored job spec is a JSON object")
+        return JobSpec.model_validate(_upgrade(data))
+    except (ValueError, ValidationError, RecursionError) as exc:
         raise StoredSpecError(f"stored job spec cannot be read: {exc}") from exc
 
 
@@ -313,20 +424,27 @@ def stored_spec_view(text: str) -> dict[str, Any]:
         return read_stored_spec(text).model_dump(mode="json")
     except StoredSpecError:
         pass
-    try:
-        raw = json.loads(text)
-    except ValueError:
+    try:  # non-finite numbers become null, so the view is always valid JSON
+        raw = json.loads(text, parse_float=_finite_or_none, parse_constant=lambda _: None)
+    except (ValueError, RecursionError):
         raw = {}
     raw = raw if isinstance(raw, dict) else {}
     method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    metadata = raw.get("metadata")
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        metadata = None
     return {
         "model": str(raw.get("model", "")),
         "training_file": str(raw.get("training_file", "")),
-        "validation_file": raw.get("validation_file"),
+        "validation_file": _str_or_none(raw.get("validation_file")),
         "method": method,
         "seed": raw.get("seed") if isinstance(raw.get("seed"), int) else None,
-        "suffix": raw.get("suffix"),
-        "training_type": raw.get("training_type", "full"),
+        "suffix": _str_or_none(raw.get("suffix")),
+        "training_type": str(raw.get("training_type", "full")),
         "resources": raw.get("resources") if isinstance(raw.get("resources"), dict) else {},
-        "metadata": raw.get("metadata") if isinstance(raw.get("metadata"), dict) else None,
+        "metadata": metadata,
     }
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -4,13 +4,15 @@
 ``WorkerSettings``, so importing this module reads no environment and opens no
 connection. The API builds its own producer with ``make_celery(settings)`` from
 the settings it was created with. One job per worker process: prefetch 1, late
-acks (a job whose worker dies is redelivered), and an explicit queue.
+acks (a job whose worker dies is redelivered), and an explicit queue. Its Redis
+transport gets the timeouts of ``workers.redis_client``.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
+from workers.redis_client import broker_transport_options
 from workers.settings import WorkerSettings
 
 TASK_NAME = "posttrain.run_job"
@@ -30,8 +32,9 @@ def configure(celery: Celery, s: WorkerSettings) -> None:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         # Redelivery of an unacked job if its worker vanished; the task is
-        # idempotent (lease in the record), so an early redelivery just exits.
-        broker_transport_options={"visibility_timeout": 3600},
+        # idempotent (lease in the record), so an early redelivery just exits. The
+        # same socket timeouts and health checks as every other Redis client.
+        broker_transport_options={"visibility_timeout": 3600, **broker_transport_options(s)},
         imports=["workers.tasks"],
     )
 

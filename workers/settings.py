@@ -22,12 +22,46 @@ class WorkerSettings(BaseSettings):
     queue: str = Field("posttrain.gpu", description="Celery queue the workers consume.")
     key_prefix: str = Field("posttrain:", description="Prefix of every Redis key posttrain owns.")
     checkpoint_every_steps: int = Field(50, ge=1, description="Default checkpoint interval.")
+    keep_checkpoints: int = Field(
+        3, ge=0, description="Checkpoints a job keeps besides its final one (0 = all)."
+    )
+    events_maxlen: int = Field(
+        10_000, ge=100, description="Approximate cap on a job's events stream (XADD MAXLEN ~)."
+    )
+    metrics_maxlen: int = Field(
+        100_000, ge=100, description="Approximate cap on a job's metrics stream, in steps."
+    )
     lease_seconds: float = Field(30.0, gt=1, description="A job's lease lasts this long unrenewed.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the supervisor renews.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed for good.")
     cancel_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL delay.")
     train_threads: int | None = Field(None, ge=1, description="torch threads per training process.")
     concurrency: int = Field(1, ge=1, description="Jobs at once per worker (one per GPU).")
+    worker_gpus: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9,-]*$",
+        description="The worker's devices (CUDA_VISIBLE_DEVICES of its training processes), "
+        "e.g. '0,1'; '' = CPU-only; unset = every GPU nvidia-smi lists (none without it).",
+    )
+    exit_deadline_seconds: float = Field(
+        120.0, gt=0, description="A trainer still alive this long after its final report is killed."
+    )
+    stall_seconds: float = Field(
+        1800.0, gt=0, description="No report line for this long: the run is stopped as stalled."
+    )
+    report_flush_seconds: float = Field(
+        3600.0, gt=0, description="Report lines are held this long for Redis after a run ends."
+    )
+    requeue_grace_seconds: float = Field(
+        60.0, gt=0, description="A job queued this long with no broker message is re-enqueued."
+    )
+    redis_socket_timeout: float = Field(5.0, gt=0, description="Seconds a Redis call may block.")
+    redis_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to Redis.")
+    redis_retries: int = Field(3, ge=0, description="Retries of a Redis call on connection errors.")
+    redis_retry_cap: float = Field(1.0, gt=0, description="Longest backoff between retries (s).")
+    redis_health_check_interval: int = Field(
+        15, ge=0, description="Idle pooled connections are PINGed before reuse after this many s."
+    )
     vllm_command: str = Field(
         "vllm", description="The vLLM executable a worker starts for server-mode rollouts."
     )

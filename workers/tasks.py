@@ -12,12 +12,14 @@ import os
 import socket
 from functools import lru_cache
 
-import redis
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
+from workers import launch
 from workers.celery_app import app, enqueue
 from workers.filestore import FileStore
-from workers.recovery import Reaper
+from workers.fleet import Advertiser, job_queue
+from workers.recovery import Reaper, broker_has_message
+from workers.redis_client import make_redis
 from workers.settings import WorkerSettings
 from workers.store import JobNotFound, JobStatus, JobStore
 
@@ -27,8 +29,11 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def _context() -> tuple[WorkerSettings, JobStore, FileStore]:
     s = WorkerSettings()
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
-    return s, JobStore(client, s.key_prefix), FileStore(client, s.data_dir, s.key_prefix)
+    client = make_redis(s)
+    store = JobStore(
+        client, s.key_prefix, events_maxlen=s.events_maxlen, metrics_maxlen=s.metrics_maxlen
+    )
+    return s, store, FileStore(client, s.data_dir, s.key_prefix)
 
 
 def worker_identity() -> str:
@@ -55,20 +60,69 @@ def run_job(job_id: str) -> str:
         store.transition(job_id, JobStatus.failed, error=error)
         store.add_event(job_id, f"Job failed: {error['message']}", level="error")
         return "failed"
+    if claim.paused:
+        store.add_event(
+            job_id,
+            "Worker lost while the job was pausing; job paused at its last checkpoint",
+            level="warn",
+        )
+        return "paused"
     if not claim.ok:
         log.info("run_job: job %s is %s; nothing to do", job_id, claim.previous)
         return f"skipped:{claim.previous}"
-    outcome = Supervisor(settings, store, files, owner).run(job_id, claim.attempt)
+    outcome = Supervisor(settings, store, files, owner, fence=claim.fence).run(
+        job_id, claim.attempt
+    )
     if outcome == "requeued":
-        enqueue(app, job_id, settings.queue)
+        enqueue(app, job_id, job_queue(store, job_id, settings.queue))
+        store.mark_enqueued(job_id)
     return outcome
 
 
 @worker_ready.connect
 def _start_reaper(**_: object) -> None:
     settings, store, _files = _context()
+    broker = store.r
+    if settings.effective_broker_url != settings.redis_url:
+        broker = make_redis(settings, settings.effective_broker_url)
+    def queue_of(job_id: str) -> str:  # a reaper requeues jobs of every queue, each on its own
+        return job_queue(store, job_id, settings.queue)
+
+    def has_message(job_id: str) -> bool:
+        return broker_has_message(broker, queue_of(job_id))(job_id)
+
     Reaper(
         store,
-        lambda job_id: enqueue(app, job_id, settings.queue),
+        lambda job_id: enqueue(app, job_id, queue_of(job_id)),
         interval=max(1.0, settings.lease_seconds / 2),
+        lease_seconds=settings.lease_seconds,
+        stranded_grace=settings.requeue_grace_seconds,
+        has_message=has_message,
     ).start()
+
+
+_advertiser: Advertiser | None = None
+
+
+@worker_ready.connect
+def _advertise(sender=None, **_: object) -> None:
+    """Keep this worker's devices, queue and strategies visible to the API (workers.fleet)."""
+    global _advertiser
+    settings, store, _files = _context()
+    _advertiser = Advertiser(
+        store.r,
+        settings.key_prefix,
+        settings.queue,
+        getattr(sender, "hostname", None) or worker_identity(),
+        launch.worker_devices(settings.worker_gpus),
+        launch.available_strategies(),
+        interval=settings.heartbeat_seconds,
+        ttl=max(3 * settings.heartbeat_seconds, 10.0),
+    )
+    _advertiser.start()
+
+
+@worker_shutdown.connect
+def _withdraw(**_: object) -> None:
+    if _advertiser is not None:
+        _advertiser.stop()

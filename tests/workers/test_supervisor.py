@@ -110,3 +110,109 @@ def test_an_invalid_report_line_fails_the_job_and_stops_the_trainer(store, file_
     assert err["code"] == "invalid_report" and "step" in err["message"]
     messages = [f["message"] for _, f in store.events("ftjob-s", None, 10)[0]]
     assert "started" in messages  # valid lines before the bad one were applied
+
+
+def _child(script: str):
+    """A stand-in training process (a real child on a real pipe) running ``script``."""
+    import os
+    import subprocess
+    import sys
+
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\nfd = int(sys.argv[1])\n" + script,
+         str(write_fd)],
+        pass_fds=[write_fd],
+        start_new_session=True,
+    )
+    os.close(write_fd)
+    return proc, read_fd
+
+
+def _claimed(store, file_store, tmp_path, **settings):
+    sup, attempt, _ = _setup(store, file_store, tmp_path, "m", [json.dumps(CHAT)])
+    sup.s = sup.s.model_copy(update=settings)
+    return sup, attempt
+
+
+def test_a_trainer_that_hangs_after_its_result_is_stopped_and_the_job_succeeds(
+    store, file_store, tmp_path
+):
+    from workers.reporter import RecordReporter
+
+    sup, _ = _claimed(store, file_store, tmp_path, exit_deadline_seconds=1.0)
+    proc, read_fd = _child(
+        'os.write(fd, b\'{"type": "result", "step": 3, "trained_tokens": 30, '
+        '"checkpoint": "jobs/x/output/checkpoint-3"}\\n\')\n'
+        "time.sleep(120)\n"  # a teardown that never returns (NCCL, vLLM)
+    )
+    reporter = RecordReporter(store, "ftjob-s", "m")
+    verdict = sup.watch("ftjob-s", proc, read_fd, reporter)
+    assert proc.poll() is not None  # killed, not waited on for two minutes
+    assert verdict.kind == "succeeded"
+    events = [f["message"] for _, f in store.events("ftjob-s", None, 10)[0]]
+    assert any("exit deadline" in e for e in events)
+
+
+def test_a_trainer_that_stops_reporting_is_stopped_by_the_watchdog(store, file_store, tmp_path):
+    from workers.reporter import RecordReporter
+
+    sup, attempt = _claimed(store, file_store, tmp_path, stall_seconds=1.5)
+    proc, read_fd = _child(
+        'os.write(fd, b\'{"type": "event", "message": "loaded"}\\n\')\ntime.sleep(120)\n'
+    )
+    verdict = sup.watch("ftjob-s", proc, read_fd, RecordReporter(store, "ftjob-s", "m"))
+    assert proc.poll() is not None
+    assert verdict.kind == "crashed" and "stall watchdog" in verdict.detail
+    spec = JobSpec.model_validate({"model": "m", "training_file": "f"})
+    out = sup.finish("ftjob-s", spec, verdict, RecordReporter(store, "ftjob-s", "m"), attempt)
+    assert out == "requeued" and store.get("ftjob-s")["status"] == "queued"
+    events = [f["message"] for _, f in store.events("ftjob-s", None, 10)[0]]
+    assert any("no progress" in e and "stall watchdog" in e for e in events)
+
+
+def test_a_worker_whose_job_was_taken_over_stops_its_trainer_and_writes_nothing(
+    store, file_store, tmp_path
+):
+    """Its lease expired while it stalled; another worker claimed the job (a newer fence).
+    Its next renewal is refused: it stops the trainer and applies none of its lines."""
+    import time
+
+    from workers.reporter import RecordReporter
+
+    store.create("ftjob-t", "{}", JobStatus.queued)
+    old = store.claim("ftjob-t", "w1", lease_seconds=0.05, max_attempts=3)
+    time.sleep(0.1)
+    new = store.claim("ftjob-t", "w2", lease_seconds=30, max_attempts=3)
+    assert new.ok and new.fence > old.fence
+    settings = WorkerSettings(data_dir=tmp_path, key_prefix="test:", lease_seconds=30)
+    stale = Supervisor(settings, store, file_store, "w1", fence=old.fence)
+    proc, read_fd = _child(
+        "for i in range(1, 1000):\n"
+        '    os.write(fd, (\'{"type": "log", "step": %d, "total_steps": 999, '
+        '"metrics": {"loss": 1.0}}\\n\' % i).encode())\n'
+        "    time.sleep(0.01)\n"
+    )
+    verdict = stale.watch("ftjob-t", proc, read_fd, RecordReporter(store, "ftjob-t", "m"))
+    assert verdict.kind == "lease_lost" and proc.poll() is not None
+    assert store.last_metric_step("ftjob-t") == 0  # none of the stale lines were applied
+    spec = JobSpec.model_validate({"model": "m", "training_file": "f"})
+    assert stale.finish("ftjob-t", spec, verdict, RecordReporter(store, "ftjob-t", "m"), 1) == (
+        "lease_lost"
+    )
+    rec = store.get("ftjob-t")
+    assert rec["status"] == "running" and rec["lease_owner"] == "w2"
+
+
+def test_fence_file_refuses_a_superseded_run(tmp_path):
+    from trainers import fencing
+
+    path = tmp_path / "job" / "fence"
+    fencing.write_fence(path, 5)
+    fencing.check(path, 5)
+    fencing.write_fence(path, 7)  # a newer claim
+    with pytest.raises(fencing.StaleFence, match="superseded by 7"):
+        fencing.check(path, 5)
+    with pytest.raises(fencing.StaleFence):
+        fencing.write_fence(path, 6)  # an older claim can never move it back
+    assert fencing.read_fence(path) == 7
