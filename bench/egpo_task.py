@@ -42,17 +42,23 @@ JUDGE = {
 }
 CLASSES = ("a", "b", "c")
 P = JUDGE["preferences"]
-BETA = 0.1
-PROMPTS = 32
-# The end-to-end test's training settings (the curve benchmark reuses them).
+BETA = 0.2
+PROMPTS = 128
+# The end-to-end test's training settings (the curve benchmark reuses them): every step
+# sees every prompt once, y and y' are drawn like y'' (temperature 1, no top-k) so every
+# first token can be sampled, one token is the whole answer (the style is its first
+# character; a longer answer only adds tokens that h sums and the target ignores), and
+# the learning rate decays to 0 so the last iterations settle instead of wandering.
 HYPERPARAMETERS: dict[str, Any] = {
     "judge": JUDGE,
     "learning_rate": 1e-2,
-    "lr_scheduler_type": "constant",
-    "batch_size": 8,
-    "max_steps": 60,
-    "max_new_tokens": 2,
+    "lr_scheduler_type": "linear",
+    "batch_size": PROMPTS,
+    "max_steps": 100,
+    "max_new_tokens": 1,
     "max_seq_length": 64,
+    "temperature": 1.0,
+    "top_k": 0,
     "beta": BETA,
     "normalize_logprobs": False,  # the sequence-level objective the equilibrium is defined for
 }
@@ -67,8 +73,9 @@ def prompt_rows(n: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- exact measures
-def style_probabilities(model_or_dir, n_prompts: int = PROMPTS, depth: int | None = None):
-    """[n_prompts, 3] float64: each training prompt's exact style mix under the policy.
+def style_probabilities(model_dir, n_prompts: int | None = None, depth: int | None = None):
+    """[n_prompts, 3] float64: each training prompt's exact style mix under the policy
+    saved in ``model_dir`` (evaluated in float64; RoPE makes left padding harmless).
 
     ``depth`` (default: the task's ``max_new_tokens``) is how many tokens a completion may
     have: a blank first token is followed one more token while depth allows; a completion
@@ -82,12 +89,8 @@ def style_probabilities(model_or_dir, n_prompts: int = PROMPTS, depth: int | Non
     from trainers.judges.registry import build_judge
 
     depth = depth or HYPERPARAMETERS["max_new_tokens"]
-    if isinstance(model_or_dir, torch.nn.Module):
-        model, tok = model_or_dir, AutoTokenizer.from_pretrained(model_or_dir.name_or_path)
-    else:
-        tok = AutoTokenizer.from_pretrained(model_or_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_or_dir, dtype=torch.float64)
-    model = model.eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     judge = build_judge(JUDGE, seed=0)
     eos = eos_ids_of(tok, model)
     texts = [tok.decode([i], skip_special_tokens=True) for i in range(len(tok))]
@@ -110,32 +113,37 @@ def style_probabilities(model_or_dir, n_prompts: int = PROMPTS, depth: int | Non
         out = probs[:, ~blank] @ onehot[~blank]
         go_on = blank.nonzero().flatten().tolist()
         if left > 1:
-            nxt = mix_after([s + [t] for s in seqs for t in go_on], left - 1)
+            nxt = mix_after([[*s, t] for s in seqs for t in go_on], left - 1)
             out += (probs[:, go_on, None] * nxt.view(len(seqs), len(go_on), -1)).sum(1)
         else:
             out[:, empty] += probs[:, blank].sum(-1)
         return out
 
-    rows = prompt_rows(n_prompts)
+    rows = prompt_rows(n_prompts or PROMPTS)
     return mix_after([prompt_token_ids(tok, r["messages"]) for r in rows], depth)
 
 
-def equilibrium(reference, beta: float = BETA):
-    """[n, 3]: the regularised equilibrium's style mix for each row of ``reference``."""
+def equilibrium(reference, beta: float = BETA, iterations: int = 4000):
+    """[n, 3]: the regularised equilibrium's style mix for each row of ``reference``.
+
+    Extragradient (mirror-prox) iterations from θ_ref, all rows at once (column-wise:
+    ``mirror_prox_step`` multiplies P by the opponent), checked with the fixed-point
+    residual of ``trainers.core.egpo``.
+    """
     import torch
 
-    from trainers.core.egpo import equilibrium_residual, regularised_equilibrium
+    from trainers.core.egpo import equilibrium_residual, mirror_prox_step
 
-    ref = torch.as_tensor(reference, dtype=torch.float64).clamp(min=1e-12)
+    ref = torch.as_tensor(reference, dtype=torch.float64).clamp(min=1e-12).log().T  # [3, n]
     table = torch.tensor(P, dtype=torch.float64)
-    out = []
-    for row in ref:
-        theta = regularised_equilibrium(
-            row.log(), table, beta=beta, eta=min(1.0, 0.5 / beta), iterations=4000
-        )
-        assert equilibrium_residual(theta, row.log(), table, beta=beta) < 1e-9
-        out.append(torch.softmax(theta, -1))
-    return torch.stack(out)
+    eta = min(1.0, 0.5 / beta)
+    theta = ref.clone()
+    for _ in range(iterations):
+        half = mirror_prox_step(theta, ref, table, theta.softmax(0), eta=eta, beta=beta)
+        theta = mirror_prox_step(theta, ref, table, half.softmax(0), eta=eta, beta=beta)
+    for t, r in zip(theta.T, ref.T, strict=True):
+        assert equilibrium_residual(t, r, table, beta=beta) < 1e-9
+    return theta.softmax(0).T
 
 
 def win_rate(policy, base) -> float:
@@ -155,7 +163,7 @@ def mean_mix(p) -> list[float]:
     return [round(float(x), 3) for x in p.mean(0)]
 
 
-def sample_styles(model_dir, n_per_prompt: int, prompts: int = PROMPTS, seed: int = 0):
+def sample_styles(model_dir, n_per_prompt: int, prompts: int | None = None, seed: int = 0):
     """Styles of sampled completions (temperature 1, no top-k), to check the exact mix."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,7 +174,7 @@ def sample_styles(model_dir, n_per_prompt: int, prompts: int = PROMPTS, seed: in
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = [prompt_token_ids(tok, r["messages"]) for r in prompt_rows(prompts)]
+    ids = [prompt_token_ids(tok, r["messages"]) for r in prompt_rows(prompts or PROMPTS)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = TransformersSampler(tok, HYPERPARAMETERS["max_new_tokens"]).sample(

@@ -2,6 +2,7 @@
 
     python -m bench.egpo_vs_grpo                  # step time, EGPO / GRPO, one run
     python -m bench.egpo_vs_grpo --curve          # win-rate per iteration, EGPO vs online IPO
+    python -m bench.egpo_vs_grpo --curve --seed 2 # the same, another job seed
 
 Step time: both methods through posttrain's runner (``trainers.runner.run_method``) on
 the tiny model, each in its own subprocess, alternating rounds, same threads, same
@@ -12,10 +13,11 @@ time is on_step_begin -> on_step_end, median after two warm-up steps. EGPO's two
 of step are reported apart too: the full step also restores the snapshot.
 
 Curve: EGPO and online IPO (``extragradient: false``) with the end-to-end test's
-settings and seed, a checkpoint after every iteration (two EGPO steps; two online-IPO
-steps, so both have seen the same number of prompt batches); each checkpoint's samples
-are judged against the base model's (exact table win-rate) and its style mix compared
-with the regularised equilibrium (total variation).
+settings (``bench/egpo_task.py``) and the same seed, a checkpoint after every iteration
+(two EGPO steps; two online-IPO steps, so both have seen the same prompt batches). Each
+checkpoint's exact style mix is judged against the base model's (exact win-rate, 0.5 =
+the base) and compared with the regularised equilibrium of the base's mix (mean total
+variation over the prompts). ``--seed`` picks the job seed (data order, sampling).
 """
 
 from __future__ import annotations
@@ -121,36 +123,46 @@ def curve(a) -> None:
     from trainers.spec import JobSpec
     from trainers.tiny_model import build_tiny_model
 
-    BETA, HP = task.BETA, task.HYPERPARAMETERS
+    HP = task.HYPERPARAMETERS
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-egpo-curve-"))
     model = build_tiny_model(work / "model", seed=0)
     data = work / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in task.prompt_rows(32)))
-    base = task.sample_classes(model, 8)
-    ref = task.mix(base)
-    star = task.equilibrium_mix(ref, BETA)
-    print(f"base mix a/b/c/other {[round(x, 3) for x in ref]}; "
-          f"equilibrium (beta {BETA}) {[round(x, 3) for x in star]}")  # fmt: skip
-    rows: dict[str, list[tuple[float, float]]] = {}
+    data.write_text("".join(json.dumps(r) + "\n" for r in task.prompt_rows(task.PROMPTS)))
+    base = task.style_probabilities(model)
+    star = task.equilibrium(base)
+    win_star = task.win_rate(star, base)
+    print(f"style mix a/b/c: base {task.mean_mix(base)}, equilibrium (beta {task.BETA}) "
+          f"{task.mean_mix(star)}, whose win-rate vs the base is {win_star:.3f}")  # fmt: skip
+    print(f"{HP['max_steps']} steps x {task.PROMPTS} prompts, lr {HP['learning_rate']} "
+          f"({HP['lr_scheduler_type']}), seed {a.seed}, {a.threads} thread(s)")  # fmt: skip
+    rows: dict[str, list[tuple[float, float, list[float]]]] = {}
+    seconds: dict[str, float] = {}
     for name, eg in (("egpo", True), ("online_ipo", False)):
         spec = JobSpec.model_validate({
-            "model": str(model), "training_file": "f", "seed": 1,
+            "model": str(model), "training_file": "f", "seed": a.seed,
             "method": {"type": "egpo", "egpo": {"hyperparameters": {**HP, "extragradient": eg}}},
         })  # fmt: skip
         plan = RunPlan(job_id=name, spec=spec, training_path=data, output_dir=work / name,
                        data_dir=work, checkpoint_every_steps=2, threads=a.threads)  # fmt: skip
+        t0 = time.perf_counter()
         run_method(METHOD, plan, Reporter())
+        seconds[name] = time.perf_counter() - t0
         rows[name] = []
         for step in range(2, HP["max_steps"] + 1, 2):
-            classes = task.sample_classes(plan.output_dir / f"checkpoint-{step}", 8)
-            rows[name].append((task.win_rate(classes, base), task.tv(task.mix(classes), star)))
-    print(f"\n{'iter':>4s} {'EGPO win':>9s} {'EGPO TV*':>9s} {'OIPO win':>9s} {'OIPO TV*':>9s}")
+            pi = task.style_probabilities(plan.output_dir / f"checkpoint-{step}")
+            rows[name].append((task.win_rate(pi, base), task.tv(pi, star), task.mean_mix(pi)))
+    print(f"\n{'iter':>4s} {'EGPO win':>9s} {'EGPO TV*':>9s} {'EGPO mix':>20s} "
+          f"{'OIPO win':>9s} {'OIPO TV*':>9s} {'OIPO mix':>20s}")  # fmt: skip
     for i, (e, o) in enumerate(zip(rows["egpo"], rows["online_ipo"], strict=True)):
-        print(f"{i + 1:4d} {e[0]:9.3f} {e[1]:9.3f} {o[0]:9.3f} {o[1]:9.3f}")
+        if (i + 1) % a.every and i + 1 != len(rows["egpo"]):
+            continue
+        print(f"{i + 1:4d} {e[0]:9.3f} {e[1]:9.3f} {e[2]!s:>20s} "
+              f"{o[0]:9.3f} {o[1]:9.3f} {o[2]!s:>20s}")  # fmt: skip
     print(
-        f"(win = judged win-rate vs the base's samples, 0.5 = the base itself; TV* = total "
-        f"variation of the style mix to the equilibrium, base {task.tv(ref, star):.3f})"
+        f"(win = exact judged win-rate vs the base, 0.5 = the base itself; TV* = mean total "
+        f"variation of the style mix to the equilibrium, base {task.tv(base, star):.3f}; "
+        f"training {seconds['egpo']:.1f} s EGPO, {seconds['online_ipo']:.1f} s online IPO)"
     )
 
 
@@ -160,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="--curve: the job seed")
+    p.add_argument("--every", type=int, default=1, help="--curve: print every Nth iteration")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:

@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GET .../metrics?after={after}&limit={a.limit} on a {a.steps}-step job")
         print(f"  before (XRANGE - + and scan): {t_before * 1e3:9.2f} ms  (median of {a.repeats})")
         print(
-            f"  after  (step-id cursor):      {t_after * 1e3:9.2f} ms  "
-            f"(median of {a.repeats * 10})"
+            f"  after  (step-id cursor):      {t_after * 1e3:9.2f} ms  (median of {a.repeats * 10})"
         )
         print(f"  ratio before/after: {t_before / t_after:.0f}x")
     finally:

@@ -112,8 +112,10 @@ class KeyRing:
         def add(digest: str, tenant: Tenant, where: str) -> None:
             other = ring.get(digest)
             if other is not None and other != tenant:
-                raise KeyFileError(f"{where}: one key is listed for '{other.name}' and "
-                                   f"'{tenant.name}'; a key belongs to one tenant")
+                raise KeyFileError(
+                    f"{where}: one key is listed for '{other.name}' and "
+                    f"'{tenant.name}'; a key belongs to one tenant"
+                )
             ring[digest] = tenant
 
         for key in (k.strip() for k in api_keys.split(",")):

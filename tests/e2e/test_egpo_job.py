@@ -1,13 +1,15 @@
 """EGPO through the official ``openai`` SDK against the real API and worker.
 
-The task (``bench/egpo_task.py``): a ``pattern_table`` judge with a cyclic preference
-over three answer styles (a ≻ b ≻ c ≻ a at 0.8, by the completion's first character)
-that all beat any other answer at 0.9. The tiny model is trained by EGPO and, on the
-same prompts and seed, by online IPO (``extragradient: false``); the final checkpoints
-are sampled and judged against the base model's samples. EGPO's policy must win
-against the base, shed the dominated "other" style, and keep a mix of the three cyclic
-styles (no collapse onto one). The distances of both policies' style mixes to the
-regularised equilibrium are printed for the closing note.
+The task (``bench/egpo_task.py``): three answer styles that cover every text (the
+answer's first character: a letter a-s, a letter t-z, anything else) and a
+``pattern_table`` judge that prefers them in a cycle, a ≻ b ≻ c ≻ a at 0.9. The game
+then is the spec's tabular 3-cycle on each prompt's style mix, so its regularised
+equilibrium is known exactly from the base model's mix. The tiny model is trained by
+EGPO; the final checkpoint's style mix (exact, from the next-token probabilities, and
+checked against sampled answers) must beat the base under the judge, end much closer to
+the equilibrium than the base is, and not collapse onto one style. Online IPO on the same
+data and seed is compared in ``python -m bench.egpo_vs_grpo --curve``, not here: it ends
+near the equilibrium on some seeds and far from it on others.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections import Counter
 
 import openai
 import pytest
@@ -24,7 +27,8 @@ from bench import egpo_task as task
 from tests.e2e.test_dpo_job import download_final, wait_done
 
 pytestmark = pytest.mark.e2e
-BETA, HP = task.BETA, task.HYPERPARAMETERS
+HP = task.HYPERPARAMETERS
+STEPS = HP["max_steps"]
 
 
 @pytest.fixture(scope="module")
@@ -45,52 +49,48 @@ def train(stack, sdk, file_id: str, **hp):
         method={"type": "egpo", "egpo": {"hyperparameters": {**HP, **hp}}},
     )
     assert job.method.type == "egpo"
-    return wait_done(sdk, job.id, timeout=300)
+    return wait_done(sdk, job.id, timeout=600)
 
 
-def test_egpo_beats_the_base_on_a_non_transitive_judge(stack, sdk, tmp_path):
+def test_egpo_moves_toward_the_equilibrium_of_a_cyclic_judge(stack, sdk, tmp_path):
     t0 = time.monotonic()
-    prompts = upload_rows(sdk, task.prompt_rows(32))
+    prompts = upload_rows(sdk, task.prompt_rows(task.PROMPTS))
     assert prompts.status == "processed"
-    egpo = train(stack, sdk, prompts.id)
+    job = train(stack, sdk, prompts.id)
     wall = time.monotonic() - t0
-    assert egpo.status == "succeeded", egpo.error
-    oipo = train(stack, sdk, prompts.id, extragradient=False)
-    assert oipo.status == "succeeded", oipo.error
+    assert job.status == "succeeded", job.error
 
-    events = list(sdk.fine_tuning.jobs.list_events(egpo.id, limit=200))
+    events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=200))
     metrics = sorted((e.data for e in events if e.type == "metrics"), key=lambda d: d["step"])
-    assert len(metrics) == 60
+    assert len(metrics) == STEPS
     assert [m["egpo_half"] for m in metrics[:4]] == [0.0, 1.0, 0.0, 1.0]
     assert {"loss", "win_rate_y", "win_rate_y_prime", "kl", "completion_length"} <= (
         metrics[-1].keys()
     )
-    oipo_metrics = [e.data for e in sdk.fine_tuning.jobs.list_events(oipo.id, limit=200)
-                    if e.type == "metrics"]  # fmt: skip
-    assert {m["egpo_half"] for m in oipo_metrics} == {0.0}
+    final, ckpt = download_final(stack, sdk, job.id, tmp_path / "egpo")
+    assert final.step_number == STEPS
 
-    base = task.sample_classes(stack.model_dir, 8)
-    results = {}
-    for name, job in (("EGPO", egpo), ("online IPO", oipo)):
-        final, ckpt = download_final(stack, sdk, job.id, tmp_path / name.replace(" ", "_"))
-        assert final.step_number == 60
-        trained = task.sample_classes(ckpt, 8)
-        results[name] = (task.win_rate(trained, base), task.mix(trained))
-    ref = task.mix(base)
-    star = task.equilibrium_mix(ref, BETA)
-    shown = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
-    print(f"\nEGPO e2e ({wall:.1f} s through the API): base style mix a/b/c/other "
-          f"{shown(ref)}, regularised equilibrium {shown(star)}")  # fmt: skip
-    for name, (win, m) in results.items():
-        print(f"  {name}: judged win-rate vs base {win:.3f}, mix {shown(m)}, TV to "
-              f"equilibrium {task.tv(m, star):.3f} (base {task.tv(ref, star):.3f})")  # fmt: skip
+    base = task.style_probabilities(stack.model_dir)  # [prompts, 3], exact
+    trained = task.style_probabilities(ckpt)
+    star = task.equilibrium(base)
+    # the exact mix is what the sampler draws: 1024 sampled answers agree with it
+    counts = Counter(task.sample_styles(ckpt, 8))
+    sampled = [counts[c] / sum(counts.values()) for c in task.CLASSES]
+    assert max(abs(s - e) for s, e in zip(sampled, trained.mean(0).tolist(), strict=True)) < 0.05
 
-    win, trained_mix = results["EGPO"]
-    assert task.win_rate(base, base) == 0.5  # the baseline the win-rate is read against
-    assert win >= 0.53
-    other = task.CLASSES.index("other")
-    assert trained_mix[other] < ref[other] - 0.05  # the dominated style is shed...
-    assert max(trained_mix[:3]) < 0.7 and min(trained_mix[:3]) > 0.05  # ...without collapse
+    win, win_star = task.win_rate(trained, base), task.win_rate(star, base)
+    tv, tv_base = task.tv(trained, star), task.tv(base, star)
+    print(f"\nEGPO e2e ({wall:.1f} s through the API, {STEPS} steps x {task.PROMPTS} prompts): "
+          f"style mix a/b/c base {task.mean_mix(base)}, equilibrium {task.mean_mix(star)}, "
+          f"EGPO {task.mean_mix(trained)} (sampled {[round(x, 3) for x in sampled]}); "
+          f"win-rate vs base {win:.3f} (the equilibrium's {win_star:.3f}); TV to the "
+          f"equilibrium {tv:.3f} (base {tv_base:.3f})")  # fmt: skip
+
+    assert task.win_rate(base, base) == pytest.approx(0.5)  # what the win-rate is read against
+    assert win_star > 0.54  # the equilibrium itself beats the base by this much...
+    assert win - 0.5 >= 0.5 * (win_star - 0.5)  # ...and EGPO gets at least half of that gain
+    assert tv <= 0.5 * tv_base  # at most half the base's distance to the equilibrium
+    assert float(trained.max()) < 0.7  # no style takes over on any prompt (no collapse)
 
 
 def test_a_prompt_less_row_is_refused(stack, sdk):
