@@ -33,17 +33,17 @@ trained in rounds, each round running every variant once, service second
 
 Timing sources (wall-clock ``time.time()`` and Redis's clock, one machine):
 
-* service per-step times: the ids of the job's metrics stream
-  ``posttrain:job:{id}:metrics`` read from the bench's Redis. The supervisor
-  ``XADD``s one entry per step when it applies the trainer's ``log`` report
-  line; an auto id's first part is Redis's clock in ms, so each id is the moment
-  that step's report reached the record (the events' ``created_at`` is only whole
-  seconds). A job that succeeds without one entry per step is reported as a
-  failure naming what the events show. Start-up milestones come the same way
-  from the events stream (``Fine-tuning job started`` = just before the
-  supervisor spawns ``trainers.run``; ``Loaded N training rows``; ``Training for
-  N steps`` = ``on_train_begin``) and from the record's ``created_at`` (API) and
-  ``started_at`` (worker's claim).
+* service per-step times: the ids of the job's ``metrics`` events in
+  ``posttrain:job:{id}:events`` read from the bench's Redis. The supervisor
+  ``XADD``s one per step (runs under 1000 steps) when it applies the trainer's
+  ``log`` report line, with that step's metrics entry; an auto id's first part is
+  Redis's clock in ms, so each id is the moment that step's report reached the
+  record (the events' ``created_at`` is only whole seconds). A job that succeeds
+  without one entry per step is reported as a failure naming what the events show.
+  Start-up milestones come the same way from the events stream (``Fine-tuning job
+  started`` = just before the supervisor spawns ``trainers.run``; ``Loaded N
+  training rows``; ``Training for N steps`` = ``on_train_begin``) and from the
+  record's ``created_at`` (API) and ``started_at`` (worker's claim).
 * plain per-step times: a ``TrainerCallback`` records ``time.time()`` in
   ``on_log`` for each step's log (the moment the service's trainer writes its
   report line), plus milestones at script start, after imports, rows, model,
@@ -426,8 +426,10 @@ def run_service(http, r, base: str, body: dict, a, roots: dict[str, int]) -> dic
     if job["status"] != "succeeded":
         events = [f["message"] for _, f in r.xrange(f"{key}:events")]
         raise RuntimeError(f"service job {job_id} {job['status']}: {job.get('error')}; {events}")
-    metrics = r.xrange(f"{key}:metrics")
-    by_step = {int(f["step"]): _stream_ms(i) for i, f in metrics}
+    # the step's ``metrics`` event is added with its metrics entry (whose id is the step,
+    # not a time); runs under 1000 steps get one per step (workers.reporter.METRIC_EVENTS)
+    metrics = [(i, json.loads(f["data"] or "null")) for i, f in r.xrange(f"{key}:events")]
+    by_step = {d["step"]: _stream_ms(i) for i, d in metrics if d and "total_steps" in d}
     if sorted(by_step) != list(range(1, a.steps + 1)):
         msgs = [f["message"] for _, f in r.xrange(f"{key}:events")]
         seen = list(dict.fromkeys(m.split(" in ")[0] for m in msgs))
@@ -633,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         **os.environ,
         "POSTTRAIN_REDIS_URL": redis_url,
         "POSTTRAIN_DATA_DIR": a._data_dir,
+        "POSTTRAIN_MODEL_ROOTS": str(work),  # the model dir; jobs/ under data stays private
         "POSTTRAIN_QUEUE": f"posttrain.bench.{os.getpid()}",
         "POSTTRAIN_CHECKPOINT_EVERY_STEPS": str(HUGE),
         "POSTTRAIN_TRAIN_THREADS": str(a.threads),

@@ -1,4 +1,4 @@
-"""The ``posttrain`` command: serve, worker, tiny-model, demo.
+"""The ``posttrain`` command: serve, worker, keys, tiny-model, demo.
 
 Heavy imports (torch, transformers) happen only inside the subcommands that
 need them; ``posttrain serve`` stays torch-free like the API it runs.
@@ -13,13 +13,24 @@ import sys
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.auth import KeyFileError, KeyRing, bind_refusal
     from service.settings import ApiSettings
 
     s = ApiSettings()
+    host = args.host or s.host
+    try:
+        ring = KeyRing.load(s.api_keys, s.api_keys_file)
+    except KeyFileError as exc:
+        print(f"posttrain serve: {exc}", file=sys.stderr)
+        return 2
+    refusal = bind_refusal(host, ring, args.insecure_no_auth or s.insecure_no_auth)
+    if refusal:
+        print(f"posttrain serve: {refusal}", file=sys.stderr)
+        return 2
     uvicorn.run(
         "service.main:create_app",
         factory=True,
-        host=args.host or s.host,
+        host=host,
         port=args.port or s.port,
         log_level=args.log_level,
     )
@@ -27,9 +38,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    import os
+
     from workers.celery_app import app
     from workers.settings import WorkerSettings
 
+    # The flags are the settings' environment variables, so the Celery app's own
+    # configuration and every task process read the same values.
+    if args.gpus is not None:
+        os.environ["POSTTRAIN_WORKER_GPUS"] = args.gpus
+    if args.queue:
+        os.environ["POSTTRAIN_QUEUE"] = args.queue
     s = WorkerSettings()
     argv = [
         "worker",
@@ -45,6 +64,61 @@ def _worker(args: argparse.Namespace) -> int:
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
+    return 0
+
+
+def _keys_add(args: argparse.Namespace) -> int:
+    """Make a new key for tenant NAME: print it once, and its key-file entry."""
+    import json
+    import secrets
+    from pathlib import Path
+
+    from service.auth import TENANT_NAME, hash_key, read_key_file
+
+    if not TENANT_NAME.match(args.name):
+        print(f"posttrain keys add: '{args.name}' is not a valid tenant name", file=sys.stderr)
+        return 2
+    key = "pt-" + secrets.token_urlsafe(32)
+    digest = hash_key(key)
+    if args.file:
+        path = Path(args.file)
+        if path.suffix != ".json":
+            print("posttrain keys add: --file updates a .json key file; for TOML, paste the "
+                  "entry printed without --file", file=sys.stderr)  # fmt: skip
+            return 2
+        data = json.loads(path.read_text()) if path.exists() else {"tenants": {}}
+        entry = data.setdefault("tenants", {}).setdefault(args.name, {"keys": []})
+        entry["keys"].append(digest)
+        if args.admin:
+            entry["admin"] = True
+        if args.max_active_jobs:
+            entry["max_active_jobs"] = args.max_active_jobs
+        tmp = path.with_name(f".{path.stem}.tmp.json")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        read_key_file(tmp)  # never write a file the API would refuse
+        tmp.replace(path)
+        print(f"added a key for tenant '{args.name}' to {path}; restart the API to use it",
+              file=sys.stderr)  # fmt: skip
+    else:
+        lines = [f"[tenants.{args.name}]", f'keys = ["{digest}"]']
+        if args.admin:
+            lines.append("admin = true")
+        if args.max_active_jobs:
+            lines.append(f"max_active_jobs = {args.max_active_jobs}")
+        print("add to the TOML key file (POSTTRAIN_API_KEYS_FILE):", file=sys.stderr)
+        print("\n".join(lines), file=sys.stderr)
+    print("the key (shown once; only its sha256 is stored):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    """Print the sha256 hex of each key read from stdin (one a line), for the key file."""
+    from service.auth import hash_key
+
+    for line in sys.stdin:
+        if line.strip():
+            print(hash_key(line.strip()))
     return 0
 
 
@@ -69,10 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve without API keys on a non-loopback address (POSTTRAIN_INSECURE_NO_AUTH=1)",
+    )
     serve.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="make API keys for the key file").add_subparsers(
+        dest="keys_command", required=True
+    )
+    add = keys.add_parser("add", help="new key for tenant NAME: print it and its entry")
+    add.add_argument("name")
+    add.add_argument("--file", help="add the key's hash to this JSON key file")
+    add.add_argument("--admin", action="store_true", help="the tenant sees every tenant's data")
+    add.add_argument("--max-active-jobs", type=int, help="quota of non-terminal jobs")
+    add.set_defaults(func=_keys_add)
+    hsh = keys.add_parser("hash", help="print the sha256 of each key read from stdin")
+    hsh.set_defaults(func=_keys_hash)
     worker = sub.add_parser("worker", help="run a Celery training worker (one job at a time)")
     worker.add_argument("--log-level", default="info")
     worker.add_argument("--hostname")
+    worker.add_argument(
+        "--gpus",
+        help="the worker's devices, e.g. 0,1 (every training process sees exactly these); "
+        "'' = CPU-only; default POSTTRAIN_WORKER_GPUS, else every GPU nvidia-smi lists",
+    )
+    worker.add_argument("--queue", help="the queue (GPU class) to consume; default POSTTRAIN_QUEUE")
     worker.set_defaults(func=_worker)
     tiny = sub.add_parser("tiny-model", help="write a tiny offline model for tests and demos")
     tiny.add_argument("dir")

@@ -44,6 +44,9 @@ def _start_stack(s: ApiSettings, data: Path, started: list) -> str:
     env = {
         **os.environ,
         "POSTTRAIN_DATA_DIR": str(data),
+        "POSTTRAIN_MODEL_ROOTS": ":".join(
+            filter(None, [str(data / "models"), os.environ.get("POSTTRAIN_MODEL_ROOTS")])
+        ),
         "POSTTRAIN_REDIS_URL": s.redis_url,
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     }
@@ -112,7 +115,8 @@ def run_demo(keep_running: bool = False) -> int:
     started: list = []
     try:
         url = _start_stack(s, data, started)
-        model_dir = build_tiny_model(data / "tiny-model")
+        # under <data_dir>/models, the default model root (POSTTRAIN_MODEL_ROOTS)
+        model_dir = build_tiny_model(data / "models" / "tiny-model")
         print(f"built the tiny model at {model_dir}")
         c = httpx.Client(base_url=f"{url}/v1", timeout=60)
         demo = resources.files("trainers") / "assets" / "demo_sft.jsonl"

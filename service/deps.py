@@ -25,9 +25,7 @@ def get_files(request: Request) -> FileStore:
     return request.app.state.files
 
 
-def require_key(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> Tenant:
+def require_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
     """The caller's tenant (the default tenant when auth is off); 401 for a bad key.
 
     Routers list it as a dependency, and routes take ``TenantDep``: FastAPI runs it

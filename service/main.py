@@ -6,14 +6,25 @@ uploads, writes job records and enqueues by task name.
 
 from __future__ import annotations
 
-import redis
-from fastapi import FastAPI
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 
-from service import errors
-from service.routes import files, graders, health, jobs
+import redis
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from service import errors, openapi
+from service.auth import KeyRing, bind_refusal
+from service.deps import Auth
+from service.modelaccess import ModelAccess
+from service.routes import files, graders, health, jobs, models
 from service.settings import ApiSettings
 from workers.celery_app import make_celery
 from workers.filestore import FileStore
+from workers.redis_client import make_redis
 from workers.store import JobStore
 
 
@@ -23,15 +34,80 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         title="posttrain",
         version="0.1.0",
         description="Self-hosted LLM post-training with an OpenAI-compatible API",
+        # served by _docs() below, behind the key when docs_access is "auth"
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(errors.valid_path_ids)],
+        lifespan=_lifespan,
     )
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = make_redis(settings)
     app.state.settings = settings
     app.state.redis = client
-    app.state.jobs = JobStore(client, settings.key_prefix)
+    app.state.jobs = JobStore(
+        client,
+        settings.key_prefix,
+        events_maxlen=settings.events_maxlen,
+        metrics_maxlen=settings.metrics_maxlen,
+    )
     app.state.files = FileStore(client, settings.data_dir, settings.key_prefix)
-    app.state.api_keys = settings.key_set()
+    for stale in app.state.files.remove_stale_staging():  # uploads a killed API left
+        log.warning("removed stale upload staging file %s", stale)
+    app.state.keyring = KeyRing.load(settings.api_keys, settings.api_keys_file)
+    app.state.api_keys = frozenset(app.state.keyring.by_hash)  # truthy = auth on
+    # `uvicorn --factory` never passes the bind address: POSTTRAIN_HOST says it (the API
+    # image sets 0.0.0.0), and `posttrain serve` checks its --host the same way.
+    refusal = bind_refusal(settings.host, app.state.keyring, settings.insecure_no_auth)
+    if refusal:
+        raise RuntimeError(refusal)
+    app.state.model_access = ModelAccess(settings, app.state.jobs)
     app.state.celery = make_celery(settings)
     errors.install(app)
-    for module in (health, files, jobs, graders):
+    for module in (health, files, jobs, graders, models):
         app.include_router(module.router)
+    openapi.install(app)
+    _docs(app, settings.docs_access)
     return app
+
+
+def _docs(app: FastAPI, access: str) -> None:
+    """/openapi.json and /docs: behind the API key ("auth"), open ("public") or absent."""
+    if access == "off":
+        return
+    deps = [Auth] if access == "auth" else []
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=deps)
+    def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=deps)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="posttrain API")
+
+
+log = logging.getLogger("posttrain.api")
+
+
+async def _sweep_files(app: FastAPI) -> None:
+    """Delete files past their ``expires_at`` every ``file_sweep_seconds`` (reads of an
+    expired file already answer 404; this frees the disk)."""
+    every = app.state.settings.file_sweep_seconds
+    while True:
+        try:
+            gone = await asyncio.to_thread(app.state.files.sweep_expired)
+            if gone:
+                log.info("deleted %d expired file(s)", gone)
+        except redis.RedisError as exc:
+            log.warning("file expiry sweep skipped: %s", exc)
+        await asyncio.sleep(every)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    sweeper = asyncio.create_task(_sweep_files(app))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper

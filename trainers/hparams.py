@@ -14,10 +14,12 @@ gradient_accumulation_steps x processes`` rows (a DPO row is one pair).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import math
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trainers.judges.spec import Judge as JudgeField
 from trainers.methods import (
     ADVANTAGE_ESTIMATORS,
     ADVANTAGE_SHAPERS,
@@ -29,6 +31,17 @@ from trainers.methods import (
 )
 
 Auto = Literal["auto"]
+# Upper bounds of the common settings (README, "Limits"). The API refuses larger values
+# with a 400; they are far past any useful run, and keep a typo from queueing a job that
+# would never end or overflow a counter.
+MAX_EPOCHS = 100
+MAX_BATCH_SIZE = 4096
+MAX_STEPS = 1_000_000
+MAX_LR_MULTIPLIER = 100.0
+MAX_LEARNING_RATE = 1.0  # the effective rate: base x multiplier, or learning_rate
+Epochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)]
+Multiplier = Annotated[float, Field(gt=0, le=MAX_LR_MULTIPLIER)]
 DPOLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
 
 
@@ -41,17 +54,20 @@ class CommonHyperparameters(Strict):
 
     base_learning_rate: ClassVar[tuple[float, float]] = (2e-5, 2e-4)
 
-    n_epochs: int | Auto = Field("auto", description="Passes over the training file; auto = 3.")
-    batch_size: int | Auto = Field(
+    n_epochs: Epochs | Auto = Field("auto", description="Passes over the training file; auto = 3.")
+    batch_size: BatchSize | Auto = Field(
         "auto",
         description="Rows per micro-batch on each process; auto = min(8, rows in the file). "
         "An optimizer step sees batch_size x gradient_accumulation_steps x processes rows.",
     )
-    learning_rate_multiplier: float | Auto = Field(
+    learning_rate_multiplier: Multiplier | Auto = Field(
         "auto", description="Scales the method's base learning rate; auto = 1.0."
     )
     learning_rate: float | None = Field(
-        None, gt=0, le=1.0, description="Absolute learning rate (extension); beats the multiplier."
+        None,
+        gt=0,
+        le=MAX_LEARNING_RATE,
+        description="Absolute learning rate (extension); beats the multiplier.",
     )
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule over the run."
@@ -62,7 +78,10 @@ class CommonHyperparameters(Strict):
         1, ge=1, le=1024, description="Micro-batches per optimizer step."
     )
     max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs)."
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Stop after this many optimizer steps (overrides n_epochs).",
     )
     max_seq_length: int = Field(
         1024, ge=8, le=131072, description="Tokens per row (prompt + answer); longer rows are cut."
@@ -80,16 +99,20 @@ class CommonHyperparameters(Strict):
         mult = 1.0 if self.learning_rate_multiplier == "auto" else self.learning_rate_multiplier
         return self.base_learning_rate[1 if lora else 0] * mult
 
-    @model_validator(mode="after")
-    def _check_common(self) -> CommonHyperparameters:
-        if isinstance(self.n_epochs, int) and self.n_epochs < 1:
-            raise ValueError("n_epochs must be >= 1 or 'auto'")
-        if isinstance(self.batch_size, int) and self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1 or 'auto'")
-        mult = self.learning_rate_multiplier
-        if isinstance(mult, float) and mult <= 0:
-            raise ValueError("learning_rate_multiplier must be > 0 or 'auto'")
-        return self
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _multiplier(cls, v: float | str) -> float | str:
+        if isinstance(v, str):
+            return v
+        if not math.isfinite(v):
+            raise ValueError("learning_rate_multiplier must be a finite number or 'auto'")
+        rate = max(cls.base_learning_rate) * v
+        if rate > MAX_LEARNING_RATE:
+            raise ValueError(
+                f"learning_rate_multiplier {v:g} makes the learning rate {rate:g}, above "
+                f"{MAX_LEARNING_RATE:g}"
+            )
+        return v
 
 
 class SupervisedHyperparameters(CommonHyperparameters):
@@ -244,10 +267,10 @@ class GRPOHyperparameters(CommonHyperparameters):
                 f"max_completion_length ({self.max_completion_length}) must be below "
                 f"max_seq_length ({self.max_seq_length}), which also holds the prompt"
             )
-        if isinstance(self.eval_samples, int) and self.eval_samples < 1:
-            raise ValueError("eval_samples must be >= 1 or 'auto'")
-        if isinstance(self.eval_interval, int) and self.eval_interval < 1:
-            raise ValueError("eval_interval must be >= 1 or 'auto'")
+        if isinstance(self.eval_samples, int) and not 1 <= self.eval_samples <= 64:
+            raise ValueError("eval_samples must be from 1 to 64, or 'auto'")
+        if isinstance(self.eval_interval, int) and not 1 <= self.eval_interval <= MAX_STEPS:
+            raise ValueError(f"eval_interval must be from 1 to {MAX_STEPS}, or 'auto'")
         return self
 
     def resolved_batch_size(self, rows: int) -> int:
@@ -369,4 +392,63 @@ class OREOHyperparameters(CommonHyperparameters):
             raise ValueError("value_learning_rate must be in (0, 1] or 'auto'")
         if not all(self.step_delimiters):
             raise ValueError("step_delimiters must not hold an empty string")
+        return self
+
+
+class EGPOHyperparameters(CommonHyperparameters):
+    """EGPO (Zhou, Fazel & Du 2025, arXiv 2503.08942): online Nash preference optimisation
+    with extragradient steps, judged by ``judge``. One iteration is two optimizer steps (a
+    half step and a full step), so ``max_steps`` counts optimizer steps and must be even.
+
+    ``batch_size`` counts prompts: each prompt gets y and y' (``temperature``, ``top_k``)
+    and the opponent y'' (``opponent_temperature``, ``opponent_top_k``). Base learning rate
+    5e-7 (the paper's code, full) / 5e-6 (LoRA); weight decay 0.01 (the paper's code). A
+    tiny or randomly initialised model needs far larger rates (the tests use 1e-3..1e-2).
+    """
+
+    base_learning_rate: ClassVar[tuple[float, float]] = (5e-7, 5e-6)
+
+    judge: JudgeField = Field(description="The pairwise judge that gives P(A ≻ B).")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="KL coefficient to the reference.")
+    temperature: float = Field(
+        2.0, gt=0.0, le=10.0, description="Sampling temperature of y and y'."
+    )
+    top_k: int = Field(10, ge=0, description="Top-k sampling of y and y'; 0 = off.")
+    opponent_temperature: float = Field(
+        1.0, gt=0.0, le=10.0, description="Sampling temperature of the opponent y''."
+    )
+    opponent_top_k: int = Field(0, ge=0, description="Top-k sampling of y''; 0 = off.")
+    max_new_tokens: int = Field(
+        64, ge=1, le=32768, description="Tokens generated per completion at most."
+    )
+    normalize_logprobs: bool = Field(
+        True,
+        description="Length-normalised log-probs in h (summed up to and including EOS, "
+        "divided by the token count), as the paper's code; false = summed (the theory's).",
+    )
+    extragradient: bool = Field(
+        True,
+        description="Half step + full step per iteration (EGPO); false = every step is a "
+        "plain step on fresh samples (online IPO).",
+    )
+    rollout_engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto = vLLM on a GPU worker that has it, else transformers."
+    )
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="vLLM in the training process, or a server the worker starts."
+    )
+
+    @model_validator(mode="after")
+    def _check_egpo(self) -> EGPOHyperparameters:
+        if self.max_steps is not None and self.extragradient and self.max_steps % 2:
+            raise ValueError(
+                f"max_steps ({self.max_steps}) must be even: one EGPO iteration is a half step "
+                f"and a full step; try {self.max_steps + 1}"
+            )
+        if self.max_new_tokens >= self.max_seq_length:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must be below max_seq_length "
+                f"({self.max_seq_length}), which also holds the prompt"
+            )
         return self

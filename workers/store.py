@@ -89,7 +89,9 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 # KEYS: job hash, lease index, queued index. ARGV: allowed sources (comma list), target,
 # required lease owner or "", job id, required fencing token or "", then field/value pairs
 # to set with the status.
-_CAS = _NOW + """
+_CAS = (
+    _NOW
+    + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, ''} end
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[3] then
@@ -115,12 +117,15 @@ for s in string.gmatch(ARGV[1], '[^,]+') do
 end
 return {0, cur}
 """
+)
 
 # KEYS: job hash, lease index, fencing counter, queued index. ARGV: owner, lease seconds,
 # max_attempts, job id. Claims a queued job, or a running one whose lease has expired (its
 # worker died), with a new fencing token. A pausing job whose worker died is parked as
 # paused instead (the user's pause is kept).
-_CLAIM = _NOW + """
+_CLAIM = (
+    _NOW
+    + """
 local st = redis.call('HMGET', KEYS[1], 'status', 'lease_expires_at', 'attempt')
 local cur, exp, attempt = st[1], tonumber(st[2] or '0'), tonumber(st[3] or '0')
 if not cur then return {-1, 'missing', 0, 0} end
@@ -148,10 +153,13 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
 end
 return {1, cur, attempt, fence}
 """
+)
 
 # KEYS: job hash, lease index. ARGV: owner, lease seconds, job id, fencing token or "".
 # Renews only the lease of the claim holding the current token.
-_RENEW = _NOW + """
+_RENEW = (
+    _NOW
+    + """
 local st = redis.call('HMGET', KEYS[1], 'lease_owner', 'status', 'fence')
 if st[1] ~= ARGV[1] then return 0 end
 if ARGV[4] ~= '' and st[3] ~= ARGV[4] then return 0 end
@@ -161,11 +169,14 @@ redis.call('HSET', KEYS[1], 'lease_expires_at', expires)
 redis.call('ZADD', KEYS[2], expires, ARGV[3])
 return 1
 """
+)
 
 # KEYS: job hash, lease index, queued index. ARGV: job id. Puts a job whose worker vanished
 # back in the queue (1), or parks a pausing one as paused (2), only if its lease is still
 # expired at this instant (a late renewal wins).
-_REQUEUE = _NOW + """
+_REQUEUE = (
+    _NOW
+    + """
 local st = redis.call('HMGET', KEYS[1], 'status', 'lease_expires_at')
 if st[1] ~= 'running' and st[1] ~= 'pausing' then return 0 end
 if tonumber(st[2] or '0') >= now then return 0 end
@@ -180,6 +191,7 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'lease_owner', '', 'lease_expire
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 return 1
 """
+)
 
 
 @dataclass

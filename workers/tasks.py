@@ -85,6 +85,7 @@ def _start_reaper(**_: object) -> None:
     broker = store.r
     if settings.effective_broker_url != settings.redis_url:
         broker = make_redis(settings, settings.effective_broker_url)
+
     def queue_of(job_id: str) -> str:  # a reaper requeues jobs of every queue, each on its own
         return job_queue(store, job_id, settings.queue)
 

@@ -77,8 +77,21 @@ class OwnRedis:
         if binary is None:
             pytest.skip("redis-server is not installed")
         self.proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.dir),
+            ],
             stdout=open(self.dir / "redis.log", "ab"),
             stderr=subprocess.STDOUT,
         )
@@ -184,8 +197,7 @@ def wait_status(st: Stack, job_id: str, statuses, timeout: float = 240) -> dict:
 def wait_step(st: Stack, job_id: str, step: int, timeout: float = 180) -> int:
     return int(
         wait_for(
-            lambda: int(record(st, job_id).get("step") or 0) >= step
-            and record(st, job_id)["step"],
+            lambda: int(record(st, job_id).get("step") or 0) >= step and record(st, job_id)["step"],
             timeout,
             f"job {job_id} to pass step {step}",
             poll=0.05,

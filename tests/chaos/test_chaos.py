@@ -84,8 +84,10 @@ def test_trainer_killed_past_the_attempt_cap_fails_with_the_reason(cstack):
     job_id = submit(cstack, upload(cstack), n_epochs=30)
     for attempt in (1, 2, 3):
         wait_for(
-            lambda a=attempt: record(cstack, job_id).get("attempt") == str(a)
-            and record(cstack, job_id).get("status") == "running",
+            lambda a=attempt: (
+                record(cstack, job_id).get("attempt") == str(a)
+                and record(cstack, job_id).get("status") == "running"
+            ),
             120,
             f"attempt {attempt}",
         )
@@ -94,8 +96,14 @@ def test_trainer_killed_past_the_attempt_cap_fails_with_the_reason(cstack):
         time.sleep(1.0)
         os.kill(pid, signal.SIGKILL)
         fault.injected += 1
-        wait_for(lambda p=pid: record(cstack, job_id).get("pid") != str(p)
-                 or record(cstack, job_id).get("status") in TERMINAL, 60, "the next attempt")
+        wait_for(
+            lambda p=pid: (
+                record(cstack, job_id).get("pid") != str(p)
+                or record(cstack, job_id).get("status") in TERMINAL
+            ),
+            60,
+            "the next attempt",
+        )
     rec = wait_status(cstack, job_id, TERMINAL)
     assert rec["status"] == "failed", rec
     with client(cstack) as c:
@@ -163,9 +171,11 @@ def test_a_stalled_worker_is_fenced_no_second_trainer_writes_the_job(cstack):
         fault.injected += 1
         try:
             taken = wait_for(
-                lambda: (r := record(cstack, job_id)).get("fence") not in (None, fence)
-                and r.get("status") == "running"
-                and r,
+                lambda: (
+                    (r := record(cstack, job_id)).get("fence") not in (None, fence)
+                    and r.get("status") == "running"
+                    and r
+                ),
                 60,
                 "the other worker to take the job over",
             )

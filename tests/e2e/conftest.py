@@ -53,11 +53,13 @@ def start_stack(root: Path, redis_url: str, **env_overrides: str) -> Stack:
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushdb()
-    model_dir = build_tiny_model(root / "tiny-model", seed=0)
+    # Jobs may load models only from the model roots (service/modelaccess.py).
+    model_dir = build_tiny_model(root / "models" / "tiny-model", seed=0)
     env = {
         **os.environ,
         "POSTTRAIN_REDIS_URL": redis_url,
         "POSTTRAIN_DATA_DIR": str(root / "data"),
+        "POSTTRAIN_MODEL_ROOTS": str(root / "models"),
         "POSTTRAIN_QUEUE": f"posttrain.e2e.{root.name}",
         "POSTTRAIN_CHECKPOINT_EVERY_STEPS": "10",
         "POSTTRAIN_TRAIN_THREADS": "1",

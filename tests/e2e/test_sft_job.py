@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 import time
 from importlib import resources
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -45,8 +47,8 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
 
 
 def start_long_job(stack, sdk, training_file):
-    """A job long enough (500 epochs) to be cancelled or paused while it trains."""
-    hp = {**FAST, "n_epochs": 500}
+    """A job long enough (20,000 steps) to be cancelled or paused while it trains."""
+    hp = {**FAST, "max_steps": 20_000}
     return sdk.fine_tuning.jobs.create(
         model=str(stack.model_dir),
         training_file=training_file.id,
@@ -235,10 +237,19 @@ def test_queued_job_cancelled_before_it_starts_never_runs(stack, sdk, training_f
 
 
 def test_unloadable_model_fails_with_a_reason(stack, sdk, training_file):
-    job = sdk.fine_tuning.jobs.create(model="/nonexistent/model", training_file=training_file.id)
+    # A path outside the model roots is refused at creation, before any worker tries it.
+    with pytest.raises(openai.BadRequestError, match="model not found or not allowed"):
+        sdk.fine_tuning.jobs.create(model="/nonexistent/model", training_file=training_file.id)
+    # One under a root whose config passes the creation check but whose weights are garbage
+    # fails in the worker, naming the model.
+    broken = stack.model_dir.parent / "broken-model"
+    shutil.copytree(stack.model_dir, broken, dirs_exist_ok=True)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    job = sdk.fine_tuning.jobs.create(model=str(broken), training_file=training_file.id)
     job = wait_done(sdk, job.id, timeout=120)
     assert job.status == "failed"
-    assert job.error.code == "model_load_failed" and "/nonexistent/model" in job.error.message
+    assert job.error.code == "model_load_failed" and "broken-model" in job.error.message
 
 
 def test_pause_saves_a_checkpoint_and_resume_continues_from_it(stack, sdk, training_file):

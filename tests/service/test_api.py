@@ -135,7 +135,7 @@ def test_idempotency_key_replays_the_same_job(client, redis_client):
 @pytest.mark.parametrize(
     "patch,status,param,fragment",
     [
-        ({"method": {"type": "egpo"}}, 400, "method.type", "not available yet"),
+        ({"method": {"type": "egpo"}}, 400, "method.egpo", "Field required"),
         ({"method": {"type": "nonsense"}}, 400, "method.type", "unknown method"),
         (
             {"training_type": "lora", "lora": {"target_modules": ["q_proj", "lm_head"]}},
@@ -146,7 +146,7 @@ def test_idempotency_key_replays_the_same_job(client, redis_client):
         (
             {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": -1}}}},
             400,
-            "method.supervised.hyperparameters",
+            "method.supervised.hyperparameters.n_epochs",
             "n_epochs",
         ),
         (

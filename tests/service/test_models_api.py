@@ -103,9 +103,7 @@ def test_unknown_or_unfinished_models_are_404_naming_the_model(client, name):
     assert err["param"] == "model" and name in err["message"]
 
 
-def test_deleting_a_finished_job_removes_record_streams_checkpoints_and_files(
-    client, settings
-):
+def test_deleting_a_finished_job_removes_record_streams_checkpoints_and_files(client, settings):
     body = {"model": "tiny", "training_file": _upload(client), "suffix": "x"}
     key = {"Idempotency-Key": "delete-me"}
     job = client.post("/v1/fine_tuning/jobs", json=body, headers=key).json()

@@ -89,9 +89,9 @@ def test_registry_names_are_the_methods_the_spec_accepts():
     assert set(registry.TRAINERS) == set(METHODS)
     spec_types = {m.model_fields["type"].annotation.__args__[0] for m in _method_models()}
     assert spec_types == set(METHODS)
-    available = "available: supervised, dpo, bco, oreo, grpo, reinforcement"
+    available = "available: supervised, dpo, bco, oreo, grpo, reinforcement, egpo"
     with pytest.raises(KeyError, match=available):
-        registry.resolve("egpo")
+        registry.resolve("nonsense")
 
 
 def _method_models():

@@ -111,9 +111,7 @@ def _report(rec: RecordReporter, step: int, path: str, final: bool = False) -> N
     rec.handle_line(rep.sent[0].model_dump_json())
 
 
-def test_retention_keeps_the_newest_n_plus_the_final_one_in_the_record_and_on_disk(
-    store, tmp_path
-):
+def test_retention_keeps_the_newest_n_plus_the_final_one_in_the_record_and_on_disk(store, tmp_path):
     _running(store)
     rec = RecordReporter(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=2)
     for step in (10, 20, 30):

@@ -120,8 +120,12 @@ def _child(script: str):
 
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys, time\nfd = int(sys.argv[1])\n" + script,
-         str(write_fd)],
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\nfd = int(sys.argv[1])\n" + script,
+            str(write_fd),
+        ],
         pass_fds=[write_fd],
         start_new_session=True,
     )
