@@ -71,6 +71,20 @@ def _template(text: str) -> str:
 Template = Annotated[str, AfterValidator(_template)]
 
 
+def _compiles(value: str) -> str:
+    import regex
+
+    try:
+        regex.compile(value)
+    except regex.error as exc:
+        raise ValueError(f"pattern does not compile: {exc}") from None
+    return value
+
+
+# A Python regular expression (the ``regex`` module), checked to compile.
+RegexPattern = Annotated[str, AfterValidator(_compiles)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -246,22 +260,11 @@ class RegexGrader(_Base):
 
     type: Literal["regex"]
     input: Template = Field(description="The text searched; usually '{{sample.output_text}}'.")
-    pattern: str = Field(
+    pattern: RegexPattern = Field(
         min_length=1,
         description="Python regular expression (no templates): anchor with ^/$, flags inline "
         "('(?i)'). Searched with a 1 s timeout per sample.",
     )
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        import regex
-
-        try:
-            regex.compile(value)
-        except regex.error as exc:
-            raise ValueError(f"pattern does not compile: {exc}") from None
-        return value
 
 
 class LengthPenaltyGrader(_Base):

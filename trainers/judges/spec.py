@@ -34,7 +34,7 @@ from pydantic import (
     field_validator,
 )
 
-from trainers.graders.spec import Grader, template_fields
+from trainers.graders.spec import Grader, RegexPattern, template_fields
 from trainers.graders.spec import _param as grader_param
 
 __all__ = [
@@ -192,22 +192,11 @@ class PatternClass(_Strict):
     """One class of completions: those ``pattern`` matches (first class to match wins)."""
 
     name: str = Field(min_length=1, max_length=64, description="The class's name (metrics).")
-    pattern: str = Field(
+    pattern: RegexPattern = Field(
         min_length=1,
         description="Python regular expression searched in the completion with leading and "
         "trailing whitespace stripped: '^' anchors at its first character; flags inline ('(?i)').",
     )
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        import regex
-
-        try:
-            regex.compile(value)
-        except regex.error as exc:
-            raise ValueError(f"pattern does not compile: {exc}") from None
-        return value
 
 
 class PatternTableJudge(_Base):
