@@ -353,6 +353,12 @@ class JobSpec(Strict):
             )
         if self.training_type == "lora" and self.lora is None:
             self.lora = LoraSettings()
+        if self.method.type == "egpo" and self.resources.strategy != "ddp":
+            raise ValueError(
+                f"resources.strategy '{self.resources.strategy}' is not supported for egpo: "
+                "its extragradient snapshot copies each process's whole parameters and "
+                "optimizer state, which sharded strategies split; use 'ddp'"
+            )
         if self.metadata is not None:
             if len(self.metadata) > 16:
                 raise ValueError("metadata holds at most 16 keys")

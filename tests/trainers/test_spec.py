@@ -131,3 +131,15 @@ def test_dpo_defaults_follow_openai_and_trl():
         JobSpec.model_validate(
             {**BASE, "method": {"type": "dpo", "dpo": {"hyperparameters": {"loss_type": "nope"}}}}
         )
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
+def test_egpo_refuses_sharded_strategies(strategy):
+    judge = {"type": "pattern_table", "classes": [{"name": "a", "pattern": "^a"}],
+             "preferences": [[0.5, 0.9], [0.1, 0.5]]}  # fmt: skip
+    egpo = {"type": "egpo", "egpo": {"hyperparameters": {"judge": judge}}}
+    JobSpec.model_validate({**BASE, "method": egpo, "resources": {"gpus": 2}})  # ddp: fine
+    with pytest.raises(ValidationError, match=f"strategy '{strategy}' is not supported for egpo"):
+        JobSpec.model_validate(
+            {**BASE, "method": egpo, "resources": {"gpus": 2, "strategy": strategy}}
+        )
