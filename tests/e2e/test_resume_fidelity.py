@@ -13,7 +13,7 @@ per-step metrics from ``/metrics`` (loss, and every other value a step reports:
 grad norm, learning rate, entropy, token accuracy, DPO rewards...) and the same
 final weights, downloaded through the checkpoint content route. A step
 the killed job ran twice (after its checkpoint, before the kill) has one row in
-the metrics stream, the retry's value replacing the first run's (workers/store.py),
+the metrics stream, the retry's value replacing the first run's (workers/jobstreams.py),
 and it must equal the uninterrupted run's.
 
 Tolerance (``TOL``): 1e-6 absolute, on losses and on every parameter. The stack
