@@ -4,7 +4,7 @@ FastAPI's generated document is the starting point; this module corrects it:
 
 * ``POST /v1/fine_tuning/jobs`` takes the job spec (``trainers.spec.JobSpec``: the
   method union with every method's hyperparameters), not a free-form object. The
-  route still receives the raw body and validates it itself (``service.jobservice``),
+  route still receives the raw body and validates it itself (``service.jobrequest``),
   so the messages of a bad body stay the ones the API has always given, as 400s.
 * ``POST /v1/files`` is a multipart form the route parses while streaming
   (``service.upload``); its fields are declared here.

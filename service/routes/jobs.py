@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service import jobservice
+from service import joblist, jobservice
 from service.auth import Tenant
 from service.deps import Auth, FilesDep, JobsDep, SettingsDep, TenantDep
 from service.errors import APIError, not_found
@@ -71,11 +71,11 @@ def list_jobs(
 ) -> dict:
     """Newest first. ``metadata[k]=v`` (repeatable) keeps jobs whose metadata holds every
     pair; ``metadata=null`` keeps jobs without metadata (declared in service/openapi.py)."""
-    wanted = jobservice.metadata_filter(request.query_params.multi_items())
+    wanted = joblist.metadata_filter(request.query_params.multi_items())
     if after and not _visible(jobs, after, tenant):
         raise not_found("fine-tuning job", after, "after")
     try:
-        recs, more = jobservice.list_jobs(
+        recs, more = joblist.list_jobs(
             jobs, after, limit, None if tenant.admin else tenant.name, wanted
         )
     except JobNotFound:

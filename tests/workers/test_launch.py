@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import APIError
-from service.jobservice import check_workers
+from service.jobchecks import check_workers
 from trainers.spec import JobSpec, Resources
 from workers import launch
 from workers.fleet import Advertiser, advertise, job_queue, live_workers
