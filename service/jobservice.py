@@ -162,6 +162,24 @@ def _move(
         ) from None
 
 
+def delete_job(job_id: str, jobs: JobStore, files: FileStore) -> None:
+    """Remove a finished job's record, streams, checkpoint list, Idempotency-Key binding
+    and its directory on the data volume."""
+    try:
+        jobs.delete_job(job_id)
+    except JobNotFound:
+        raise not_found("fine-tuning job", job_id, "fine_tuning_job_id") from None
+    except InvalidTransition as exc:
+        raise APIError(
+            400,
+            f"job {job_id} is {exc.current}; only a finished job (succeeded, failed or "
+            "cancelled) can be deleted: cancel it first",
+            param="fine_tuning_job_id",
+            code="invalid_state",
+        ) from None
+    files.delete_job_dir(job_id)
+
+
 def pause_job(job_id: str, jobs: JobStore) -> None:
     """running -> pausing; the worker saves a checkpoint at the next step and parks the job."""
     _move(job_id, jobs, JobStatus.pausing, "paused")

@@ -14,7 +14,7 @@ from service.deps import Auth, FilesDep, JobsDep, SettingsDep, TenantDep
 from service.errors import APIError, not_found
 from service.schemas import FineTuningJob, Page, checkpoint_object, event_object, job_object, page
 from service.tarstream import tar_stream
-from workers.store import InvalidTransition, JobNotFound, JobStore
+from workers.store import JobNotFound, JobStore
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], dependencies=[Auth])
 Limit = Annotated[int, Query(ge=1, le=1000)]
@@ -101,19 +101,7 @@ def delete(job_id: str, jobs: JobsDep, files: FilesDep, tenant: TenantDep) -> di
     """Delete a finished job: its record, events, metrics, checkpoints (list and files),
     Idempotency-Key binding and directory on the data volume (extension)."""
     _record(jobs, job_id, tenant)
-    try:
-        jobs.delete_job(job_id)
-    except JobNotFound:
-        raise not_found("fine-tuning job", job_id, "fine_tuning_job_id") from None
-    except InvalidTransition as exc:
-        raise APIError(
-            400,
-            f"job {job_id} is {exc.current}; only a finished job (succeeded, failed or "
-            "cancelled) can be deleted: cancel it first",
-            param="fine_tuning_job_id",
-            code="invalid_state",
-        ) from None
-    files.delete_job_dir(job_id)
+    jobservice.delete_job(job_id, jobs, files)
     return {"id": job_id, "object": "fine_tuning.job", "deleted": True}
 
 
