@@ -7,10 +7,12 @@ shape when the model's required fields are present and it validates.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     StrictBool,
@@ -19,6 +21,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(value: float | int) -> float | int:
+    """Trainers compute in float32 or lower: a number past its range would become inf."""
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{value!r} is outside float32's range (|x| <= 3.4e38)")
+    return value
+
+
+# A number a row carries into training (OREO's reward), representable in float32.
+RowNumber = Annotated[StrictFloat | StrictInt, AfterValidator(_float32)]
 
 
 class RowFormat(StrEnum):
@@ -217,14 +232,14 @@ class ScoredRow(Row):
 
     prompt: str | list[ChatMessage]
     response: str
-    reward: StrictFloat | StrictInt
+    reward: RowNumber
 
 
 class ScoredChatRow(Row):
     """The OpenAI-style trajectory: ``messages`` ending in the scored assistant turn, ``reward``."""
 
     messages: list[ChatMessage]
-    reward: StrictFloat | StrictInt
+    reward: RowNumber
 
     @field_validator("messages")
     @classmethod

@@ -2,9 +2,9 @@
 (pruned to the job's ``keep_checkpoints`` by the real worker), and a finished job can be
 deleted with everything it wrote: the real API, worker and trainer, driven by the SDK.
 
-The data trick: one OREO trajectory's reward is 1e39, a finite JSON number that
-overflows float32 to inf, so the step that trains on it has an infinite loss and a NaN
-gradient norm while every earlier step is finite.
+The data trick: one OREO trajectory's reward is 3e38, inside float32's range (so the
+upload takes it) but its square is not, so the step that trains on it has an infinite
+loss and a NaN gradient norm while every earlier step is finite.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _weights_finite(blob: bytes) -> tuple[int, bool]:
 
 def test_a_diverging_job_fails_naming_the_step_and_keeps_only_finite_checkpoints(stack, sdk):
     rows = [json.loads(x) for x in ROWS.read_text().splitlines()][:24]
-    rows[13]["reward"] = 1e39
+    rows[13]["reward"] = 3e38
     body = "\n".join(json.dumps(r) for r in rows).encode()
     f = sdk.files.create(file=("poisoned.jsonl", io.BytesIO(body)), purpose="fine-tune")
     hp = {"n_epochs": 1, "batch_size": 2, "learning_rate": 3e-3}

@@ -172,3 +172,15 @@ def test_chat_style_scored_rows_are_oreo_trajectories():
     assert [m["role"] for m in rec["prompt"]] == ["system", "user"]
     with pytest.raises(DatasetError, match="reward"):
         read_as(lines({**row, "reward": "high"}), [RowFormat.scored])
+
+
+@pytest.mark.parametrize("reward", ["1e39", "-1e39", "3.5e38"])
+def test_a_reward_outside_float32_is_refused_naming_the_line(reward):
+    ok = json.dumps({"prompt": "q", "response": "a", "reward": 0.5})
+    bad = ok.replace("0.5", reward).replace('"a"', '"b"')
+    with pytest.raises(DatasetError, match=r"line 2.*reward.*float32"):
+        read_as([ok, bad], [RowFormat.scored])
+    # the edge of the range is still a number (training may still diverge on it; the
+    # non-finite stop catches that)
+    edge = bad.replace(reward, "3e38")
+    assert read_as([ok, edge], [RowFormat.scored])[0] == RowFormat.scored
