@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +40,16 @@ from workers.watch import RunWatch
 
 log = logging.getLogger(__name__)
 S = JobStatus
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no extra disk), or a copy where the volume cannot link."""
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 class Supervisor:
@@ -67,8 +78,10 @@ class Supervisor:
             job_id=job_id,
             spec=self._run_spec(job_id, spec),
             attempt=attempt,
-            training_path=self.files.path(spec.training_file),
-            validation_path=self.files.path(spec.validation_file) if spec.validation_file else None,
+            training_path=self.input_path(job_id, spec.training_file),
+            validation_path=(
+                self.input_path(job_id, spec.validation_file) if spec.validation_file else None
+            ),
             output_dir=workdir / "output",
             data_dir=self.s.data_dir,
             checkpoint_every_steps=spec.checkpoint_every_steps or self.s.checkpoint_every_steps,
@@ -86,14 +99,31 @@ class Supervisor:
     def fence_file(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "fence"
 
-    def _check_files(self, spec: JobSpec) -> str | None:
+    def input_path(self, job_id: str, file_id: str) -> Path:
+        """The job's own link to one of its files (see ``_pin_files``)."""
+        return self.job_dir(job_id) / "inputs" / f"{file_id}.jsonl"
+
+    def _pin_files(self, job_id: str, spec: JobSpec) -> str | None:
+        """Link the job's files into its directory when it first starts (a copy if the
+        volume cannot hard-link), so that deleting or expiring a file afterwards cannot
+        take it from the job's retries and resumes. Returns a problem, or None."""
         for fid in filter(None, [spec.training_file, spec.validation_file]):
+            pinned = self.input_path(job_id, fid)
+            if pinned.exists():
+                continue
             try:
                 self.files.get(fid)
             except FileNotFound:
                 return f"file {fid} was deleted before the job started"
-            if not self.files.path(fid).exists():
+            source = self.files.path(fid)
+            pinned.parent.mkdir(parents=True, exist_ok=True)
+            partial = pinned.with_name(f".{pinned.name}.partial")
+            partial.unlink(missing_ok=True)
+            try:
+                _link_or_copy(source, partial)
+            except FileNotFoundError:
                 return f"file {fid} is missing from the data volume"
+            os.replace(partial, pinned)
         return None
 
     # ---- running
@@ -182,7 +212,7 @@ class Supervisor:
         except StoredSpecError as exc:
             spec, problem, code = None, str(exc), "invalid_spec"
         else:
-            problem, code = self._check_files(spec), "invalid_training_file"
+            problem, code = self._pin_files(job_id, spec), "invalid_training_file"
             if not problem:
                 problem, code = self._hub_problem(job_id), "model_not_found"
             if not problem:

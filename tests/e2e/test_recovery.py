@@ -94,6 +94,21 @@ def test_killed_training_process_is_retried_and_resumes(rstack):
     assert not torn.exists()  # the retry skipped and removed it
 
 
+def test_a_retry_does_not_need_the_training_file_any_more(rstack):
+    """A job keeps its own link to its files from its first start: the user deleting (or
+    the expiry sweep removing) the file afterwards cannot make its retry fail."""
+    c, job_id = _submit(rstack, n_epochs=30)
+    _after_first_checkpoint(c, job_id)
+    file_id = c.get(f"/fine_tuning/jobs/{job_id}").json()["training_file"]
+    assert c.delete(f"/files/{file_id}").status_code == 200
+    assert c.get(f"/files/{file_id}").status_code == 404
+    pid = int(rstack.redis.hget(f"posttrain:job:{job_id}", "pid"))
+    os.kill(pid, signal.SIGKILL)
+    job = _wait_end(c, job_id)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    assert any(m.startswith("Resumed from checkpoint at step") for m in _messages(c, job_id))
+
+
 def test_killed_worker_loses_no_job(rstack):
     c, job_id = _submit(rstack, n_epochs=30)
     _after_first_checkpoint(c, job_id)
