@@ -41,6 +41,7 @@ def _worker(args: argparse.Namespace) -> int:
     import os
 
     from workers.celery_app import app
+    from workers.launch import worker_devices
     from workers.settings import WorkerSettings
 
     # The flags are the settings' environment variables, so the Celery app's own
@@ -50,6 +51,15 @@ def _worker(args: argparse.Namespace) -> int:
     if args.queue:
         os.environ["POSTTRAIN_QUEUE"] = args.queue
     s = WorkerSettings()
+    if s.concurrency > 1 and worker_devices(s.worker_gpus):
+        # every job of a worker is given all its devices: two at once would share them
+        print(
+            f"posttrain worker: POSTTRAIN_CONCURRENCY={s.concurrency} on a worker with GPUs "
+            "would run jobs on the same devices; start one worker per set of GPUs "
+            "(--gpus) with concurrency 1",
+            file=sys.stderr,
+        )
+        return 2
     argv = [
         "worker",
         f"--loglevel={args.log_level.upper()}",

@@ -7,9 +7,10 @@ style. The learning rate a job trains at is the method's base rate (which
 differs for full and LoRA training) times ``learning_rate_multiplier``, unless
 an absolute ``learning_rate`` is given.
 
-``batch_size`` is the number of rows in one forward/backward micro-batch on each
-training process. One optimizer step sees ``batch_size x
-gradient_accumulation_steps x processes`` rows (a DPO row is one pair).
+``batch_size`` is the global micro-batch: the job's training processes split it
+evenly (``trainers.runner.per_process_batch``). One optimizer step sees
+``batch_size x gradient_accumulation_steps`` rows (a DPO row is one pair), on any
+process count.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ class CommonHyperparameters(Strict):
     n_epochs: Epochs | Auto = Field("auto", description="Passes over the training file; auto = 3.")
     batch_size: BatchSize | Auto = Field(
         "auto",
-        description="Rows per micro-batch on each process; auto = min(8, rows in the file). "
-        "An optimizer step sees batch_size x gradient_accumulation_steps x processes rows.",
+        description="Rows per micro-batch, split over the job's processes; auto = min(8, rows "
+        "in the file). An optimizer step sees batch_size x gradient_accumulation_steps rows.",
     )
     learning_rate_multiplier: Multiplier | Auto = Field(
         "auto", description="Scales the method's base learning rate; auto = 1.0."
@@ -182,7 +183,7 @@ class GRPOHyperparameters(CommonHyperparameters):
     """The GRPO family on TRL's GRPOTrainer. Fields left None take the variant's preset
     (``trainers/grpo_presets.py``). Base learning rate 1e-6 (TRL's default) / 1e-5 (LoRA).
 
-    ``batch_size`` counts completions, not prompts: one micro-batch on each process holds
+    ``batch_size`` counts completions, not prompts: one (global) micro-batch holds
     ``batch_size / num_generations`` prompts' whole groups.
     """
 

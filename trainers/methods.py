@@ -56,7 +56,7 @@ AGGREGATIONS: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 ROLLOUT_PLANNERS: tuple[str, ...] = ("uniform", "xrpo")
 # Sampling temperature rules.
 TEMPERATURE_RULES: tuple[str, ...] = ("constant", "hapo_ats")
-# Named presets over the pieces above (trainers/algorithms/grpo_presets.py).
+# Named presets over the pieces above (trainers/grpo_presets.py).
 GRPO_VARIANTS: tuple[str, ...] = ("grpo", "dapo", "dr_grpo", "ngrpo", "xrpo", "hapo")
 # OpenAI grader types posttrain runs, plus its own; "python" is refused by name.
 GRADERS: tuple[str, ...] = (

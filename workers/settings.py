@@ -35,8 +35,15 @@ class WorkerSettings(BaseSettings):
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the supervisor renews.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed for good.")
     cancel_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL delay.")
-    train_threads: int | None = Field(None, ge=1, description="torch threads per training process.")
-    concurrency: int = Field(1, ge=1, description="Jobs at once per worker (one per GPU).")
+    train_threads: int | None = Field(
+        None, ge=1, description="torch threads per job, shared by its training processes."
+    )
+    concurrency: int = Field(
+        1,
+        ge=1,
+        description="Jobs at once per worker (CPU workers only: a GPU worker gives each job "
+        "all its devices, so it runs one job at a time; start a worker per GPU set).",
+    )
     worker_gpus: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9,-]*$",

@@ -13,6 +13,7 @@ import json
 import os
 import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -258,3 +259,16 @@ def test_a_job_is_requeued_on_its_own_queue(store):
     assert job_queue(store, "ftjob-a", "default") == "gpu.a"
     assert job_queue(store, "ftjob-b", "default") == "default"
     assert job_queue(store, "ftjob-missing", "default") == "default"
+
+
+def test_a_gpu_worker_refuses_to_run_jobs_concurrently_on_its_devices():
+    env = {**os.environ, "POSTTRAIN_WORKER_GPUS": "3,5", "POSTTRAIN_CONCURRENCY": "2"}
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "POSTTRAIN_CONCURRENCY=2 on a worker with GPUs" in out.stderr

@@ -17,7 +17,6 @@ engine GRPO's vLLM path uses, ``colocate`` or a worker-started ``server``) with
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 from trainers.algorithms.egpo_trainer import (
@@ -66,8 +65,7 @@ def total_steps(hp: EGPOHyperparameters, rows: int) -> int:
     if hp.max_steps:
         steps = hp.max_steps
     else:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        batches = math.ceil(rows / (hp.resolved_batch_size(rows) * world))
+        batches = math.ceil(rows / hp.resolved_batch_size(rows))  # the global batch
         per_epoch = max(1, math.ceil(batches / hp.gradient_accumulation_steps))
         steps = hp.resolved_epochs() * per_epoch
     return _even(steps) if hp.extragradient else steps
