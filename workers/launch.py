@@ -281,13 +281,14 @@ class ReportChannel:
 
 
 # --------------------------------------------------------------------------- signals
-def request_pause(proc: subprocess.Popen, p: Placement, pause_path: Path | None) -> None:
+def request_pause(proc: subprocess.Popen, p: Placement | None, pause_path: Path | None) -> None:
     """Ask the run to pause at its next step boundary: the flag file every rank reads
     (the ranks agree on it, so all stop at the same step), and SIGUSR1 for a lone
-    trainer. A launcher is never sent SIGUSR1: torch's launcher would die of it."""
+    trainer (``p`` None or not launched). A launcher is never sent SIGUSR1: torch's
+    launcher would die of it."""
     if pause_path is not None:
         pause_path.touch()
-    if not p.launched:
+    if p is None or not p.launched:
         os.kill(proc.pid, signal.SIGUSR1)
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -50,6 +51,17 @@ def _link_or_copy(source: Path, target: Path) -> None:
         raise
     except OSError:
         shutil.copyfile(source, target)
+
+
+@dataclass
+class Run:
+    """One started run: its process (the trainer or accelerate's launcher), the report
+    channel it writes to, where it was placed, and its pause flag file."""
+
+    proc: subprocess.Popen
+    channel: launch.ReportChannel
+    placement: launch.Placement
+    pause_path: Path | None
 
 
 class Supervisor:
@@ -127,9 +139,9 @@ class Supervisor:
         return None
 
     # ---- running
-    def spawn(self, job_id: str, plan: RunPlan) -> tuple[subprocess.Popen, int]:
+    def spawn(self, job_id: str, plan: RunPlan) -> Run:
         """Start the run (``workers.launch``: the trainer, or accelerate launching its
-        ranks), pinned to this worker's devices; returns it and the report fd to read."""
+        ranks), pinned to this worker's devices."""
         placement = self.placement_of(plan.spec)
         plan_path = self.job_dir(job_id) / f"plan-{plan.attempt}.json"
         config = None
@@ -137,8 +149,7 @@ class Supervisor:
             config = launch.write_accelerate_config(
                 placement, self.job_dir(job_id) / f"accelerate-{plan.attempt}.json"
             )
-        self._channel = channel = launch.ReportChannel(placement.launched)
-        self._placement, self._pause_path = placement, plan.pause_path
+        channel = launch.ReportChannel(placement.launched)
         if plan.pause_path is not None:  # a flag left by an earlier run of this attempt number
             plan.pause_path.unlink(missing_ok=True)
         logf = open(self.job_dir(job_id) / "train.log", "ab")
@@ -156,7 +167,7 @@ class Supervisor:
         finally:
             channel.started()
             logf.close()
-        return proc, channel.read_fd
+        return Run(proc, channel, placement, plan.pause_path)
 
     def placement_of(self, spec: JobSpec) -> launch.Placement:
         """Where ``spec`` runs on this worker (``launch.PlacementError`` if it cannot)."""
@@ -170,11 +181,17 @@ class Supervisor:
         launch.stop_run(proc, self.s.cancel_grace_seconds)
 
     def watch(
-        self, job_id: str, proc: subprocess.Popen, read_fd: int, reporter: RecordReporter
+        self,
+        job_id: str,
+        proc: subprocess.Popen,
+        read_fd: int,
+        reporter: RecordReporter,
+        placement: launch.Placement | None = None,
+        pause_path: Path | None = None,
     ) -> Verdict:
         """Pump reports, renew the lease and poll for cancel until the child exits
-        (``workers.watch``). The run is stopped by ``kill``, and paused as ``spawn``
-        placed it (``launch.request_pause``)."""
+        (``workers.watch``). The run is stopped by ``kill``, and paused as it was placed
+        (``launch.request_pause``; no placement: a lone trainer)."""
         return RunWatch(
             self.s,
             self.store,
@@ -184,7 +201,7 @@ class Supervisor:
             proc,
             reporter,
             stop=lambda: self.kill(proc),
-            pause=lambda: launch.request_pause(proc, self._placement, self._pause_path),
+            pause=lambda: launch.request_pause(proc, placement, pause_path),
         ).run(read_fd)
 
     # ---- ending
@@ -282,19 +299,21 @@ class Supervisor:
                 self.s.keep_checkpoints if spec.keep_checkpoints is None else spec.keep_checkpoints
             ),
         )
-        proc, read_fd = self.spawn(job_id, plan)
+        run = self.spawn(job_id, plan)
         self.store.set_fields(
-            job_id, pid=proc.pid, placement=json.dumps(self._placement.as_record())
+            job_id, pid=run.proc.pid, placement=json.dumps(run.placement.as_record())
         )
-        if self._placement.launched:
-            self.store.add_event(job_id, f"Launched {self._placement.describe()}")
+        if run.placement.launched:
+            self.store.add_event(job_id, f"Launched {run.placement.describe()}")
         try:
-            verdict = self.watch(job_id, proc, read_fd, reporter)
+            verdict = self.watch(
+                job_id, run.proc, run.channel.read_fd, reporter, run.placement, run.pause_path
+            )
         except BaseException:  # never leave a trainer running unsupervised
-            self.kill(proc)
+            self.kill(run.proc)
             raise
         finally:
-            self._channel.close()
+            run.channel.close()
         log.info("job %s: attempt %d ended: %s %s", job_id, attempt, verdict.kind, verdict.detail)
         deadline, delay = time.monotonic() + self.s.report_flush_seconds, 0.25
         while True:  # the end state survives a Redis outage too
