@@ -17,6 +17,25 @@ def pick_device_dtype() -> tuple[str, Any]:
     return "cpu", torch.float32
 
 
+def use_vllm(engine: str, param: str) -> bool:
+    """Whether a method's rollouts go through vLLM: ``engine`` is its ``rollout_engine``
+    (auto, transformers or vllm) and ``param`` the field named when vllm is unavailable."""
+    if engine == "transformers":
+        return False
+    import importlib.util
+
+    import torch
+
+    available = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+    if engine == "vllm" and not available:
+        raise JobError(
+            "rollout_engine_unavailable",
+            "rollout_engine 'vllm' needs a GPU worker with vLLM installed (the 'gpu' extra)",
+            param,
+        )
+    return available
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

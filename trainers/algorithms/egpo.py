@@ -27,7 +27,7 @@ from trainers.algorithms.egpo_trainer import (
 from trainers.algorithms.grpo import _prompt_dataset
 from trainers.data import read_rows
 from trainers.hparams import EGPOHyperparameters
-from trainers.plan import JobError, RunPlan
+from trainers.plan import RunPlan
 from trainers.runner import MethodDef, TrainData
 from trainers.spec import EGPOMethod
 
@@ -36,23 +36,6 @@ def datasets(plan: RunPlan) -> TrainData:
     fmt, rows = read_rows(plan.training_path, EGPOMethod.accepted_formats, "training_file")
     # shuffled once with the job seed; the trainer then reads prompts in order
     return TrainData(fmt, _prompt_dataset(rows).shuffle(seed=plan.spec.seed), None)
-
-
-def _use_vllm(hp: EGPOHyperparameters) -> bool:
-    if hp.rollout_engine == "transformers":
-        return False
-    import importlib.util
-
-    import torch
-
-    available = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-    if hp.rollout_engine == "vllm" and not available:
-        raise JobError(
-            "rollout_engine_unavailable",
-            "rollout_engine 'vllm' needs a GPU worker with vLLM installed (the 'gpu' extra)",
-            "method.egpo.hyperparameters.rollout_engine",
-        )
-    return available
 
 
 def _even(n: int) -> int:
@@ -86,11 +69,11 @@ def config_fields(plan: RunPlan, hp: EGPOHyperparameters, data: TrainData) -> di
 
 def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
     from trainers.judges.registry import build_judge
-    from trainers.models import load_causal_lm, pick_device_dtype
+    from trainers.models import load_causal_lm, pick_device_dtype, use_vllm
 
     spec = plan.spec
     hp: EGPOHyperparameters = spec.method_hyperparameters()
-    vllm = _use_vllm(hp)
+    vllm = use_vllm(hp.rollout_engine, "method.egpo.hyperparameters.rollout_engine")
     device, _ = pick_device_dtype()
     kwargs: dict[str, Any] = {
         "egpo": EGPOSettings.from_hparams(

@@ -30,7 +30,8 @@ from trainers.algorithms.grpo_trainer import PosttrainGRPOTrainer
 from trainers.data import _messages, build_dataset, read_rows
 from trainers.grpo_presets import GRPOSettings, resolve
 from trainers.hparams import GRPOHyperparameters
-from trainers.plan import JobError, RunPlan
+from trainers.models import use_vllm
+from trainers.plan import RunPlan
 from trainers.rows import ChatPromptRow
 from trainers.runner import MethodDef, TrainData
 from trainers.spec import GRPOMethod
@@ -78,20 +79,9 @@ def datasets(plan: RunPlan) -> TrainData:
 
 
 def _use_vllm(hp: GRPOHyperparameters, s: GRPOSettings) -> bool:
-    if hp.rollout_engine == "transformers" or s.temperature_rule == "hapo_ats":
+    if s.temperature_rule == "hapo_ats":  # per-prompt temperatures: generate() only
         return False
-    import importlib.util
-
-    import torch
-
-    available = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-    if hp.rollout_engine == "vllm" and not available:
-        raise JobError(
-            "rollout_engine_unavailable",
-            "rollout_engine 'vllm' needs a GPU worker with vLLM installed (the 'gpu' extra)",
-            "method.grpo.hyperparameters.rollout_engine",
-        )
-    return available
+    return use_vllm(hp.rollout_engine, "method.grpo.hyperparameters.rollout_engine")
 
 
 def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> dict[str, Any]:

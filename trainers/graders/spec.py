@@ -22,6 +22,7 @@ Departures from OpenAI, each refused or documented on its field:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -406,11 +407,19 @@ def parse_grader(raw: Any, param: str = "grader") -> GraderSpec:
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as exc:
-        errs = exc.errors(include_url=False)
-        paths = [_param(tuple(e["loc"]), param) for e in errs]
-        msgs = [e["msg"].removeprefix("Value error, ") for e in errs]
-        text = "; ".join(f"{p}: {m}" for p, m in list(zip(paths, msgs, strict=True))[:5])
-        raise InvalidGrader(text, paths[0] if paths else param) from None
+        raise InvalidGrader(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
+
+
+def describe_errors(
+    exc: ValidationError, locate: Callable[[tuple], str], fallback: str
+) -> tuple[str, str]:
+    """pydantic's errors as ``"path: message; ..."`` (the first five), with each path named
+    by ``locate(loc)``, and the first path (``fallback`` if none)."""
+    errs = exc.errors(include_url=False)
+    paths = [locate(tuple(e["loc"])) for e in errs]
+    msgs = [e["msg"].removeprefix("Value error, ") for e in errs]
+    text = "; ".join(f"{p}: {m}" for p, m in list(zip(paths, msgs, strict=True))[:5])
+    return text, paths[0] if paths else fallback
 
 
 def dump_grader(grader: GraderSpec) -> dict[str, Any]:

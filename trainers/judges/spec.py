@@ -34,7 +34,7 @@ from pydantic import (
     field_validator,
 )
 
-from trainers.graders.spec import Grader, RegexPattern, template_fields
+from trainers.graders.spec import Grader, RegexPattern, describe_errors, template_fields
 from trainers.graders.spec import _param as grader_param
 
 __all__ = [
@@ -293,11 +293,7 @@ def parse_judge(raw: Any, param: str = "judge") -> JudgeSpec:
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as exc:
-        errs = exc.errors(include_url=False)
-        paths = [_param(tuple(e["loc"]), param) for e in errs]
-        msgs = [e["msg"].removeprefix("Value error, ") for e in errs]
-        text = "; ".join(f"{p}: {m}" for p, m in list(zip(paths, msgs, strict=True))[:5])
-        raise InvalidJudge(text, paths[0] if paths else param) from None
+        raise InvalidJudge(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
 
 
 def judge_item_fields(spec: JudgeSpec) -> set[str]:
