@@ -52,8 +52,8 @@ def _rows(n: int, words: int, seed: int) -> list[dict]:
 
 def run_job(root: Path, model: Path, data: Path, processes: int, args) -> dict:
     """One job through ``workers.launch``; returns its reports and final parameters."""
-    from trainers.plan import RunPlan
-    from trainers.spec import JobSpec
+    from trainers.contract.plan import RunPlan
+    from trainers.contract.spec import JobSpec
     from workers import launch
 
     hp = {"n_epochs": 1, "batch_size": args.batch, "learning_rate": args.lr}

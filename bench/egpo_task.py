@@ -84,8 +84,8 @@ def style_probabilities(model_dir, n_prompts: int | None = None, depth: int | No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.algorithms.egpo_rollout import eos_ids_of
-    from trainers.algorithms.egpo_trainer import prompt_token_ids
+    from trainers.algorithms.egpo.rollout import eos_ids_of
+    from trainers.algorithms.tokens import prompt_ids as prompt_token_ids
     from trainers.judges.registry import build_judge
 
     depth = depth or HYPERPARAMETERS["max_new_tokens"]
@@ -168,8 +168,8 @@ def sample_styles(model_dir, n_per_prompt: int, prompts: int | None = None, seed
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.algorithms.egpo_rollout import TransformersSampler
-    from trainers.algorithms.egpo_trainer import prompt_token_ids
+    from trainers.algorithms.egpo.rollout import TransformersSampler
+    from trainers.algorithms.tokens import prompt_ids as prompt_token_ids
     from trainers.judges.registry import build_judge
 
     tok = AutoTokenizer.from_pretrained(model_dir)

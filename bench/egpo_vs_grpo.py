@@ -57,9 +57,9 @@ def _worker(method: str, model: str, data: str, steps: int, threads: int) -> dic
     import torch
 
     from trainers import registry, runner
-    from trainers.plan import RunPlan
+    from trainers.contract.plan import RunPlan
+    from trainers.contract.spec import JobSpec
     from trainers.reporting import Reporter
-    from trainers.spec import JobSpec
 
     torch.set_num_threads(threads)
     times: list[tuple[int, float]] = []
@@ -116,11 +116,11 @@ def step_times(a) -> None:
 def curve(a) -> None:
     import torch
 
-    from trainers.algorithms.egpo import METHOD
-    from trainers.plan import RunPlan
+    from trainers.algorithms.egpo.method import METHOD
+    from trainers.contract.plan import RunPlan
+    from trainers.contract.spec import JobSpec
     from trainers.reporting import Reporter
     from trainers.runner import run_method
-    from trainers.spec import JobSpec
     from trainers.tiny_model import build_tiny_model
 
     HP = task.HYPERPARAMETERS

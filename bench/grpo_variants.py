@@ -209,9 +209,9 @@ def run_posttrain(spec: dict, work: Path) -> dict:
     import trainers.runner as runner
     from trainers import registry
     from trainers.callbacks import ReportingCallback
-    from trainers.plan import RunPlan
+    from trainers.contract.plan import RunPlan
+    from trainers.contract.spec import JobSpec
     from trainers.reporting import Reporter
-    from trainers.spec import JobSpec
 
     probes = []
 
@@ -265,8 +265,8 @@ def run_trl(spec: dict, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from trainers.contract.graders.scoring import build_reward_function
     from trainers.fused_head import restore_trl_kernel, use_posttrain_kernel
-    from trainers.graders.registry import build_reward_function
 
     (use_posttrain_kernel if spec["kind"] == "trl+pk" else restore_trl_kernel)()
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line]

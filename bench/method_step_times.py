@@ -52,9 +52,9 @@ def _worker(method: str, model: str, data: str, steps: int, threads: int) -> dic
     from transformers import TrainerCallback
 
     from trainers import registry, runner
-    from trainers.plan import RunPlan
+    from trainers.contract.plan import RunPlan
+    from trainers.contract.spec import JobSpec
     from trainers.reporting import Reporter
-    from trainers.spec import JobSpec
 
     torch.set_num_threads(threads)
     times: list[float] = []

@@ -21,7 +21,7 @@ trained in rounds, each round running every variant once, service second
   stock ``trl.SFTTrainer``. Its ``SFTConfig`` arguments are the ones posttrain's
   own code builds for this job (``trainers.runner.common_config`` + the SFT
   method's ``config_fields``), got by calling that code with the RunPlan the
-  supervisor would write. Rows are formatted as ``trainers.data.sft_record``
+  supervisor would write. Rows are formatted as ``trainers.algorithms.sft.method.record``
   does, threads set as the supervisor sets them (``OMP_NUM_THREADS``,
   ``MKL_NUM_THREADS``, ``TOKENIZERS_PARALLELISM=false``, then
   ``torch.set_num_threads``), work done in the trainer's order (tokenizer, rows,
@@ -117,7 +117,7 @@ PLAIN_SCRIPT = textwrap.dedent(
 
     if cfg["trainer"] == "posttrain":
         sys.path.insert(0, cfg["repo"])
-        from trainers.algorithms.sft import PosttrainSFTTrainer as Trainer
+        from trainers.algorithms.sft.method import PosttrainSFTTrainer as Trainer
     else:
         Trainer = SFTTrainer
     torch.set_num_threads(cfg["threads"])
@@ -232,10 +232,10 @@ def job_body(model_dir: Path, file_id: str, a: argparse.Namespace, rows: int) ->
 def posttrain_sft_kwargs(body: dict, data: Path, work: Path, threads: int) -> dict:
     """The config arguments posttrain's trainer process builds for this job, from its own
     code (the RunPlan the supervisor would write, the method's own definition)."""
-    from trainers.plan import RunPlan
+    from trainers.contract.plan import RunPlan
+    from trainers.contract.spec import JobSpec
     from trainers.registry import resolve
-    from trainers.runner import common_config
-    from trainers.spec import JobSpec
+    from trainers.runner import common_config, read_data
 
     spec = JobSpec.model_validate(body)
     plan = RunPlan(
@@ -249,7 +249,7 @@ def posttrain_sft_kwargs(body: dict, data: Path, work: Path, threads: int) -> di
     )
     hp = spec.method_hyperparameters()
     method = resolve(spec.method_type)
-    tdata = method.datasets(plan)
+    tdata = read_data(method, plan)
     kwargs = {**common_config(plan, hp, tdata), **method.config_fields(plan, hp, tdata)}
     kwargs = {k: (v.value if hasattr(v, "value") else v) for k, v in kwargs.items()}
     json.dumps(kwargs)  # must travel to the plain script as JSON

@@ -1,44 +1,36 @@
-"""Creation-time checks of a parsed ``JobSpec`` against what exists: its judge, its
-files and the workers of its queue. Each refusal is a 400 naming the field (a missing
-or another tenant's file is a 404); a queue with no live worker yet is no refusal
-(``check_workers`` returns the note the job's events get). Nothing here writes.
+"""Creation-time checks of a parsed ``JobSpec`` against what exists: the method's own
+checks, its files and the workers of its queue. Each refusal is a 400 naming the field
+(a missing or another tenant's file is a 404); a queue with no live worker yet is no
+refusal (``check_workers`` returns the note the job's events get). Nothing here writes.
+
+Nothing here knows which method a job holds: each method's contract model
+(``trainers.contract.methods``) brings its own hooks, called the same way for all.
 """
 
 from __future__ import annotations
 
 from service.auth import DEFAULT, Tenant
 from service.errors import APIError, not_found
-from trainers.formats import DatasetError, iter_rows, read_as
-from trainers.judges.spec import judge_item_fields
-from trainers.rows import RowFormat
-from trainers.spec import JobSpec, grader_fields
+from trainers.contract.errors import JobError
+from trainers.contract.formats import DatasetError, iter_rows, read_as
+from trainers.contract.spec import JobSpec
 from workers.filestore import FileNotFound, FileStore
 from workers.fleet import live_workers
 from workers.launch import PlacementError, place
 from workers.store import JobStore
 
 
-def check_judge(spec: JobSpec) -> None:
-    """An EGPO job's judge passes the judges' creation-time checks (torch-free: a model
-    path that does not load, a bad pattern...): a 400 naming the judge field otherwise."""
-    if spec.method_type != "egpo":
-        return
-    if spec.validation_file is not None:
-        raise APIError(
-            400,
-            "method 'egpo' has no validation pass (its answers are sampled and judged online); "
-            "drop validation_file",
-            param="validation_file",
-            code="invalid_value",
-        )
-    from trainers.judges.validate import validate_judge
+def _refusal(exc: JobError) -> APIError:
+    return APIError(400, exc.message, param=exc.param, code=exc.code)
 
-    base = "method.egpo.hyperparameters.judge"
+
+def check_method(spec: JobSpec) -> None:
+    """The method's own creation-time checks (a judge's model directory, a field it
+    cannot take): a 400 naming the field."""
     try:
-        validate_judge(spec.method_hyperparameters().judge, base)
-    except ValueError as exc:
-        param = getattr(exc, "param", None) or base
-        raise APIError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
+        spec.method.check_request(spec)
+    except JobError as exc:
+        raise _refusal(exc) from None
 
 
 def check_files(spec: JobSpec, files: FileStore, tenant: Tenant = DEFAULT) -> None:
@@ -71,40 +63,30 @@ def check_files(spec: JobSpec, files: FileStore, tenant: Tenant = DEFAULT) -> No
                 param=param,
                 code="invalid_file",
             )
-        _check_grader_fields(spec, fid, rec, param)
-        _check_oreo_steps(spec, files, fid, param)
+        _check_item_fields(spec, fid, rec, param)
+        _check_rows(spec, files, fid, rec, param)
 
 
-def _check_oreo_steps(spec: JobSpec, files: FileStore, fid: str, param: str) -> None:
-    """A step-level OREO job needs every response split into steps: the first response
-    without a step delimiter is a 400 naming its line (one scan of the file)."""
-    if spec.method_type != "oreo":
+def _check_rows(spec: JobSpec, files: FileStore, fid: str, rec: dict, param: str) -> None:
+    """A method that must see every row (OREO's step variant: every response split into
+    steps) scans the file once, in the format it will be trained as: a 400 naming the
+    first line it refuses."""
+    if not spec.method.scans_rows():
         return
-    hp = spec.method_hyperparameters()
-    if hp.variant != "step":
-        return
-    delimiters = hp.step_delimiters
+    fmt = next(f for f in spec.method.accepted_formats if f in rec["formats"])
     with open(files.path(fid), "rb") as fh:
-        for line, fits in iter_rows(fh, [RowFormat.scored]):
-            row = fits[RowFormat.scored]
-            response = row.response if hasattr(row, "response") else row.messages[-1].text()
-            if not any(d in response for d in delimiters):
-                raise APIError(
-                    400,
-                    f"{param} {fid}: line {line}: the response has no step delimiter "
-                    f"({', '.join(repr(d) for d in delimiters)}); variant 'step' splits each "
-                    "response into steps at step_delimiters: add them, or use variant 'token'",
-                    param=param,
-                    code="invalid_file",
-                )
+        rows = ((line, fits[fmt]) for line, fits in iter_rows(fh, [fmt]))
+        try:
+            spec.method.check_rows(rows, f"{param} {fid}")
+        except JobError as exc:
+            raise APIError(400, exc.message, param=param, code="invalid_file") from None
 
 
-def _check_grader_fields(spec: JobSpec, fid: str, rec: dict, param: str) -> None:
-    """Every ``{{item.x}}`` a grader reads must be a field of the file's rows."""
+def _check_item_fields(spec: JobSpec, fid: str, rec: dict, param: str) -> None:
+    """Every ``{{item.x}}`` the method's graders (or judge) read must be a field of the
+    file's rows."""
     have = set(rec["extra_fields"]) | {"prompt", "messages"}
-    reads = grader_fields(spec.method)
-    if spec.method_type == "egpo":  # a grader judge reads the prompt's row too
-        reads |= judge_item_fields(spec.method_hyperparameters().judge)
+    reads = spec.method.item_fields()
     missing = sorted(f for f in reads if f.split(".")[0] not in have)
     if missing:
         raise APIError(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.errors import APIError
-from trainers.spec import stored_spec_view
+from trainers.contract.spec import stored_spec_view
 from workers.store import JobNotFound, JobStore
 
 NO_FILTER: Any = object()

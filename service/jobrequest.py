@@ -16,9 +16,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.errors import APIError, loc_to_param
-from trainers.judges.spec import JUDGE_TYPES
-from trainers.methods import GRADERS, METHODS, PLANNED_METHODS
-from trainers.spec import JobSpec, normalize_method
+from trainers.contract.graders.spec import GRADER_TYPES
+from trainers.contract.judges.spec import JUDGE_TYPES
+from trainers.contract.methods import METHODS, PLANNED_METHODS
+from trainers.contract.spec import JobSpec, legacy_method, normalize_method
 
 
 def parse_spec(body: dict[str, Any]) -> JobSpec:
@@ -31,7 +32,7 @@ def parse_spec(body: dict[str, Any]) -> JobSpec:
         raise APIError(400, "spec_version is set by the server", param="spec_version")
     legacy = body.pop("hyperparameters", None)  # OpenAI's deprecated top-level field
     if legacy and not body.get("method"):
-        body["method"] = {"type": "supervised", "supervised": {"hyperparameters": legacy}}
+        body["method"] = legacy_method(legacy)
     _check_method(body)
     try:
         # strict: "3" and true are not numbers, 1 is not a boolean (JSON's own types only)
@@ -140,6 +141,6 @@ def _user_loc(loc: tuple) -> tuple:
     if len(out) > 2 and out[0] == "method" and out[1] == out[2]:
         del out[1]  # method.<tag>.<tag>.x -> method.<tag>.x
     # judge.<type>.x -> judge.x, grader.<type>.x -> grader.x
-    tags = {"judge": JUDGE_TYPES, "grader": GRADERS}
+    tags = {"judge": JUDGE_TYPES, "grader": GRADER_TYPES}
     out = [p for i, p in enumerate(out) if not (i and p in tags.get(out[i - 1], ()))]
     return tuple(out)

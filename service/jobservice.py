@@ -20,7 +20,7 @@ from celery import Celery
 
 from service.auth import DEFAULT, Tenant
 from service.errors import APIError, not_found
-from service.jobchecks import check_files, check_judge, check_workers
+from service.jobchecks import check_files, check_method, check_workers
 from service.jobrequest import parse_spec
 from service.modelaccess import ModelAccess
 from workers.celery_app import enqueue
@@ -46,7 +46,7 @@ def create_job(
     model the spec names is resolved before anything is written)."""
     spec = parse_spec(body)
     models = access.check_spec(spec, tenant) if access is not None else None
-    check_judge(spec)
+    check_method(spec)
     check_files(spec, files, tenant)
     queue = spec.resources.queue or queue
     waiting = check_workers(spec, jobs, queue)

@@ -2,7 +2,7 @@
 
 FastAPI's generated document is the starting point; this module corrects it:
 
-* ``POST /v1/fine_tuning/jobs`` takes the job spec (``trainers.spec.JobSpec``: the
+* ``POST /v1/fine_tuning/jobs`` takes the job spec (``trainers.contract.spec.JobSpec``: the
   method union with every method's hyperparameters), not a free-form object. The
   route still receives the raw body and validates it itself (``service.jobrequest``),
   so the messages of a bad body stay the ones the API has always given, as 400s.
@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from trainers.spec import JobSpec
+from trainers.contract.spec import JobSpec
 
 _ERROR = {
     "type": "object",

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from trainers.spec import stored_spec_view
+from trainers.contract.spec import stored_spec_view
 
 
 def _omitted_when_null(description: str = ""):

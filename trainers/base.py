@@ -9,6 +9,13 @@
    ``forbid_full_logits``, so a code path that builds ``[tokens x vocab]`` logits
    with gradients on fails loudly in tests instead of silently costing memory.
 2. Progress reaches the job record only through ``trainers.callbacks.ReportingCallback``.
+3. State a trainer keeps beside the Trainer's own (BCO's running mean, a rollout
+   planner's history, a judge's random state, OREO's value model) is saved into every
+   checkpoint and restored on resume through one hook: a trainer names its
+   ``state_file`` and implements ``extra_state``/``load_extra_state`` (a JSON dict), or
+   overrides ``save_extra``/``load_extra`` for files of its own. The mixin writes only
+   in the process that saves (``args.should_save``) and loads before training starts;
+   ``on_train_start`` then runs once, after any such state is back.
 
 A trainer class for a new method subclasses its TRL/transformers trainer with
 this mixin first; ``tests/trainers/test_base.py`` checks that every registered
@@ -17,6 +24,11 @@ method's trainer does.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+from trainers.contract.checkpoints import checkpoint_dir
 from trainers.fused_head import install_fused_head, use_posttrain_kernel
 from trainers.logprobs import TokenLogprobs, causal_lm_logprobs, forbid_full_logits
 
@@ -51,3 +63,40 @@ class PosttrainTrainerMixin:
             return_entropy=return_entropy,
             **extra,
         )
+
+    # ------------------------------------------------------------ state beside checkpoints
+    state_file: ClassVar[str | None] = None  # the JSON file extra_state is saved as
+
+    def extra_state(self) -> dict[str, Any] | None:
+        """This trainer's own state to save in a checkpoint (None: nothing)."""
+        return None
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` saved."""
+
+    def save_extra(self, folder: Path) -> None:
+        """Write this trainer's state into the checkpoint ``folder`` (main process only)."""
+        state = self.extra_state() if self.state_file else None
+        if state is not None:
+            (folder / self.state_file).write_text(json.dumps(state))
+
+    def load_extra(self, folder: Path) -> None:
+        """Read back what ``save_extra`` wrote into ``folder``; absent files are fine (a
+        checkpoint of a run that had nothing to save)."""
+        path = folder / self.state_file if self.state_file else None
+        if path is not None and path.is_file():
+            self.load_extra_state(json.loads(path.read_text()))
+
+    def on_train_start(self) -> None:
+        """Runs once per ``train()``, after a resumed run's extra state is loaded."""
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            self.save_extra(checkpoint_dir(self.args.output_dir, self.state.global_step))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint:
+            self.load_extra(Path(resume_from_checkpoint))
+        self.on_train_start()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

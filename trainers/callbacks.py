@@ -8,7 +8,7 @@ every run ends with a downloadable checkpoint, and on a pause request saves and
 stops at the next step boundary. A method whose iteration spans several optimizer
 steps (EGPO: a half and a full step) sets ``steps_per_iteration`` in its training
 arguments; checkpoints and pauses then wait for the iteration's last step. A run
-whose fencing token was superseded (``trainers.fencing``) raises ``StaleFence``
+whose fencing token was superseded (``trainers.contract.fencing``) raises ``StaleFence``
 before it saves, and never marks a checkpoint complete. With several ranks (under
 ``accelerate launch``) the ranks agree on a pause at each step end, and only rank 0
 marks and reports a checkpoint, once every rank's part of it is on disk.
@@ -22,14 +22,13 @@ counted by transformers when the runner sets ``include_num_input_tokens_seen``).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from trainers import fencing
-from trainers.checkpoints import mark_complete
-from trainers.plan import RunPlan
+from trainers.contract import fencing
+from trainers.contract.checkpoints import checkpoint_dir, mark_complete
+from trainers.contract.plan import RunPlan
 from trainers.reporting import PauseRequest, Reporter
 
 # Keys in a step's logs that are not that step's metrics. transformers adds the run's
@@ -122,7 +121,7 @@ class ReportingCallback(TrainerCallback):
         return reduce(torch.tensor(float(requested), device=dist.device), "sum").item() > 0
 
     def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        ckpt = checkpoint_dir(args.output_dir, state.global_step)
         dist = _distributed()
         if dist is not None:  # every rank's part is saved; then rank 0 alone marks and reports
             dist.wait_for_everyone()

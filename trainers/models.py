@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainers.plan import JobError
-from trainers.spec import LoraSettings
+from trainers.contract.errors import JobError
+from trainers.contract.spec import LoraSettings
 
 
 def pick_device_dtype() -> tuple[str, Any]:

@@ -1,8 +1,9 @@
-"""Method registry: method name -> the ``MethodDef`` that trains it (training process only).
+"""Method name -> the ``MethodDef`` that trains it (training process only).
 
-Entries are import paths, resolved only inside the training process, so importing
-this module never loads torch. The names are ``trainers.methods.METHODS``; a test
-checks the two agree.
+Each method's contract model (``trainers.contract.methods``) names the module of its
+torch side (``algorithm``); this module imports it on demand, so resolving a name
+loads that method's trainer and nothing else. The names are the contract's
+``METHODS``, the one list of methods.
 """
 
 from __future__ import annotations
@@ -10,27 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from trainers.methods import METHODS
+from trainers.contract.methods import method_model
 
 if TYPE_CHECKING:
     from trainers.runner import MethodDef
 
-TRAINERS: dict[str, str] = {
-    "supervised": "trainers.algorithms.sft:METHOD",
-    "dpo": "trainers.algorithms.dpo:METHOD",
-    "bco": "trainers.algorithms.bco:METHOD",
-    "oreo": "trainers.algorithms.oreo:METHOD",
-    "grpo": "trainers.algorithms.grpo:METHOD",
-    "reinforcement": "trainers.algorithms.grpo:METHOD",  # OpenAI's name for GRPO with a grader
-    "egpo": "trainers.algorithms.egpo:METHOD",
-}
-
 
 def resolve(method: str) -> MethodDef:
-    """Import and return the method definition for ``method``."""
-    try:
-        target = TRAINERS[method]
-    except KeyError:
-        raise KeyError(f"unknown method '{method}'; available: {', '.join(METHODS)}") from None
-    module_name, attr = target.split(":")
-    return getattr(importlib.import_module(module_name), attr)
+    """Import and return the method definition for ``method`` (KeyError naming the valid
+    ones for an unknown name)."""
+    return importlib.import_module(method_model(method).algorithm).METHOD

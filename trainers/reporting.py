@@ -2,7 +2,7 @@
 
 The trainer knows nothing of Redis or Celery. Whoever starts it (the worker's
 supervisor, or a test) passes a writable fd; every message is one of the models
-in ``trainers.messages``, written as one JSON line with a single ``os.write`` so
+in ``trainers.contract.messages``, written as one JSON line with a single ``os.write`` so
 lines never interleave.
 
 Control flows the other way as one signal: SIGUSR1 asks the trainer to pause,
@@ -21,7 +21,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from trainers import messages as m
+from trainers.contract import messages as m
 
 
 class Reporter:

@@ -25,7 +25,8 @@ import signal
 import sys
 import traceback
 
-from trainers.plan import JobError, RunPlan
+from trainers.contract.errors import JobError
+from trainers.contract.plan import RunPlan
 from trainers.reporting import PauseRequest, Reporter, open_report_path
 
 _PR_SET_PDEATHSIG = 1

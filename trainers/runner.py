@@ -1,12 +1,13 @@
 """The one runner every method goes through: load, build, train, resume, pause, result.
 
 A method is a ``MethodDef``: its TRL config class and the fields only it sets,
-its data mapping (JSONL rows -> the dataset its trainer takes) and its trainer
+its row mapping (JSONL rows -> the records its trainer takes) and its trainer
 class (a TRL trainer with ``PosttrainTrainerMixin`` first). Everything else is
-here, once: the tokenizer and model, the settings every method shares (output
-dir, seed, epochs, batch size, learning rate and schedule, logging, checkpoint
-interval, device), LoRA, the reporting callback, resuming from the newest
-complete checkpoint, pausing at a step boundary, and the typed ``RunResult``.
+here, once: reading the job's files, the tokenizer and model, the settings every
+method shares (output dir, seed, epochs, batch size, learning rate and schedule,
+logging, checkpoint interval, device), LoRA, the reporting callback, resuming from
+the newest complete checkpoint, pausing at a step boundary, and the typed
+``RunResult``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainers.callbacks import NonFiniteCallback, ReportingCallback
-from trainers.checkpoints import resumable_checkpoint
-from trainers.hparams import CommonHyperparameters
+from trainers.contract.checkpoints import checkpoint_dir, resumable_checkpoint
+from trainers.contract.errors import JobError
+from trainers.contract.hparams import CommonHyperparameters
+from trainers.contract.plan import RunPlan
 from trainers.models import load_causal_lm, load_tokenizer, lora_config, pick_device_dtype
-from trainers.plan import JobError, RunPlan
+from trainers.records import build_dataset, read_rows
 from trainers.reporting import PauseRequest, Reporter
 
 
@@ -38,21 +41,25 @@ class MethodDef:
 
     config_class:   the TRL config (``SFTConfig``, ``DPOConfig``...).
     trainer_class:  the trainer, ``PosttrainTrainerMixin`` first in its bases.
-    datasets:       ``(plan) -> TrainData``.
+    records:        ``(rows, hyperparameters, param) -> list of records`` for one file
+                    (``param`` names the file in errors).
     config_fields:  ``(plan, hyperparameters, data) -> dict`` of the config fields
                     only this method sets.
     trainer_kwargs: ``(plan, model, data) -> dict`` of extra trainer arguments
                     (a reference model, say).
+    shuffle:        shuffle the training records once with the job seed (for trainers
+                    that then read them in order).
     """
 
     name: str
     config_class: type
     trainer_class: type
-    datasets: Callable[[RunPlan], TrainData]
+    records: Callable[[list, Any, str], list[dict[str, Any]]]
     config_fields: Callable[[RunPlan, Any, TrainData], dict[str, Any]]
     trainer_kwargs: Callable[[RunPlan, Any, TrainData], dict[str, Any]] = field(
         default=lambda plan, model, data: {}
     )
+    shuffle: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,24 @@ def per_process_batch(plan: RunPlan, hp: CommonHyperparameters, rows: int) -> in
             "hyperparameters.batch_size",
         )
     return batch // plan.processes
+
+
+def read_data(method: MethodDef, plan: RunPlan) -> TrainData:
+    """The job's training (and validation) file as the method's datasets: the training file
+    read as the first of the method's formats all its rows fit, the validation file in the
+    same format."""
+    spec = plan.spec
+    hp = spec.method_hyperparameters()
+    accepted = spec.method.accepted_formats
+    fmt, rows = read_rows(plan.training_path, accepted, "training_file")
+    train = build_dataset(method.records(rows, hp, "training_file"))
+    if method.shuffle:
+        train = train.shuffle(seed=spec.seed)
+    evals = None
+    if plan.validation_path:
+        _, vrows = read_rows(plan.validation_path, (fmt,), "validation_file")
+        evals = build_dataset(method.records(vrows, hp, "validation_file"))
+    return TrainData(fmt, train, evals)
 
 
 def common_config(plan: RunPlan, hp: CommonHyperparameters, data: TrainData) -> dict[str, Any]:
@@ -120,7 +145,7 @@ def run_method(
     spec = plan.spec
     hp = spec.method_hyperparameters()
     tokenizer = load_tokenizer(spec.model)
-    data = method.datasets(plan)
+    data = read_data(method, plan)
     reporter.event(
         f"Loaded {len(data.train)} training rows ({data.format} format)"
         + (f" and {len(data.eval)} validation rows" if data.eval is not None else "")
@@ -150,12 +175,12 @@ def run_method(
             f"training stopped at step {diverged.step}: {diverged.what}. The weights of that "
             "step were not saved; the last checkpoint before it is kept. Lower the learning "
             "rate (or raise warmup), or look for extreme values in the training data",
-            param=f"method.{spec.method_type}.hyperparameters.learning_rate",
+            param=f"{spec.method.param}.learning_rate",
         )
     step = trainer.state.global_step
     return RunResult(
         step=step,
-        checkpoint=plan.relative(plan.output_dir / f"checkpoint-{step}"),
+        checkpoint=plan.relative(checkpoint_dir(plan.output_dir, step)),
         trained_tokens=int(trainer.state.num_input_tokens_seen or 0),
         paused=callback.paused_at is not None,
     )

@@ -1,7 +1,14 @@
-"""Greedy replies from a saved checkpoint, for demos and smoke checks (not training)."""
+"""Greedy replies from a saved checkpoint, for demos and smoke checks (not training).
+
+``python -m trainers.sampling MODEL_DIR`` reads a JSON list of chat prompts (each a list
+of messages) on stdin and prints a JSON list of replies: the demo runs it as a child
+process, so the API's side of the demo never loads torch.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 
@@ -23,3 +30,7 @@ def greedy_replies(
         )
         replies.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return replies
+
+
+if __name__ == "__main__":
+    print(json.dumps(greedy_replies(Path(sys.argv[1]), json.load(sys.stdin))))

@@ -182,3 +182,19 @@ def build_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainers.tiny_model DIR [--seed N]`` (what ``posttrain tiny-model`` runs)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m trainers.tiny_model", description=__doc__)
+    ap.add_argument("dir")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    print(f"tiny model written to {build_tiny_model(args.dir, seed=args.seed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

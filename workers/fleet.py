@@ -19,7 +19,7 @@ import threading
 
 import redis
 
-from trainers.spec import stored_spec_view
+from trainers.contract.spec import stored_spec_view
 
 log = logging.getLogger(__name__)
 

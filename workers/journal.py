@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainers.checkpoints import newest_complete_step
-from trainers.messages import InvalidReport, parse_report
+from trainers.contract.checkpoints import newest_complete_step
+from trainers.contract.messages import InvalidReport, parse_report
 from workers.store import JobStore
 
 

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.spec import STRATEGIES, Resources
+from trainers.contract.spec import STRATEGIES, Resources
 from workers.processes import stop_group
 
 

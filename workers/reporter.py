@@ -1,7 +1,7 @@
 """Turns the training process's report lines into job-record updates.
 
 The training process writes one typed message per line to a pipe
-(``trainers.messages``, parsed here with the same models). This module is the
+(``trainers.contract.messages``, parsed here with the same models). This module is the
 only place those messages meet Redis. A line that is not a valid message ends
 the run as failed with ``invalid_report`` (``RunOutcome.invalid``) rather than
 crashing the supervisor or storing something the API cannot serve. Metrics go
@@ -12,7 +12,7 @@ Checkpoint retention happens here too: a checkpoint report arrives only after it
 save returned and the checkpoint was marked complete, so that is when the older
 ones beyond the job's ``keep_checkpoints`` are dropped from the record (one Lua
 call, ``JobStore.add_checkpoint``) and then their directories deleted
-(``trainers.checkpoints.remove_checkpoints``). Record first, files second: the API
+(``trainers.contract.checkpoints.remove_checkpoints``). Record first, files second: the API
 never lists a checkpoint whose files are already gone.
 """
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainers import messages as m
-from trainers.checkpoints import remove_checkpoints
+from trainers.contract import messages as m
+from trainers.contract.checkpoints import remove_checkpoints
 from workers.store import JobStore, new_id
 
 log = logging.getLogger(__name__)

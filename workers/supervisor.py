@@ -25,9 +25,9 @@ from pathlib import Path
 
 import redis
 
-from trainers import fencing
-from trainers.plan import RunPlan
-from trainers.spec import JobSpec, StoredSpecError, read_stored_spec
+from trainers.contract import fencing
+from trainers.contract.plan import RunPlan
+from trainers.contract.spec import JobSpec, StoredSpecError, read_stored_spec
 from workers import launch
 from workers.filestore import FileNotFound, FileStore
 from workers.journal import journal_path, replay_journals

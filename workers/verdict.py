@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from trainers.spec import JobSpec
+from trainers.contract.spec import JobSpec
 from workers.reporter import RecordReporter, model_label
 from workers.store import InvalidTransition, JobStatus, JobStore
 

@@ -23,18 +23,16 @@ from pathlib import Path
 
 import httpx
 
+from trainers.contract.hparams import RolloutEngine
+from trainers.contract.spec import JobSpec
 from workers.processes import die_with_parent, stop_group
 from workers.settings import WorkerSettings
 
 
-def wants_server(spec) -> bool:
+def wants_server(spec: JobSpec) -> bool:
     """Whether a job's rollouts run on a worker-owned vLLM server."""
-    method = spec.method
-    block = getattr(method, method.type, None)
-    hp = getattr(block, "hyperparameters", None)
-    return (
-        getattr(hp, "rollout_engine", None) == "vllm" and getattr(hp, "vllm_mode", None) == "server"
-    )
+    hp = spec.method.hyperparameters
+    return isinstance(hp, RolloutEngine) and hp.wants_vllm_server
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ from service.auth import Tenant
 from service.deps import Auth, FilesDep, SettingsDep, TenantDep
 from service.errors import APIError, not_found
 from service.schemas import FileDeleted, FileObject, Page, file_object, page
-from trainers.formats import DatasetError, summarize
+from trainers.contract.formats import DatasetError, summarize
 from workers.filestore import FileNotFound
 
 router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Auth])

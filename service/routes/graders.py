@@ -3,7 +3,7 @@
 ``validate`` checks a grader's shape and answers ``{"grader": ...}``. ``run``
 grades one ``model_sample`` against one ``item`` and answers OpenAI's
 ``GraderRunResponse``. Grading runs in a child process with a deadline
-(``trainers.graders.registry.run_isolated``). Graders that load a model
+(``trainers.contract.graders.scoring.run_isolated``). Graders that load a model
 (``score_model``, ``text_similarity`` with ``cosine``) validate here but run
 only in the training process: this process never imports torch.
 
@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import Auth
 from service.errors import APIError
-from trainers.graders.registry import GradeReport, run_isolated
-from trainers.graders.spec import (
+from trainers.contract.graders.scoring import GradeReport, run_isolated
+from trainers.contract.graders.spec import (
     GraderSpec,
     InvalidGrader,
     MultiGrader,
@@ -55,7 +55,9 @@ _DETAILS = (
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grader: dict[str, Any] = Field(description="The grader (one of trainers.methods.GRADERS).")
+    grader: dict[str, Any] = Field(
+        description="The grader (one of trainers.contract.graders.spec.GRADER_TYPES)."
+    )
 
 
 class RunRequest(_Request):

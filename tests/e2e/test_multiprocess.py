@@ -26,8 +26,8 @@ from tests import redis_server
 from tests.e2e.conftest import start_stack
 from tests.e2e.test_sft_job import DEMO, wait_for
 from tests.workers.test_launch import REPO, _read_lines
-from trainers.plan import RunPlan
-from trainers.spec import JobSpec
+from trainers.contract.plan import RunPlan
+from trainers.contract.spec import JobSpec
 from workers import launch
 from workers.fleet import live_workers
 from workers.launch import _alive, descendants

@@ -54,7 +54,7 @@ import pytest
 from tests import redis_server
 from tests.e2e.conftest import start_stack
 from tests.e2e.test_sft_job import wait_for
-from trainers.checkpoints import MARKER
+from trainers.contract.checkpoints import MARKER
 
 pytestmark = pytest.mark.e2e
 FIDELITY_DB = 12

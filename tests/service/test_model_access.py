@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from service.main import create_app
 from service.modelaccess import MODEL_FIELDS, NOT_ALLOWED
 from service.settings import ApiSettings
-from trainers.spec import JobSpec
+from trainers.contract.spec import JobSpec
 from workers.store import JobStatus
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from service.main import create_app
 from service.settings import ApiSettings
 from tests.service.liveapi import KEY, start_live_api
-from trainers.methods import METHODS
+from trainers.contract.methods import METHODS
 from workers.store import JobStore
 
 # Bounded so the whole run stays well under two minutes on two loaded cores.

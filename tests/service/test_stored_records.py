@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.settings import ApiSettings
-from trainers.spec import SPEC_VERSION, StoredSpecError, read_stored_spec
+from trainers.contract.spec import SPEC_VERSION, StoredSpecError, read_stored_spec
 
 RECORDS = json.loads((Path(__file__).parent / "fixtures" / "stored_job_records.json").read_text())
 

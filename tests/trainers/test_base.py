@@ -7,7 +7,7 @@ from transformers import Trainer
 
 from trainers import registry
 from trainers.base import PosttrainTrainerMixin
-from trainers.methods import METHODS
+from trainers.contract.methods import METHODS
 
 
 @pytest.mark.parametrize("method", METHODS)

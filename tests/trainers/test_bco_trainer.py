@@ -16,22 +16,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from trainers.algorithms import bco as bco_method
-from trainers.algorithms.bco import METHOD, STATE_FILE, BCOSettings, PosttrainBCOTrainer
-from trainers.algorithms.bco_data import truncate
-from trainers.core.bco import PromptClassifier
-from trainers.data import bco_records, build_dataset
-from trainers.plan import RunPlan
-from trainers.reporting import Reporter
-from trainers.rows import (
+from trainers.algorithms.bco.method import METHOD
+from trainers.algorithms.bco.method import records as bco_records
+from trainers.algorithms.bco.trainer import BCO_METRICS, STATE_FILE, PosttrainBCOTrainer
+from trainers.algorithms.tokens import truncate
+from trainers.contract.methods.bco import BCOHyperparameters
+from trainers.contract.plan import RunPlan
+from trainers.contract.rows import (
     ImplicitPreferenceRow,
     OpenAIPreferenceRow,
     OpenAIUnpairedRow,
     PreferenceRow,
     UnpairedPreferenceRow,
 )
+from trainers.contract.spec import JobSpec
+from trainers.core.bco import PromptClassifier
+from trainers.records import build_dataset
+from trainers.reporting import Reporter
 from trainers.runner import run_method
-from trainers.spec import JobSpec
 from trainers.tiny_model import build_tiny_model
 
 DEMO = resources.files("trainers") / "assets" / "demo_bco.jsonl"
@@ -118,7 +120,7 @@ def make_trainer(model_dir: Path, tmp: Path, n: int = 16, **settings) -> Posttra
         args=args,
         train_dataset=build_dataset(demo_records(n)),
         processing_class=tok,
-        bco=BCOSettings(**settings),
+        bco=BCOHyperparameters(**settings),
         ref_model=ref,
     )
 
@@ -222,7 +224,7 @@ def test_full_and_lora_train_and_report_bco_metrics(model_dir, tmp_path, trainin
     logs = _logs(reporter)
     assert result.step == 12 and result.trained_tokens > 0
     assert {
-        *bco_method.BCO_METRICS,
+        *BCO_METRICS,
         "udm_weight/min",
         "udm_weight/max",
         "udm/classifier_holdout_accuracy",

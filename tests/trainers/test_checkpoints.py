@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainers.checkpoints import is_complete, mark_complete, resumable_checkpoint
+from trainers.contract.checkpoints import is_complete, mark_complete, resumable_checkpoint
 
 
 def _ckpt(root, step, complete):

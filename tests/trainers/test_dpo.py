@@ -20,13 +20,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from trainers import fused_head
-from trainers.algorithms.dpo import DPO_METRICS, METHOD, PosttrainDPOTrainer
-from trainers.data import build_dataset, dpo_record, dpo_records
-from trainers.plan import RunPlan
+from trainers.algorithms.dpo.method import DPO_METRICS, METHOD, PosttrainDPOTrainer
+from trainers.algorithms.dpo.method import record as dpo_record
+from trainers.algorithms.dpo.method import records as dpo_records
+from trainers.contract.plan import RunPlan
+from trainers.contract.rows import ImplicitPreferenceRow, OpenAIPreferenceRow, PreferenceRow
+from trainers.contract.spec import JobSpec
+from trainers.records import build_dataset
 from trainers.reporting import PauseRequest, Reporter
-from trainers.rows import ImplicitPreferenceRow, OpenAIPreferenceRow, PreferenceRow
 from trainers.runner import TrainData, common_config, run_method
-from trainers.spec import JobSpec
 from trainers.tiny_model import build_tiny_model
 
 DEMO = resources.files("trainers") / "assets" / "demo_dpo.jsonl"

@@ -17,25 +17,25 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from trainers.algorithms.egpo import METHOD
-from trainers.algorithms.egpo_rollout import TransformersSampler
-from trainers.algorithms.egpo_trainer import (
+from trainers.algorithms.egpo.method import METHOD
+from trainers.algorithms.egpo.rollout import TransformersSampler
+from trainers.algorithms.egpo.trainer import (
     EGPOCollator,
-    EGPOSettings,
     EGPOTrainingArguments,
     PosttrainEGPOTrainer,
-    prompt_token_ids,
 )
+from trainers.algorithms.tokens import prompt_ids as prompt_token_ids
+from trainers.contract.judges.spec import parse_judge
+from trainers.contract.messages import Log
+from trainers.contract.methods.egpo import EGPOHyperparameters
+from trainers.contract.plan import RunPlan
+from trainers.contract.spec import JobSpec
 from trainers.core.egpo import egpo_loss, sequence_logps
-from trainers.data import build_dataset
 from trainers.judges.registry import build_judge
-from trainers.judges.spec import parse_judge
 from trainers.logprobs import causal_lm_logprobs
-from trainers.messages import Log
-from trainers.plan import RunPlan
+from trainers.records import build_dataset
 from trainers.reporting import PauseRequest, Reporter
 from trainers.runner import run_method
-from trainers.spec import JobSpec
 from trainers.tiny_model import build_tiny_model
 
 # Cyclic preferences over three styles, by the completion's first character; anything
@@ -82,7 +82,7 @@ def make_trainer(model_dir, tmp, *, lora=False, steps=4, lr=1e-2, cls=PosttrainE
         args=args,
         train_dataset=build_dataset(prompts(16)),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-        egpo=EGPOSettings(**{**SETTINGS, **settings}),
+        egpo=EGPOHyperparameters(judge=JUDGE, **{**SETTINGS, **settings}),
         judge=build_judge(parse_judge(JUDGE), seed=0),
         ref_model=None if lora else load(),
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear") if lora else None,
@@ -153,7 +153,7 @@ def online_ipo_loop(model_dir, steps: int, lr: float) -> dict[str, torch.Tensor]
     set_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
     ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    s = EGPOSettings(**SETTINGS)
+    s = EGPOHyperparameters(judge=JUDGE, **SETTINGS)
     judge = build_judge(parse_judge(JUDGE), seed=0)
     sampler = TransformersSampler(tok, s.max_new_tokens)
     rows = build_dataset(prompts(16)).map(

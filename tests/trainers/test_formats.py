@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from trainers.formats import DatasetError, read_as, summarize
-from trainers.rows import RowFormat
+from trainers.contract.formats import DatasetError, read_as, summarize
+from trainers.contract.rows import RowFormat
 
 
 def lines(*rows) -> list[str]:
@@ -156,7 +156,7 @@ def test_a_prompt_list_ending_with_the_answer_is_not_a_prompt():
 
 
 def test_chat_style_scored_rows_are_oreo_trajectories():
-    from trainers.data import oreo_records
+    from trainers.algorithms.oreo.method import records as oreo_records
 
     row = {
         "messages": [

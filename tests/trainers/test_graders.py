@@ -13,18 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from trainers.graders import registry, text
-from trainers.graders.expr import FormulaError, compile_formula
-from trainers.graders.registry import (
-    GRADERS,
-    build_reward_function,
-    completion_text,
+from trainers.contract.graders import scoring, text
+from trainers.contract.graders.expr import FormulaError, compile_formula
+from trainers.contract.graders.scoring import (
+    SCORERS,
     grade,
     grade_batch,
     grade_report,
     run_isolated,
 )
-from trainers.graders.spec import (
+from trainers.contract.graders.spec import GRADER_TYPES as GRADER_NAMES
+from trainers.contract.graders.spec import (
     InvalidGrader,
     dump_grader,
     missing_item_fields,
@@ -32,8 +31,8 @@ from trainers.graders.spec import (
     parse_grader,
     template_fields,
 )
-from trainers.graders.templates import GraderError, TemplateError, parse_template, render
-from trainers.methods import GRADERS as GRADER_NAMES
+from trainers.contract.graders.templates import GraderError, TemplateError, parse_template, render
+from trainers.graders.reward import build_reward_function, completion_text
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = "{{sample.output_text}}"
@@ -51,7 +50,7 @@ def similarity(metric: str) -> dict:
 
 
 def test_registry_keys_are_the_grader_names():
-    assert set(GRADERS) == set(GRADER_NAMES) and len(GRADERS) == len(GRADER_NAMES)
+    assert set(SCORERS) == set(GRADER_NAMES) and len(SCORERS) == len(GRADER_NAMES)
 
 
 # --- string_check ----------------------------------------------------------------------
@@ -432,7 +431,7 @@ def test_run_isolated_grades_in_a_child_and_stops_a_slow_one():
 
 def test_the_grader_modules_leave_torch_out():
     code = (
-        "import sys, trainers.graders.registry, trainers.graders.spec; "
+        "import sys, trainers.contract.graders.scoring, trainers.contract.graders.spec; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
@@ -510,4 +509,4 @@ def test_cosine_similarity_with_a_local_encoder(tmp_path):
 def test_the_api_cannot_run_model_graders_but_can_describe_them(reward_model):
     assert needs_model(parse_grader(score_model(reward_model)))
     assert not needs_model(parse_grader(multi("exact")))
-    assert registry.GRADERS["score_model"] is not None
+    assert scoring.SCORERS["score_model"] is not None

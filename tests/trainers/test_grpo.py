@@ -25,16 +25,16 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from trainers import fused_head
-from trainers.algorithms import grpo
-from trainers.algorithms.grpo import METHOD
-from trainers.algorithms.grpo_trainer import STATE_FILE, PosttrainGRPOTrainer
+from trainers.algorithms.grpo.method import METHOD
+from trainers.algorithms.grpo.trainer import STATE_FILE, PosttrainGRPOTrainer
+from trainers.contract.errors import JobError
+from trainers.contract.methods.grpo import PRESETS, resolve, trl_native
+from trainers.contract.plan import RunPlan
+from trainers.contract.spec import JobSpec
 from trainers.core.rollout import XrpoPlanner
 from trainers.core.temperature import HapoAdaptiveTemperature
-from trainers.grpo_presets import PRESETS, resolve
-from trainers.plan import JobError, RunPlan
 from trainers.reporting import Reporter
-from trainers.runner import TrainData, common_config, run_method
-from trainers.spec import JobSpec
+from trainers.runner import TrainData, common_config, read_data, run_method
 from trainers.tiny_model import build_tiny_model
 
 # Continuous rewards in [-1, 0] from a completion's length in characters: groups of random
@@ -121,7 +121,7 @@ def config_for(plan: RunPlan) -> GRPOConfig:
 
 
 def settings_of(plan: RunPlan):
-    return grpo.grpo_config_of(plan)[2]
+    return plan.spec.method.settings()
 
 
 # ----------------------------------------------------------------------------- config mapping
@@ -139,9 +139,9 @@ def test_trl_presets_become_trls_own_config(tmp_path):
     assert cfg.mask_truncated_completions is False
 
     for variant in ("grpo", "dapo", "dr_grpo"):
-        assert settings_of(make_plan(tmp_path, variant)).trl_native, variant
+        assert trl_native(settings_of(make_plan(tmp_path, variant))), variant
     for variant in ("ngrpo", "xrpo", "hapo"):
-        assert not settings_of(make_plan(tmp_path, variant)).trl_native, variant
+        assert not trl_native(settings_of(make_plan(tmp_path, variant))), variant
     assert set(PRESETS) == {"grpo", "dapo", "dr_grpo", "ngrpo", "xrpo", "hapo"}
 
 
@@ -149,7 +149,7 @@ def test_hyperparameters_override_the_preset(tmp_path):
     plan = make_plan(tmp_path, "grpo", {"beta": 0.0, "loss_type": "bnpo"})
     cfg = config_for(plan)
     assert (cfg.beta, cfg.loss_type, cfg.epsilon, cfg.epsilon_high) == (0.0, "bnpo", 0.2, 0.2)
-    assert settings_of(plan).trl_native  # still TRL's own computation
+    assert trl_native(settings_of(plan))  # still TRL's own computation
 
     plan = make_plan(
         tmp_path,
@@ -162,7 +162,7 @@ def test_hyperparameters_override_the_preset(tmp_path):
 
     # a dual clip is not something TRL computes: posttrain's objective takes over
     plan = make_plan(tmp_path, "grpo", {"dual_clip": 3.0})
-    assert settings_of(plan).dual_clip == 3.0 and not settings_of(plan).trl_native
+    assert settings_of(plan).dual_clip == 3.0 and not trl_native(settings_of(plan))
 
     # the generation settings reach TRL as given; HAPO samples at temperature 1 in TRL's
     # sampler and applies its own per-token rule around the requested temperature
@@ -293,7 +293,7 @@ def test_prompt_rows_keep_their_extra_fields(tmp_path):
         {"prompt": "2+2=", "answer": "4", "label": "easy"},
         {"prompt": "3+3=", "answer": "6", "label": "easy"},
     ]
-    data = METHOD.datasets(make_plan(tmp_path / "text", rows=rows))
+    data = read_data(METHOD, make_plan(tmp_path / "text", rows=rows))
     assert str(data.format) == "prompt_only"
     assert [data.train[i] for i in range(2)] == rows
 
@@ -305,7 +305,7 @@ def test_prompt_rows_keep_their_extra_fields(tmp_path):
             "answer": "6",
         },
     ]
-    data = METHOD.datasets(make_plan(tmp_path / "chat", rows=rows))
+    data = read_data(METHOD, make_plan(tmp_path / "chat", rows=rows))
     assert data.train[0] == {
         "prompt": [{"role": "system", "content": "Be brief."}, user],
         "answer": "4",
@@ -313,7 +313,7 @@ def test_prompt_rows_keep_their_extra_fields(tmp_path):
     assert data.train[1] == {"prompt": [{"role": "user", "content": "3+3="}], "answer": "6"}
 
     rows = [{"prompt": [user], "answer": "4"}]  # TRL's conversational prompt-only row
-    data = METHOD.datasets(make_plan(tmp_path / "trl", rows=rows))
+    data = read_data(METHOD, make_plan(tmp_path / "trl", rows=rows))
     assert data.train[0] == {"prompt": [user], "answer": "4"}
 
 
@@ -326,7 +326,7 @@ def test_openai_developer_turns_become_system_turns(tmp_path):
             ]
         }
     ]
-    data = METHOD.datasets(make_plan(tmp_path, rows=rows))
+    data = read_data(METHOD, make_plan(tmp_path, rows=rows))
     assert data.train[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
 
 
@@ -335,7 +335,7 @@ def test_a_file_mixing_text_and_chat_prompts_becomes_one_conversational_dataset(
         {"prompt": "2+2=", "answer": "4"},
         {"messages": [{"role": "user", "content": "3+3="}], "answer": "6", "hint": "add"},
     ]
-    data = METHOD.datasets(make_plan(tmp_path, rows=rows))
+    data = read_data(METHOD, make_plan(tmp_path, rows=rows))
     assert data.train[0] == {
         "prompt": [{"role": "user", "content": "2+2="}],
         "answer": "4",
@@ -351,7 +351,7 @@ def test_a_chat_ending_with_an_assistant_turn_is_not_a_prompt(tmp_path):
         {"messages": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]},
     ]
     with pytest.raises(JobError) as err:
-        METHOD.datasets(make_plan(tmp_path, rows=rows))
+        read_data(METHOD, make_plan(tmp_path, rows=rows))
     assert err.value.code == "invalid_training_file" and err.value.param == "training_file"
     assert "line 2" in err.value.message
 
@@ -363,7 +363,7 @@ def _tiny(model_dir: Path):
 
 def _trainers(model_dir: Path, plan: RunPlan):
     """posttrain's trainer from the method's own mapping, and TRL's on the same config."""
-    data = METHOD.datasets(plan)
+    data = read_data(METHOD, plan)
     fields = config_dict(plan, data)
     # bias generation toward <|end|> so completions end at varied lengths (and some are
     # truncated, which dapo masks); the loss is computed without the bias
@@ -467,7 +467,7 @@ HP = {"num_generations": 4, "max_completion_length": 12}
 def test_trl_presets_give_trls_loss_and_gradients(model_dir, tmp_path, kernel_calls, variant):
     plan = make_plan(tmp_path, variant, HP)
     ours, theirs, data = _trainers(model_dir, plan)
-    assert ours.pt_settings.trl_native
+    assert trl_native(ours.pt_settings)
     batch = _batch(ours, data, HP["num_generations"])
     mask = batch["completion_mask"]
     assert 0 < mask.sum() and mask.sum(1).unique().numel() > 2  # varied completion lengths
@@ -500,7 +500,7 @@ def test_posttrains_objective_equals_trls_loss(model_dir, tmp_path, loss_type, b
     hp = {**HP, "dual_clip": 1e9, "loss_type": loss_type, "beta": beta}
     plan = make_plan(tmp_path, "grpo", {**hp, "gradient_accumulation_steps": 2})
     ours, theirs, data = _trainers(model_dir, plan)
-    assert not ours.pt_settings.trl_native and ours.args.steps_per_generation == 2
+    assert not trl_native(ours.pt_settings) and ours.args.steps_per_generation == 2
     batch = _batch(ours, data, HP["num_generations"])
     assert ("ref_per_token_logps" in batch) == (beta != 0.0)
     assert batch["num_items_in_batch"] == batch["completion_mask"].sum()
@@ -689,21 +689,21 @@ def test_hapo_temperature_statistics_travel_with_checkpoints(model_dir, tmp_path
 
 
 def test_sequence_level_ratios_are_refused_where_posttrains_objective_runs():
-    from trainers.grpo_presets import resolve
-    from trainers.hparams import GRPOHyperparameters
+    from trainers.contract.methods.grpo import GRPOHyperparameters
 
     seq = GRPOHyperparameters(importance_sampling_level="sequence")
-    assert resolve("grpo", seq).trl_native  # GSPO through TRL's own loss is fine
+    assert trl_native(resolve("grpo", seq))  # GSPO through TRL's own loss is fine
     with pytest.raises(ValueError, match="importance_sampling_level 'token'"):
         resolve("hapo", seq)
 
 
 def test_a_prompt_longer_than_the_sequence_budget_is_refused_naming_its_row(tmp_path):
     from trainers import registry
-    from trainers.plan import JobError, RunPlan
+    from trainers.contract.errors import JobError
+    from trainers.contract.plan import RunPlan
+    from trainers.contract.spec import JobSpec
     from trainers.reporting import Reporter
     from trainers.runner import run_method
-    from trainers.spec import JobSpec
     from trainers.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp_path / "m", seed=0)

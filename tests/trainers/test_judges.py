@@ -21,9 +21,14 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
+from trainers.contract.judges.spec import (
+    DEFAULT_PAIR_TEMPLATE,
+    InvalidJudge,
+    judge_item_fields,
+    render_pair,
+)
+from trainers.contract.judges.validate import validate_judge
 from trainers.judges.registry import build_judge
-from trainers.judges.spec import DEFAULT_PAIR_TEMPLATE, InvalidJudge, judge_item_fields, render_pair
-from trainers.judges.validate import validate_judge
 from trainers.tiny_model import build_tiny_model, build_tokenizer, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -338,7 +343,8 @@ def test_model_paths_that_do_not_load_are_refused(tmp_path, pair_model, reward_m
 
 def test_spec_validate_and_registry_import_without_torch():
     code = (
-        "import sys, trainers.judges.spec, trainers.judges.validate, trainers.judges.registry; "
+        "import sys, trainers.contract.judges.spec, trainers.contract.judges.validate, "
+        "trainers.judges.registry; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

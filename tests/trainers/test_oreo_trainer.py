@@ -13,15 +13,19 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from trainers.algorithms import oreo_search
-from trainers.algorithms.oreo import METHOD, OREOSettings, PosttrainOREOTrainer
-from trainers.algorithms.oreo_value import CRITIC_STATE, HEAD_FILE, VALUE_DIR, ValueModel
-from trainers.data import build_dataset, oreo_records
-from trainers.plan import JobError, RunPlan
+from trainers.algorithms.oreo import search as oreo_search
+from trainers.algorithms.oreo.method import METHOD
+from trainers.algorithms.oreo.method import records as oreo_records
+from trainers.algorithms.oreo.trainer import PosttrainOREOTrainer
+from trainers.algorithms.oreo.value import CRITIC_STATE, HEAD_FILE, VALUE_DIR, ValueModel
+from trainers.contract.errors import JobError
+from trainers.contract.methods.oreo import OREOHyperparameters
+from trainers.contract.plan import RunPlan
+from trainers.contract.rows import ScoredRow
+from trainers.contract.spec import JobSpec
+from trainers.records import build_dataset
 from trainers.reporting import Reporter
-from trainers.rows import ScoredRow
 from trainers.runner import run_method
-from trainers.spec import JobSpec
 from trainers.tiny_model import build_tiny_model
 
 DEMO = resources.files("trainers") / "assets" / "demo_oreo.jsonl"
@@ -47,7 +51,7 @@ def make_trainer(model_dir: Path, tmp: Path, n: int = 8, **settings) -> Posttrai
         args=args,
         train_dataset=build_dataset(oreo_records(demo_rows(n))),
         processing_class=tok,
-        oreo=OREOSettings(**settings),
+        oreo=OREOHyperparameters(**settings),
         value_model=ValueModel.from_causal_lm(AutoModelForCausalLM.from_pretrained(model_dir)),
         ref_model=AutoModelForCausalLM.from_pretrained(model_dir),
     )

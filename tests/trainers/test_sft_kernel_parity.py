@@ -13,7 +13,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from trainers.algorithms.sft import PosttrainSFTTrainer
+from trainers.algorithms.sft.method import PosttrainSFTTrainer
 from trainers.logprobs import FullLogitsForbidden
 from trainers.tiny_model import build_tiny_model
 

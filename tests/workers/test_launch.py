@@ -21,7 +21,7 @@ import pytest
 
 from service.errors import APIError
 from service.jobchecks import check_workers
-from trainers.spec import JobSpec, Resources
+from trainers.contract.spec import JobSpec, Resources
 from workers import launch
 from workers.fleet import Advertiser, advertise, job_queue, live_workers
 from workers.store import JobStatus

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from trainers.checkpoints import mark_complete, resumable_checkpoint
+from trainers.contract.checkpoints import mark_complete, resumable_checkpoint
 from trainers.reporting import Reporter
 from workers.reporter import RecordReporter
 from workers.store import InvalidTransition, JobNotFound, JobStatus, JobStore

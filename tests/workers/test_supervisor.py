@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from trainers.spec import JobSpec
+from trainers.contract.spec import JobSpec
 from workers.settings import WorkerSettings
 from workers.store import JobStatus
 from workers.supervisor import Supervisor
@@ -209,7 +209,7 @@ def test_a_worker_whose_job_was_taken_over_stops_its_trainer_and_writes_nothing(
 
 
 def test_fence_file_refuses_a_superseded_run(tmp_path):
-    from trainers import fencing
+    from trainers.contract import fencing
 
     path = tmp_path / "job" / "fence"
     fencing.write_fence(path, 5)

@@ -52,7 +52,7 @@ def test_a_server_mode_grpo_run_gets_its_own_server_for_the_run_only(
     """The supervisor starts the run's vLLM server before the trainer, hands the trainer
     its URL, and stops it when the run ends: here the run fails at once because this
     CPU host cannot run vLLM rollouts, which must still leave no server behind."""
-    from trainers.spec import JobSpec
+    from trainers.contract.spec import JobSpec
     from trainers.tiny_model import build_tiny_model
     from workers.store import JobStatus
     from workers.supervisor import Supervisor

@@ -22,7 +22,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from trainers.graders.templates import GraderError
+from trainers.contract.graders.templates import GraderError
 
 __all__ = ["cosine_similarities", "reward_scores"]
 

@@ -1,11 +1,6 @@
-"""Judges: pairwise preferences P(A ≻ B) for online preference methods (EGPO).
+"""The training process's side of judges: judge objects that give P(A ≻ B).
 
-A judge answers "how likely is completion A preferred to completion B for this
-prompt". ``spec`` holds the pydantic models (a union on ``type``: a local
-pairwise ``preference_model``, a ``reward_model`` turned into Bradley–Terry
-probabilities, any ``grader``, and the rule-based ``pattern_table``);
-``validate`` runs the torch-free checks the API does at job creation;
-``registry`` builds a judge object for the training process. Importing
-``spec`` or ``validate`` never loads torch; model judges import torch inside
-``trainers.judges.models``, in training only.
+The judge specs and their creation-time checks are the contract's
+(``trainers/contract/judges/``); ``registry.build_judge`` builds a judge for
+training, and ``models`` loads the sequence classifiers of the model judges.
 """

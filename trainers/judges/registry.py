@@ -23,7 +23,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from trainers.judges.spec import (
+from trainers.contract.judges.spec import (
     OTHER_OUTPUT_FIELD,
     GraderJudge,
     JudgeSpec,
@@ -152,7 +152,7 @@ class GraderJudgeImpl(Judge):
     spec: GraderJudge
 
     def probabilities(self, prompts, a, b, items):
-        from trainers.graders.registry import grade_batch
+        from trainers.contract.graders.scoring import grade_batch
 
         if self.spec.mode == "pairwise":
             rows = [{**row, OTHER_OUTPUT_FIELD: other} for row, other in zip(items, b, strict=True)]

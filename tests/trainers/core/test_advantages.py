@@ -14,6 +14,8 @@ import statistics
 import pytest
 import torch
 
+from trainers.contract.methods.grpo import ESTIMATOR_NAMES as ADVANTAGE_ESTIMATORS
+from trainers.contract.methods.grpo import SHAPER_NAMES as ADVANTAGE_SHAPERS
 from trainers.core import (
     ADVANTAGES,
     SHAPERS,
@@ -22,7 +24,6 @@ from trainers.core import (
     get_shaper,
     register_advantage,
 )
-from trainers.methods import ADVANTAGE_ESTIMATORS, ADVANTAGE_SHAPERS
 
 F64 = torch.float64
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainers.contract.methods.grpo import AGGREGATION_NAMES
 from trainers.core import AGGREGATIONS, GLOBAL_NORMALISED, get_aggregation
-from trainers.methods import AGGREGATIONS as AGGREGATION_NAMES
 
 F64 = torch.float64
 grpo, bnpo = get_aggregation("grpo"), get_aggregation("bnpo")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainers.contract.methods.grpo import OBJECTIVE_NAMES
 from trainers.core import (
     OBJECTIVES,
     ObjectiveInputs,
@@ -19,7 +20,6 @@ from trainers.core import (
     normalized_entropy,
     redistribute_advantages,
 )
-from trainers.methods import OBJECTIVES as OBJECTIVE_NAMES
 
 F64 = torch.float64
 ppo_clip, hapo = get_objective("ppo_clip"), get_objective("hapo")

@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 
+from trainers.contract.methods.grpo import PLANNER_NAMES as ROLLOUT_PLANNERS
 from trainers.core.retrieval import LexicalIndex
 from trainers.core.rollout import (
     PLANNERS,
@@ -20,7 +21,6 @@ from trainers.core.rollout import (
     xrpo_priority,
 )
 from trainers.core.tdist import student_t_quantile
-from trainers.methods import ROLLOUT_PLANNERS
 
 EX3 = {"a": [1, 0, 0, 0], "b": [1, 1, 0, 0], "c": [1, 1, 1, 1]}
 

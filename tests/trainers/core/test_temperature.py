@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
+from trainers.contract.methods.grpo import TEMPERATURE_RULE_NAMES as RULE_NAMES
 from trainers.core.entropy import entropy_stats
 from trainers.core.temperature import (
     TEMPERATURE_RULES,
@@ -22,7 +23,6 @@ from trainers.core.temperature import (
     stats_from_dict,
     stats_to_dict,
 )
-from trainers.methods import TEMPERATURE_RULES as RULE_NAMES
 from trainers.tiny_model import build_tiny_model
 
 EX4_H = torch.tensor([0.01, 0.05, 0.10, 0.30, 0.60, 1.20, 2.00, 3.00])

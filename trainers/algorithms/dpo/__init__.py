@@ -1,0 +1,1 @@
+"""Direct preference optimisation on TRL's ``DPOTrainer`` (``method.py``)."""

@@ -1,0 +1,102 @@
+"""The GRPO family (GRPO, DAPO, Dr.GRPO, NGRPO, XRPO, HAPO) on TRL's ``GRPOTrainer``.
+
+A job names a variant (``trainers/contract/methods/grpo.py``) and may override any of its
+settings; the graders it lists become TRL reward functions, summed with
+``reward_weights``. This module is the method's config mapping (resolved settings ->
+``GRPOConfig``), row mapping (prompt rows, with every extra field kept as a column
+the graders read) and trainer construction; the trainer itself is ``trainer.py``.
+``reinforcement`` (OpenAI's name, one grader) runs here too.
+
+Rollouts: TRL's vLLM integration when the job asks for it (``rollout_engine``
+``vllm``, or ``auto`` on a GPU host where vLLM imports), ``colocate`` or
+``server`` mode; otherwise transformers ``generate`` (CPU, tests, demo).
+HAPO's per-token temperature needs the transformers path; XRPO's planner works
+on both, since it only changes which prompts are sampled how often.
+
+Departures: with the ``hapo_ats`` temperature rule, generation runs with the
+rule's per-token temperature around ``temperature`` and training log-probs are
+taken at temperature 1 (the untempered policy is what is trained).
+OpenAI's ``reasoning_effort`` is passed to the chat template as a keyword
+(templates that do not read it ignore it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trl import GRPOConfig
+
+from trainers.algorithms.grpo.trainer import PosttrainGRPOTrainer
+from trainers.contract.methods.grpo import GRPOHyperparameters
+from trainers.contract.plan import RunPlan
+from trainers.models import use_vllm
+from trainers.records import prompt_records
+from trainers.runner import MethodDef, TrainData
+
+
+def records(rows: list, hp: GRPOHyperparameters | None = None, param: str = "") -> list:
+    return prompt_records(rows)
+
+
+def _use_vllm(plan: RunPlan, s: GRPOHyperparameters) -> bool:
+    if s.temperature_rule == "hapo_ats":  # per-prompt temperatures: generate() only
+        return False
+    return use_vllm(s.rollout_engine, f"{plan.spec.method.param}.rollout_engine")
+
+
+def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> dict[str, Any]:
+    s = plan.spec.method.settings()
+    ats = s.temperature_rule == "hapo_ats"
+    vllm = _use_vllm(plan, s)
+    fields: dict[str, Any] = {
+        "num_generations": s.generations(),
+        "num_generations_eval": s.resolved_eval_samples(),
+        "max_completion_length": s.max_completion_length,
+        "temperature": 1.0 if ats else s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "num_iterations": s.num_iterations,
+        "importance_sampling_level": s.importance_sampling_level,
+        "beta": s.beta,
+        "epsilon": s.epsilon,
+        "epsilon_high": s.epsilon_high,
+        "loss_type": s.loss_type,
+        "scale_rewards": s.scale_rewards,
+        "mask_truncated_completions": s.mask_truncated_completions,
+        "reward_weights": s.reward_weights,
+        "use_vllm": vllm,
+        "log_completions": False,
+        # TRL's GRPOTrainer counts prompt + completion tokens into the same state field
+        "include_num_input_tokens_seen": "no",
+        "chat_template_kwargs": s.chat_template_kwargs(),
+    }
+    if vllm:
+        fields["vllm_mode"] = s.vllm_mode
+        if s.vllm_mode == "server":  # the worker started it and says where (see supervisor)
+            fields["vllm_server_base_url"] = plan.vllm_server_url
+    if data.eval is not None and s.eval_interval != "auto":
+        fields["eval_steps"] = s.eval_interval
+    return fields
+
+
+def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
+    from trainers.algorithms.grpo.pieces import build_pieces
+    from trainers.graders.reward import build_reward_function
+
+    method = plan.spec.method
+    settings = method.settings()
+    return {
+        "reward_funcs": [build_reward_function(g) for g in method.block.grader_list()],
+        "settings": settings,
+        "pieces": build_pieces(settings),
+    }
+
+
+METHOD = MethodDef(
+    name="grpo",
+    config_class=GRPOConfig,
+    trainer_class=PosttrainGRPOTrainer,
+    records=records,
+    config_fields=config_fields,
+    trainer_kwargs=trainer_kwargs,
+)

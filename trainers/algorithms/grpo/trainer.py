@@ -1,0 +1,336 @@
+"""TRL's ``GRPOTrainer`` with posttrain's pieces plugged in at its two override points.
+
+When a job's settings are ones TRL computes itself (``trl_native`` in
+``trainers.contract.methods.grpo``), nothing here runs: TRL's own advantages and loss
+do the work on posttrain's fused kernel. Otherwise, at TRL's two override points and
+no further:
+
+- ``_generate_and_score_completions``: before TRL generates, the rollout planner
+  (``trainers/core/rollout.py``) decides how many of the step's completions each
+  prompt gets and which prompts are seeded with exemplars, and a temperature rule
+  (``trainers/core/temperature.py``) is attached to ``generate`` as a logits
+  processor; after TRL scored the completions, the advantage estimator and shaper
+  (``trainers/core/advantages.py``) replace TRL's advantages, with groups taken
+  from the planner (they may be ragged);
+- ``_compute_loss``: the objective (``trainers/core/objectives.py``) and the
+  aggregation (``trainers/core/aggregation.py``) replace TRL's PPO loss, from the
+  same per-token log-probs and entropies TRL computes through the fused head.
+
+The planner's history and the temperature rule's entropy statistics are saved
+with every checkpoint (``posttrain_rollout_state.json``) and restored on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+from trl import GRPOTrainer
+
+from trainers.algorithms.tokens import prompt_ids
+from trainers.base import PosttrainTrainerMixin
+from trainers.contract.errors import JobError
+from trainers.contract.methods.grpo import GRPOHyperparameters, trl_native
+from trainers.core import advantages as adv
+from trainers.core import aggregation as agg
+from trainers.core import objectives as obj
+from trainers.core.types import AdvantageInputs, ObjectiveInputs, masked_mean
+from trainers.fused_head import unwrap_model
+
+STATE_FILE = "posttrain_rollout_state.json"
+
+
+class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
+    """GRPO on posttrain's kernel; see the module docstring for what it overrides."""
+
+    def __init__(self, *args, settings: GRPOHyperparameters, pieces: dict[str, Any], **kwargs):
+        self.pt_settings = settings
+        self.pt_pieces = pieces  # hyperparameters of each piece, by piece kind
+        self.pt_planner = pieces.get("planner")
+        self.pt_temperature = pieces.get("temperature")
+        self._pt_rewards: torch.Tensor | None = None
+        self._pt_rollout_s = 0.0
+        super().__init__(*args, **kwargs)
+        self._check_prompt_lengths()
+
+    def _check_prompt_lengths(self) -> None:
+        """TRL 1.16 does not truncate GRPO prompts: one that leaves no room for
+        ``max_completion_length`` within ``max_seq_length`` tokens is refused, naming its row."""
+        room = self.pt_pieces["max_seq_length"] - self.max_completion_length
+        tok = self.processing_class
+        for param, data in (
+            ("training_file", self.train_dataset),
+            ("validation_file", self.eval_dataset),
+        ):
+            for i, prompt in enumerate(data["prompt"] if data is not None else []):
+                n = len(prompt_ids(tok, prompt))
+                if n > room:
+                    raise JobError(
+                        "invalid_training_file",
+                        f"{param} row {i + 1}: the prompt is {n} tokens, more than "
+                        f"max_seq_length ({self.pt_pieces['max_seq_length']}) minus "
+                        f"max_completion_length ({self.max_completion_length}); shorten it or "
+                        "raise max_seq_length",
+                        param,
+                    )
+
+    # ---------------------------------------------------------------- rollouts and advantages
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        self._pt_rewards = rewards_per_func  # [N_global, n_graders], gathered by TRL
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        start = time.perf_counter()
+        if trl_native(self.pt_settings) or not self.model.training:
+            out = super()._generate_and_score_completions(inputs)
+            self._pt_rollout_s += time.perf_counter() - start
+            if self.model.training:
+                self._pt_log(_advantage_stats(out["advantages"]))
+            return out
+        inputs, groups, originals = self._plan(inputs)
+        with self._temperature_rule():
+            out = super()._generate_and_score_completions(inputs)
+        self._replace_advantages(out, groups, originals)
+        self._pt_rollout_s += time.perf_counter() - start
+        return out
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """TRL's step, timed: rollout (generation and scoring) and update, in seconds."""
+        self._pt_rollout_s, start = 0.0, time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        total = time.perf_counter() - start
+        self._pt_log(
+            {"time/rollout_s": self._pt_rollout_s, "time/update_s": total - self._pt_rollout_s}
+        )
+        return loss
+
+    def _plan(self, inputs: list[dict]) -> tuple[list[dict], list[int], list[dict]]:
+        """Re-spend the step's completions over its prompts as the planner says.
+
+        Returns the rows to generate for, each row's group, and each group's original row.
+        """
+        keys = [_key(row) for row in inputs]
+        unique = list(dict.fromkeys(keys))
+        originals = [inputs[keys.index(k)] for k in unique]
+        if self.pt_planner is None:
+            return inputs, [unique.index(k) for k in keys], originals
+        allocations = self.pt_planner.plan(unique, len(inputs))
+        planned, groups = [], []
+        for q, (row, alloc) in enumerate(zip(originals, allocations, strict=True)):
+            if alloc.exemplars:
+                seeded = self.pt_pieces["seed_prompt"](row["prompt"], alloc.exemplars)
+                row = {**row, "prompt": seeded}
+            planned += [row] * alloc.n
+            groups += [q] * alloc.n
+        self._pt_log(self.pt_planner.metrics())
+        return planned, groups, originals
+
+    @contextlib.contextmanager
+    def _temperature_rule(self):
+        """Attach the temperature rule's logits processor to ``generate`` for one rollout."""
+        processor = self.pt_temperature.processor() if self.pt_temperature else None
+        if processor is None:
+            yield
+            return
+        inner = unwrap_model(self.model)
+        had_own = "generate" in vars(inner)
+        original = inner.generate
+
+        def generate(*args, **kwargs):
+            kwargs["logits_processor"] = LogitsProcessorList([processor])
+            return original(*args, **kwargs)
+
+        inner.generate = generate
+        try:
+            yield
+        finally:
+            if had_own:
+                inner.generate = original
+            else:
+                del inner.generate  # back to the class's method
+        self._pt_log(self.pt_temperature.metrics())
+
+    def _replace_advantages(self, out: dict, groups: list[int], originals: list[dict]) -> None:
+        """Our estimator (and shaper) over the whole step, then this process's rows."""
+        device = out["completion_mask"].device
+        mask = out["completion_mask"].float()
+        n_local = mask.shape[0]
+        weights = self.reward_weights.to(device).unsqueeze(0)
+        rewards = torch.nan_to_num(self._pt_rewards.to(device) * weights).sum(dim=1)
+        old = out.get("old_per_token_logps")
+        if old is None and self.pt_settings.advantage_shaper != "none":
+            old = self._old_logps(out)
+        seq_old = None if old is None else (old * mask).sum(1) / mask.sum(1).clamp(min=1)
+        rank = self.accelerator.process_index
+        local_groups = torch.tensor(groups, device=device) + rank * n_local  # unique per rank
+        g_groups = self.accelerator.gather(local_groups)
+        g_lengths = self.accelerator.gather(mask.sum(1))
+        g_mask = torch.arange(int(g_lengths.max().item()) or 1, device=device) < g_lengths[:, None]
+        g_mask = g_mask.float()
+        g_old = None
+        if seq_old is not None:
+            g_old = self.accelerator.gather(seq_old)[:, None] * g_mask
+        inp = AdvantageInputs(
+            rewards=rewards, groups=g_groups, mask=g_mask, old_logps=g_old, entropy=None
+        )
+        s = self.pt_settings
+        a, metrics = adv.get_advantage(s.advantage_estimator)(inp, **self.pt_pieces["estimator"])
+        if s.advantage_shaper != "none":
+            a, shaped = adv.get_shaper(s.advantage_shaper)(inp, a, **self.pt_pieces["shaper"])
+            metrics.update(shaped)
+        seq_a = (a * g_mask).sum(1) / g_mask.sum(1).clamp(min=1)
+        out["advantages"] = seq_a[rank * n_local : (rank + 1) * n_local]
+        metrics.update(_group_stats(rewards, g_groups))
+        metrics.update(_advantage_stats(seq_a))
+        self._pt_log(metrics)
+        if self.pt_planner is not None:
+            local = rewards[rank * n_local : (rank + 1) * n_local]
+            self._observe(out, local, groups, originals)
+
+    @torch.no_grad()
+    def _old_logps(self, out: dict) -> torch.Tensor:
+        """The sampling policy's per-token log-probs (on-policy: the current weights)."""
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model,
+            ids,
+            attn,
+            out["completion_ids"].size(1),
+            self.args.per_device_train_batch_size,
+        )
+        return logps
+
+    def _observe(self, out, rewards, groups, originals) -> None:
+        """Report each prompt's rewards and completions back to the planner (its history)."""
+        texts = self.processing_class.batch_decode(out["completion_ids"], skip_special_tokens=True)
+        for q, row in enumerate(originals):
+            rows = [i for i, g in enumerate(groups) if g == q]
+            self.pt_planner.observe(
+                _key(row),
+                _question(row["prompt"]),
+                [float(rewards[i]) for i in rows],
+                [texts[i] for i in rows],
+            )
+
+    # ---------------------------------------------------------------- the objective
+    def _compute_loss(self, model, inputs):
+        s = self.pt_settings
+        if s.objective == "ppo_clip" and s.dual_clip is None and self.pt_temperature is None:
+            return super()._compute_loss(model, inputs)
+        mask = inputs["completion_mask"].float()
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        logps, entropy, _ = self._get_per_token_logps_and_entropies(
+            model, ids, attn, inputs["completion_ids"].size(1), compute_entropy=True
+        )
+        old = inputs.get("old_per_token_logps")
+        a = inputs["advantages"]
+        a = (a.unsqueeze(1) if a.dim() == 1 else a) * mask
+        inp = ObjectiveInputs(
+            logps=logps,
+            old_logps=logps.detach() if old is None else old,
+            ref_logps=inputs.get("ref_per_token_logps"),
+            advantages=a,
+            entropy=entropy.detach(),
+            mask=mask,
+        )
+        hp = {"dual_clip": s.dual_clip} if s.dual_clip is not None else {}
+        # the policy term only; the KL term is added below, after the sampler correction
+        per_token, metrics = obj.get_objective(s.objective)(
+            inp,
+            epsilon_low=s.epsilon,
+            epsilon_high=s.epsilon_high,
+            beta=0.0,
+            **hp,
+            **self.pt_pieces["objective"],
+        )
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            per_token = per_token * inputs["importance_sampling_ratio"]  # as TRL corrects its own
+        if s.beta != 0.0:  # as TRL adds it: uncorrected for the sampler, k3 x ratio if asked
+            kl = obj.k3_kl(logps, inp.ref_logps)
+            if self.args.use_bias_correction_kl:
+                kl = kl * torch.exp(logps - inp.old_logps)
+            metrics["kl"] = masked_mean(kl, mask)
+            per_token = per_token + s.beta * kl * mask
+        loss = self._aggregate(per_token, mask, inputs)
+        if self.pt_temperature is not None and self.model.training:
+            self.pt_temperature.observe(entropy.detach(), mask)
+        mode = "train" if self.model.training else "eval"
+        metrics["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(float(value))
+        return loss
+
+    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, inputs) -> torch.Tensor:
+        """The aggregation, scaled for gradient accumulation the way TRL scales its own."""
+        name, training = self.pt_settings.loss_type, self.model.training
+        accumulation = self.current_gradient_accumulation_steps if training else 1.0
+        if name in agg.GLOBAL_NORMALISED:  # dapo: tokens of the whole optimiser step
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0)
+            if training:  # num_items spans the generation batch; one accumulation window here
+                num_items = num_items * accumulation / self.args.steps_per_generation
+            world = self.accelerator.num_processes
+            return agg.get_aggregation(name)(per_token, mask, num_items=num_items, world_size=world)
+        hp = {"max_completion_length": self.max_completion_length} if name == "dr_grpo" else {}
+        return agg.get_aggregation(name)(per_token, mask, **hp) / accumulation
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _pt_log(self, metrics: dict[str, float]) -> None:
+        mode = "train" if self.model.training else "eval"
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(float(value))
+
+    state_file = STATE_FILE
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "planner": self.pt_planner.state_dict() if self.pt_planner else None,
+            "temperature": self.pt_temperature.state_dict() if self.pt_temperature else None,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.pt_planner and state.get("planner") is not None:
+            self.pt_planner.load_state_dict(state["planner"])
+        if self.pt_temperature and state.get("temperature") is not None:
+            self.pt_temperature.load_state_dict(state["temperature"])
+
+
+def _group_stats(rewards: torch.Tensor, groups: torch.Tensor) -> dict:
+    """The fraction of groups whose rewards do not vary (they carry no signal)."""
+    zero = []
+    for g in torch.unique(groups):
+        r = rewards[groups == g]
+        zero.append(float(r.numel() < 2 or bool(torch.all(r == r[0]))))
+    return {"frac_zero_variance_groups": sum(zero) / max(1, len(zero))}
+
+
+def _advantage_stats(a: torch.Tensor) -> dict:
+    a = a.float()
+    return {
+        "advantages/mean": a.mean().item(),
+        "advantages/std": a.std().item() if a.numel() > 1 else 0.0,
+        "advantages/abs_max": a.abs().max().item(),
+    }
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row["prompt"], sort_keys=True)
+
+
+def _question(prompt) -> str:
+    """A prompt's text for similarity search: the string, or its last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m for m in prompt if m.get("role") == "user"] or prompt
+    content = users[-1].get("content", "")
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)

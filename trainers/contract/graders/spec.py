@@ -1,0 +1,477 @@
+"""Grader specifications: one pydantic model per grader type, a union on ``type``.
+
+Shapes follow OpenAI's graders (``string_check``, ``text_similarity``,
+``score_model``, ``multi``; https://platform.openai.com/docs/guides/graders)
+plus posttrain's own ``math_verify``, ``regex`` and ``length_penalty``. The type
+names are ``GRADER_TYPES``; ``python`` is refused with
+``REFUSED_GRADERS``' reason. Torch-free: the API validates graders with these.
+
+Departures from OpenAI, each refused or documented on its field:
+
+* ``score_model.model`` is a local sequence-classification reward model (a path
+  or a name ``from_pretrained`` resolves offline), not a hosted chat model; its
+  ``sampling_params`` are accepted and ignored (a classifier does not sample).
+* ``text_similarity``: ``meteor`` is refused (NLTK's METEOR needs WordNet, which
+  cannot be installed from PyPI); ``cosine`` needs the extension field
+  ``embedding_model``, a local encoder.
+* ``multi.graders`` is OpenAI's ``{key: grader}`` map (the keys are the names
+  ``calculate_output`` reads); a single grader object, as OpenAI's SDK types
+  spell it, is accepted as ``{grader.name: grader}``. Sub-graders cannot be
+  multi graders themselves, as in OpenAI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from trainers.contract.graders.expr import FUNCTIONS, compile_formula
+from trainers.contract.graders.templates import TemplateError, parse_template, resolve_path
+
+__all__ = [
+    "GRADER_TYPES",
+    "Grader",
+    "GraderSpec",
+    "InvalidGrader",
+    "dump_grader",
+    "missing_item_fields",
+    "needs_model",
+    "parse_grader",
+    "template_fields",
+]
+
+# OpenAI grader types posttrain runs, plus its own; "python" is refused by name. The
+# scoring registry (``trainers.contract.graders.scoring.SCORERS``) has one entry each.
+GRADER_TYPES: tuple[str, ...] = (
+    "string_check",
+    "text_similarity",
+    "score_model",
+    "multi",
+    "math_verify",
+    "regex",
+    "length_penalty",
+)
+REFUSED_GRADERS: dict[str, str] = {
+    "python": "posttrain never runs user code; use string_check, text_similarity, score_model, "
+    "multi, math_verify, regex or length_penalty",
+}
+
+# OpenAI's text_similarity metrics, in its order.
+SIMILARITY_METRICS = (
+    "cosine", "fuzzy_match", "bleu", "gleu", "meteor",
+    "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l",
+)  # fmt: skip
+_UNSUPPORTED = {
+    "label_model": "it needs a generative judge; use score_model with a local reward model",
+}
+
+
+def _template(text: str) -> str:
+    parse_template(text)
+    return text
+
+
+Template = Annotated[str, AfterValidator(_template)]
+
+
+def _compiles(value: str) -> str:
+    import regex
+
+    try:
+        regex.compile(value)
+    except regex.error as exc:
+        raise ValueError(f"pattern does not compile: {exc}") from None
+    return value
+
+
+# A Python regular expression (the ``regex`` module), checked to compile.
+RegexPattern = Annotated[str, AfterValidator(_compiles)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Base(_Strict):
+    name: str = Field(min_length=1, description="The grader's name (shown in logs and metrics).")
+
+    def templates(self) -> list[str]:
+        """The templated text fields this grader renders."""
+        return [self.input]  # type: ignore[attr-defined]
+
+
+class StringCheckGrader(_Base):
+    """1 if ``input`` and ``reference`` pass ``operation``, else 0."""
+
+    type: Literal["string_check"]
+    input: Template = Field(description="Text to check; usually '{{sample.output_text}}'.")
+    reference: Template = Field(description="Text to check against; usually '{{item.<field>}}'.")
+    operation: Literal["eq", "ne", "like", "ilike"] = Field(
+        description="eq/ne: case-sensitive (in)equality; like: reference occurs in input; "
+        "ilike: the same, ignoring case."
+    )
+
+    def templates(self) -> list[str]:
+        return [self.input, self.reference]
+
+
+class TextSimilarityGrader(_Base):
+    """A similarity in [0, 1] between ``input`` and ``reference``."""
+
+    type: Literal["text_similarity"]
+    input: Template = Field(description="The text being graded.")
+    reference: Template = Field(description="The text being graded against.")
+    evaluation_metric: Literal[SIMILARITY_METRICS] = Field(  # type: ignore[valid-type]
+        description="How similarity is measured (trainers/contract/graders/text.py documents each)."
+    )
+    pass_threshold: float | None = Field(
+        None, description="OpenAI's pass mark, echoed; the reward is the similarity itself."
+    )
+    embedding_model: str | None = Field(
+        None,
+        min_length=1,
+        validate_default=True,
+        description="Extension, cosine only: a local encoder (path) whose mean-pooled hidden "
+        "states are compared. Computed in the training process.",
+    )
+
+    def templates(self) -> list[str]:
+        return [self.input, self.reference]
+
+    @field_validator("evaluation_metric")
+    @classmethod
+    def _no_meteor(cls, value: str) -> str:
+        if value == "meteor":
+            raise ValueError(
+                "'meteor' is not supported: NLTK's METEOR needs the WordNet corpus, which "
+                "posttrain hosts cannot download; use rouge_l, bleu or gleu"
+            )
+        return value
+
+    @field_validator("embedding_model")
+    @classmethod
+    def _cosine_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        metric = info.data.get("evaluation_metric")
+        if metric == "cosine" and value is None:
+            raise ValueError(
+                "evaluation_metric 'cosine' needs 'embedding_model': the path of a local "
+                "embedding model (posttrain calls no hosted embedding API)"
+            )
+        if metric not in (None, "cosine") and value is not None:
+            raise ValueError("'embedding_model' is only used by evaluation_metric 'cosine'")
+        return value
+
+
+def _text_part(value: Any) -> Any:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("input_image", "input_audio"):
+        raise ValueError(f"score_model reads text only; a '{kind}' part cannot be scored")
+    return value
+
+
+class TextPart(_Strict):
+    """A text content part of a score_model message."""
+
+    type: Literal["input_text", "output_text"]
+    text: Template
+
+
+def _content_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "str-content"
+    return "list-content" if isinstance(value, list) else "part-content"
+
+
+Part = Annotated[TextPart, BeforeValidator(_text_part)]
+Content = Annotated[
+    Union[  # noqa: UP007  (tagged members need the Union spelling)
+        Annotated[Template, Tag("str-content")],
+        Annotated[Part, Tag("part-content")],
+        Annotated[list[Part], Tag("list-content")],
+    ],
+    Discriminator(_content_kind),
+]
+
+
+class ScoreModelMessage(_Strict):
+    """One chat message given to the reward model; its text may hold templates."""
+
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Content
+    type: Literal["message"] | None = None
+
+    def texts(self) -> list[str]:
+        parts = self.content if isinstance(self.content, list) else [self.content]
+        return [p if isinstance(p, str) else p.text for p in parts]
+
+
+class SamplingParams(_Strict):
+    """OpenAI's sampling parameters: accepted for compatibility, ignored by a reward model."""
+
+    max_completions_tokens: int | None = None
+    reasoning_effort: str | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+class ScoreModelGrader(_Base):
+    """The scalar output of a local sequence-classification reward model."""
+
+    type: Literal["score_model"]
+    model: str = Field(
+        min_length=1,
+        description="Local reward model (AutoModelForSequenceClassification, one label): a "
+        "path, or a name that loads offline. Loaded only in the training process.",
+    )
+    input: list[ScoreModelMessage] = Field(
+        min_length=1,
+        description="The conversation to score, rendered with the model's chat template; "
+        "usually ends with an assistant turn holding '{{sample.output_text}}'.",
+    )
+    range: list[float] | None = Field(
+        None,
+        description="[lo, hi]: map the raw score s to lo + (hi - lo) * sigmoid(s). Unset: the "
+        "raw score (OpenAI's default is [0, 1], for a judge that outputs a grade).",
+    )
+    sampling_params: SamplingParams | None = Field(None, description="Ignored (no sampling).")
+
+    def templates(self) -> list[str]:
+        return [t for message in self.input for t in message.texts()]
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 2 or value[0] >= value[1]):
+            raise ValueError(f"range must be [lo, hi] with lo < hi, got {value}")
+        return value
+
+
+class MathVerifyGrader(_Base):
+    """1 if ``input`` states the same mathematical answer as ``reference`` (math-verify)."""
+
+    type: Literal["math_verify"]
+    input: Template = Field(description="The model's answer text; \\boxed{} is read first.")
+    reference: Template = Field(description="The gold answer, LaTeX or plain ('\\frac{1}{2}').")
+
+    def templates(self) -> list[str]:
+        return [self.input, self.reference]
+
+
+class RegexGrader(_Base):
+    """1 if ``pattern`` matches anywhere in ``input``, else 0."""
+
+    type: Literal["regex"]
+    input: Template = Field(description="The text searched; usually '{{sample.output_text}}'.")
+    pattern: RegexPattern = Field(
+        min_length=1,
+        description="Python regular expression (no templates): anchor with ^/$, flags inline "
+        "('(?i)'). Searched with a 1 s timeout per sample.",
+    )
+
+
+class LengthPenaltyGrader(_Base):
+    """DAPO's soft overlong penalty in [-1, 0] (formula in ``text.length_penalty``)."""
+
+    type: Literal["length_penalty"]
+    input: Template = Field(description="The text measured; usually '{{sample.output_text}}'.")
+    max_length: int = Field(ge=1, description="L_max: longer than this scores -1.")
+    target_length: int | None = Field(
+        None,
+        ge=0,
+        description="No penalty up to here; linear from 0 to -1 between it and max_length. "
+        "Default: max_length (a hard cut-off).",
+    )
+    unit: Literal["words", "characters"] = Field(
+        "words", description="What is counted: whitespace-separated words, or characters."
+    )
+
+    @field_validator("target_length")
+    @classmethod
+    def _order(cls, value: int | None, info: ValidationInfo) -> int | None:
+        top = info.data.get("max_length")
+        if value is not None and top is not None and value > top:
+            raise ValueError(f"target_length ({value}) must not exceed max_length ({top})")
+        return value
+
+    @property
+    def target(self) -> int:
+        return self.max_length if self.target_length is None else self.target_length
+
+
+def _type_check(allow_multi: bool):
+    """A before-validator that names refused and unknown types before the union runs."""
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        kind = value.get("type")
+        if not isinstance(kind, str):
+            return value  # the union names the bad type
+        if kind in REFUSED_GRADERS:
+            raise ValueError(f"grader type '{kind}' is not supported: {REFUSED_GRADERS[kind]}")
+        if kind == "multi" and not allow_multi:
+            raise ValueError("a multi grader's sub-graders cannot be multi graders")
+        if kind in _UNSUPPORTED:
+            raise ValueError(f"grader type '{kind}' is not supported: {_UNSUPPORTED[kind]}")
+        if kind not in GRADER_TYPES:
+            raise ValueError(
+                f"unknown grader type {kind!r}; expected one of: {', '.join(GRADER_TYPES)}"
+            )
+        return value
+
+    return check
+
+
+_LEAVES = Union[  # noqa: UP007
+    StringCheckGrader,
+    TextSimilarityGrader,
+    ScoreModelGrader,
+    MathVerifyGrader,
+    RegexGrader,
+    LengthPenaltyGrader,
+]
+SubGrader = Annotated[_LEAVES, Field(discriminator="type"), BeforeValidator(_type_check(False))]
+
+
+def _graders_map(value: Any) -> Any:
+    if isinstance(value, dict) and isinstance(value.get("type"), str):
+        return {value.get("name", ""): value}  # OpenAI's SDK types: one grader object
+    return value
+
+
+class MultiGrader(_Base):
+    """Sub-graders combined by an arithmetic formula over their keys."""
+
+    type: Literal["multi"]
+    graders: Annotated[dict[str, SubGrader], BeforeValidator(_graders_map)] = Field(
+        min_length=1, description="{key: grader}; the keys are the names the formula reads."
+    )
+    calculate_output: str = Field(
+        description="Formula over the keys: numbers, + - * / ^, parentheses and "
+        f"{', '.join(FUNCTIONS)} (e.g. '0.8 * correct + 0.2 * style')."
+    )
+
+    def templates(self) -> list[str]:
+        return [t for g in self.graders.values() for t in g.templates()]
+
+    @field_validator("graders")
+    @classmethod
+    def _keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not key.isidentifier() or key in FUNCTIONS:
+                raise ValueError(
+                    f"sub-grader key {key!r} cannot be used in calculate_output: keys must be "
+                    f"identifiers (letters, digits, _) other than {', '.join(FUNCTIONS)}"
+                )
+        return value
+
+    @field_validator("calculate_output")
+    @classmethod
+    def _formula(cls, value: str, info: ValidationInfo) -> str:
+        if "graders" in info.data:  # else the graders' own error is reported
+            compile_formula(value, set(info.data["graders"]))
+        return value
+
+
+Grader = Annotated[
+    Union[_LEAVES, MultiGrader],  # noqa: UP007
+    Field(discriminator="type"),
+    BeforeValidator(_type_check(True)),
+]
+GraderSpec = Union[_LEAVES, MultiGrader]  # noqa: UP007  (the type of a parsed grader)
+_ADAPTER: TypeAdapter = TypeAdapter(Grader)
+_TAGS = frozenset(GRADER_TYPES)
+_UNION_LABELS = ("str-content", "part-content", "list-content", "function-")
+
+
+class InvalidGrader(ValueError):
+    """A grader spec that does not validate; ``param`` is the offending field's path."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+def _param(loc: tuple, prefix: str) -> str:
+    """``grader.graders.a.input`` from pydantic's loc, without its union tags."""
+    out: list[str] = []
+    expect_tag = True  # a grader's type tag follows the root and each key under 'graders'
+    for part in map(str, loc):
+        if (expect_tag and part in _TAGS) or part.startswith(_UNION_LABELS):
+            expect_tag = False
+            continue
+        out.append(part)
+        expect_tag = len(out) >= 2 and out[-2] == "graders"
+    return prefix + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in out)
+
+
+def parse_grader(raw: Any, param: str = "grader") -> GraderSpec:
+    """Validate a grader object; raises ``InvalidGrader`` naming the field at fault."""
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise InvalidGrader(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
+
+
+def describe_errors(
+    exc: ValidationError, locate: Callable[[tuple], str], fallback: str
+) -> tuple[str, str]:
+    """pydantic's errors as ``"path: message; ..."`` (the first five), with each path named
+    by ``locate(loc)``, and the first path (``fallback`` if none)."""
+    errs = exc.errors(include_url=False)
+    paths = [locate(tuple(e["loc"])) for e in errs]
+    msgs = [e["msg"].removeprefix("Value error, ") for e in errs]
+    text = "; ".join(f"{p}: {m}" for p, m in list(zip(paths, msgs, strict=True))[:5])
+    return text, paths[0] if paths else fallback
+
+
+def dump_grader(grader: GraderSpec) -> dict[str, Any]:
+    """The grader as JSON with the fields the request set: what ``validate`` echoes."""
+    return grader.model_dump(mode="json", exclude_unset=True)
+
+
+def _walk(grader: GraderSpec):
+    yield grader
+    if isinstance(grader, MultiGrader):
+        yield from grader.graders.values()
+
+
+def needs_model(grader: GraderSpec) -> bool:
+    """True if scoring loads a model (score_model, cosine similarity): training only."""
+    return any(
+        isinstance(g, ScoreModelGrader)
+        or (isinstance(g, TextSimilarityGrader) and g.evaluation_metric == "cosine")
+        for g in _walk(grader)
+    )
+
+
+def template_fields(grader: GraderSpec) -> set[str]:
+    """The dataset-row fields the grader reads, as dotted paths (``{{item.a.b}}`` -> 'a.b')."""
+    refs = (ref for text in grader.templates() for ref in parse_template(text))
+    return {ref.dotted for ref in refs if ref.namespace == "item"}
+
+
+def missing_item_fields(grader: GraderSpec, row: dict[str, Any]) -> list[str]:
+    """The ``template_fields`` that ``row`` lacks, sorted; [] when the row suits the grader."""
+    missing = []
+    for path in sorted(template_fields(grader)):
+        try:
+            resolve_path(row, tuple(path.split(".")), "item")
+        except TemplateError:
+            missing.append(path)
+    return missing

@@ -1,0 +1,112 @@
+"""The report messages a training process sends its supervisor: one typed schema, both ends.
+
+The trainer (``trainers.reporting.Reporter``) builds these models and writes each
+as one JSON line; the worker (``workers.ingest.RecordReporter``) parses every
+line back with ``parse_report``. A line that is not one of these messages raises
+``InvalidReport``, and the supervisor fails the job with that reason instead of
+crashing or storing something the API cannot serve. Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+
+from trainers.contract.jsonnum import finite_or_none
+
+Scalar = float | int | str | bool | None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _finite(values: Any) -> Any:
+    """Tensors to numbers, non-finite floats to None (JSON has no NaN)."""
+    if not isinstance(values, dict):
+        return values
+    return {k: finite_or_none(v) for k, v in values.items()}
+
+
+Metrics = Annotated[dict[str, float | None], BeforeValidator(_finite)]
+
+
+class Event(_Message):
+    """A human-readable line for the job's event list."""
+
+    type: Literal["event"] = "event"
+    level: Literal["info", "warn", "error"] = "info"
+    message: str = Field(max_length=4000)
+    data: Annotated[dict[str, Scalar] | None, BeforeValidator(_finite)] = None
+
+
+class Log(_Message):
+    """Metrics of one optimizer step."""
+
+    type: Literal["log"] = "log"
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    metrics: Metrics
+    trained_tokens: int | None = Field(None, ge=0, description="Tokens trained on so far.")
+
+
+class Checkpoint(_Message):
+    """A checkpoint whose save has finished (``path`` relative to the data dir)."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    step: int = Field(ge=0)
+    path: str = Field(min_length=1)
+    metrics: Metrics = {}
+    final: bool = False
+
+
+class Result(_Message):
+    """The run finished: the final checkpoint and the counters of the whole job."""
+
+    type: Literal["result"] = "result"
+    step: int = Field(ge=0)
+    trained_tokens: int = Field(ge=0)
+    checkpoint: str = Field(min_length=1)
+
+
+class Paused(_Message):
+    """The run stopped on a pause request after saving a resumable checkpoint."""
+
+    type: Literal["paused"] = "paused"
+    step: int = Field(ge=0)
+    trained_tokens: int = Field(0, ge=0)
+    checkpoint: str = Field(min_length=1)
+
+
+class Error(_Message):
+    """The run failed; ``code`` and ``message`` go to the job's ``error``."""
+
+    type: Literal["error"] = "error"
+    code: str = Field(min_length=1, max_length=64)
+    message: str = Field(max_length=4000)
+    param: str | None = None
+
+
+ReportMessage = Annotated[
+    Union[Event, Log, Checkpoint, Result, Paused, Error],  # noqa: UP007
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[ReportMessage] = TypeAdapter(ReportMessage)
+
+
+class InvalidReport(ValueError):
+    """A report line that is not a valid message; ``str()`` says what is wrong."""
+
+
+def parse_report(line: str) -> ReportMessage:
+    try:
+        return _ADAPTER.validate_json(line)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "line"
+        raise InvalidReport(f"{where}: {err['msg']} (line starts {line[:120]!r})") from None
+
+
+def encode(msg: _Message) -> bytes:
+    return (msg.model_dump_json() + "\n").encode()

@@ -1,0 +1,79 @@
+"""What a method is to the API and the workers: one member of the job spec's method union.
+
+A method's contract module (``trainers/contract/methods/<name>.py``) defines its
+hyperparameters, its request block (``method.<type>``: the hyperparameters, plus
+graders, a variant or a judge where the method has them) and a ``MethodModel``
+subclass, the member of ``JobSpec.method`` that names the block. The model class
+carries everything else the torch-free layers need to know about the method:
+
+- ``accepted_formats``: the row formats it trains on (``trainers.contract.rows``);
+- ``algorithm``: the module of its torch side (``trainers/algorithms/<name>/``),
+  imported only by the training process (``trainers.registry``);
+- ``aliases``: other spellings of its ``type`` a request may use;
+- hooks the API calls at job creation without knowing which method it holds:
+  ``check_job`` (pure cross-field checks, run while the spec validates),
+  ``check_request`` (checks that read the file system, such as a judge's model
+  directory), ``item_fields`` (dataset fields its graders or judge read) and
+  ``check_rows`` (a scan of the training file's rows, when ``scans_rows()``).
+
+Each hook raises with a message that says how to fix the request; ``check_job``
+raises ``ValueError`` (pydantic reports it), the others ``JobError`` naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from trainers.contract.hparams import CommonHyperparameters, Strict
+from trainers.contract.rows import RowFormat
+
+if TYPE_CHECKING:
+    from trainers.contract.spec import JobSpec
+
+
+class MethodModel(Strict):
+    """A member of ``JobSpec.method``: ``type`` plus a block field named like the type."""
+
+    accepted_formats: ClassVar[tuple[RowFormat, ...]]
+    algorithm: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    type: str
+
+    @classmethod
+    def type_name(cls) -> str:
+        """The ``type`` this member is selected by (its ``Literal``)."""
+        return cls.model_fields["type"].annotation.__args__[0]
+
+    @property
+    def block(self) -> Any:
+        """The request block under ``method.<type>``."""
+        return getattr(self, self.type)
+
+    @property
+    def hyperparameters(self) -> CommonHyperparameters:
+        return self.block.hyperparameters
+
+    @property
+    def param(self) -> str:
+        """The request path of the hyperparameters, as error messages name fields."""
+        return f"method.{self.type}.hyperparameters"
+
+    # ---- creation-time hooks (defaults: nothing to check)
+    def check_job(self, spec: JobSpec) -> None:
+        """Pure checks against the rest of the job (its resources, its training type)."""
+
+    def check_request(self, spec: JobSpec) -> None:
+        """Checks that read the outside world, run by the API before anything is stored."""
+
+    def item_fields(self) -> set[str]:
+        """Dataset fields (``{{item.x}}``) this method's graders or judge read."""
+        return set()
+
+    def scans_rows(self) -> bool:
+        """Whether the API must read the training file's rows through ``check_rows``."""
+        return False
+
+    def check_rows(self, rows: Iterable[tuple[int, Any]], param: str) -> None:
+        """When ``scans_rows()``: the (line, row) pairs of a file that fits the method."""

@@ -1,0 +1,331 @@
+"""The GRPO family: hyperparameters, the request block, the variants as presets.
+
+Torch side: ``trainers/algorithms/grpo/``; formulas and each paper's settings:
+``docs/algorithms/grpo.md`` and the pages it links (DAPO, Dr.GRPO, NGRPO, XRPO, HAPO).
+
+A variant is a row of settings over the registries in ``trainers/core``
+(advantage estimator, shaper, objective, aggregation, rollout planner,
+temperature rule) plus TRL's clip widths, KL coefficient and reward scaling,
+with each paper's published defaults. Every piece field of a job's
+``hyperparameters`` that is not None overrides the preset; ``resolve`` returns
+the job's hyperparameters with every piece field filled in, which is what the
+trainer reads (``trl_native`` says whether TRL's own code computes them).
+
+Adding a GRPO variant is one row of ``PRESETS`` (and, for a new piece, one entry in
+a ``trainers/core`` registry and its name in the tuple here).
+
+Departures from the papers: ``dapo`` is TRL's DAPO (asymmetric clip, token-level
+aggregation over the step, overlong completions masked); DAPO's dynamic
+sampling (drop zero-variance groups and refill) is not done. ``ngrpo`` drops no
+groups (the paper drops all-correct ones). ``xrpo`` realises its allocator's
+phases across visits of a prompt (``trainers/core/rollout.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from trainers.contract.graders.spec import Grader, template_fields
+from trainers.contract.hparams import (
+    MAX_STEPS,
+    Auto,
+    CommonHyperparameters,
+    RolloutEngine,
+    Strict,
+)
+from trainers.contract.methods.base import MethodModel
+from trainers.contract.rows import RowFormat
+
+# The pieces' names: the keys of the trainers/core registries (a test checks they agree).
+# Advantage estimators: a base normaliser per group.
+ESTIMATOR_NAMES: tuple[str, ...] = ("grpo", "dr_grpo", "ngrpo", "hapo")
+# Advantage shapers applied on top of any estimator ("none" = identity).
+SHAPER_NAMES: tuple[str, ...] = ("none", "xrpo_novelty")
+# Per-token surrogate objectives (clipping rules).
+OBJECTIVE_NAMES: tuple[str, ...] = ("ppo_clip", "hapo")
+# Loss aggregation over tokens (TRL's loss_type names).
+AGGREGATION_NAMES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Rollout planners: how many samples each prompt gets, and from what context.
+PLANNER_NAMES: tuple[str, ...] = ("uniform", "xrpo")
+# Sampling temperature rules.
+TEMPERATURE_RULE_NAMES: tuple[str, ...] = ("constant", "hapo_ats")
+
+Aggregation = Literal[AGGREGATION_NAMES]  # type: ignore[valid-type]
+Estimator = Literal[ESTIMATOR_NAMES]  # type: ignore[valid-type]
+Shaper = Literal[SHAPER_NAMES]  # type: ignore[valid-type]
+Objective = Literal[OBJECTIVE_NAMES]  # type: ignore[valid-type]
+Planner = Literal[PLANNER_NAMES]  # type: ignore[valid-type]
+TemperatureRule = Literal[TEMPERATURE_RULE_NAMES]  # type: ignore[valid-type]
+
+
+class GRPOHyperparameters(CommonHyperparameters, RolloutEngine):
+    """The GRPO family on TRL's GRPOTrainer. Fields left None take the variant's preset
+    (``PRESETS`` below). Base learning rate 1e-6 (TRL's default) / 1e-5 (LoRA).
+
+    ``batch_size`` counts completions, not prompts: one (global) micro-batch holds
+    ``batch_size / num_generations`` prompts' whole groups.
+    """
+
+    base_learning_rate: ClassVar[tuple[float, float]] = (1e-6, 1e-5)
+
+    num_generations: int = Field(8, ge=2, le=256, description="Completions per prompt (G).")
+    max_completion_length: int = Field(
+        256, ge=1, le=32768, description="Tokens generated per completion at most."
+    )
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
+    num_iterations: int = Field(
+        1, ge=1, le=64, description="Policy updates per generated batch (PPO's mu)."
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Ratio per token (GRPO) or per sequence (GSPO)."
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="One weight per grader; default 1.0 each (rewards are summed)."
+    )
+    eval_interval: int | Auto = Field(
+        "auto", description="Steps between validation rewards; auto = the checkpoint interval."
+    )
+    eval_samples: int | Auto = Field(
+        "auto", description="Completions per validation prompt; auto = 1."
+    )
+    # The pieces and their settings; None = the variant's preset.
+    advantage_estimator: Estimator | None = None
+    advantage_shaper: Shaper | None = None
+    objective: Objective | None = None
+    loss_type: Aggregation | None = Field(None, description="Token aggregation (TRL's name).")
+    rollout_planner: Planner | None = None
+    temperature_rule: TemperatureRule | None = None
+    beta: float | None = Field(None, ge=0.0, description="KL (k3) coefficient to the reference.")
+    epsilon: float | None = Field(None, gt=0.0, lt=1.0, description="Lower clip width.")
+    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip width.")
+    dual_clip: float | None = Field(None, gt=1.0, description="Dual-clip bound c for A < 0.")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="z-score by the group's std, the batch's, or not at all."
+    )
+    mask_truncated_completions: bool | None = Field(
+        None, description="Leave completions cut at max_completion_length out of the loss."
+    )
+    ngrpo_virtual_reward: float = Field(1.0, description="NGRPO: r_max of the virtual sample.")
+    ngrpo_virtual_count: int = Field(1, ge=0, le=64, description="NGRPO: copies of r_max (k).")
+    xrpo_novelty_lambda: float = Field(2.5, ge=0.0, description="XRPO novelty strength.")
+    xrpo_novelty_kappa: float = Field(0.5, ge=0.0, description="XRPO novelty cap (x A).")
+    xrpo_alpha: float = Field(0.05, gt=0.0, lt=1.0, description="XRPO CI level of the allocator.")
+    xrpo_ucb_lambda: float = Field(0.1, ge=0.0, description="XRPO exploration bonus.")
+    xrpo_exemplars: int = Field(2, ge=0, le=8, description="XRPO ICL exemplars (K).")
+    hapo_alpha: float = Field(1.0, ge=0.0, description="HAPO adaptive-clip strength.")
+    hapo_beta_a: float = Field(1.0, ge=0.0, le=1.0, description="HAPO advantage redistribution.")
+    hapo_pivot_quantile: float = Field(0.8, gt=0.0, lt=1.0, description="HAPO entropy pivot.")
+    hapo_tau: float = Field(0.05, ge=0.0, lt=1.0, description="HAPO temperature range (tau).")
+
+    def chat_template_kwargs(self) -> dict[str, Any] | None:
+        """Extra keywords for the chat template (none for plain GRPO)."""
+        return None
+
+    def resolved_eval_samples(self) -> int:
+        return 1 if self.eval_samples == "auto" else self.eval_samples
+
+    def generations(self) -> int:
+        """Completions per prompt (G) this job samples."""
+        return self.num_generations
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> GRPOHyperparameters:
+        g = self.generations()
+        if isinstance(self.batch_size, int) and self.batch_size % g:
+            raise ValueError(
+                f"batch_size ({self.batch_size} completions) must be a multiple of "
+                f"num_generations ({g}) so every micro-batch holds whole groups; "
+                f"try batch_size {max(g, self.batch_size // g * g)}"
+            )
+        if self.max_completion_length >= self.max_seq_length:
+            raise ValueError(
+                f"max_completion_length ({self.max_completion_length}) must be below "
+                f"max_seq_length ({self.max_seq_length}), which also holds the prompt"
+            )
+        if isinstance(self.eval_samples, int) and not 1 <= self.eval_samples <= 64:
+            raise ValueError("eval_samples must be from 1 to 64, or 'auto'")
+        if isinstance(self.eval_interval, int) and not 1 <= self.eval_interval <= MAX_STEPS:
+            raise ValueError(f"eval_interval must be from 1 to {MAX_STEPS}, or 'auto'")
+        return self
+
+    def resolved_batch_size(self, rows: int) -> int:
+        """Completions per micro-batch: auto = two prompts' groups."""
+        return 2 * self.generations() if self.batch_size == "auto" else self.batch_size
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DeepSeekMath's GRPO (TRL's loss_type 'grpo': per-sequence mean, then batch mean).
+    "grpo": {"epsilon": 0.2, "epsilon_high": 0.2, "beta": 0.04, "loss_type": "grpo"},
+    # DAPO as TRL implements it.
+    "dapo": {
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "mask_truncated_completions": True,
+    },
+    # Dr.GRPO: centred advantages, length-independent aggregation.
+    "dr_grpo": {
+        "advantage_estimator": "dr_grpo",
+        "scale_rewards": "none",
+        "beta": 0.0,
+        "loss_type": "dr_grpo",
+    },
+    # NGRPO: virtual-max advantages, asymmetric clip, token mean.
+    "ngrpo": {
+        "advantage_estimator": "ngrpo",
+        "epsilon": 0.16,
+        "epsilon_high": 0.24,
+        "beta": 0.0,
+        "loss_type": "bnpo",
+    },
+    # XRPO: GRPO advantages sharpened by novelty, hierarchical allocation with ICL seeding.
+    "xrpo": {
+        "advantage_shaper": "xrpo_novelty",
+        "rollout_planner": "xrpo",
+        "beta": 0.0,
+        "loss_type": "dapo",
+    },
+    # HAPO: token-level group average, adaptive clip + redistribution, adaptive temperature.
+    "hapo": {
+        "advantage_estimator": "hapo",
+        "objective": "hapo",
+        "temperature_rule": "hapo_ats",
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "dual_clip": 10.0,
+        "beta": 0.0,
+        "loss_type": "bnpo",
+    },
+}
+
+# The value of each piece field when neither the preset nor the request sets it.
+PIECE_DEFAULTS: dict[str, Any] = {
+    "advantage_estimator": "grpo",
+    "advantage_shaper": "none",
+    "objective": "ppo_clip",
+    "loss_type": "dapo",
+    "rollout_planner": "uniform",
+    "temperature_rule": "constant",
+    "beta": 0.0,
+    "epsilon": 0.2,
+    "epsilon_high": 0.2,
+    "dual_clip": None,
+    "scale_rewards": "group",
+    "mask_truncated_completions": False,
+}
+GRPO_VARIANTS: tuple[str, ...] = tuple(PRESETS)
+GRPOVariant = Literal[GRPO_VARIANTS]  # type: ignore[valid-type]
+
+
+def trl_native(s: GRPOHyperparameters) -> bool:
+    """True when TRL's own advantage and loss code computes exactly these (resolved)
+    settings: z-scored or centred group advantages, PPO clipping, no dual clip, uniform
+    rollouts, a constant temperature."""
+    return (
+        s.advantage_estimator in ("grpo", "dr_grpo")
+        and s.advantage_shaper == "none"
+        and s.objective == "ppo_clip"
+        and s.dual_clip is None
+        and s.rollout_planner == "uniform"
+        and s.temperature_rule == "constant"
+    )
+
+
+def resolve(variant: str, hp: GRPOHyperparameters) -> GRPOHyperparameters:
+    """``hp`` with every piece field set: the preset of ``variant``, overridden by every
+    piece field the request set."""
+    if variant not in PRESETS:
+        raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(PRESETS)}")
+    values = {**PIECE_DEFAULTS, **PRESETS[variant]}
+    values.update({k: getattr(hp, k) for k in PIECE_DEFAULTS if getattr(hp, k) is not None})
+    if values["advantage_estimator"] == "dr_grpo" and hp.scale_rewards is None:
+        values["scale_rewards"] = "none"  # centred means unscaled
+    settings = hp.model_copy(update=values)
+    _check(settings, hp, variant)
+    return settings
+
+
+def _check(s: GRPOHyperparameters, hp: GRPOHyperparameters, variant: str) -> None:
+    """Combinations that cannot mean what the request says; each message says how to fix it."""
+    if s.advantage_estimator == "dr_grpo" and s.scale_rewards != "none":
+        raise ValueError(
+            "advantage_estimator 'dr_grpo' centres rewards without scaling them; drop "
+            "scale_rewards or use advantage_estimator 'grpo'"
+        )
+    if s.advantage_estimator in ("ngrpo", "hapo") and hp.scale_rewards is not None:
+        raise ValueError(
+            f"scale_rewards applies to the 'grpo' estimator; '{s.advantage_estimator}' "
+            "defines its own normalisation, so drop scale_rewards"
+        )
+    if not trl_native(s) and hp.importance_sampling_level == "sequence":
+        raise ValueError(
+            "importance_sampling_level 'sequence' (GSPO) is computed by TRL's own loss; "
+            f"variant '{variant}' with these settings uses posttrain's per-token objective, "
+            "so use importance_sampling_level 'token'"
+        )
+    if s.temperature_rule == "hapo_ats" and hp.rollout_engine == "vllm":
+        raise ValueError(
+            "temperature_rule 'hapo_ats' sets a temperature per token, which vLLM's sampler "
+            "does not take; use rollout_engine 'transformers' or temperature_rule 'constant'"
+        )
+
+
+def check_weights(hp: GRPOHyperparameters, n_graders: int) -> None:
+    if hp.reward_weights is not None and len(hp.reward_weights) != n_graders:
+        raise ValueError(
+            f"reward_weights has {len(hp.reward_weights)} entries for {n_graders} graders; "
+            "give one weight per grader"
+        )
+
+
+def graders_fields(graders: list) -> set[str]:
+    """The dataset fields a list of graders reads (``{{item.x}}``)."""
+    return set().union(*(template_fields(g) for g in graders)) if graders else set()
+
+
+class GradedBlock(Strict):
+    """A GRPO-family block: graders, a variant and GRPO hyperparameters."""
+
+    @model_validator(mode="after")
+    def _check(self) -> GradedBlock:
+        resolve(self.variant, self.hyperparameters)
+        check_weights(self.hyperparameters, len(self.grader_list()))
+        return self
+
+    def grader_list(self) -> list:
+        raise NotImplementedError
+
+
+class GRPOBlock(GradedBlock):
+    variant: GRPOVariant = Field("grpo", description="Preset over the pieces; see the README.")
+    graders: list[Grader] = Field(min_length=1, max_length=16, description="Reward sources.")
+    hyperparameters: GRPOHyperparameters = Field(default_factory=GRPOHyperparameters)
+
+    def grader_list(self) -> list:
+        return list(self.graders)
+
+
+class GradedMethod(MethodModel):
+    """A member of the GRPO family: prompt rows, graders, the GRPO trainer."""
+
+    accepted_formats: ClassVar[tuple[RowFormat, ...]] = (RowFormat.prompt_only,)
+    algorithm: ClassVar[str] = "trainers.algorithms.grpo.method"
+
+    def item_fields(self) -> set[str]:
+        return graders_fields(self.block.grader_list())
+
+    def settings(self) -> GRPOHyperparameters:
+        """The resolved hyperparameters the trainer runs with."""
+        return resolve(self.block.variant, self.hyperparameters)
+
+
+class GRPOMethod(GradedMethod):
+    """The GRPO family on TRL's GRPOTrainer: ``variant`` plus ``hyperparameters``."""
+
+    type: Literal["grpo"]
+    grpo: GRPOBlock

@@ -1,0 +1,38 @@
+"""The run plan: what the supervisor hands one training process (torch-free).
+
+The job spec names files by id; the plan resolves them to paths on the data
+volume and adds the worker's settings for this run (threads, checkpoint
+interval, attempt number). Written as JSON by ``workers.supervisor``, read by
+``trainers.run``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from trainers.contract.spec import JobSpec
+
+
+class RunPlan(BaseModel):
+    job_id: str
+    spec: JobSpec
+    training_path: Path
+    validation_path: Path | None = None
+    output_dir: Path
+    data_dir: Path
+    checkpoint_every_steps: int = 50
+    threads: int = 1
+    attempt: int = 1
+    vllm_server_url: str | None = None  # a vLLM server the worker started for this run
+    fence: int | None = None  # this run's fencing token (trainers.contract.fencing)
+    fence_file: Path | None = None  # the job's fence file; a checkpoint is written only
+    # while it still holds ``fence``
+    report_journal: Path | None = None  # the trainer also appends its report lines here
+    processes: int = 1  # training processes (ranks) of this run; threads is per process
+    pause_path: Path | None = None  # a file whose existence asks every rank to pause
+
+    def relative(self, path: Path) -> str:
+        """A path as stored in records: relative to the data dir, so volumes can move."""
+        return str(Path(path).resolve().relative_to(Path(self.data_dir).resolve()))

@@ -1,0 +1,284 @@
+"""The job specification: the one language the API, the worker and the trainer share.
+
+A request body is validated into a ``JobSpec`` by the API, stored as JSON in the
+job record, and parsed back by the training process. Pure pydantic: importing
+this module never loads torch.
+
+``method`` is a discriminated union on ``type``; each member holds its
+hyperparameters (one shared base, ``trainers.contract.hparams``, plus the method's
+own fields) and the row formats it trains on. The members are the list of methods
+(``trainers.contract.methods``): each method's contract module defines its own.
+
+Stored specs carry ``spec_version``. ``read_stored_spec`` upgrades older
+versions, so a record written by an earlier release still parses; the API
+additionally falls back to the raw JSON when a record cannot be parsed at all
+(``stored_spec_view``), so GET and list never fail on an old record.
+
+OpenAI compatibility: ``method.type`` and ``method.<type>.hyperparameters``
+follow OpenAI's fine-tuning API. Fields OpenAI lacks are extensions in the same
+style.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, ValidationError, model_validator
+
+from trainers.contract.hparams import CommonHyperparameters, Strict
+from trainers.contract.jsonnum import NumberError, loads
+from trainers.contract.methods import (
+    DEFAULT_METHOD,
+    METHOD_ALIASES,
+    METHOD_MODELS,
+    PLANNED_METHODS,
+)
+
+__all__ = ["PLANNED_METHODS", "SPEC_VERSION", "JobSpec", "read_stored_spec"]
+
+# 1: the first release (no spec_version field). 2: shared hyperparameter base, DPO, GRPO.
+# 3: resources.gpus defaults to null (the worker's devices), processes, strategy, queue.
+SPEC_VERSION = 3
+# Module names that are an LM head in the model families transformers ships.
+_HEAD_MODULES = frozenset({"lm_head", "embed_out", "output", "output_layer"})
+
+
+class LoraSettings(Strict):
+    """LoRA adapter settings, used when ``training_type == "lora"`` (peft ``LoraConfig``)."""
+
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank. Default 16 (common SFT choice).")
+    alpha: int = Field(
+        32, ge=1, description="Scaling numerator; effective scale alpha/r. Default 2r."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt; 'all-linear' = every linear but the head."
+    )
+
+    @model_validator(mode="after")
+    def _no_head(self) -> LoraSettings:
+        if isinstance(self.target_modules, list):
+            heads = sorted(_HEAD_MODULES.intersection(self.target_modules))
+            if heads:
+                raise ValueError(
+                    f"LoRA on the LM head ({', '.join(heads)}) is not supported: posttrain's fused "
+                    "log-prob kernel reads the head's base weight; drop it from target_modules "
+                    "(or train the head with training_type 'full')"
+                )
+        return self
+
+
+# Distributed strategies of a multi-process job, each one of accelerate's own launch
+# configurations (``workers.launch``): DDP, FSDP2, DeepSpeed ZeRO stage 2 or 3.
+STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
+
+
+class Resources(Strict):
+    """What one job may use on its worker (extension).
+
+    A job runs on a worker of ``queue`` (one queue per GPU class); every training
+    process sees exactly that worker's devices (``CUDA_VISIBLE_DEVICES``). More than
+    one process (``gpus`` > 1, or ``processes`` > 1 on CPU) runs under
+    ``accelerate launch`` with ``strategy``.
+    """
+
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="GPUs, one training process each; 0 = CPU. Default (null): 1 on a GPU "
+        "worker, 0 on a CPU-only worker.",
+    )
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Training processes of a CPU job (gloo); default 1. A GPU job runs one "
+        "process per GPU.",
+    )
+    strategy: Literal[STRATEGIES] = Field(
+        "ddp", description="How processes share the model: ddp, fsdp2, deepspeed_zero2/3."
+    )
+    queue: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Celery queue (GPU class) whose workers run the job; default = the "
+        "API's POSTTRAIN_QUEUE.",
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, le=512, description="torch threads; default = the worker's share of cores."
+    )
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> Resources:
+        if self.gpus and self.processes is not None and self.processes != self.gpus:
+            raise ValueError(
+                f"processes ({self.processes}) must equal gpus ({self.gpus}): a GPU job runs "
+                "one process per GPU; drop processes"
+            )
+        if self.gpus == 0 and self.strategy != "ddp":
+            raise ValueError(
+                f"strategy '{self.strategy}' needs GPUs (on CPU accelerate runs DDP over "
+                "gloo); set gpus >= 1 or use 'ddp'"
+            )
+        return self
+
+
+Method = Annotated[
+    Union[METHOD_MODELS],  # noqa: UP007  (the members are the list of methods)
+    Field(discriminator="type"),
+]
+
+
+def legacy_method(hyperparameters: Any) -> dict[str, Any]:
+    """OpenAI's deprecated top-level ``hyperparameters`` as the default method's block."""
+    return {"type": DEFAULT_METHOD, DEFAULT_METHOD: {"hyperparameters": hyperparameters}}
+
+
+def normalize_method(raw: Any) -> Any:
+    """Apply aliases (``sft`` → ``supervised``) and the default method, before validation."""
+    if raw is None:
+        return {"type": DEFAULT_METHOD}
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        kind = raw.get("type")
+        alias = METHOD_ALIASES.get(kind) if isinstance(kind, str) else None
+        if alias:
+            raw["type"] = alias
+            for name, target in METHOD_ALIASES.items():
+                if name in raw and target not in raw:
+                    raw[target] = raw.pop(name)
+    return raw
+
+
+class JobSpec(Strict):
+    """Everything a training process needs to run one job (files by id)."""
+
+    spec_version: int = Field(SPEC_VERSION, description="Schema version of a stored spec.")
+    model: str = Field(min_length=1, max_length=512, description="HF model id or local path.")
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    method: Method
+    seed: int = Field(
+        42, ge=0, le=2**31 - 1, description="Seeds data order and init of new weights."
+    )
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
+    training_type: Literal["full", "lora"] = Field(
+        "full", description="'full' fine-tunes every weight; 'lora' trains a peft adapter."
+    )
+    lora: LoraSettings | None = None
+    resources: Resources = Field(default_factory=Resources)
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Checkpoint interval in steps; default from the worker settings.",
+    )
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="Checkpoints kept besides the final one (the newest N); 0 = keep all; "
+        "default from the worker settings.",
+    )
+    metadata: dict[str, str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            data["method"] = normalize_method(data.get("method"))
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> JobSpec:
+        if self.lora is not None and self.training_type != "lora":
+            raise ValueError(
+                "'lora' settings were given but training_type is 'full'; "
+                "set training_type to 'lora' or drop 'lora'"
+            )
+        if self.training_type == "lora" and self.lora is None:
+            self.lora = LoraSettings()
+        self.method.check_job(self)
+        if self.metadata is not None:
+            if len(self.metadata) > 16:
+                raise ValueError("metadata holds at most 16 keys")
+            for k, v in self.metadata.items():
+                if len(k) > 64 or len(v) > 512:
+                    raise ValueError(f"metadata key '{k[:64]}': keys <= 64 chars, values <= 512")
+        return self
+
+    @property
+    def method_type(self) -> str:
+        return self.method.type
+
+    def method_hyperparameters(self) -> CommonHyperparameters:
+        return self.method.hyperparameters
+
+
+class StoredSpecError(ValueError):
+    """A stored spec that no migration can turn into a valid ``JobSpec``."""
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a stored spec of any earlier version to ``SPEC_VERSION``."""
+    version = int(data.get("spec_version", 1))
+    if version > SPEC_VERSION:
+        raise StoredSpecError(f"spec_version {version} is newer than this release ({SPEC_VERSION})")
+    # 1 -> 2: only the version field is new; every v1 field kept its name and meaning.
+    if version < 3:
+        # 2 -> 3: resources.gpus was stored as its default 1 and never read; a stored 1 is
+        # the new default (null: 1 on a GPU worker, CPU on a CPU-only one), so an old job
+        # does not start demanding a GPU.
+        resources = data.get("resources")
+        if isinstance(resources, dict) and resources.get("gpus") == 1:
+            data = {**data, "resources": {**resources, "gpus": None}}
+    return {**data, "spec_version": SPEC_VERSION}
+
+
+def read_stored_spec(text: str) -> JobSpec:
+    """Parse a spec as stored in a job record, upgrading older versions. NaN and
+    Infinity (which an earlier release could store) make it unreadable."""
+    try:
+        data = loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a stored job spec is a JSON object")
+        return JobSpec.model_validate(_upgrade(data))
+    except (ValueError, NumberError, ValidationError, RecursionError) as exc:
+        raise StoredSpecError(f"stored job spec cannot be read: {exc}") from exc
+
+
+def stored_spec_view(text: str) -> dict[str, Any]:
+    """The stored spec as a plain dict with every field the API shows, even when it no
+    longer validates (a method this release dropped, a field it renamed)."""
+    try:
+        return read_stored_spec(text).model_dump(mode="json")
+    except StoredSpecError:
+        pass
+    try:  # non-finite numbers become null, so the view is always valid JSON
+        raw = loads(text, nonfinite="null")
+    except (ValueError, RecursionError):
+        raw = {}
+    raw = raw if isinstance(raw, dict) else {}
+    method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    metadata = raw.get("metadata")
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        metadata = None
+    return {
+        "model": str(raw.get("model", "")),
+        "training_file": str(raw.get("training_file", "")),
+        "validation_file": _str_or_none(raw.get("validation_file")),
+        "method": method,
+        "seed": raw.get("seed") if isinstance(raw.get("seed"), int) else None,
+        "suffix": _str_or_none(raw.get("suffix")),
+        "training_type": str(raw.get("training_type", "full")),
+        "resources": raw.get("resources") if isinstance(raw.get("resources"), dict) else {},
+        "metadata": metadata,
+    }
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,67 @@
+"""A grader as a TRL ``GRPOTrainer`` reward function (training process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainers.contract.graders.scoring import SCORERS, multi_scores, spec_of
+from trainers.contract.graders.spec import GraderSpec, MultiGrader
+from trainers.contract.graders.templates import GraderError
+
+# Keyword arguments TRL's GRPOTrainer passes that are not dataset columns.
+_TRL_KWARGS = frozenset(
+    {"trainer_state", "log_extra", "log_metric", "environments", "completion_ids"}
+)
+
+
+def completion_text(completion: Any) -> str:
+    """A TRL completion as text: a string, or the text of its assistant messages."""
+    if isinstance(completion, str):
+        return completion
+    messages = [completion] if isinstance(completion, dict) else list(completion)
+    out = []
+    for m in messages:
+        if m.get("role", "assistant") != "assistant":
+            continue
+        content = m.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        out.append(content)
+    return "".join(out)
+
+
+class RewardFunction:
+    """A grader as a TRL reward function: ``f(prompts, completions, **columns) -> list[float]``.
+
+    ``GRPOTrainer`` passes every dataset column except ``prompt`` as a keyword
+    holding one value per completion; row ``k`` of those columns is the ``item``
+    the templates read. TRL names the reward after ``__name__`` (the grader's
+    name). A multi grader also logs each sub-grader's mean through TRL's
+    ``log_metric`` hook, and every grader its sample-dependent errors (each
+    scored 0) per sample.
+    """
+
+    def __init__(self, grader: GraderSpec | dict[str, Any]):
+        self.grader = spec_of(grader)
+        self.__name__ = self.grader.name
+
+    def __call__(self, prompts: Any = None, completions: Any = (), **kwargs: Any) -> list[float]:
+        samples = [completion_text(c) for c in completions]
+        columns = {k: v for k, v in kwargs.items() if k not in _TRL_KWARGS and isinstance(v, list)}
+        items = [{k: v[row] for k, v in columns.items()} for row in range(len(samples))]
+        notes: list[GraderError] = []
+        if isinstance(self.grader, MultiGrader):
+            rewards, subs = multi_scores(self.grader, items, samples, notes)
+        else:
+            rewards, subs = SCORERS[self.grader.type](self.grader, items, samples, notes), {}
+        log = kwargs.get("log_metric")
+        if callable(log) and samples:
+            for key, scores in subs.items():
+                log(f"graders/{self.__name__}/{key}", sum(scores) / len(scores))
+            log(f"graders/{self.__name__}/sample_errors", len(notes) / len(samples))
+        return rewards
+
+
+def build_reward_function(grader: GraderSpec | dict[str, Any]) -> RewardFunction:
+    """The TRL reward function for ``grader`` (a parsed spec or its JSON)."""
+    return RewardFunction(grader)
