@@ -55,6 +55,7 @@ def run_job(root: Path, model: Path, data: Path, processes: int, args) -> dict:
     from trainers.contract.plan import RunPlan
     from trainers.contract.spec import JobSpec
     from workers import launch
+    from workers.placement import available_strategies, place
 
     hp = {"n_epochs": 1, "batch_size": args.batch, "learning_rate": args.lr}
     spec = JobSpec.model_validate(
@@ -80,7 +81,7 @@ def run_job(root: Path, model: Path, data: Path, processes: int, args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     plan_path.write_text(plan.model_dump_json())
-    placement = launch.place(spec.resources, [], launch.available_strategies())
+    placement = place(spec.resources, [], available_strategies())
     config = (
         launch.write_accelerate_config(placement, out / "accelerate.json")
         if placement.launched

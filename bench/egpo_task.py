@@ -7,7 +7,8 @@ style; a ``pattern_table`` judge (two patterns, ``c`` its no-match class) prefer
 in a cycle, a ≻ b ≻ c ≻ a, at ``STRENGTH``.
 
 Because the judge sees only the style, the style mix per prompt is all training can
-change, and the game reduces exactly to the spec's tabular 3-cycle per prompt: the
+change, and the game reduces exactly to the tabular 3-cycle of
+``docs/algorithms/egpo.md`` per prompt: the
 regularised equilibrium over sequences, π*(y) ∝ π_ref(y)·exp(P(y ≻ π*)/β), puts on each
 style c the mass π*(c) ∝ π_ref(c)·exp(P(c ≻ π*)/β), with π_ref(c) the base model's
 style mix for that prompt (``equilibrium``).

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import redis
 
-from service import launch
+from service import stack
 from workers.store import JobStore
 
 VALUES = {
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="posttrain-bench-metrics-"))
     url = f"redis://127.0.0.1:{_free_port()}/0"
-    proc = launch.start_redis(url, work / "redis.log")
+    proc = stack.start_redis(url, work / "redis.log")
     if proc is None:
         raise SystemExit(f"something already answers at {url}; refusing to use it")
     try:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"  ratio before/after: {t_before / t_after:.0f}x")
     finally:
-        launch.stop(proc)
+        stack.stop(proc)
 
 
 if __name__ == "__main__":

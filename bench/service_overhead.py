@@ -9,7 +9,7 @@ trained in rounds, each round running every variant once, service second
 (plain-trl, service, plain-posttrain; then again), so slow drift hits all:
 
 * ``service``: a throwaway ``redis-server`` on a free port (never the machine's
-  Redis), the API (uvicorn) and one Celery worker, started by ``service.launch``
+  Redis), the API (uvicorn) and one Celery worker, started by ``service.stack``
   with the environment ``tests/e2e/conftest.py`` uses, and left running for all
   rounds as in a deployment. The data is uploaded once (``POST /v1/files``); each
   round ``POST``s a supervised job with explicit hyperparameters (``n_epochs``,
@@ -427,7 +427,7 @@ def run_service(http, r, base: str, body: dict, a, roots: dict[str, int]) -> dic
         events = [f["message"] for _, f in r.xrange(f"{key}:events")]
         raise RuntimeError(f"service job {job_id} {job['status']}: {job.get('error')}; {events}")
     # the step's ``metrics`` event is added with its metrics entry (whose id is the step,
-    # not a time); runs under 1000 steps get one per step (workers.reporter.METRIC_EVENTS)
+    # not a time); runs under 1000 steps get one per step (workers.ingest.METRIC_EVENTS)
     metrics = [(i, json.loads(f["data"] or "null")) for i, f in r.xrange(f"{key}:events")]
     by_step = {d["step"]: _stream_ms(i) for i, d in metrics if d and "total_steps" in d}
     if sorted(by_step) != list(range(1, a.steps + 1)):
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
     import redis
 
-    from service import launch
+    from service import stack
 
     t_bench = time.time()
     work = a.keep or Path(tempfile.mkdtemp(prefix="posttrain-bench-overhead-"))
@@ -627,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Our own Redis on a free port: never the machine's.
     redis_url = f"redis://127.0.0.1:{free_port()}/0"
-    redis_proc = launch.start_redis(redis_url, work / "redis.log")
+    redis_proc = stack.start_redis(redis_url, work / "redis.log")
     if redis_proc is None:
         raise SystemExit(f"something already answers at {redis_url}; refusing to use it")
     a._data_dir = str(work / "data")
@@ -648,8 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     failed = False
     try:
-        api = launch.start_api(env, port, work / "api.log")
-        worker = launch.start_worker(env, work / "worker.log", name="bench")
+        api = stack.start_api(env, port, work / "api.log")
+        worker = stack.start_worker(env, work / "worker.log", name="bench")
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         roots = {"API": api.pid, "worker": worker.pid, "Redis": redis_proc.pid}
         with httpx.Client(timeout=60) as http:
@@ -692,8 +692,8 @@ def main(argv: list[str] | None = None) -> int:
                 if failed:
                     break
     finally:
-        launch.stop(worker)
-        launch.stop(api)
+        stack.stop(worker)
+        stack.stop(api)
         if redis_proc.poll() is None:
             redis_proc.terminate()
             redis_proc.wait(timeout=10)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from service import launch
+from service import stack
 
 
 def _free_port() -> int:
@@ -58,7 +58,7 @@ def measure(mb: int) -> dict:
         root = Path(tmp)
         redis_port = _free_port()
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        redis_proc = launch.start_redis(redis_url, root / "redis.log")
+        redis_proc = stack.start_redis(redis_url, root / "redis.log")
         env = {
             **os.environ,
             "POSTTRAIN_REDIS_URL": redis_url,
@@ -66,7 +66,7 @@ def measure(mb: int) -> dict:
             "POSTTRAIN_API_KEYS": "",
         }
         port = _free_port()
-        api = launch.start_api(env, port, root / "api.log")
+        api = stack.start_api(env, port, root / "api.log")
         try:
             upload = root / "one-line.jsonl"
             size = _write_single_line(upload, mb)
@@ -98,9 +98,9 @@ def measure(mb: int) -> dict:
                 "files_left_on_disk": leftover,
             }
         finally:
-            launch.stop(api)
+            stack.stop(api)
             if isinstance(redis_proc, subprocess.Popen):
-                launch.stop(redis_proc)
+                stack.stop(redis_proc)
 
 
 def main() -> None:

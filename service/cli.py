@@ -41,7 +41,7 @@ def _worker(args: argparse.Namespace) -> int:
     import os
 
     from workers.celery_app import app
-    from workers.launch import worker_devices
+    from workers.placement import worker_devices
     from workers.settings import WorkerSettings
 
     # The flags are the settings' environment variables, so the Celery app's own

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from service import launch
+from service import stack
 from service.settings import ApiSettings
 
 # Tuned for a randomly initialised 0.1M-parameter model: it needs a high learning rate.
@@ -37,7 +37,7 @@ def _api_up(url: str) -> bool:
 def _start_stack(s: ApiSettings, data: Path, started: list) -> str:
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    proc = launch.start_redis(s.redis_url, logs / "redis.log")
+    proc = stack.start_redis(s.redis_url, logs / "redis.log")
     if proc:
         print(f"started redis-server for {s.redis_url}")
         started.append(proc)
@@ -54,9 +54,9 @@ def _start_stack(s: ApiSettings, data: Path, started: list) -> str:
     if _api_up(url):
         print(f"using the API already running at {url}")
     else:
-        started.append(launch.start_api(env, s.port, logs / "api.log"))
+        started.append(stack.start_api(env, s.port, logs / "api.log"))
         print(f"started the API at {url} (log: {logs / 'api.log'})")
-    started.append(launch.start_worker(env, logs / "worker.log", name="demo"))
+    started.append(stack.start_worker(env, logs / "worker.log", name="demo"))
     print(f"started a worker (log: {logs / 'worker.log'})")
     return url
 
@@ -152,4 +152,4 @@ def run_demo(keep_running: bool = False) -> int:
     finally:
         if not keep_running:
             for proc in reversed(started):
-                launch.stop(proc)
+                stack.stop(proc)

@@ -16,7 +16,7 @@ from trainers.contract.formats import DatasetError, iter_rows, read_as
 from trainers.contract.spec import JobSpec
 from workers.filestore import FileNotFound, FileStore
 from workers.fleet import live_workers
-from workers.launch import PlacementError, place
+from workers.placement import PlacementError, place
 from workers.store import JobStore
 
 

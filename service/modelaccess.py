@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from service.auth import Tenant
 from service.errors import APIError
 from service.settings import ApiSettings
+from trainers.contract.jobdir import JobDir
 from workers.store import JobNotFound, JobStore
 
 NOT_ALLOWED = "model not found or not allowed"
@@ -157,10 +158,10 @@ class ModelAccess:
     def _checkpoint_dir(self, job_id: str, meta: dict) -> Path:
         try:
             real = (self.data_dir / str(meta["path"])).resolve(strict=True)
-        except (KeyError, OSError, RuntimeError):
+            root = JobDir(self.data_dir, job_id).root
+        except (KeyError, OSError, RuntimeError, ValueError):
             raise ModelRefused(job_id) from None
-        job_dir = self.data_dir / "jobs" / job_id
-        if job_dir not in real.parents or not (_has_config(real) or _is_adapter(real)):
+        if root not in real.parents or not (_has_config(real) or _is_adapter(real)):
             raise ModelRefused(job_id)
         return real
 

@@ -25,21 +25,13 @@ from pathlib import Path
 
 import redis
 
+from trainers.contract.jobdir import JobDir
+from workers.processes import alive
 from workers.store import DEFAULT_TENANT, new_id
 
 
 class FileNotFound(KeyError):
     pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class FileStore:
@@ -69,7 +61,7 @@ class FileStore:
                 stale = time.time() - f.stat().st_mtime > max_age
             except FileNotFoundError:
                 continue
-            if where == host and pid.isdigit() and not _alive(int(pid)):
+            if where == host and pid.isdigit() and not alive(int(pid)):
                 stale = True
             if stale:
                 f.unlink(missing_ok=True)
@@ -226,18 +218,12 @@ class FileStore:
         pipe.execute()
         self.path(file_id).unlink(missing_ok=True)
 
-    # ---- a job's files (the worker writes them under jobs/{id}/; see workers.supervisor)
-    def job_dir(self, job_id: str) -> Path:
-        """A job's directory on the data volume: run plans, trainer log, checkpoints."""
-        if not job_id or "/" in job_id or job_id in (".", ".."):
-            raise ValueError(f"not a job id: {job_id!r}")
-        return self.data_dir / "jobs" / job_id
-
+    # ---- a job's files (the worker writes them under jobs/{id}/: trainers.contract.jobdir)
     def delete_job_dir(self, job_id: str) -> None:
         """Remove everything the job wrote to the data volume (its uploads stay: they are
         files of their own, deleted with ``DELETE /v1/files/{id}``)."""
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        shutil.rmtree(JobDir(self.data_dir, job_id).root, ignore_errors=True)
 
     def delete_checkpoints(self, job_id: str) -> None:
         """Remove the job's checkpoints (its model's weights); plans and log stay."""
-        shutil.rmtree(self.job_dir(job_id) / "output", ignore_errors=True)
+        shutil.rmtree(JobDir(self.data_dir, job_id).output, ignore_errors=True)

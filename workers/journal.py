@@ -1,39 +1,30 @@
 """The report journals in a job's directory, and replaying them into the record.
 
-The trainer appends every report line it sends to ``reports/{fence}-{attempt}.jsonl``
-(the path is in its run plan), so lines a worker held but never applied (it stalled or
+The trainer appends every report line it sends to its journal,
+``reports/{fence}-{attempt}.jsonl`` in the job's directory (``JobDir.journal``; the path
+is in its run plan), so lines a worker held but never applied (it stalled or
 died while Redis was down) are still on the data volume. Before a new attempt starts, the
 supervisor replays from them the metrics of steps the resumed run will not train again.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from trainers.contract.checkpoints import newest_complete_step
+from trainers.contract.jobdir import JobDir
 from trainers.contract.messages import InvalidReport, parse_report
 from workers.store import JobStore
 
 
-def journal_dir(job_dir: Path) -> Path:
-    return job_dir / "reports"
-
-
-def journal_path(job_dir: Path, fence: int | None, attempt: int) -> Path:
-    """Where the run of ``attempt`` under the claim ``fence`` journals its report lines."""
-    return journal_dir(job_dir) / f"{fence or 0}-{attempt}.jsonl"
-
-
-def replay_journals(store: JobStore, job_id: str, job_dir: Path) -> int:
+def replay_journals(store: JobStore, job_id: str, job_dir: JobDir) -> int:
     """Before a new attempt starts: put the metrics of steps an earlier attempt trained
     and saved (up to the newest complete checkpoint, which the new attempt resumes
     from) but whose report lines never reached the record, from that attempt's
     journal. Returns how many steps were recovered."""
-    resume = newest_complete_step(job_dir / "output")
+    resume = newest_complete_step(job_dir.output)
     last = store.last_metric_step(job_id)
     found: dict[int, dict[str, float]] = {}
     journals = sorted(
-        journal_dir(job_dir).glob("*.jsonl"),
+        job_dir.reports.glob("*.jsonl"),
         key=lambda p: tuple(int(x) for x in p.stem.split("-") if x.isdigit()),
     )
     for path in journals:

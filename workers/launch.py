@@ -1,9 +1,8 @@
-"""How a worker starts one run's training processes: devices, accelerate, report pipe, signals.
+"""How a worker starts one run's training processes: accelerate, report pipe, signals.
 
-A worker owns a set of devices (``posttrain worker --gpus 0,1``, or
-``POSTTRAIN_WORKER_GPUS``); every training process it starts sees exactly those
-(``CUDA_VISIBLE_DEVICES``, empty on a CPU-only worker). ``place`` turns a job's
-``resources`` into a ``Placement`` on this worker, or says why it cannot run here.
+Where a run goes (its ``Placement`` on this worker's devices) is ``workers.placement``;
+every training process started here sees exactly the placement's devices
+(``CUDA_VISIBLE_DEVICES``, empty on a CPU-only worker).
 
 One process on at most one device runs ``python -m trainers.run`` directly, as
 always. Anything more (several processes, a GPU job on a multi-device worker, or
@@ -23,8 +22,6 @@ ranks' own process groups. This module never imports torch.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -33,129 +30,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.contract.spec import STRATEGIES, Resources
-from workers.processes import stop_group
-
-
-class PlacementError(Exception):
-    """The job cannot run on this worker (too few devices, strategy not installed);
-    ``field`` is the resources field at fault."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
-
-
-@functools.cache
-def detect_gpus() -> tuple[str, ...]:
-    """Indices of the GPUs ``nvidia-smi`` lists, once per process; none without it (the
-    worker never touches CUDA itself)."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return ()
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return tuple(line.strip() for line in out.splitlines() if line.strip())
-
-
-def parse_devices(text: str | None) -> list[str] | None:
-    """'0,1' -> ['0', '1']; '' -> [] (CPU-only); None -> None (not configured)."""
-    if text is None:
-        return None
-    return [d.strip() for d in text.split(",") if d.strip()]
-
-
-def worker_devices(configured: str | None) -> list[str]:
-    devices = parse_devices(configured)
-    return list(detect_gpus()) if devices is None else devices
-
-
-def available_strategies() -> list[str]:
-    """The strategies this host can run: DeepSpeed's only where it is installed."""
-    have_ds = importlib.util.find_spec("deepspeed") is not None
-    return [s for s in STRATEGIES if have_ds or not s.startswith("deepspeed")]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """How one job runs on this worker."""
-
-    gpus: int  # GPUs the job uses (0 = CPU)
-    processes: int  # training processes (ranks)
-    strategy: str
-    devices: tuple[str, ...]  # the worker's devices: every process's CUDA_VISIBLE_DEVICES
-
-    @property
-    def launched(self) -> bool:
-        """Under ``accelerate launch``: several ranks, a strategy, or a device to pin."""
-        return (
-            self.processes > 1
-            or self.strategy != "ddp"
-            or (self.gpus > 0 and len(self.devices) > 1)
-        )
-
-    @property
-    def visible_devices(self) -> str:
-        return ",".join(self.devices)
-
-    def describe(self) -> str:
-        where = f"{self.gpus} GPU(s)" if self.gpus else "CPU"
-        how = f", {self.strategy} under accelerate" if self.launched else ""
-        devs = self.visible_devices or "none"
-        return f"{self.processes} process(es) on {where}{how}; CUDA_VISIBLE_DEVICES={devs}"
-
-    def as_record(self) -> dict:
-        return {
-            "gpus": self.gpus,
-            "processes": self.processes,
-            "strategy": self.strategy,
-            "devices": self.visible_devices,
-        }
-
-
-def place(res: Resources, devices: list[str], strategies: list[str]) -> Placement:
-    """The job's resources on a worker with ``devices``; ``PlacementError`` if they do not fit."""
-    gpus = res.gpus if res.gpus is not None else (1 if devices else 0)
-    if gpus > len(devices):
-        have = f"{len(devices)} ({','.join(devices)})" if devices else "none (CPU-only)"
-        raise PlacementError(
-            f"the job needs {gpus} GPU(s), but this worker's devices are {have}; "
-            "run it on a queue whose workers have enough GPUs",
-            "gpus",
-        )
-    if gpus == 0 and res.strategy != "ddp":
-        raise PlacementError(
-            f"strategy '{res.strategy}' needs GPUs, and this job runs on CPU "
-            "(accelerate runs DDP over gloo there); use 'ddp' or a GPU queue",
-            "strategy",
-        )
-    if res.strategy not in strategies:
-        raise PlacementError(
-            f"strategy '{res.strategy}' is not available on this worker "
-            f"(available: {', '.join(strategies)}); install deepspeed on the worker",
-            "strategy",
-        )
-    processes = gpus if gpus else (res.processes or 1)
-    return Placement(gpus, processes, res.strategy, tuple(devices))
-
-
-def fits(res: Resources, devices: list[str], strategies: list[str]) -> bool:
-    try:
-        place(res, devices, strategies)
-    except PlacementError:
-        return False
-    return True
+from workers.placement import Placement
+from workers.processes import alive, stop_group
 
 
 # --------------------------------------------------------------------------- accelerate
@@ -326,13 +204,5 @@ def stop_run(proc: subprocess.Popen, grace: float) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(pid) for pid in ranks):
+    while time.monotonic() < deadline and any(alive(pid) for pid in ranks):
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

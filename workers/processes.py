@@ -3,6 +3,7 @@
 Each child starts in its own process group with ``PR_SET_PDEATHSIG`` so it dies
 with the worker, and is stopped as a group: SIGTERM, then SIGKILL after a grace
 period, so nothing it started (dataloader workers, NCCL helpers) outlives it.
+``alive`` says whether a process id still names a running process.
 """
 
 from __future__ import annotations
@@ -37,3 +38,20 @@ def stop_group(proc: subprocess.Popen, grace: float) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie is not; another user's is)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

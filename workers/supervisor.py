@@ -26,13 +26,21 @@ from pathlib import Path
 import redis
 
 from trainers.contract import fencing
+from trainers.contract.jobdir import JobDir
 from trainers.contract.plan import RunPlan
 from trainers.contract.spec import JobSpec, StoredSpecError, read_stored_spec
 from workers import launch
 from workers.filestore import FileNotFound, FileStore
-from workers.journal import journal_path, replay_journals
+from workers.ingest import ReportIngest
+from workers.journal import replay_journals
+from workers.placement import (
+    Placement,
+    PlacementError,
+    available_strategies,
+    place,
+    worker_devices,
+)
 from workers.processes import die_with_parent
-from workers.reporter import RecordReporter
 from workers.settings import WorkerSettings
 from workers.store import JobStatus, JobStore
 from workers.verdict import Verdict, write_end_state
@@ -60,7 +68,7 @@ class Run:
 
     proc: subprocess.Popen
     channel: launch.ReportChannel
-    placement: launch.Placement
+    placement: Placement
     pause_path: Path | None
 
 
@@ -77,50 +85,41 @@ class Supervisor:
         self.fence = fence  # the claim's fencing token: every renewal and end state names it
 
     # ---- preparing the run
-    def job_dir(self, job_id: str) -> Path:
-        return Path(self.s.data_dir) / "jobs" / job_id
+    def dir(self, job_id: str) -> JobDir:
+        return JobDir(self.s.data_dir, job_id)
 
     def write_plan(
         self, job_id: str, spec: JobSpec, attempt: int, vllm_server_url: str | None = None
     ) -> RunPlan:
-        workdir = self.job_dir(job_id)
-        workdir.mkdir(parents=True, exist_ok=True)
+        jd = self.dir(job_id)
+        jd.root.mkdir(parents=True, exist_ok=True)
         processes = self.placement_of(spec).processes  # threads are per process
         plan = RunPlan(
             job_id=job_id,
             spec=self._run_spec(job_id, spec),
             attempt=attempt,
-            training_path=self.input_path(job_id, spec.training_file),
-            validation_path=(
-                self.input_path(job_id, spec.validation_file) if spec.validation_file else None
-            ),
-            output_dir=workdir / "output",
+            training_path=jd.input(spec.training_file),
+            validation_path=jd.input(spec.validation_file) if spec.validation_file else None,
+            output_dir=jd.output,
             data_dir=self.s.data_dir,
             checkpoint_every_steps=spec.checkpoint_every_steps or self.s.checkpoint_every_steps,
             threads=spec.resources.cpu_threads or max(1, self.s.threads_per_job() // processes),
             vllm_server_url=vllm_server_url,
             processes=processes,
-            pause_path=workdir / f"pause-{attempt}",
+            pause_path=jd.pause_flag(attempt),
             fence=self.fence,
-            fence_file=self.fence_file(job_id) if self.fence is not None else None,
-            report_journal=journal_path(self.job_dir(job_id), self.fence, attempt),
+            fence_file=jd.fence if self.fence is not None else None,
+            report_journal=jd.journal(self.fence, attempt),
         )
-        (workdir / f"plan-{attempt}.json").write_text(plan.model_dump_json(indent=2))
+        jd.plan(attempt).write_text(plan.model_dump_json(indent=2))
         return plan
-
-    def fence_file(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "fence"
-
-    def input_path(self, job_id: str, file_id: str) -> Path:
-        """The job's own link to one of its files (see ``_pin_files``)."""
-        return self.job_dir(job_id) / "inputs" / f"{file_id}.jsonl"
 
     def _pin_files(self, job_id: str, spec: JobSpec) -> str | None:
         """Link the job's files into its directory when it first starts (a copy if the
         volume cannot hard-link), so that deleting or expiring a file afterwards cannot
         take it from the job's retries and resumes. Returns a problem, or None."""
         for fid in filter(None, [spec.training_file, spec.validation_file]):
-            pinned = self.input_path(job_id, fid)
+            pinned = self.dir(job_id).input(fid)
             if pinned.exists():
                 continue
             try:
@@ -143,19 +142,17 @@ class Supervisor:
         """Start the run (``workers.launch``: the trainer, or accelerate launching its
         ranks), pinned to this worker's devices."""
         placement = self.placement_of(plan.spec)
-        plan_path = self.job_dir(job_id) / f"plan-{plan.attempt}.json"
+        jd = self.dir(job_id)
         config = None
         if placement.launched:
-            config = launch.write_accelerate_config(
-                placement, self.job_dir(job_id) / f"accelerate-{plan.attempt}.json"
-            )
+            config = launch.write_accelerate_config(placement, jd.launcher_config(plan.attempt))
         channel = launch.ReportChannel(placement.launched)
         if plan.pause_path is not None:  # a flag left by an earlier run of this attempt number
             plan.pause_path.unlink(missing_ok=True)
-        logf = open(self.job_dir(job_id) / "train.log", "ab")
+        logf = open(jd.train_log, "ab")
         try:
             proc = subprocess.Popen(
-                launch.training_command(placement, plan_path, channel.args, config),
+                launch.training_command(placement, jd.plan(plan.attempt), channel.args, config),
                 pass_fds=channel.pass_fds,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
@@ -169,11 +166,9 @@ class Supervisor:
             logf.close()
         return Run(proc, channel, placement, plan.pause_path)
 
-    def placement_of(self, spec: JobSpec) -> launch.Placement:
-        """Where ``spec`` runs on this worker (``launch.PlacementError`` if it cannot)."""
-        return launch.place(
-            spec.resources, launch.worker_devices(self.s.worker_gpus), launch.available_strategies()
-        )
+    def placement_of(self, spec: JobSpec) -> Placement:
+        """Where ``spec`` runs on this worker (``PlacementError`` if it cannot)."""
+        return place(spec.resources, worker_devices(self.s.worker_gpus), available_strategies())
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGTERM the process group, SIGKILL it after the grace period; a launched run's
@@ -185,8 +180,8 @@ class Supervisor:
         job_id: str,
         proc: subprocess.Popen,
         read_fd: int,
-        reporter: RecordReporter,
-        placement: launch.Placement | None = None,
+        reporter: ReportIngest,
+        placement: Placement | None = None,
         pause_path: Path | None = None,
     ) -> Verdict:
         """Pump reports, renew the lease and poll for cancel until the child exits
@@ -206,7 +201,7 @@ class Supervisor:
 
     # ---- ending
     def finish(
-        self, job_id: str, spec: JobSpec, verdict: Verdict, reporter: RecordReporter, attempt: int
+        self, job_id: str, spec: JobSpec, verdict: Verdict, reporter: ReportIngest, attempt: int
     ) -> str:
         """Write the job's end state (``workers.verdict``); return what happened (for logs
         and tests)."""
@@ -240,7 +235,7 @@ class Supervisor:
         if wants_server(spec):
             try:
                 model = self._run_spec(job_id, spec).model
-                server = VLLMServer.start(self.s, model, self.job_dir(job_id) / "vllm.log")
+                server = VLLMServer.start(self.s, model, self.dir(job_id).vllm_log)
             except RuntimeError as exc:
                 return self._fail_before_start(job_id, "rollout_server_failed", str(exc))
             self.store.add_event(job_id, f"Started a vLLM server for rollouts at {server.url}")
@@ -269,7 +264,7 @@ class Supervisor:
     def _placement_problem(self, spec: JobSpec) -> str | None:
         try:
             self.placement_of(spec)
-        except launch.PlacementError as exc:
+        except PlacementError as exc:
             return f"queue {self.s.queue}: {exc}"
         return None
 
@@ -284,13 +279,13 @@ class Supervisor:
         plan = self.write_plan(job_id, spec, attempt, server.url if server else None)
         if self.fence is not None:
             try:  # waits for a superseded run's checkpoint marking to finish
-                fencing.write_fence(self.fence_file(job_id), self.fence)
+                fencing.write_fence(self.dir(job_id).fence, self.fence)
             except fencing.StaleFence as exc:
                 log.warning("job %s: not started: %s", job_id, exc)
                 return "superseded:fence"
-            replay_journals(self.store, job_id, self.job_dir(job_id))
+            replay_journals(self.store, job_id, self.dir(job_id))
         self.store.add_event(job_id, f"Fine-tuning job started (attempt {attempt})")
-        reporter = RecordReporter(
+        reporter = ReportIngest(
             self.store,
             job_id,
             spec.model,

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from celery.signals import worker_ready, worker_shutdown
 
-from workers import launch
+from workers import placement
 from workers.celery_app import app, enqueue
 from workers.filestore import FileStore
 from workers.fleet import Advertiser, job_queue
@@ -115,8 +115,8 @@ def _advertise(sender=None, **_: object) -> None:
         settings.key_prefix,
         settings.queue,
         getattr(sender, "hostname", None) or worker_identity(),
-        launch.worker_devices(settings.worker_gpus),
-        launch.available_strategies(),
+        placement.worker_devices(settings.worker_gpus),
+        placement.available_strategies(),
         interval=settings.heartbeat_seconds,
         ttl=max(3 * settings.heartbeat_seconds, 10.0),
     )

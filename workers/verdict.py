@@ -1,6 +1,6 @@
 """How a training run ended, and the end state the job record gets for it.
 
-``judge`` reads a finished run's verdict from its exit code and the reports it sent;
+``decide`` reads a finished run's verdict from its exit code and the reports it sent;
 ``write_end_state`` turns a verdict into the job's status (succeeded, failed, paused,
 or re-queued for another attempt after a crash) under the claim's owner and fence.
 """
@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from trainers.contract.spec import JobSpec
-from workers.reporter import RecordReporter, model_label
+from workers.ingest import ReportIngest, model_label
 from workers.store import InvalidTransition, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class Verdict:
     detail: str = ""
 
 
-def judge(returncode: int, reporter: RecordReporter, late_exit: bool = False) -> Verdict:
+def decide(returncode: int, reporter: ReportIngest, late_exit: bool = False) -> Verdict:
     """``late_exit``: the supervisor stopped the child after its final report (its
     result and final checkpoint were complete by then)."""
     out = reporter.outcome
@@ -47,7 +47,7 @@ def write_end_state(
     job_id: str,
     spec: JobSpec,
     verdict: Verdict,
-    reporter: RecordReporter,
+    reporter: ReportIngest,
     attempt: int,
     *,
     owner: str,

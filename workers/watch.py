@@ -1,6 +1,6 @@
 """The watch loop of one training run: from its start until its child exits.
 
-``RunWatch.run`` pumps the child's report lines into the record (``RecordReporter``)
+``RunWatch.run`` pumps the child's report lines into the record (``ReportIngest``)
 while it renews the job's lease, acts on cancel and pause, and keeps two watchdogs
 (no progress, exit deadline after the final report). Lines Redis cannot take are held,
 also after the child exits, until Redis is back. It returns the run's ``Verdict``; how
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import redis
 
-from workers.reporter import RecordReporter
+from workers.ingest import ReportIngest
 from workers.settings import WorkerSettings
 from workers.store import JobStatus, JobStore
-from workers.verdict import Verdict, judge
+from workers.verdict import Verdict, decide
 
 log = logging.getLogger(__name__)
 S = JobStatus
@@ -67,7 +67,7 @@ class RunWatch:
         fence: int | None,
         job_id: str,
         proc: subprocess.Popen,
-        reporter: RecordReporter,
+        reporter: ReportIngest,
         *,
         stop: Callable[[], None],
         pause: Callable[[], None],
@@ -122,7 +122,7 @@ class RunWatch:
             pending = self._flush(pending)
             if pending:
                 verdict = Verdict("lease_lost", f"{len(pending)} report lines undelivered")
-        return verdict or judge(proc.returncode, reporter, state.killed_after_final)
+        return verdict or decide(proc.returncode, reporter, state.killed_after_final)
 
     def _lease_current(self, st: _WatchState) -> bool:
         return time.monotonic() - st.renewed <= self.s.lease_seconds
@@ -189,7 +189,7 @@ class RunWatch:
         return []
 
     @staticmethod
-    def _apply(reporter: RecordReporter, pending: list[str]) -> list[str]:
+    def _apply(reporter: ReportIngest, pending: list[str]) -> list[str]:
         """Write report lines to Redis in order; keep the rest for later if Redis is down."""
         while pending:
             try:

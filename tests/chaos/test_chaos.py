@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from service import launch
+from service import stack
 from tests.chaos.conftest import (
     FAULTS,
     Fault,
@@ -159,7 +159,7 @@ def test_a_stalled_worker_is_fenced_no_second_trainer_writes_the_job(cstack):
     fault = Fault("worker SIGSTOPped past its lease, then SIGCONT")
     FAULTS.append(fault)
     before = set(all_job_ids(cstack))
-    second = launch.start_worker(cstack.env, cstack.logs / "chaos-b.log", name="chaos-b")
+    second = stack.start_worker(cstack.env, cstack.logs / "chaos-b.log", name="chaos-b")
     try:
         job_id = submit(cstack, upload(cstack), n_epochs=100)
         wait_step(cstack, job_id, 12)
@@ -202,7 +202,7 @@ def test_a_stalled_worker_is_fenced_no_second_trainer_writes_the_job(cstack):
         fault.notes.append(f"stale saved to step {max(stale_ckpts)}; new resumed at {new_resumed}")
         _done(fault, cstack, [job_id], before)
     finally:
-        launch.stop(second)
+        stack.stop(second)
 
 
 def test_api_killed_mid_upload_leaves_no_staging_file_after_restart(cstack):
@@ -231,7 +231,7 @@ def test_api_killed_mid_upload_leaves_no_staging_file_after_restart(cstack):
     fault.injected += 1
     t.join(timeout=30)
     assert list(staging.glob(".upload-*"))  # the kill left it behind
-    cstack.api = launch.start_api(cstack.env, port, cstack.logs / "api-restarted.log")
+    cstack.api = stack.start_api(cstack.env, port, cstack.logs / "api-restarted.log")
     fault.incomplete = len(list(staging.glob(".upload-*")))
     assert fault.incomplete == 0
 
@@ -252,7 +252,7 @@ def test_api_killed_mid_create_creates_the_job_once_and_never_strands_it(cstack)
         s.bind(("127.0.0.1", 0))
         api_port = s.getsockname()[1]
     env = {**cstack.env, "POSTTRAIN_BROKER_URL": f"redis://127.0.0.1:{port}/0"}
-    doomed = launch.start_api(env, api_port, cstack.logs / "api-doomed.log")
+    doomed = stack.start_api(env, api_port, cstack.logs / "api-doomed.log")
     key = {"Idempotency-Key": "chaos-mid-create"}
 
     def create() -> None:
@@ -274,7 +274,7 @@ def test_api_killed_mid_create_creates_the_job_once_and_never_strands_it(cstack)
         doomed.wait(timeout=10)
         fault.injected += 1
     finally:
-        launch.stop(doomed)
+        stack.stop(doomed)
         blackhole.close()
     t.join(timeout=30)
     (job_id,) = new

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from service import launch
+from service import stack as local_stack
 from tests import redis_server
 
 E2E_DB = 15
@@ -38,12 +38,12 @@ class Stack:
     worker: object = None
 
     def start_worker(self, name: str = "e2e"):
-        self.worker = launch.start_worker(self.env, self.logs / f"{name}.log", name=name)
+        self.worker = local_stack.start_worker(self.env, self.logs / f"{name}.log", name=name)
         return self.worker
 
     def stop(self) -> None:
-        launch.stop(self.worker)
-        launch.stop(self.api)
+        local_stack.stop(self.worker)
+        local_stack.stop(self.api)
         self.redis.flushdb()
 
 
@@ -70,7 +70,7 @@ def start_stack(root: Path, redis_url: str, **env_overrides: str) -> Stack:
     }
     port = _free_port()
     st = Stack(f"http://127.0.0.1:{port}", root / "data", Path(model_dir), client, root, env)
-    st.api = launch.start_api(env, port, root / "api.log")
+    st.api = local_stack.start_api(env, port, root / "api.log")
     try:
         st.start_worker()
     except BaseException:

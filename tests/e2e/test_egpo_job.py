@@ -3,7 +3,8 @@
 The task (``bench/egpo_task.py``): three answer styles that cover every text (the
 answer's first character: a letter a-s, a letter t-z, anything else) and a
 ``pattern_table`` judge that prefers them in a cycle, a ≻ b ≻ c ≻ a at 0.9. The game
-then is the spec's tabular 3-cycle on each prompt's style mix, so its regularised
+then is the tabular 3-cycle of ``docs/algorithms/egpo.md`` on each prompt's style mix,
+so its regularised
 equilibrium is known exactly from the base model's mix. The tiny model is trained by
 EGPO; the final checkpoint's style mix (exact, from the next-token probabilities, and
 checked against sampled answers) must beat the base under the judge, end much closer to

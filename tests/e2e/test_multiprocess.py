@@ -21,7 +21,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from service import launch as stack_launch
+from service import stack as stack_launch
 from tests import redis_server
 from tests.e2e.conftest import start_stack
 from tests.e2e.test_sft_job import DEMO, wait_for
@@ -30,7 +30,9 @@ from trainers.contract.plan import RunPlan
 from trainers.contract.spec import JobSpec
 from workers import launch
 from workers.fleet import live_workers
-from workers.launch import _alive, descendants
+from workers.launch import descendants
+from workers.placement import available_strategies, place
+from workers.processes import alive as _alive
 
 pytestmark = pytest.mark.e2e
 MP_DB = 11
@@ -298,7 +300,7 @@ def _run_plan(root, model_dir, processes: int, output) -> list[dict]:
     )
     plan_path = root / f"plan-{processes}.json"
     plan_path.write_text(plan.model_dump_json())
-    placement = launch.place(spec.resources, [], launch.available_strategies())
+    placement = place(spec.resources, [], available_strategies())
     config = launch.write_accelerate_config(placement, root / "acc.json")
     channel = launch.ReportChannel(placement.launched)
     proc = subprocess.Popen(

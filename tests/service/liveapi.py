@@ -1,5 +1,5 @@
 """The real API process for tests that need real HTTP: uvicorn started with the
-deployment's command (``service.launch.start_api``) on a database of the suite's
+deployment's command (``service.stack.start_api``) on a database of the suite's
 throwaway Redis, plus helpers that speak raw HTTP/1.1 over one socket."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from service import launch
+from service import stack
 from tests import redis_server
 
 LIVE_DB = 11
@@ -39,7 +39,7 @@ class LiveAPI:
         return {"Authorization": f"Bearer {KEY}"}
 
     def stop(self) -> None:
-        launch.stop(self.proc)
+        stack.stop(self.proc)
         self.redis.flushdb()
 
 
@@ -60,7 +60,7 @@ def start_live_api(root: Path, **env_overrides: str) -> LiveAPI:
     (models / "config.json").write_text('{"model_type": "llama"}')
     port = free_port()
     api = LiveAPI(f"http://127.0.0.1:{port}", port, root / "data", client, root / "api.log")
-    api.proc = launch.start_api(env, port, api.log)
+    api.proc = stack.start_api(env, port, api.log)
     return api
 
 

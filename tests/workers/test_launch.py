@@ -22,8 +22,9 @@ import pytest
 from service.errors import APIError
 from service.jobchecks import check_workers
 from trainers.contract.spec import JobSpec, Resources
-from workers import launch
+from workers import launch, placement
 from workers.fleet import Advertiser, advertise, job_queue, live_workers
+from workers.processes import alive
 from workers.store import JobStatus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,32 +34,32 @@ FIXTURE = "tests.workers.fixtures.record_env"
 
 # --------------------------------------------------------------------------- placement
 def test_default_gpus_follow_the_worker():
-    cpu = launch.place(Resources(), [], ALL)
+    cpu = placement.place(Resources(), [], ALL)
     assert (cpu.gpus, cpu.processes, cpu.launched) == (0, 1, False)
-    gpu = launch.place(Resources(), ["0"], ALL)
+    gpu = placement.place(Resources(), ["0"], ALL)
     assert (gpu.gpus, gpu.processes, gpu.launched) == (1, 1, False)
 
 
 def test_cpu_processes_and_gpu_jobs_on_several_devices_are_launched():
-    two = launch.place(Resources(gpus=0, processes=2), ["3", "5"], ALL)
+    two = placement.place(Resources(gpus=0, processes=2), ["3", "5"], ALL)
     assert (two.gpus, two.processes, two.launched) == (0, 2, True)
     assert two.visible_devices == "3,5"  # a CPU job on a GPU worker still sees its devices
     # one GPU of a 2-GPU worker: launched, so the process is pinned to one device (LOCAL_RANK)
-    one = launch.place(Resources(gpus=1), ["0", "1"], ALL)
+    one = placement.place(Resources(gpus=1), ["0", "1"], ALL)
     assert (one.processes, one.launched) == (1, True)
-    assert launch.place(Resources(gpus=2), ["0", "1"], ALL).processes == 2
+    assert placement.place(Resources(gpus=2), ["0", "1"], ALL).processes == 2
 
 
 def test_too_many_gpus_or_a_missing_strategy_is_refused_naming_the_field():
-    with pytest.raises(launch.PlacementError, match=r"needs 2 GPU\(s\).*CPU-only") as exc:
-        launch.place(Resources(gpus=2), [], ALL)
+    with pytest.raises(placement.PlacementError, match=r"needs 2 GPU\(s\).*CPU-only") as exc:
+        placement.place(Resources(gpus=2), [], ALL)
     assert exc.value.field == "gpus"
-    with pytest.raises(launch.PlacementError, match="deepspeed_zero3' is not available") as exc:
-        launch.place(Resources(gpus=1, strategy="deepspeed_zero3"), ["0"], ["ddp", "fsdp2"])
+    with pytest.raises(placement.PlacementError, match="deepspeed_zero3' is not available") as exc:
+        placement.place(Resources(gpus=1, strategy="deepspeed_zero3"), ["0"], ["ddp", "fsdp2"])
     assert exc.value.field == "strategy"
     # accelerate has no FSDP or ZeRO on CPU: it would quietly run DDP instead
-    with pytest.raises(launch.PlacementError, match="'fsdp2' needs GPUs") as exc:
-        launch.place(Resources(strategy="fsdp2"), [], ALL)
+    with pytest.raises(placement.PlacementError, match="'fsdp2' needs GPUs") as exc:
+        placement.place(Resources(strategy="fsdp2"), [], ALL)
     assert exc.value.field == "strategy"
 
 
@@ -66,14 +67,14 @@ def test_deepspeed_is_offered_only_where_it_is_installed():
     import importlib.util
 
     have = importlib.util.find_spec("deepspeed") is not None
-    assert ("deepspeed_zero2" in launch.available_strategies()) == have
-    assert {"ddp", "fsdp2"} <= set(launch.available_strategies())
+    assert ("deepspeed_zero2" in placement.available_strategies()) == have
+    assert {"ddp", "fsdp2"} <= set(placement.available_strategies())
 
 
 def test_worker_devices_parse_the_setting():
-    assert launch.worker_devices("3,5") == ["3", "5"]
-    assert launch.worker_devices("") == []  # CPU-only even on a GPU host
-    assert launch.parse_devices(None) is None
+    assert placement.worker_devices("3,5") == ["3", "5"]
+    assert placement.worker_devices("") == []  # CPU-only even on a GPU host
+    assert placement.parse_devices(None) is None
 
 
 # --------------------------------------------------------------------------- accelerate
@@ -96,7 +97,7 @@ def _accelerate_args(config: Path):
     ],
 )
 def test_each_strategy_is_accelerates_own_configuration(tmp_path, strategy, expected):
-    p = launch.Placement(gpus=2, processes=2, strategy=strategy, devices=("0", "1"))
+    p = placement.Placement(gpus=2, processes=2, strategy=strategy, devices=("0", "1"))
     config = launch.write_accelerate_config(p, tmp_path / "acc.json")
     args, defaults = _accelerate_args(config)  # accelerate's parser and validation
     for key, value in expected.items():
@@ -110,17 +111,17 @@ def test_each_strategy_is_accelerates_own_configuration(tmp_path, strategy, expe
 def test_one_gpu_of_several_is_a_one_rank_torchrun_launch(tmp_path):
     """accelerate accepts a 1-process MULTI_GPU config (its --multi_gpu flag would not):
     torchrun sets LOCAL_RANK, so the process takes one device instead of DataParallel."""
-    p = launch.Placement(gpus=1, processes=1, strategy="ddp", devices=("0", "1"))
+    p = placement.Placement(gpus=1, processes=1, strategy="ddp", devices=("0", "1"))
     args, _ = _accelerate_args(launch.write_accelerate_config(p, tmp_path / "acc.json"))
     assert args.multi_gpu is True and args.num_processes == 1
 
 
 def test_command_and_environment(tmp_path):
     plan = tmp_path / "plan.json"
-    one = launch.Placement(gpus=0, processes=1, strategy="ddp", devices=())
+    one = placement.Placement(gpus=0, processes=1, strategy="ddp", devices=())
     argv = launch.training_command(one, plan, ["--report-fd", "9"], None)
     assert argv[1:] == ["-m", "trainers.run", "--plan", str(plan), "--report-fd", "9"]
-    two = launch.Placement(gpus=0, processes=2, strategy="ddp", devices=("3", "5"))
+    two = placement.Placement(gpus=0, processes=2, strategy="ddp", devices=("3", "5"))
     argv = launch.training_command(two, plan, ["--report-path", "p"], tmp_path / "a.json")
     config = str(tmp_path / "a.json")
     assert argv[1:5] == ["-m", "accelerate.commands.launch", "--config_file", config]
@@ -131,7 +132,7 @@ def test_command_and_environment(tmp_path):
 
 
 # --------------------------------------------------------------------------- real launches
-def _start(tmp_path: Path, placement: launch.Placement, sleep: float):
+def _start(tmp_path: Path, placement: placement.Placement, sleep: float):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"out": str(tmp_path), "sleep": sleep}))
     config = None
@@ -170,7 +171,7 @@ def _read_lines(proc, channel, until) -> list[dict]:
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_every_process_sees_exactly_the_workers_devices_and_only_rank0_reports(tmp_path, processes):
-    p = launch.Placement(gpus=0, processes=processes, strategy="ddp", devices=("3", "5"))
+    p = placement.Placement(gpus=0, processes=processes, strategy="ddp", devices=("3", "5"))
     proc, channel = _start(tmp_path, p, sleep=0)
     try:
         lines = _read_lines(proc, channel, until=lambda lines: False)
@@ -184,7 +185,7 @@ def test_every_process_sees_exactly_the_workers_devices_and_only_rank0_reports(t
 
 
 def test_stop_run_ends_every_rank_of_a_launched_run(tmp_path):
-    p = launch.Placement(gpus=0, processes=2, strategy="ddp", devices=())
+    p = placement.Placement(gpus=0, processes=2, strategy="ddp", devices=())
     proc, channel = _start(tmp_path, p, sleep=600)
     try:
         _read_lines(proc, channel, until=lambda lines: len(lines) >= 1)
@@ -197,7 +198,7 @@ def test_stop_run_ends_every_rank_of_a_launched_run(tmp_path):
         assert all(os.getsid(pid) == pid for pid in pids)
         launch.stop_run(proc, grace=5)
         assert proc.poll() is not None
-        assert not any(launch._alive(pid) for pid in pids)
+        assert not any(alive(pid) for pid in pids)
     finally:
         os.close(channel.read_fd)
         channel.close()

@@ -9,7 +9,7 @@ import pytest
 
 from trainers.contract.checkpoints import mark_complete, resumable_checkpoint
 from trainers.reporting import Reporter
-from workers.reporter import RecordReporter
+from workers.ingest import ReportIngest
 from workers.store import InvalidTransition, JobNotFound, JobStatus, JobStore
 
 S = JobStatus
@@ -105,7 +105,7 @@ def _on_disk(data_dir) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in out.iterdir())
 
 
-def _report(rec: RecordReporter, step: int, path: str, final: bool = False) -> None:
+def _report(rec: ReportIngest, step: int, path: str, final: bool = False) -> None:
     rep = Reporter()
     rep.checkpoint(step, path, {"loss": 1.0 / step}, final=final)
     rec.handle_line(rep.sent[0].model_dump_json())
@@ -113,7 +113,7 @@ def _report(rec: RecordReporter, step: int, path: str, final: bool = False) -> N
 
 def test_retention_keeps_the_newest_n_plus_the_final_one_in_the_record_and_on_disk(store, tmp_path):
     _running(store)
-    rec = RecordReporter(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=2)
+    rec = ReportIngest(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=2)
     for step in (10, 20, 30):
         _report(rec, step, _save(tmp_path, step))
     assert [c["step"] for c in store.checkpoints(JOB)] == [20, 30]
@@ -130,7 +130,7 @@ def test_retention_keeps_the_newest_n_plus_the_final_one_in_the_record_and_on_di
 
 def test_the_checkpoint_a_resume_needs_is_never_pruned(store, tmp_path):
     _running(store)
-    rec = RecordReporter(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=1)
+    rec = ReportIngest(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=1)
     for step in (5, 10, 15):
         _report(rec, step, _save(tmp_path, step))
         out = tmp_path / "jobs" / JOB / "output"
@@ -147,7 +147,7 @@ def test_leftovers_of_an_earlier_attempt_are_swept_and_a_repeated_report_is_one_
     store, tmp_path
 ):
     _running(store)
-    rec = RecordReporter(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=2)
+    rec = ReportIngest(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=2)
     orphan = _save(tmp_path, 3)  # complete on disk, its report lost with its worker
     assert orphan
     _report(rec, 10, path10 := _save(tmp_path, 10))
@@ -158,7 +158,7 @@ def test_leftovers_of_an_earlier_attempt_are_swept_and_a_repeated_report_is_one_
 
 def test_keep_zero_keeps_every_checkpoint(store, tmp_path):
     _running(store)
-    rec = RecordReporter(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=0)
+    rec = ReportIngest(store, JOB, "m", data_dir=tmp_path, keep_checkpoints=0)
     for step in (1, 2, 3, 4):
         _report(rec, step, _save(tmp_path, step))
     assert [c["step"] for c in store.checkpoints(JOB)] == [1, 2, 3, 4]

@@ -78,7 +78,7 @@ def test_an_invalid_report_line_fails_the_job_and_stops_the_trainer(store, file_
     import subprocess
     import sys
 
-    from workers.reporter import RecordReporter
+    from workers.ingest import ReportIngest
 
     sup, attempt, _ = _setup(store, file_store, tmp_path, "m", [json.dumps(CHAT)])
     read_fd, write_fd = os.pipe()
@@ -93,7 +93,7 @@ def test_an_invalid_report_line_fails_the_job_and_stops_the_trainer(store, file_
         [sys.executable, "-c", script, str(write_fd)], pass_fds=[write_fd], start_new_session=True
     )
     os.close(write_fd)
-    reporter = RecordReporter(store, "ftjob-s", "m")
+    reporter = ReportIngest(store, "ftjob-s", "m")
     verdict = sup.watch("ftjob-s", proc, read_fd, reporter)
     assert verdict.kind == "failed" and proc.poll() is not None
     assert (
@@ -142,7 +142,7 @@ def _claimed(store, file_store, tmp_path, **settings):
 def test_a_trainer_that_hangs_after_its_result_is_stopped_and_the_job_succeeds(
     store, file_store, tmp_path
 ):
-    from workers.reporter import RecordReporter
+    from workers.ingest import ReportIngest
 
     sup, _ = _claimed(store, file_store, tmp_path, exit_deadline_seconds=1.0)
     proc, read_fd = _child(
@@ -150,7 +150,7 @@ def test_a_trainer_that_hangs_after_its_result_is_stopped_and_the_job_succeeds(
         '"checkpoint": "jobs/x/output/checkpoint-3"}\\n\')\n'
         "time.sleep(120)\n"  # a teardown that never returns (NCCL, vLLM)
     )
-    reporter = RecordReporter(store, "ftjob-s", "m")
+    reporter = ReportIngest(store, "ftjob-s", "m")
     verdict = sup.watch("ftjob-s", proc, read_fd, reporter)
     assert proc.poll() is not None  # killed, not waited on for two minutes
     assert verdict.kind == "succeeded"
@@ -159,17 +159,17 @@ def test_a_trainer_that_hangs_after_its_result_is_stopped_and_the_job_succeeds(
 
 
 def test_a_trainer_that_stops_reporting_is_stopped_by_the_watchdog(store, file_store, tmp_path):
-    from workers.reporter import RecordReporter
+    from workers.ingest import ReportIngest
 
     sup, attempt = _claimed(store, file_store, tmp_path, stall_seconds=1.5)
     proc, read_fd = _child(
         'os.write(fd, b\'{"type": "event", "message": "loaded"}\\n\')\ntime.sleep(120)\n'
     )
-    verdict = sup.watch("ftjob-s", proc, read_fd, RecordReporter(store, "ftjob-s", "m"))
+    verdict = sup.watch("ftjob-s", proc, read_fd, ReportIngest(store, "ftjob-s", "m"))
     assert proc.poll() is not None
     assert verdict.kind == "crashed" and "stall watchdog" in verdict.detail
     spec = JobSpec.model_validate({"model": "m", "training_file": "f"})
-    out = sup.finish("ftjob-s", spec, verdict, RecordReporter(store, "ftjob-s", "m"), attempt)
+    out = sup.finish("ftjob-s", spec, verdict, ReportIngest(store, "ftjob-s", "m"), attempt)
     assert out == "requeued" and store.get("ftjob-s")["status"] == "queued"
     events = [f["message"] for _, f in store.events("ftjob-s", None, 10)[0]]
     assert any("no progress" in e and "stall watchdog" in e for e in events)
@@ -182,7 +182,7 @@ def test_a_worker_whose_job_was_taken_over_stops_its_trainer_and_writes_nothing(
     Its next renewal is refused: it stops the trainer and applies none of its lines."""
     import time
 
-    from workers.reporter import RecordReporter
+    from workers.ingest import ReportIngest
 
     store.create("ftjob-t", "{}", JobStatus.queued)
     old = store.claim("ftjob-t", "w1", lease_seconds=0.05, max_attempts=3)
@@ -197,11 +197,11 @@ def test_a_worker_whose_job_was_taken_over_stops_its_trainer_and_writes_nothing(
         '"metrics": {"loss": 1.0}}\\n\' % i).encode())\n'
         "    time.sleep(0.01)\n"
     )
-    verdict = stale.watch("ftjob-t", proc, read_fd, RecordReporter(store, "ftjob-t", "m"))
+    verdict = stale.watch("ftjob-t", proc, read_fd, ReportIngest(store, "ftjob-t", "m"))
     assert verdict.kind == "lease_lost" and proc.poll() is not None
     assert store.last_metric_step("ftjob-t") == 0  # none of the stale lines were applied
     spec = JobSpec.model_validate({"model": "m", "training_file": "f"})
-    assert stale.finish("ftjob-t", spec, verdict, RecordReporter(store, "ftjob-t", "m"), 1) == (
+    assert stale.finish("ftjob-t", spec, verdict, ReportIngest(store, "ftjob-t", "m"), 1) == (
         "lease_lost"
     )
     rec = store.get("ftjob-t")

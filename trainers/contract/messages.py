@@ -1,7 +1,7 @@
 """The report messages a training process sends its supervisor: one typed schema, both ends.
 
 The trainer (``trainers.reporting.Reporter``) builds these models and writes each
-as one JSON line; the worker (``workers.ingest.RecordReporter``) parses every
+as one JSON line; the worker (``workers.ingest.ReportIngest``) parses every
 line back with ``parse_report``. A line that is not one of these messages raises
 ``InvalidReport``, and the supervisor fails the job with that reason instead of
 crashing or storing something the API cannot serve. Torch-free.

@@ -1,7 +1,7 @@
 """The GRPO family's math as registries: pure tensor functions, no TRL, no model.
 
-Spec: ``specs/RL_ALGORITHMS.md``. Four axes, each a registry keyed by the names in
-``trainers.methods`` (a test checks they agree), each entry with one signature:
+Formulas: ``docs/algorithms/grpo.md``. Four axes, each a registry keyed by the names in
+``trainers.contract.methods.grpo`` (a test checks they agree), each entry with one signature:
 
 - ``ADVANTAGES`` (``advantages.py``): ``fn(AdvantageInputs, **hp) -> (A [B,T], metrics)``
 - ``SHAPERS`` (``advantages.py``): ``fn(AdvantageInputs, A, **hp) -> (A' [B,T], metrics)``

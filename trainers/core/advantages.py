@@ -1,6 +1,7 @@
 """Advantage estimators (a normaliser per prompt group) and shapers, as registries.
 
-Spec: ``specs/RL_ALGORITHMS.md`` §3 (E1–E5), §5–7. Every estimator maps
+Formulas: ``docs/algorithms/grpo.md`` (E1, E2), ``ngrpo.md`` (E3), ``hapo.md`` (E4),
+``xrpo.md`` (E5), all under ``docs/algorithms/``. Every estimator maps
 ``AdvantageInputs`` (rewards [B], group ids [B], mask [B,T], ...) to token
 advantages A [B,T], exactly 0 where the mask is 0, plus a metrics dict; every
 shaper maps (inputs, A) to A'. Groups are found from the ids, so they may be
@@ -22,8 +23,8 @@ Departures and choices:
   unbiased std of all B rewards (the mean stays per group), "none" is Dr.GRPO.
 - HAPO's |A| ≥ 5 guard (code only, not in the paper) looks at the group's members
   that have at least one valid token; empty responses carry no loss.
-- XRPO's novelty bonus (all forms third-party, spec §6): s_i is the mean old-policy
-  token log-prob (a [PROP]), s̄ the mean of s_i over the group's non-empty members,
+- XRPO's novelty bonus (all forms third-party, ``docs/algorithms/xrpo.md``): s_i is the
+  mean old-policy token log-prob (our choice), s̄ the mean of s_i over the group's non-empty members,
   and "correct" means r_i ≥ ``correct_threshold`` (default 0.5, i.e. r_i = 1 for
   binary rewards). The cap is κ·max(A, 0), so the bonus is never negative.
 """
@@ -218,7 +219,8 @@ def xrpo_novelty(
     kappa_clip: float = 0.5,
     correct_threshold: float = 0.5,
 ) -> tuple[torch.Tensor, Metrics]:
-    """E5, novelty sharpening (XRPO, arXiv 2510.06672; formulas third-party, spec §6).
+    """E5, novelty sharpening (XRPO, arXiv 2510.06672; formulas third-party, see
+    ``docs/algorithms/xrpo.md``).
 
     s_i = Σ_t m·lo / L_i (mean old-policy token log-prob), s̄ = group mean of s_i,
     η_i = exp(s_i − s̄), and for correct responses (r_i ≥ correct_threshold):

@@ -1,6 +1,6 @@
 """Loss aggregation: per-token loss [B,T] -> the scalar one micro-batch backpropagates.
 
-Spec: ``specs/RL_ALGORITHMS.md`` §2; names and formulas are TRL 1.16's ``loss_type``
+Formulas: ``docs/algorithms/grpo.md``; names and formulas are TRL 1.16's ``loss_type``
 (``GRPOTrainer._compute_loss``), with ℓ already zero on padding and L_i = Σ_t m_{i,t}:
 
 =========  ==================================  ======================================

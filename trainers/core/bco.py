@@ -1,7 +1,7 @@
 """BCO's math as pure torch building blocks: implicit reward, running δ, loss, UDM weights.
 
 Paper: Binary Classifier Optimization (Jung et al. 2024, arXiv 2404.04656); reference
-code: TRL's removed ``BCOTrainer``. Spec: ``specs/PREF_OFFLINE_ALGORITHMS.md`` §1.
+code: TRL's removed ``BCOTrainer``. Formulas: ``docs/algorithms/bco.md``.
 Each row is (prompt x, completion y, thumbs-up label); lp is the summed (not
 length-averaged) completion log-prob::
 
@@ -24,7 +24,7 @@ Departures and choices:
 - δ is kept in float64 Python floats (TRL: float32 tensors), so it is JSON-exact in
   checkpoints. The all-reduce sums a float64 [Σr, n] (balanced: [Σr₊, n₊, Σr₋, n₋])
   tensor; every rank must call ``update``, even with an empty batch.
-- ``balanced=True`` [spec proposal, the paper's possible δ = ½(E₊[r] + E₋[r])] keeps
+- ``balanced=True`` [our option: the paper's possible δ = ½(E₊[r] + E₋[r])] keeps
   separate running means; until both classes have been seen, δ is the mean of the
   class seen so far (which is also TRL's δ then), and 0 before any reward.
 - The classifier is our own torch logistic regression, the minimiser of sklearn's

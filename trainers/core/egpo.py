@@ -1,4 +1,4 @@
-"""EGPO's math (spec: ``specs/PREF_OFFLINE_ALGORITHMS.md`` §2), torch only, no model.
+"""EGPO's math (``docs/algorithms/egpo.md``), torch only, no model.
 
 The LLM loss. For a prompt x, two completions y, y' (from the sampling policy μ) and
 an opponent y'' (from the policy π_s whose preference is the target), with the
@@ -10,7 +10,7 @@ judge's p1 = P(y ≻ y'') and p2 = P(y' ≻ y''):
 
 ``sequence_logps`` gives lp: the completion tokens' log-probs summed, or with
 ``normalize`` divided by the completion's token count (up to and including EOS),
-as the paper's released code does (the spec's "length-normalised log-probs").
+as the paper's released code does ("length-normalised log-probs", ``docs/algorithms/egpo.md``).
 
 The tabular game. N responses, a preference matrix P (P[i, j] = P(i ≻ j),
 P + Pᵀ = 1), softmax logits θ and θ_ref. One extragradient (mirror-prox)

@@ -1,7 +1,7 @@
 """HAPO's normalised token entropy h̃, its saved statistics, and the ATS temperature formula.
 
 Paper: HAPO, arXiv 2509.16591, Eq. 5–6 (signal) and §S3 (adaptive temperature);
-authors' code ``compute_entropy_h``. Spec: ``specs/RL_ALGORITHMS.md`` §7.
+authors' code ``compute_entropy_h``. Formulas and worked example: ``docs/algorithms/hapo.md``.
 
 Over the valid tokens of one tensor (one micro-batch in the loss, as the code does)::
 
@@ -44,7 +44,8 @@ def _log_entropy(entropy: torch.Tensor) -> torch.Tensor:
 def entropy_stats(
     entropy: torch.Tensor, mask: torch.Tensor, *, quantile: float = 0.8
 ) -> EntropyStats:
-    """Statistics of ln H over the valid tokens of ``entropy`` (spec §7, HAPO Eq. 5–6).
+    """Statistics of ln H over the valid tokens of ``entropy`` (HAPO Eq. 5–6,
+    ``docs/algorithms/hapo.md``).
 
     entropy: [...] next-token entropies (any shape; detached here).
     mask:    same shape, 1 on the tokens that count.

@@ -1,6 +1,6 @@
 """Per-token clipped surrogate objectives (clipping rules) and the k3 KL term, as a registry.
 
-Spec: ``specs/RL_ALGORITHMS.md`` §2 and §7. With ρ = exp(lp − lo)::
+Formulas: ``docs/algorithms/grpo.md`` and ``docs/algorithms/hapo.md``. With ρ = exp(lp − lo)::
 
     pg = max(−Â·ρ, −Â·clip(ρ, 1 − e⁻, 1 + e⁺))           PPO clip, asymmetric widths
     pg = min(pg, −c·Â)  where Â < 0                      dual clip (optional), c > 1

@@ -1,7 +1,7 @@
 """OREO's losses as pure torch building blocks: soft-Bellman residuals, value and policy losses.
 
 Paper: Wang et al. 2024, "Offline Reinforcement Learning for LLM Multi-Step Reasoning"
-(OREO, arXiv 2412.16145), eq. 8-10; spec ``specs/PREF_OFFLINE_ALGORITHMS.md`` §3.
+(OREO, arXiv 2412.16145), eq. 8-10; formulas: ``docs/algorithms/oreo.md``.
 Training-loop glue (models, optimisers, data) lives in the trainer, not here.
 
 B trajectories are padded to T response tokens; ``mask`` [B,T] is 1 on a row's valid
@@ -27,7 +27,7 @@ response   first valid token (eq. 10)   every l (no stop-gradient, DPO-ish) 0.3
 or the step starts when ``step_ids`` is given (the authors' code trains the critic on the
 policy's state set for step level, and on every token for token and response level).
 
-Departures and choices (the spec is silent on these):
+Departures and choices (the paper and the authors' code are silent on these):
 - Losses are computed in at least float32 (bf16 suffix sums over 2k tokens lose digits).
 - Padded positions of ``values``/``logratio`` may hold anything (NaN included): they are
   replaced by 0 on entry, so they reach neither the loss nor the gradient.

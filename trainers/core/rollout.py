@@ -1,4 +1,4 @@
-"""Rollout planners (piece S of specs/RL_ALGORITHMS.md): how many samples each prompt gets.
+"""Rollout planners (``docs/algorithms/xrpo.md``): how many samples each prompt gets.
 
 TRL's GRPOTrainer gives every optimiser step N prompts and a budget of N·G rollouts.
 Before generation the trainer asks a planner how to spend that budget; afterwards it
@@ -19,14 +19,15 @@ the hierarchical allocator S1 and in-context seeding S2. How posttrain departs f
   the phases are realised across visits. A prompt's first visit is phase 1 (n₀ each,
   default budget//N). On later visits its cumulative statistics (n seen, sample mean
   and std of all its rewards so far) drive Π_q = Δ̂_q + φ_q, with n_q = n seen + the
-  rollouts given to it so far in this plan [PROP].
+  rollouts given to it so far in this plan [our choice].
 * Every revisited prompt gets at least ``n_min`` = 2 (a group of one has no variance,
-  so no advantage) and at most ``n_max`` = 32; Σ n_q = budget exactly. Spec §8's
-  n_q ≥ n₀ thus holds on first visits only: a revisit may get as few as n_min. The rest is
+  so no advantage) and at most ``n_max`` = 32; Σ n_q = budget exactly. The invariant
+  (``docs/algorithms/xrpo.md``) n_q ≥ n₀ thus holds on first visits only: a revisit may
+  get as few as n_min. The rest is
   handed out one rollout at a time to argmax Π_q, recomputed after each increment
   (a heap: only the incremented prompt's priority changes). Unvisited prompts take a
   leftover rollout only when no revisited prompt can (ties: fewest, then first).
-* T in φ is the global step, counted as plan calls (first plan: T = 1) [PROP].
+* T in φ is the global step, counted as plan calls (first plan: T = 1) [our choice].
 * The Student-t quantile is computed here (bisection on the regularised incomplete
   beta), since scipy is not a dependency.
 * Seeding: a prompt whose rewards so far are all ≤ ``correct_threshold`` (default 0:
@@ -36,8 +37,8 @@ the hierarchical allocator S1 and in-context seeding S2. How posttrain departs f
   questions. The corpus keeps each solved prompt's shortest correct completion (a
   shorter one replaces it later), truncated to ``max_exemplar_chars``; exemplars never
   come from the prompt itself or from an identical question; the corpus is capped at
-  ``max_corpus`` entries, oldest evicted first [PROP]. Rewards of seeded rollouts count
-  towards the prompt's statistics like any other [PROP].
+  ``max_corpus`` entries, oldest evicted first [our choice]. Rewards of seeded rollouts count
+  towards the prompt's statistics like any other [our choice].
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class _PromptStats:
 class XrpoPlanner(RolloutPlanner):
     """XRPO's hierarchical allocator (S1) and in-context seeding (S2), across visits.
 
-    Args (defaults; [PROP] unless the spec quotes the paper):
+    Args (defaults: our choices unless a review quotes the paper):
         alpha: CI level of the half-width h(n) (0.05).
         lam: bonus weight λ of φ (0.1, third-party default).
         n0: rollouts per prompt on its first visit (None: budget // N).

@@ -1,6 +1,6 @@
 """Sampling temperature rules: ``constant`` and HAPO's Adaptive Temperature Sampling (ATS).
 
-Paper: HAPO (2509.16591) S3; spec ``specs/RL_ALGORITHMS.md`` §7. Per generated token t:
+Paper: HAPO (2509.16591) S3; ``docs/algorithms/hapo.md``. Per generated token t:
 
     H_t = entropy of the untempered next-token distribution softmax(logits_t)
     h̃_t = entropy_signal(H_t, stats)     (``trainers.core.entropy``: h̃, or the raw z)
@@ -35,7 +35,7 @@ Departures and caveats:
   taken after those processors and before truncation; the generation config's own
   temperature must be 1.0, or it would be applied a second time.
 * Only transformers' ``generate`` is covered; vLLM would need its own processor.
-* [PROP] The trainer's log-probs use one fixed temperature, not the per-token T_t
+* [our choice] The trainer's log-probs use one fixed temperature, not the per-token T_t
   sampled with, so sampling is slightly off-policy (logits scaled by at most 1 ± τ
   around T_base). The entropies passed to ``observe`` must be of the untempered
   logits (temperature 1), as the statistics are applied to untempered ones.
@@ -217,7 +217,7 @@ class HapoAdaptiveTemperature(TemperatureRule):
 
     Args: base_temperature T_base (1.0); tau τ (0.05 code and recipe; paper 0.1);
     use_raw_z (False: h̃ as the code; True: the paper's raw z); literal_code_sign (False;
-    True gives z ≤ 0 the code's h̃ ≥ 0, spec §7); quantile ρ of the pivot (0.8).
+    True gives z ≤ 0 the code's h̃ ≥ 0, ``docs/algorithms/hapo.md``); quantile ρ of the pivot (0.8).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """Typed inputs of the GRPO-family math, and the registry helpers every axis shares.
 
-Spec: ``specs/RL_ALGORITHMS.md`` §1. B responses are padded to T tokens; the
+Notation: ``docs/algorithms/README.md``. B responses are padded to T tokens; the
 mask is 1 on a response's valid (completion) tokens and 0 on padding. Every
 function in ``trainers.core`` reads one of these bundles and returns a tensor
 plus a metrics dict of detached 0-dim tensors (no host sync: the caller calls
@@ -96,7 +96,8 @@ class ObjectiveInputs:
 
 @dataclass(frozen=True)
 class EntropyStats:
-    """Statistics that define HAPO's normalised entropy h̃ (spec §7), as 0-dim tensors.
+    """Statistics that define HAPO's normalised entropy h̃ (``docs/algorithms/hapo.md``),
+    as 0-dim tensors.
 
     pivot:     P, the nearest-rank ρ-quantile of ln H over the valid tokens.
     rms:       sqrt(max(mean((ln H − P)²), 1e-8)), the RMS about the pivot.

@@ -6,7 +6,7 @@ and optionally the entropy of that distribution. It is the per-token building
 block of GRPO/DPO-style losses: both outputs take arbitrary per-token
 upstream gradients, so nothing is differentiated in the forward.
 
-Layers (see ``KERNELS.md`` section 7):
+Layers (design, bounds and targets: ``docs/algorithms/kernels.md``):
 
 - ``triton_logprob.py``: Triton kernels + autograd Function, used for CUDA
   tensors when triton is importable;

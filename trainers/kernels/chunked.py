@@ -75,7 +75,7 @@ import torch
 
 from .reference import output_dtype
 
-# Measured on 2 AVX-512 cores (bench/kernels.py); see KERNELS.md section 7.
+# Measured on 2 AVX-512 cores (bench/kernels.py); see docs/algorithms/kernels.md.
 DEFAULT_CHUNK_N = 1024
 DEFAULT_BLOCK_V = 2048
 # Optional per-token statistics of ``chunked_forward`` (besides logp and lse).

@@ -1,7 +1,7 @@
-"""Advantage estimators and shapers: spec §9 Ex 1 and Ex 3 by hand, §8 invariants, loop twins.
+"""Advantage estimators and shapers: Ex 1 and Ex 3 by hand, the invariants, loop twins.
 
-Hand-worked numbers come from ``specs/RL_ALGORITHMS.md`` §9 (printed by
-``specs/rl_examples.py``); the arithmetic is in the comments.
+Hand-worked numbers come from the worked examples of ``docs/algorithms/grpo.md``,
+``ngrpo.md``, ``hapo.md`` and ``xrpo.md``; the arithmetic is in the comments.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def test_grpo_is_affine_invariant_and_dr_grpo_scales():
     assert torch.allclose(dr(moved)[0], 3.0 * dr(inp)[0])
 
 
-# Plain loop twins of the vectorised estimators (spec §3, §7), one group at a time.
+# Plain loop twins of the vectorised estimators (E1–E4), one group at a time.
 def loop_grpo(r, scale="group", delta=1e-4, batch_std=0.0):
     mu = statistics.fmean(r)
     sd = statistics.stdev(r) if len(r) > 1 else 0.0

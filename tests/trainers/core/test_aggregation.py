@@ -1,4 +1,7 @@
-"""Loss aggregation: spec §9 Ex 2 aggregates by hand, §8 equalities, accumulation and ranks."""
+"""Loss aggregation: Ex 2's aggregates by hand, the equalities, accumulation and ranks.
+
+Worked numbers: ``docs/algorithms/grpo.md``.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""BCO building blocks: spec §1's worked example by hand, its invariants, δ, UDM, classifier.
+"""BCO building blocks: the worked example by hand, its invariants, δ, UDM, classifier.
 
-Numbers come from ``specs/PREF_OFFLINE_ALGORITHMS.md`` §1 (printed by
-``specs/pref_examples.py``); β = 0.1 throughout and the arithmetic is in the comments.
+Numbers come from the worked examples of ``docs/algorithms/bco.md``; β = 0.1 throughout
+and the arithmetic is in the comments.
 softplus(z) = ln(1 + eᶻ) = −logσ(−z).
 """
 

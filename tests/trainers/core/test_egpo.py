@@ -1,7 +1,7 @@
-"""EGPO's math against the spec's worked examples (PREF_OFFLINE_ALGORITHMS.md §2).
+"""EGPO's math against the worked examples of ``docs/algorithms/egpo.md``.
 
 The tabular game: N=3 answers, cyclic preferences 0 ≻ 1 ≻ 2 ≻ 0 at 0.8, β=0.1, η=1,
-θ_ref = [0.5, 0, −0.5]. Numbers are the spec's (``pref_examples.py``, 6 decimals).
+θ_ref = [0.5, 0, −0.5]. Numbers are the page's (6 decimals).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""HAPO's entropy signal h̃, its saved statistics and the ATS formula (spec §7, §9 Ex 4)."""
+"""HAPO's entropy signal h̃, its saved statistics and the ATS formula.
+
+Worked numbers: Ex 4 of ``docs/algorithms/hapo.md``.
+"""
 
 from __future__ import annotations
 

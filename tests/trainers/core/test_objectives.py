@@ -1,4 +1,7 @@
-"""Clipped objectives and k3: spec §9 Ex 2 and Ex 4 by hand, §8 invariants, gradients, TRL."""
+"""Clipped objectives and k3: Ex 2 and Ex 4 by hand, the invariants, gradients, TRL.
+
+Worked numbers: ``docs/algorithms/grpo.md`` (Ex 2) and ``docs/algorithms/hapo.md`` (Ex 4).
+"""
 
 from __future__ import annotations
 

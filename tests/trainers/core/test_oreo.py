@@ -1,4 +1,7 @@
-"""OREO's math: spec §3 worked example by hand, its invariants, padding, ragged batches, steps."""
+"""OREO's math: the worked example by hand, its invariants, padding, ragged batches, steps.
+
+Worked numbers: ``docs/algorithms/oreo.md``.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from trainers.core.oreo import (
 
 F64 = torch.float64
 BETA, R = 0.1, 1.0
-# Spec §3 worked example (T = 3): S = suffix sums = [0.4, −0.1, 0.1];
+# The worked example of docs/algorithms/oreo.md (T = 3): S = suffix sums = [0.4, −0.1, 0.1];
 # res = V − R + β·S = [0.6−1+0.04, 0.7−1−0.01, 0.95−1+0.01] = [−0.36, −0.31, −0.04].
 L = torch.tensor([[0.5, -0.2, 0.1]], dtype=F64)
 V = torch.tensor([[0.6, 0.7, 0.95]], dtype=F64)

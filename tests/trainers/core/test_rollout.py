@@ -1,4 +1,7 @@
-"""Rollout planners: registry, uniform, XRPO's allocator (spec §6, §8, §9 Ex 3) and seeding."""
+"""Rollout planners: registry, uniform, XRPO's allocator and seeding.
+
+Worked numbers and invariants: ``docs/algorithms/xrpo.md``.
+"""
 
 from __future__ import annotations
 
@@ -58,8 +61,8 @@ def test_uniform_gives_every_prompt_budget_over_n_without_context():
 @pytest.mark.parametrize(
     ("p", "df", "expected"),
     [
-        (0.975, 3, 3.1824),  # spec §9 Ex 3
-        (0.975, 4, 2.7764),  # spec §9 Ex 3
+        (0.975, 3, 3.1824),  # xrpo.md Ex 3b
+        (0.975, 4, 2.7764),  # xrpo.md Ex 3b
         (0.975, 1, 12.7062),
         (0.975, 2, 4.3027),
         (0.975, 10, 2.2281),

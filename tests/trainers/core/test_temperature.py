@@ -1,4 +1,7 @@
-"""Temperature rules: constant and HAPO's adaptive temperature (spec §7 S3, §8, §9 Ex 4)."""
+"""Temperature rules: constant and HAPO's adaptive temperature.
+
+Formulas, invariants and Ex 4: ``docs/algorithms/hapo.md``.
+"""
 
 from __future__ import annotations
 

@@ -19,10 +19,10 @@ held out, and every row's weight w(x) is precomputed from it (the reference and
 the classifier are frozen, so it never changes). δ and the classifier are saved
 with each checkpoint (``posttrain_bco_state.json``) and loaded on resume, not refitted.
 
-Choices where TRL/the spec are silent or that depart from them:
+Choices where TRL and the paper are silent or that depart from them:
 - Paired rows are split into a thumbs-up and a thumbs-down row; the training rows
   are shuffled once with the job seed, then read in order (TRL: unshuffled,
-  SequentialSampler) [spec proposal].
+  SequentialSampler) [our choice].
 - Dropout is disabled in the policy (TRL's ``disable_dropout=True``), LoRA's too.
 - ``trained_tokens`` counts prompt + completion tokens of every row the policy sees.
 - Logged per step: loss, delta, rewards/chosen, rewards/rejected (count-weighted

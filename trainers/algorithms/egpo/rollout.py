@@ -9,7 +9,7 @@ EOS (the EOS kept: it is part of the completion's log-prob):
 - ``VLLMSampler``: TRL's ``VLLMGeneration`` (the engine GRPO's vLLM path uses),
   ``colocate`` or ``server`` mode; ``sync(model)`` pushes the trainer's weights to
   vLLM. The trainer calls it before each step's first sample: every step follows an
-  optimizer step or the restore of θ_t, so vLLM always samples the weights the spec
+  optimizer step or the restore of θ_t, so vLLM always samples the weights the method
   names (θ_t for the half step, θ_{t+½} for the full step). Untested here: vLLM needs
   a GPU host.
 """

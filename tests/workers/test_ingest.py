@@ -7,12 +7,12 @@ import json
 import pytest
 
 from trainers.reporting import Reporter
-from workers.reporter import METRIC_EVENTS, RecordReporter
+from workers.ingest import METRIC_EVENTS, ReportIngest
 from workers.store import JobStatus
 
 
-def _feed(store, reporter: Reporter) -> RecordReporter:
-    rec = RecordReporter(store, "ftjob-r", "/models/tiny")
+def _feed(store, reporter: Reporter) -> ReportIngest:
+    rec = ReportIngest(store, "ftjob-r", "/models/tiny")
     for msg in reporter.sent:
         rec.handle_line(msg.model_dump_json())
     return rec
@@ -38,7 +38,7 @@ def test_logs_checkpoints_and_results_reach_the_record(store):
 
 def test_a_trainer_error_reaches_the_outcome(store):
     store.create("ftjob-r", "{}", JobStatus.running)
-    rec = RecordReporter(store, "ftjob-r", "m")
+    rec = ReportIngest(store, "ftjob-r", "m")
     rec.handle_line('{"type": "error", "code": "x", "message": "boom"}')
     assert rec.outcome.error == {"code": "x", "message": "boom", "param": None}
     assert not rec.outcome.invalid
@@ -59,7 +59,7 @@ def test_a_trainer_error_reaches_the_outcome(store):
 )
 def test_an_invalid_report_fails_the_run_and_writes_nothing(store, line, fragment):
     store.create("ftjob-r", "{}", JobStatus.running)
-    rec = RecordReporter(store, "ftjob-r", "m")
+    rec = ReportIngest(store, "ftjob-r", "m")
     rec.handle_line(line)
     rec.handle_line('{"type": "error", "code": "x", "message": "later"}')  # the first cause wins
     assert rec.outcome.invalid and rec.outcome.error["code"] == "invalid_report"

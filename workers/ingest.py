@@ -66,7 +66,7 @@ def model_label(model: str) -> str:
     return model.rstrip("/").rsplit("/", 1)[-1] if model.startswith(("/", ".")) else model
 
 
-class RecordReporter:
+class ReportIngest:
     """``data_dir`` and ``keep_checkpoints`` (0 = keep all) enable checkpoint retention."""
 
     def __init__(
