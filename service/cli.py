@@ -7,6 +7,7 @@ need them; ``posttrain serve`` stays torch-free like the API it runs.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 
@@ -133,11 +134,9 @@ def _keys_hash(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from trainers.tiny_model import build_tiny_model
-
-    path = build_tiny_model(args.dir, seed=args.seed)
-    print(f"tiny model written to {path}")
-    return 0
+    """Built by ``python -m trainers.tiny_model`` in a child: this process never loads torch."""
+    cmd = [sys.executable, "-m", "trainers.tiny_model", str(args.dir), "--seed", str(args.seed)]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from importlib import resources
@@ -106,17 +108,36 @@ def _samples(path) -> list[list[dict]]:
     return [r["messages"][:-1] for r in rows]
 
 
-def run_demo(keep_running: bool = False) -> int:
-    from trainers.sampling import greedy_replies
-    from trainers.tiny_model import build_tiny_model
+def _build_tiny_model(path: Path) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "trainers.tiny_model", str(path)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return path
 
+
+def _greedy_replies(model_dir: Path, prompts: list[list[dict]]) -> list[str]:
+    """The model's greedy replies, from a child process (``python -m trainers.sampling``):
+    the demo's own process, like the API, never loads torch."""
+    out = subprocess.run(
+        [sys.executable, "-m", "trainers.sampling", str(model_dir)],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_demo(keep_running: bool = False) -> int:
     s = ApiSettings()
     data = Path(s.data_dir).resolve()
     started: list = []
     try:
         url = _start_stack(s, data, started)
         # under <data_dir>/models, the default model root (POSTTRAIN_MODEL_ROOTS)
-        model_dir = build_tiny_model(data / "models" / "tiny-model")
+        model_dir = _build_tiny_model(data / "models" / "tiny-model")
         print(f"built the tiny model at {model_dir}")
         c = httpx.Client(base_url=f"{url}/v1", timeout=60)
         demo = resources.files("trainers") / "assets" / "demo_sft.jsonl"
@@ -145,7 +166,7 @@ def run_demo(keep_running: bool = False) -> int:
         print(f"job succeeded: {job['fine_tuned_model']} ({job['trained_tokens']} tokens)")
         ckpt_dir = _download(c, job["id"], data / "downloads")
         prompts = _samples(demo)
-        base, tuned = greedy_replies(model_dir, prompts), greedy_replies(ckpt_dir, prompts)
+        base, tuned = _greedy_replies(model_dir, prompts), _greedy_replies(ckpt_dir, prompts)
         for prompt, b, t in zip(prompts, base, tuned, strict=True):
             print(f"\nuser:       {prompt[-1]['content']}\nbase:       {b!r}\nfine-tuned: {t!r}")
         return 0

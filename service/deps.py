@@ -1,16 +1,31 @@
-"""FastAPI dependencies: settings, stores and auth, as ``Annotated`` aliases."""
+"""FastAPI dependencies: settings, stores, auth and owned records, as ``Annotated`` aliases.
+
+A route that acts on one record takes it as ``OwnedJob``, ``OwnedFile`` or ``OwnedModel``:
+the record of the id in its path, if the caller's tenant may see it. Another tenant's
+record is answered with the same 404 as a missing one, so no route can forget the check.
+``valid_path_ids`` (app-wide) answers 404 for an id no record can have before any of
+these builds a Redis key from it.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
 from service.auth import DEFAULT, KeyRing, Tenant
-from service.errors import APIError
+from service.errors import APIError, not_found
 from service.settings import ApiSettings
-from workers.filestore import FileStore
-from workers.store import JobStore
+from workers.filestore import FileNotFound, FileStore
+from workers.store import JobNotFound, JobStatus, JobStore
+
+# Ids posttrain issues are "<prefix>-<hex>"; anything outside this alphabet (":" above
+# all, which would reach another record's Redis key) can name no record.
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+_ID = re.compile(ID_PATTERN)
+# Path parameters that name a record, and what a 404 calls them.
+_ID_PARAMS = {"job_id": "fine-tuning job", "file_id": "file", "checkpoint_id": "checkpoint"}
 
 
 def get_settings(request: Request) -> ApiSettings:
@@ -52,3 +67,77 @@ JobsDep = Annotated[JobStore, Depends(get_jobs)]
 FilesDep = Annotated[FileStore, Depends(get_files)]
 TenantDep = Annotated[Tenant, Depends(require_key)]
 Auth = Depends(require_key)
+
+
+def valid_path_ids(request: Request) -> None:
+    """App-wide dependency: a record id in the path that no record can have is a 404 at
+    the route, before any store builds a Redis key from it. The caller's key is checked
+    first, so an unauthenticated caller still gets 401."""
+    params = request.path_params
+    bad = next(
+        (name for name in _ID_PARAMS if name in params and not _ID.match(params[name])), None
+    )
+    if bad is None:
+        return
+    require_key(request, request.headers.get("authorization"))
+    raise not_found(_ID_PARAMS[bad], params[bad], bad)
+
+
+# ---- records the caller owns
+def owned_job(jobs: JobStore, job_id: str, tenant: Tenant, param: str = "fine_tuning_job_id"):
+    """The job's record if ``tenant`` may see it; another tenant's job is a 404 exactly
+    like a missing one."""
+    try:
+        rec = jobs.get(job_id)
+    except JobNotFound:
+        raise not_found("fine-tuning job", job_id, param) from None
+    if not tenant.owns(rec):
+        raise not_found("fine-tuning job", job_id, param)
+    return rec
+
+
+def owned_file(files: FileStore, file_id: str, tenant: Tenant, param: str = "file_id") -> dict:
+    """The file's record if ``tenant`` may see it (else the 404 of a missing file)."""
+    try:
+        rec = files.get(file_id)
+    except FileNotFound:
+        raise not_found("file", file_id, param) from None
+    if not tenant.owns(rec):
+        raise not_found("file", file_id, param)
+    return rec
+
+
+def owned_model(jobs: JobStore, model_id: str, tenant: Tenant) -> dict:
+    """The succeeded job that made the fine-tuned model ``model_id``, if ``tenant`` may see
+    it and its weights were not deleted; otherwise the same 404 as an unknown name."""
+    job_id = model_id.rsplit(":", 1)[-1] if model_id.startswith("ft:") else ""
+    try:
+        rec = jobs.get(job_id) if job_id and _ID.match(job_id) else None
+    except JobNotFound:
+        rec = None
+    if (
+        rec is None
+        or not tenant.owns(rec)
+        or rec.get("status") != JobStatus.succeeded
+        or rec.get("fine_tuned_model") != model_id
+        or rec.get("model_deleted_at")
+    ):
+        raise not_found("model", model_id, "model")
+    return rec
+
+
+def _job_of_path(job_id: str, jobs: JobsDep, tenant: TenantDep) -> dict:
+    return owned_job(jobs, job_id, tenant)
+
+
+def _file_of_path(file_id: str, files: FilesDep, tenant: TenantDep) -> dict:
+    return owned_file(files, file_id, tenant)
+
+
+def _model_of_path(model_id: str, jobs: JobsDep, tenant: TenantDep) -> dict:
+    return owned_model(jobs, model_id, tenant)
+
+
+OwnedJob = Annotated[dict, Depends(_job_of_path)]
+OwnedFile = Annotated[dict, Depends(_file_of_path)]
+OwnedModel = Annotated[dict, Depends(_model_of_path)]

@@ -14,7 +14,7 @@ Every answer that is not a success has this shape, whatever raised it:
 from __future__ import annotations
 
 import logging
-import re
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
@@ -26,13 +26,6 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("posttrain.api")
-
-# Ids posttrain issues are "<prefix>-<hex>"; anything outside this alphabet (":" above
-# all, which would reach another record's Redis key) can name no record.
-ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
-_ID = re.compile(ID_PATTERN)
-# Path parameters that name a record, and what a 404 calls them.
-_ID_PARAMS = {"job_id": "fine-tuning job", "file_id": "file", "checkpoint_id": "checkpoint"}
 
 
 class APIError(Exception):
@@ -53,6 +46,46 @@ class APIError(Exception):
             type,
         )
         super().__init__(message)
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
+}
+_WHY = {
+    "400": "Invalid request: the message names the field (or the file's line)",
+    "401": "Missing or wrong API key",
+    "404": "No such object (or an id no object can have)",
+    "409": "Idempotency-Key reused with another request, or still in flight",
+    "410": "The checkpoint's files are no longer on the data volume",
+    "413": "The upload exceeds the size limit",
+    "429": "The tenant's quota of active jobs is full",
+    "503": "Redis or the message broker cannot be reached; retry",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` a route declares for the error statuses it can answer, each with
+    the OpenAI error object (``service/openapi.py`` registers its schema as ``Error``)."""
+    return {
+        str(status): {
+            "description": _WHY[str(status)],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for status in statuses
+    }
 
 
 def not_found(kind: str, ident: str, param: str | None = None) -> APIError:
@@ -80,22 +113,6 @@ def loc_to_param(loc: tuple) -> str:
     for p in parts:
         out += f"[{p}]" if p.isdigit() else ("." if out else "") + p
     return out
-
-
-def valid_path_ids(request: Request) -> None:
-    """App-wide dependency: a record id in the path that no record can have is a 404 at
-    the route, before any store builds a Redis key from it. The caller's key is checked
-    first, so an unauthenticated caller still gets 401."""
-    params = request.path_params
-    bad = next(
-        (name for name in _ID_PARAMS if name in params and not _ID.match(params[name])), None
-    )
-    if bad is None:
-        return
-    from service.deps import require_key  # deps imports this module
-
-    require_key(request, request.headers.get("authorization"))
-    raise not_found(_ID_PARAMS[bad], params[bad], bad)
 
 
 def _allowed_methods(request: Request) -> list[str]:

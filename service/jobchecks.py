@@ -28,7 +28,7 @@ def check_method(spec: JobSpec) -> None:
     """The method's own creation-time checks (a judge's model directory, a field it
     cannot take): a 400 naming the field."""
     try:
-        spec.method.check_request(spec)
+        spec.method.check_request(validation_file=spec.validation_file)
     except JobError as exc:
         raise _refusal(exc) from None
 

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from service import errors, openapi
 from service.auth import KeyRing, bind_refusal
-from service.deps import Auth
+from service.deps import Auth, valid_path_ids
 from service.modelaccess import ModelAccess
 from service.routes import files, graders, health, jobs, models
 from service.settings import ApiSettings
@@ -38,7 +38,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
-        dependencies=[Depends(errors.valid_path_ids)],
+        dependencies=[Depends(valid_path_ids)],
         lifespan=_lifespan,
     )
     client = make_redis(settings)

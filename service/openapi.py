@@ -8,9 +8,9 @@ FastAPI's generated document is the starting point; this module corrects it:
   so the messages of a bad body stay the ones the API has always given, as 400s.
 * ``POST /v1/files`` is a multipart form the route parses while streaming
   (``service.upload``); its fields are declared here.
-* Error answers are declared as they are sent: the OpenAI error object with 400,
-  401, 404, 409, 410, 413 and 503 where an operation can answer them; FastAPI's 422
-  never occurs (validation errors are 400s) and is removed.
+* Error answers are declared by each route (``service.errors.error_responses``) as
+  the OpenAI error object; this module adds 401 to every ``/v1/`` operation when the
+  API has keys. FastAPI's 422 never occurs (validation errors are 400s) and is removed.
 * Content routes declare the media type they stream; bearer auth is declared when
   the API has keys.
 """
@@ -23,33 +23,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.errors import ERROR_SCHEMA, error_responses
 from trainers.contract.spec import JobSpec
 
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            },
-        }
-    },
-}
-_WHY = {
-    "400": "Invalid request: the message names the field (or the file's line)",
-    "401": "Missing or wrong API key",
-    "404": "No such object (or an id no object can have)",
-    "409": "Idempotency-Key reused with another request, or still in flight",
-    "410": "The checkpoint's files are no longer on the data volume",
-    "413": "The upload exceeds the size limit",
-    "503": "Redis or the message broker cannot be reached; retry",
-}
 _SPEC_PREFIX = "spec."
 
 
@@ -141,29 +117,6 @@ _FILE_LINKS = {
 }
 
 
-def _statuses(path: str, method: str, op: dict[str, Any], auth: bool) -> set[str]:
-    """The error statuses an operation can answer."""
-    params = op.get("parameters", [])
-    names = {p["name"] for p in params}
-    v1 = path.startswith("/v1/")
-    out = set()
-    if op.get("requestBody") or params:
-        out.add("400")
-    if v1 and auth:
-        out.add("401")
-    if "{" in path or "after" in names or (method == "post" and path == "/v1/fine_tuning/jobs"):
-        out.add("404")  # an unknown id in the path, the cursor, or a file the job names
-    if method == "post" and path == "/v1/fine_tuning/jobs":
-        out.add("409")
-    if path == "/v1/files" and method == "post":
-        out.add("413")
-    if path.endswith("/checkpoints/{checkpoint_id}/content"):
-        out.add("410")
-    if v1 or path == "/readyz":
-        out.add("503")
-    return out
-
-
 def build(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
@@ -171,7 +124,7 @@ def build(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
-    components["Error"] = _ERROR
+    components["Error"] = ERROR_SCHEMA
     auth = bool(app.state.keyring.enabled) if hasattr(app.state, "keyring") else False
     if auth:
         schema["components"]["securitySchemes"] = {
@@ -196,16 +149,8 @@ def build(app: FastAPI) -> dict[str, Any]:
                 responses["200"]["content"] = {
                     "application/x-tar": {"schema": {"type": "string", "format": "binary"}}
                 }
-            for status in sorted(_statuses(path, method, op, auth)):
-                responses.setdefault(
-                    status,
-                    {
-                        "description": _WHY[status],
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                        },
-                    },
-                )
+            if auth and path.startswith("/v1/"):
+                responses.update(error_responses(401))
             if auth and path.startswith("/v1/"):
                 op["security"] = [{"bearerAuth": []}]
     return schema

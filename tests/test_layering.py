@@ -1,4 +1,14 @@
-"""Imports go service -> workers -> trainers, and the API process never loads torch."""
+"""The layers by folder: service -> workers -> trainers.contract, and only the training
+process loads torch.
+
+- ``service/`` and ``workers/`` import nothing of ``trainers`` but ``trainers/contract/``
+  (at the top of a module or inside a function: both count);
+- ``trainers/contract/`` imports nothing of ``trainers`` outside itself;
+- ``trainers/`` never imports ``service`` or ``workers``, and ``workers/`` never ``service``;
+- every contract module, the API and the Celery task's lazily loaded supervisor import in
+  a fresh interpreter without torch, transformers, trl or datasets;
+- no production file imports another that imports it back (no import circle).
+"""
 
 from __future__ import annotations
 
@@ -7,35 +17,93 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.structure import circles, graph
+
 ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "trl", "datasets")
 
 
-def test_importing_the_api_leaves_torch_out():
-    code = (
-        "import sys, service.main, service.cli; service.main.create_app(); "
-        "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules]; "
-        "print(heavy); sys.exit(1 if heavy else 0)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def _modules(folder: str) -> list[str]:
+    out = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return out
 
 
-def test_the_celery_task_module_leaves_torch_out():
-    code = "import sys, workers.tasks; sys.exit(1 if 'torch' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
-
-
-def _imports(package: str) -> set[str]:
+def _imported(path: Path) -> set[str]:
+    """Every module name ``path`` imports, at any depth of the file (absolute imports)."""
     found = set()
-    for path in (ROOT / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                found.add(node.module.split(".")[0])
-            elif isinstance(node, ast.Import):
-                found.update(a.name.split(".")[0] for a in node.names)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
     return found
 
 
+def _offenders(folder: str, allowed) -> list[str]:
+    return sorted(
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in (ROOT / folder).rglob("*.py")
+        for name in _imported(path)
+        if not allowed(name)
+    )
+
+
+def _is(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+@pytest.mark.parametrize("folder", ["service", "workers"])
+def test_service_and_workers_see_only_the_contract_of_trainers(folder):
+    def allowed(name: str) -> bool:
+        return not _is(name, "trainers") or name == "trainers" or _is(name, "trainers.contract")
+
+    assert _offenders(folder, allowed) == []
+
+
+def test_the_contract_imports_nothing_of_trainers_outside_itself():
+    def allowed(name: str) -> bool:
+        outside = _is(name, "trainers") and name != "trainers"
+        return not (outside and not _is(name, "trainers.contract")) and not any(
+            _is(name, p) for p in ("service", "workers", *HEAVY)
+        )
+
+    assert _offenders("trainers/contract", allowed) == []
+
+
 def test_imports_only_go_downward():
-    assert not {"service", "workers"} & _imports("trainers")
-    assert "service" not in _imports("workers")
+    assert _offenders("trainers", lambda n: not (_is(n, "service") or _is(n, "workers"))) == []
+    assert _offenders("workers", lambda n: not _is(n, "service")) == []
+
+
+def test_no_import_circle():
+    assert circles(graph(ROOT)) == []
+
+
+def test_contract_modules_the_api_and_the_supervisor_import_without_torch():
+    modules = [
+        *_modules("trainers/contract"),
+        "service.main",
+        "service.cli",
+        "workers.tasks",
+        "workers.supervisor",
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "    heavy = [m for m in " + repr(HEAVY) + " if m in sys.modules]\n"
+        "    if heavy:\n"
+        "        sys.exit(f'{name} loaded {heavy}')\n"
+        "import service.main\n"
+        "service.main.create_app()\n"
+        "heavy = [m for m in " + repr(HEAVY) + " if m in sys.modules]\n"
+        "sys.exit(f'create_app loaded {heavy}' if heavy else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainers.contract.errors import JobError
-from trainers.contract.spec import LoraSettings
+from trainers.contract.resources import LoraSettings
 
 
 def pick_device_dtype() -> tuple[str, Any]:

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from trainers.contract.spec import STRATEGIES, Resources
+from trainers.contract.resources import STRATEGIES, Resources
 
 
 class PlacementError(Exception):

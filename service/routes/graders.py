@@ -20,7 +20,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import Auth
-from service.errors import APIError
+from service.errors import APIError, error_responses
 from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import (
     GraderSpec,
@@ -31,7 +31,12 @@ from trainers.contract.graders.spec import (
     parse_grader,
 )
 
-router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"], dependencies=[Auth])
+router = APIRouter(
+    prefix="/v1/fine_tuning/alpha/graders",
+    tags=["graders"],
+    dependencies=[Auth],
+    responses=error_responses(400, 503),
+)
 
 _FLAGS = (
     "formula_parse_error",

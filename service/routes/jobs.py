@@ -10,29 +10,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service import joblist, jobservice
 from service.auth import Tenant
-from service.deps import Auth, FilesDep, JobsDep, SettingsDep, TenantDep
-from service.errors import APIError, not_found
+from service.deps import Auth, FilesDep, JobsDep, OwnedJob, SettingsDep, TenantDep, owned_job
+from service.errors import APIError, error_responses, not_found
 from service.schemas import FineTuningJob, Page, checkpoint_object, event_object, job_object, page
 from service.tarstream import tar_stream
 from workers.store import JobNotFound, JobStore
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], dependencies=[Auth])
+router = APIRouter(
+    prefix="/v1/fine_tuning/jobs",
+    tags=["fine-tuning"],
+    dependencies=[Auth],
+    responses=error_responses(400, 503),
+)
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-def _record(jobs: JobStore, job_id: str, tenant: Tenant) -> dict:
-    """The job's record if ``tenant`` may see it; another tenant's job is a 404 exactly
-    like a missing one."""
-    try:
-        rec = jobs.get(job_id)
-    except JobNotFound:
-        raise not_found("fine-tuning job", job_id, "fine_tuning_job_id") from None
-    if not tenant.owns(rec):
-        raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
-    return rec
-
-
-@router.post("", response_model=FineTuningJob)
+@router.post("", response_model=FineTuningJob, responses=error_responses(404, 409, 429))
 def create(
     body: Annotated[dict[str, Any], Body()],
     jobs: JobsDep,
@@ -60,7 +53,7 @@ def create(
     )
 
 
-@router.get("", response_model=Page)
+@router.get("", response_model=Page, responses=error_responses(404))
 def list_jobs(
     jobs: JobsDep,
     settings: SettingsDep,
@@ -85,54 +78,46 @@ def list_jobs(
 
 def _visible(jobs: JobStore, job_id: str, tenant: Tenant) -> bool:
     try:
-        _record(jobs, job_id, tenant)
+        owned_job(jobs, job_id, tenant)
     except APIError:
         return False
     return True
 
 
-@router.get("/{job_id}", response_model=FineTuningJob)
-def retrieve(job_id: str, jobs: JobsDep, settings: SettingsDep, tenant: TenantDep) -> FineTuningJob:
-    return job_object(_record(jobs, job_id, tenant), settings.organization_id)
+@router.get("/{job_id}", response_model=FineTuningJob, responses=error_responses(404))
+def retrieve(job: OwnedJob, settings: SettingsDep) -> FineTuningJob:
+    return job_object(job, settings.organization_id)
 
 
-@router.delete("/{job_id}")
-def delete(job_id: str, jobs: JobsDep, files: FilesDep, tenant: TenantDep) -> dict:
+@router.delete("/{job_id}", responses=error_responses(404))
+def delete(job: OwnedJob, jobs: JobsDep, files: FilesDep) -> dict:
     """Delete a finished job: its record, events, metrics, checkpoints (list and files),
     Idempotency-Key binding and directory on the data volume (extension)."""
-    _record(jobs, job_id, tenant)
-    jobservice.delete_job(job_id, jobs, files)
-    return {"id": job_id, "object": "fine_tuning.job", "deleted": True}
+    jobservice.delete_job(job["id"], jobs, files)
+    return {"id": job["id"], "object": "fine_tuning.job", "deleted": True}
 
 
-@router.post("/{job_id}/cancel", response_model=FineTuningJob)
-def cancel(job_id: str, jobs: JobsDep, settings: SettingsDep, tenant: TenantDep) -> FineTuningJob:
-    _record(jobs, job_id, tenant)
-    jobservice.cancel_job(job_id, jobs)
-    return job_object(jobs.get(job_id), settings.organization_id)
+@router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=error_responses(404))
+def cancel(job: OwnedJob, jobs: JobsDep, settings: SettingsDep) -> FineTuningJob:
+    jobservice.cancel_job(job["id"], jobs)
+    return job_object(jobs.get(job["id"]), settings.organization_id)
 
 
-@router.post("/{job_id}/pause", response_model=FineTuningJob)
-def pause(job_id: str, jobs: JobsDep, settings: SettingsDep, tenant: TenantDep) -> FineTuningJob:
-    _record(jobs, job_id, tenant)
-    jobservice.pause_job(job_id, jobs)
-    return job_object(jobs.get(job_id), settings.organization_id)
+@router.post("/{job_id}/pause", response_model=FineTuningJob, responses=error_responses(404))
+def pause(job: OwnedJob, jobs: JobsDep, settings: SettingsDep) -> FineTuningJob:
+    jobservice.pause_job(job["id"], jobs)
+    return job_object(jobs.get(job["id"]), settings.organization_id)
 
 
-@router.post("/{job_id}/resume", response_model=FineTuningJob)
-def resume(
-    job_id: str, jobs: JobsDep, settings: SettingsDep, request: Request, tenant: TenantDep
-) -> FineTuningJob:
-    _record(jobs, job_id, tenant)
-    jobservice.resume_job(job_id, jobs, request.app.state.celery, settings.queue)
-    return job_object(jobs.get(job_id), settings.organization_id)
+@router.post("/{job_id}/resume", response_model=FineTuningJob, responses=error_responses(404))
+def resume(job: OwnedJob, jobs: JobsDep, settings: SettingsDep, request: Request) -> FineTuningJob:
+    jobservice.resume_job(job["id"], jobs, request.app.state.celery, settings.queue)
+    return job_object(jobs.get(job["id"]), settings.organization_id)
 
 
-@router.get("/{job_id}/events", response_model=Page)
-def events(
-    job_id: str, jobs: JobsDep, tenant: TenantDep, after: str | None = None, limit: Limit = 20
-) -> dict:
-    _record(jobs, job_id, tenant)
+@router.get("/{job_id}/events", response_model=Page, responses=error_responses(404))
+def events(job: OwnedJob, jobs: JobsDep, after: str | None = None, limit: Limit = 20) -> dict:
+    job_id = job["id"]
     cursor = after.removeprefix("ftevent-") if after else None
     try:
         rows, more = jobs.events(job_id, cursor, limit)
@@ -141,11 +126,9 @@ def events(
     return page([event_object(sid, f) for sid, f in rows], more)
 
 
-@router.get("/{job_id}/checkpoints", response_model=Page)
-def checkpoints(
-    job_id: str, jobs: JobsDep, tenant: TenantDep, after: str | None = None, limit: Limit = 10
-) -> dict:
-    _record(jobs, job_id, tenant)
+@router.get("/{job_id}/checkpoints", response_model=Page, responses=error_responses(404))
+def checkpoints(job: OwnedJob, jobs: JobsDep, after: str | None = None, limit: Limit = 10) -> dict:
+    job_id = job["id"]
     metas = list(reversed(jobs.checkpoints(job_id)))  # newest first
     if after:
         ids = [m["id"] for m in metas]
@@ -155,11 +138,11 @@ def checkpoints(
     return page([checkpoint_object(job_id, m) for m in metas[:limit]], len(metas) > limit)
 
 
-@router.get("/{job_id}/checkpoints/{checkpoint_id}/content")
+@router.get("/{job_id}/checkpoints/{checkpoint_id}/content", responses=error_responses(404, 410))
 def checkpoint_content(
-    job_id: str, checkpoint_id: str, jobs: JobsDep, settings: SettingsDep, tenant: TenantDep
+    job: OwnedJob, checkpoint_id: str, jobs: JobsDep, settings: SettingsDep
 ) -> StreamingResponse:
-    _record(jobs, job_id, tenant)
+    job_id = job["id"]
     meta = next((m for m in jobs.checkpoints(job_id) if m["id"] == checkpoint_id), None)
     if meta is None:
         raise not_found("checkpoint", checkpoint_id, "checkpoint_id")
@@ -179,15 +162,13 @@ def checkpoint_content(
     )
 
 
-@router.get("/{job_id}/metrics")
+@router.get("/{job_id}/metrics", responses=error_responses(404))
 def metrics(
-    job_id: str,
+    job: OwnedJob,
     jobs: JobsDep,
-    tenant: TenantDep,
     after: int | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> dict:
     """Per-step training metrics, oldest first (extension; ``after`` is a step number)."""
-    _record(jobs, job_id, tenant)
-    rows, more = jobs.metrics(job_id, after, limit)
+    rows, more = jobs.metrics(job["id"], after, limit)
     return {"object": "list", "data": rows, "has_more": more}

@@ -17,12 +17,15 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from service.auth import Tenant
-from service.deps import Auth, FilesDep, JobsDep, SettingsDep, TenantDep
-from service.errors import not_found
-from workers.store import JobNotFound, JobStatus, JobStore
+from service.deps import Auth, FilesDep, JobsDep, OwnedModel, SettingsDep, TenantDep
+from service.errors import error_responses
 
-router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Auth])
+router = APIRouter(
+    prefix="/v1/models",
+    tags=["models"],
+    dependencies=[Auth],
+    responses=error_responses(400, 503),
+)
 
 
 class Model(BaseModel):
@@ -36,25 +39,6 @@ class ModelDeleted(BaseModel):
     id: str
     object: Literal["model"] = "model"
     deleted: bool
-
-
-def _model_record(jobs: JobStore, model_id: str, tenant: Tenant) -> dict:
-    """The succeeded job that made ``model_id``, if ``tenant`` may see it; otherwise the
-    same 404 as an unknown name."""
-    job_id = model_id.rsplit(":", 1)[-1] if model_id.startswith("ft:") else ""
-    try:
-        rec = jobs.get(job_id) if job_id else None
-    except JobNotFound:
-        rec = None
-    if (
-        rec is None
-        or not tenant.owns(rec)
-        or rec.get("status") != JobStatus.succeeded
-        or rec.get("fine_tuned_model") != model_id
-        or rec.get("model_deleted_at")
-    ):
-        raise not_found("model", model_id, "model")
-    return rec
 
 
 def _model(rec: dict, organization_id: str) -> Model:
@@ -73,14 +57,13 @@ def list_models(jobs: JobsDep, settings: SettingsDep, tenant: TenantDep) -> dict
     return {"object": "list", "data": data}
 
 
-@router.get("/{model_id:path}", response_model=Model)
-def retrieve(model_id: str, jobs: JobsDep, settings: SettingsDep, tenant: TenantDep) -> Model:
-    return _model(_model_record(jobs, model_id, tenant), settings.organization_id)
+@router.get("/{model_id:path}", response_model=Model, responses=error_responses(404))
+def retrieve(rec: OwnedModel, settings: SettingsDep) -> Model:
+    return _model(rec, settings.organization_id)
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted)
-def delete(model_id: str, jobs: JobsDep, files: FilesDep, tenant: TenantDep) -> ModelDeleted:
-    rec = _model_record(jobs, model_id, tenant)
+@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=error_responses(404))
+def delete(rec: OwnedModel, jobs: JobsDep, files: FilesDep) -> ModelDeleted:
     jobs.set_fields(rec["id"], model_deleted_at=int(time.time()))
     files.delete_checkpoints(rec["id"])
-    return ModelDeleted(id=model_id, deleted=True)
+    return ModelDeleted(id=rec["fine_tuned_model"], deleted=True)

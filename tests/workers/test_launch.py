@@ -21,7 +21,8 @@ import pytest
 
 from service.errors import APIError
 from service.jobchecks import check_workers
-from trainers.contract.spec import JobSpec, Resources
+from trainers.contract.resources import Resources
+from trainers.contract.spec import JobSpec
 from workers import launch, placement
 from workers.fleet import Advertiser, advertise, job_queue, live_workers
 from workers.processes import alive

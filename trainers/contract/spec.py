@@ -33,99 +33,13 @@ from trainers.contract.methods import (
     METHOD_MODELS,
     PLANNED_METHODS,
 )
+from trainers.contract.resources import LoraSettings, Resources
 
 __all__ = ["PLANNED_METHODS", "SPEC_VERSION", "JobSpec", "read_stored_spec"]
 
 # 1: the first release (no spec_version field). 2: shared hyperparameter base, DPO, GRPO.
 # 3: resources.gpus defaults to null (the worker's devices), processes, strategy, queue.
 SPEC_VERSION = 3
-# Module names that are an LM head in the model families transformers ships.
-_HEAD_MODULES = frozenset({"lm_head", "embed_out", "output", "output_layer"})
-
-
-class LoraSettings(Strict):
-    """LoRA adapter settings, used when ``training_type == "lora"`` (peft ``LoraConfig``)."""
-
-    r: int = Field(16, ge=1, le=1024, description="Adapter rank. Default 16 (common SFT choice).")
-    alpha: int = Field(
-        32, ge=1, description="Scaling numerator; effective scale alpha/r. Default 2r."
-    )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt; 'all-linear' = every linear but the head."
-    )
-
-    @model_validator(mode="after")
-    def _no_head(self) -> LoraSettings:
-        if isinstance(self.target_modules, list):
-            heads = sorted(_HEAD_MODULES.intersection(self.target_modules))
-            if heads:
-                raise ValueError(
-                    f"LoRA on the LM head ({', '.join(heads)}) is not supported: posttrain's fused "
-                    "log-prob kernel reads the head's base weight; drop it from target_modules "
-                    "(or train the head with training_type 'full')"
-                )
-        return self
-
-
-# Distributed strategies of a multi-process job, each one of accelerate's own launch
-# configurations (``workers.launch``): DDP, FSDP2, DeepSpeed ZeRO stage 2 or 3.
-STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
-
-
-class Resources(Strict):
-    """What one job may use on its worker (extension).
-
-    A job runs on a worker of ``queue`` (one queue per GPU class); every training
-    process sees exactly that worker's devices (``CUDA_VISIBLE_DEVICES``). More than
-    one process (``gpus`` > 1, or ``processes`` > 1 on CPU) runs under
-    ``accelerate launch`` with ``strategy``.
-    """
-
-    gpus: int | None = Field(
-        None,
-        ge=0,
-        le=64,
-        description="GPUs, one training process each; 0 = CPU. Default (null): 1 on a GPU "
-        "worker, 0 on a CPU-only worker.",
-    )
-    processes: int | None = Field(
-        None,
-        ge=1,
-        le=64,
-        description="Training processes of a CPU job (gloo); default 1. A GPU job runs one "
-        "process per GPU.",
-    )
-    strategy: Literal[STRATEGIES] = Field(
-        "ddp", description="How processes share the model: ddp, fsdp2, deepspeed_zero2/3."
-    )
-    queue: str | None = Field(
-        None,
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9_.:-]+$",
-        description="Celery queue (GPU class) whose workers run the job; default = the "
-        "API's POSTTRAIN_QUEUE.",
-    )
-    cpu_threads: int | None = Field(
-        None, ge=1, le=512, description="torch threads; default = the worker's share of cores."
-    )
-
-    @model_validator(mode="after")
-    def _check_processes(self) -> Resources:
-        if self.gpus and self.processes is not None and self.processes != self.gpus:
-            raise ValueError(
-                f"processes ({self.processes}) must equal gpus ({self.gpus}): a GPU job runs "
-                "one process per GPU; drop processes"
-            )
-        if self.gpus == 0 and self.strategy != "ddp":
-            raise ValueError(
-                f"strategy '{self.strategy}' needs GPUs (on CPU accelerate runs DDP over "
-                "gloo); set gpus >= 1 or use 'ddp'"
-            )
-        return self
-
-
 Method = Annotated[
     Union[METHOD_MODELS],  # noqa: UP007  (the members are the list of methods)
     Field(discriminator="type"),
@@ -202,7 +116,7 @@ class JobSpec(Strict):
             )
         if self.training_type == "lora" and self.lora is None:
             self.lora = LoraSettings()
-        self.method.check_job(self)
+        self.method.check_job(self.resources)
         if self.metadata is not None:
             if len(self.metadata) > 16:
                 raise ValueError("metadata holds at most 16 keys")

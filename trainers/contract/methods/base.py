@@ -11,7 +11,8 @@ carries everything else the torch-free layers need to know about the method:
   imported only by the training process (``trainers.registry``);
 - ``aliases``: other spellings of its ``type`` a request may use;
 - hooks the API calls at job creation without knowing which method it holds:
-  ``check_job`` (pure cross-field checks, run while the spec validates),
+  ``check_job`` (pure checks against the job's resources, run while the spec
+  validates),
   ``check_request`` (checks that read the file system, such as a judge's model
   directory), ``item_fields`` (dataset fields its graders or judge read) and
   ``check_rows`` (a scan of the training file's rows, when ``scans_rows()``).
@@ -23,13 +24,11 @@ raises ``ValueError`` (pydantic reports it), the others ``JobError`` naming the 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from trainers.contract.hparams import CommonHyperparameters, Strict
+from trainers.contract.resources import Resources
 from trainers.contract.rows import RowFormat
-
-if TYPE_CHECKING:
-    from trainers.contract.spec import JobSpec
 
 
 class MethodModel(Strict):
@@ -61,11 +60,12 @@ class MethodModel(Strict):
         return f"method.{self.type}.hyperparameters"
 
     # ---- creation-time hooks (defaults: nothing to check)
-    def check_job(self, spec: JobSpec) -> None:
-        """Pure checks against the rest of the job (its resources, its training type)."""
+    def check_job(self, resources: Resources) -> None:
+        """Pure checks against the job's resources (how it is placed and launched)."""
 
-    def check_request(self, spec: JobSpec) -> None:
-        """Checks that read the outside world, run by the API before anything is stored."""
+    def check_request(self, *, validation_file: str | None) -> None:
+        """Checks that read the outside world, run by the API before anything is stored
+        (the job's validation file is the one other field a method has needed so far)."""
 
     def item_fields(self) -> set[str]:
         """Dataset fields (``{{item.x}}``) this method's graders or judge read."""

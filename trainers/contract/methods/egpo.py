@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -13,10 +13,8 @@ from trainers.contract.judges.spec import Judge as JudgeField
 from trainers.contract.judges.spec import judge_item_fields
 from trainers.contract.judges.validate import validate_judge
 from trainers.contract.methods.base import MethodModel
+from trainers.contract.resources import Resources
 from trainers.contract.rows import RowFormat
-
-if TYPE_CHECKING:
-    from trainers.contract.spec import JobSpec
 
 
 class EGPOHyperparameters(CommonHyperparameters, RolloutEngine):
@@ -88,18 +86,18 @@ class EGPOMethod(MethodModel):
     type: Literal["egpo"]
     egpo: EGPOBlock
 
-    def check_job(self, spec: JobSpec) -> None:
-        if spec.resources.strategy != "ddp":
+    def check_job(self, resources: Resources) -> None:
+        if resources.strategy != "ddp":
             raise ValueError(
-                f"resources.strategy '{spec.resources.strategy}' is not supported for egpo: "
+                f"resources.strategy '{resources.strategy}' is not supported for egpo: "
                 "its extragradient snapshot copies each process's whole parameters and "
                 "optimizer state, which sharded strategies split; use 'ddp'"
             )
 
-    def check_request(self, spec: JobSpec) -> None:
+    def check_request(self, *, validation_file: str | None) -> None:
         """No validation pass, and a judge that passes the judges' creation checks
         (a model path that does not load, a bad pattern...)."""
-        if spec.validation_file is not None:
+        if validation_file is not None:
             raise JobError(
                 "invalid_value",
                 "method 'egpo' has no validation pass (its answers are sampled and judged "
