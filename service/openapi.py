@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.errors import ERROR_SCHEMA, error_responses
+from trainers.contract.methods import DEFAULT_METHOD, METHOD_ALIASES
 from trainers.contract.spec import JobSpec
 
 _SPEC_PREFIX = "spec."
@@ -40,13 +41,14 @@ def _job_body(components: dict[str, Any]) -> dict[str, Any]:
         components[f"{_SPEC_PREFIX}{name}"] = sub
     schema["properties"].pop("spec_version", None)
     schema["required"] = [r for r in schema.get("required", []) if r not in ("method",)]
+    aliases = ", ".join(f"'{a}' for '{m}'" for a, m in METHOD_ALIASES.items())
     schema["properties"]["method"]["description"] = (
-        "The training method; default supervised ('sft' is accepted as an alias)."
+        f"The training method; default {DEFAULT_METHOD} (aliases: {aliases})."
     )
     schema["properties"]["hyperparameters"] = {
         "type": "object",
         "deprecated": True,
-        "description": "OpenAI's deprecated top-level field: the supervised method's "
+        "description": f"OpenAI's deprecated top-level field: the {DEFAULT_METHOD} method's "
         "hyperparameters, used when 'method' is not given.",
     }
     schema["properties"]["integrations"] = {

@@ -81,6 +81,21 @@ def test_imports_only_go_downward():
     assert _offenders("workers", lambda n: not _is(n, "service")) == []
 
 
+def test_service_names_no_method():
+    """The API knows methods only through the contract's hooks: no method's type appears
+    as a string in service/ (the demo, a client of the API, excepted)."""
+    from trainers.contract.methods import METHOD_ALIASES, METHODS
+
+    found = sorted(
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in (ROOT / "service").rglob("*.py")
+        if path.name != "demo.py"
+        for name in (*METHODS, *METHOD_ALIASES)
+        if f'"{name}"' in path.read_text() or f"'{name}'" in path.read_text()
+    )
+    assert found == []
+
+
 def test_no_import_circle():
     assert circles(graph(ROOT)) == []
 

@@ -12,7 +12,7 @@ from trainers.contract.methods.base import MethodModel
 from trainers.contract.rows import RowFormat
 
 # TRL 1.16 DPOConfig.loss_type values (several may be combined with loss_weights);
-# tests/trainers/test_methods.py compares them with the branches TRL's loss implements.
+# tests/trainers/contract/test_methods.py compares them with the branches TRL's loss implements.
 DPO_LOSS_TYPES: tuple[str, ...] = (
     "sigmoid",
     "hinge",

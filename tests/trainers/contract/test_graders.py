@@ -34,7 +34,7 @@ from trainers.contract.graders.spec import (
 from trainers.contract.graders.templates import GraderError, TemplateError, parse_template, render
 from trainers.graders.reward import build_reward_function, completion_text
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 OUT = "{{sample.output_text}}"
 CAT, CAT_REF = "the cat sat on the mat", "the cat is on the mat"
 

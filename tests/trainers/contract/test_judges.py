@@ -31,7 +31,7 @@ from trainers.contract.judges.validate import validate_judge
 from trainers.judges.registry import build_judge
 from trainers.tiny_model import build_tiny_model, build_tokenizer, tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 OUT = "{{sample.output_text}}"
 # Rock-paper-scissors over three styles of the tiny model's text, by first character:
 # lower-case a-h beats i-z 0.8 of the time, i-z beats the rest, the rest beats a-h.
