@@ -110,7 +110,9 @@ def run_job(root: Path, model: Path, data: Path, processes: int, args) -> dict:
     )
     from safetensors.torch import load_file
 
-    params = load_file(out / "output" / f"checkpoint-{result['step']}" / "model.safetensors")
+    from trainers.contract.checkpoints import checkpoint_dir
+
+    params = load_file(checkpoint_dir(out / "output", result["step"]) / "model.safetensors")
     return {
         "steps": result["step"],
         "tokens": result["trained_tokens"],

@@ -117,6 +117,7 @@ def curve(a) -> None:
     import torch
 
     from trainers.algorithms.egpo.method import METHOD
+    from trainers.contract.checkpoints import checkpoint_dir
     from trainers.contract.plan import RunPlan
     from trainers.contract.spec import JobSpec
     from trainers.reporting import Reporter
@@ -150,7 +151,7 @@ def curve(a) -> None:
         seconds[name] = time.perf_counter() - t0
         rows[name] = []
         for step in range(2, HP["max_steps"] + 1, 2):
-            pi = task.style_probabilities(plan.output_dir / f"checkpoint-{step}")
+            pi = task.style_probabilities(checkpoint_dir(plan.output_dir, step))
             rows[name].append((task.win_rate(pi, base), task.tv(pi, star), task.mean_mix(pi)))
     print(f"\n{'iter':>4s} {'EGPO win':>9s} {'EGPO TV*':>9s} {'EGPO mix':>20s} "
           f"{'OIPO win':>9s} {'OIPO TV*':>9s} {'OIPO mix':>20s}")  # fmt: skip

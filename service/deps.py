@@ -84,27 +84,24 @@ def valid_path_ids(request: Request) -> None:
 
 
 # ---- records the caller owns
-def owned_job(jobs: JobStore, job_id: str, tenant: Tenant, param: str = "fine_tuning_job_id"):
-    """The job's record if ``tenant`` may see it; another tenant's job is a 404 exactly
+def _owned(get, missing: type[Exception], kind: str, ident: str, tenant: Tenant, param: str):
+    """``get(ident)`` if ``tenant`` may see it; another tenant's record is a 404 exactly
     like a missing one."""
     try:
-        rec = jobs.get(job_id)
-    except JobNotFound:
-        raise not_found("fine-tuning job", job_id, param) from None
+        rec = get(ident)
+    except missing:
+        raise not_found(kind, ident, param) from None
     if not tenant.owns(rec):
-        raise not_found("fine-tuning job", job_id, param)
+        raise not_found(kind, ident, param)
     return rec
+
+
+def owned_job(jobs: JobStore, job_id: str, tenant: Tenant, param: str = "fine_tuning_job_id"):
+    return _owned(jobs.get, JobNotFound, "fine-tuning job", job_id, tenant, param)
 
 
 def owned_file(files: FileStore, file_id: str, tenant: Tenant, param: str = "file_id") -> dict:
-    """The file's record if ``tenant`` may see it (else the 404 of a missing file)."""
-    try:
-        rec = files.get(file_id)
-    except FileNotFound:
-        raise not_found("file", file_id, param) from None
-    if not tenant.owns(rec):
-        raise not_found("file", file_id, param)
-    return rec
+    return _owned(files.get, FileNotFound, "file", file_id, tenant, param)
 
 
 def owned_model(jobs: JobStore, model_id: str, tenant: Tenant) -> dict:

@@ -10,11 +10,12 @@ Nothing here knows which method a job holds: each method's contract model
 from __future__ import annotations
 
 from service.auth import DEFAULT, Tenant
-from service.errors import APIError, not_found
+from service.deps import owned_file
+from service.errors import APIError
 from trainers.contract.errors import JobError
 from trainers.contract.formats import DatasetError, iter_rows, read_as
 from trainers.contract.spec import JobSpec
-from workers.filestore import FileNotFound, FileStore
+from workers.filestore import FileStore
 from workers.fleet import live_workers
 from workers.placement import PlacementError, place
 from workers.store import JobStore
@@ -41,12 +42,7 @@ def check_files(spec: JobSpec, files: FileStore, tenant: Tenant = DEFAULT) -> No
         fid = getattr(spec, param)
         if fid is None:
             continue
-        try:
-            rec = files.get(fid)
-        except FileNotFound:
-            raise not_found("file", fid, param) from None
-        if not tenant.owns(rec):
-            raise not_found("file", fid, param)
+        rec = owned_file(files, fid, tenant, param)
         if rec["purpose"] != "fine-tune":
             raise APIError(
                 400,

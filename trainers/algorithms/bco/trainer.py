@@ -36,7 +36,6 @@ import functools
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
 
 from trainers.algorithms.bco import data as bco_data
 from trainers.algorithms.reference_trainer import ReferenceTrainer
@@ -61,43 +60,24 @@ UDM_HOLDOUT_FRACTION = 0.1  # rows of the UDM classifier's sample held out to sc
 class PosttrainBCOTrainer(ReferenceTrainer):
     """BCO on posttrain's fused kernel; see the module docstring."""
 
-    def __init__(
-        self,
-        model,
-        args: TrainingArguments,
-        train_dataset,
-        eval_dataset=None,
-        processing_class=None,
-        *,
-        bco: BCOHyperparameters,
-        ref_model: torch.nn.Module | None = None,
-        peft_config=None,
-        **kwargs,
-    ):
+    def __init__(self, *args, bco: BCOHyperparameters, **kwargs):
         self.bco = bco
         self.beta = bco.resolved_beta()
         self.running = RunningRewardMean(balanced=bco.balanced_delta)
         self.classifier: PromptClassifier | None = PromptClassifier() if bco.udm else None
-        self._raw = {"train": train_dataset, "eval": eval_dataset}
         self._udm_weights: dict[str, torch.Tensor] = {}
         self._saved_classifier: dict[str, Any] | None = None  # a resumed run's classifier
         self._step_metrics: dict[str, dict[str, list[tuple[float, float]]]] = {
             "train": {},
             "eval": {},
         }
-        tok = processing_class
-        super().__init__(
-            model,
-            args,
-            train_dataset,
-            eval_dataset,
-            tokenize=functools.partial(bco_data.tokenize_row, tok, bco.max_seq_length),
-            ref_model=ref_model,
-            peft_config=peft_config,
-            processing_class=tok,
-            data_collator=PadCollator(pad_id(tok), scalars={"label": bool, "row_index": int}),
-            **kwargs,
-        )
+        super().__init__(*args, **kwargs)
+
+    def tokenizer_for(self, tokenizer):
+        return functools.partial(bco_data.tokenize_row, tokenizer, self.bco.max_seq_length)
+
+    def collator_for(self, tokenizer) -> PadCollator:
+        return PadCollator(pad_id(tokenizer), scalars={"label": bool, "row_index": int})
 
     # ------------------------------------------------------------------ UDM
     def _fit_or_load_udm(self, saved: dict[str, Any] | None) -> None:
@@ -127,7 +107,7 @@ class PosttrainBCOTrainer(ReferenceTrainer):
 
     def _embed(self, split: str, indices: list[int]) -> torch.Tensor:
         if self.bco.udm_embedding_model:
-            raw = self._raw[split]
+            raw = self.raw_datasets[split]
             return bco_data.external_prompt_embeddings(
                 self.bco.udm_embedding_model, [raw[i]["prompt"] for i in indices]
             )
@@ -163,17 +143,13 @@ class PosttrainBCOTrainer(ReferenceTrainer):
         if self.classifier is not None:
             weights = self._udm_weights[split].to(policy.device)[inputs["row_index"]]
         loss, metrics = bco_loss(policy, reference, labels, delta, beta=self.beta, weights=weights)
-        self._record(split, metrics)
+        self.record(split, metrics)
         return (loss, {"rewards": metrics}) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
     # ------------------------------------------------------------------ metrics
-    def _record(self, split: str, metrics: dict[str, torch.Tensor]) -> None:
+    def record(self, split: str, metrics: dict[str, torch.Tensor]) -> None:
+        """Rewards weighted by their class's row count; UDM weights only from rows with
+        thumbs-down rows; the counts themselves are not logged."""
         store = self._step_metrics[split]
         n_pos, n_neg = float(metrics["count/chosen"]), float(metrics["count/rejected"])
         weights = {"rewards/chosen": n_pos, "rewards/rejected": n_neg}
@@ -184,7 +160,7 @@ class PosttrainBCOTrainer(ReferenceTrainer):
                 continue
             store.setdefault(key, []).append((float(value), weights.get(key, 1.0)))
 
-    def _averaged(self, split: str) -> dict[str, float]:
+    def step_metrics(self, split: str) -> dict[str, float]:
         store, out = self._step_metrics[split], {}
         for key, pairs in store.items():
             if key == "udm_weight/min":
@@ -203,13 +179,6 @@ class PosttrainBCOTrainer(ReferenceTrainer):
             out["udm/classifier_holdout_accuracy"] = self.classifier.report["holdout_accuracy"]
         store.clear()
         return out
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs = {**logs, **self._averaged("train")}
-        elif "eval_loss" in logs:
-            logs = {**logs, **{f"eval_{k}": v for k, v in self._averaged("eval").items()}}
-        super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
     state_file = STATE_FILE

@@ -94,35 +94,18 @@ class PosttrainEGPOTrainer(ReferenceTrainer):
 
     def __init__(
         self,
-        model,
-        args: TrainingArguments,
-        train_dataset,
-        eval_dataset=None,
-        processing_class=None,
-        *,
+        *args,
         egpo: EGPOHyperparameters,
         judge,
         use_vllm: bool = False,
         vllm_server_url: str | None = None,
-        ref_model: torch.nn.Module | None = None,
-        peft_config=None,
         **kwargs,
     ):
         self.egpo = egpo
         self.judge = judge
-        tok = processing_class
-        super().__init__(
-            model,
-            args,
-            train_dataset,
-            None,
-            tokenize=lambda row, i: {"prompt_ids": prompt_ids(tok, row["prompt"])},
-            ref_model=ref_model,
-            peft_config=peft_config,
-            processing_class=tok,
-            data_collator=EGPOCollator(),
-            **kwargs,
-        )
+        kwargs["eval_dataset"] = None  # EGPO has no validation pass
+        super().__init__(*args, **kwargs)
+        tok = self.processing_class
         self._check_prompt_lengths(self.train_dataset)
         if use_vllm:
             self.sampler = VLLMSampler(
@@ -142,7 +125,6 @@ class PosttrainEGPOTrainer(ReferenceTrainer):
         self._step_batches: list[dict] = []
         self._prepared: list[dict[str, torch.Tensor]] = []
         self._micro = 0
-        self._metrics: dict[str, list[float]] = {}
 
     def _check_prompt_lengths(self, data) -> None:
         room = self.egpo.max_seq_length - self.egpo.max_new_tokens
@@ -155,6 +137,12 @@ class PosttrainEGPOTrainer(ReferenceTrainer):
                     f"({self.egpo.max_new_tokens}); shorten it or raise max_seq_length",
                     "training_file",
                 )
+
+    def tokenizer_for(self, tokenizer):
+        return lambda row, i: {"prompt_ids": prompt_ids(tokenizer, row["prompt"])}
+
+    def collator_for(self, tokenizer) -> EGPOCollator:
+        return EGPOCollator()
 
     # ------------------------------------------------------------------ which step
     def is_half_step(self) -> bool:
@@ -241,7 +229,7 @@ class PosttrainEGPOTrainer(ReferenceTrainer):
                 self.restore_snapshot(self.snapshot)
                 self.snapshot = None
         self._prepared = [self._loss_inputs(r) for r in rollouts]
-        self._record({"egpo_half": 0.0 if half else 1.0})
+        self.record("train", {"egpo_half": 0.0 if half else 1.0})
 
     def _rollout(self, model, batch: dict) -> dict[str, Any]:
         s, tok = self.egpo, self.processing_class
@@ -267,7 +255,7 @@ class PosttrainEGPOTrainer(ReferenceTrainer):
             names = classify(opp_text)
             for name in getattr(self.judge.spec, "class_names", sorted(set(names))):
                 metrics[f"style/{name}"] = names.count(name) / max(len(names), 1)
-        self._record(metrics)
+        self.record("train", metrics)
         return {
             "prompt_ids": prompt_ids,
             "y": y,
@@ -318,19 +306,8 @@ class PosttrainEGPOTrainer(ReferenceTrainer):
             inputs["p2"],
             beta=self.egpo.beta,
         )
-        self._record({k: float(v) for k, v in metrics.items()})
+        self.record("train", {k: float(v) for k, v in metrics.items()})
         return (loss, {"metrics": metrics}) if return_outputs else loss
-
-    # ------------------------------------------------------------------ metrics
-    def _record(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self._metrics.setdefault(key, []).append(float(value))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
-            self._metrics = {}
-        super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
     state_file = STATE_FILE

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments, get_scheduler
+from transformers import get_scheduler
 
 from trainers.algorithms.oreo import data as oreo_data
 from trainers.algorithms.oreo.value import CRITIC_STATE, VALUE_DIR, ValueModel
@@ -103,49 +103,29 @@ def _plain_head(model: torch.nn.Module) -> bool:
 class PosttrainOREOTrainer(ReferenceTrainer):
     """OREO on posttrain's fused kernel; see the module docstring."""
 
-    def __init__(
-        self,
-        model,
-        args: TrainingArguments,
-        train_dataset,
-        eval_dataset=None,
-        processing_class=None,
-        *,
-        oreo: OREOHyperparameters,
-        value_model: ValueModel,
-        ref_model: torch.nn.Module | None = None,
-        peft_config=None,
-        **kwargs,
-    ):
+    def __init__(self, *args, oreo: OREOHyperparameters, value_model: ValueModel, **kwargs):
         disable_dropout(value_model)
         self.oreo = oreo
         self.alpha = oreo.resolved_alpha()
         self.loss_fn = get_oreo_variant(oreo.variant)
-        self.kl_exact = _plain_head(model)
-        tok = processing_class
-        tokenize = functools.partial(
-            oreo_data.tokenize_row, tok, oreo.max_seq_length, tuple(oreo.step_delimiters)
-        )
-        super().__init__(
-            model,
-            args,
-            train_dataset,
-            eval_dataset,
-            tokenize=tokenize,
-            ref_model=ref_model,
-            peft_config=peft_config,
-            processing_class=tok,
-            data_collator=PadCollator(
-                pad_id(tok), extra_pads={"step_ids": -1}, scalars={"reward": float}
-            ),
-            **kwargs,
-        )
+        super().__init__(*args, **kwargs)
+        self.kl_exact = _plain_head(self.model)
         self.value_model = value_model.to(self.args.device)
         self.critic_optimizer: torch.optim.Optimizer | None = None
         self.critic_scheduler = None
         self._critic_state: dict[str, Any] | None = None
         self._stash: dict[str, torch.Tensor] = {}
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+
+    def tokenizer_for(self, tokenizer):
+        delimiters = tuple(self.oreo.step_delimiters)
+        return functools.partial(
+            oreo_data.tokenize_row, tokenizer, self.oreo.max_seq_length, delimiters
+        )
+
+    def collator_for(self, tokenizer) -> PadCollator:
+        return PadCollator(
+            pad_id(tokenizer), extra_pads={"step_ids": -1}, scalars={"reward": float}
+        )
 
     # ------------------------------------------------------------------ models
     def _ensure_critic(self) -> None:
@@ -221,7 +201,7 @@ class PosttrainOREOTrainer(ReferenceTrainer):
         self.critic_optimizer.zero_grad(set_to_none=True)
         self.critic_scheduler.step()
         self._stash = {"values": values.detach(), "ref_logp": ref_logp, "ref_hidden": ref_hidden}
-        self._record(
+        self.record(
             "train", {"value_loss": metrics["value_loss"], **self._edge_values(values, mask)}
         )
 
@@ -264,32 +244,8 @@ class PosttrainOREOTrainer(ReferenceTrainer):
             kl=kl,
             step_ids=self._step_ids(inputs),
         )
-        self._record(split, metrics)
+        self.record(split, metrics)
         return (loss, {"metrics": metrics}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    # ------------------------------------------------------------------ metrics
-    def _record(self, split: str, metrics: dict[str, torch.Tensor]) -> None:
-        for key, value in metrics.items():
-            self._metrics[split].setdefault(key, []).append(float(value))
-
-    def _averaged(self, split: str) -> dict[str, float]:
-        store = self._metrics[split]
-        out = {k: sum(v) / len(v) for k, v in store.items() if v}
-        store.clear()
-        return out
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs = {**logs, **self._averaged("train")}
-        elif "eval_loss" in logs:
-            logs = {**logs, **{f"eval_{k}": v for k, v in self._averaged("eval").items()}}
-        super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
     def save_extra(self, folder: Path) -> None:
