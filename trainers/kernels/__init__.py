@@ -21,9 +21,9 @@ Only 2D inputs are accepted: flatten ``[B, T, H]`` to ``[B*T, H]`` first
 ``head_stats`` is the entry point of the fused LM head (``trainers.fused_head``,
 TRL's ``fused_lm_head=True`` contract): logit scale and soft-cap, and the extra
 statistics ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1``. It runs the
-Triton kernels only for CUDA tensors without a soft-cap, without
-``log_sum_sq_probs`` and with one dtype for hidden and weight; everything else
-goes to the chunked torch path, which runs on CUDA tensors as well (``head.py``).
+Triton kernels for CUDA tensors with one dtype for hidden and weight (every
+transform and statistic included); everything else goes to the chunked torch
+path, which runs on CUDA tensors as well (``head.py``).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class TokenStats:
 
     logp:    log-prob of the target (fp32; fp64 for fp64 inputs), 0 where ignored
     entropy: entropy of the row's distribution, or None when not asked for; 0 where ignored
-    top1:    bool, the target is the row's argmax (the first maximal index; the Triton
-             path also counts a target tied with an earlier maximum); False where ignored.
+    top1:    bool, the target is the row's argmax (the first maximal index, on both
+             paths); False where ignored.
              Not differentiable: it gives token accuracy without an argmax pass.
     """
 

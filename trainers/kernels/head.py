@@ -13,15 +13,12 @@ arbitrary upstream grads), ``log_sum_sq_probs = log sum_v p_v^2``, ``mean_logits
 optional output is computed only when listed in ``outputs``.
 
 Routing. CUDA tensors go to the Triton kernels (``triton_logprob.py``) when
-triton imports, hidden and weight share a dtype (fp16/bf16/fp32), there is no
-soft-cap and ``log_sum_sq_probs`` is not asked for: the scale is folded into the
-temperature (``T / logit_scale``) and ``mean_logits`` is the linear form
-``(h . mean_v W_v + mean_v b_v) logit_scale / T``. Everything else (CPU, a
-soft-cap, ``log_sum_sq_probs``, mixed dtypes, fp64) runs the chunked torch path
-(``chunked.py``), which works on CUDA tensors too. The Triton kernels are
-unchanged, so on that path ``is_top1`` also counts a target whose logit exactly
-ties an EARLIER maximum (TRL, and the chunked path, do not); with distinct head
-rows fp32 logits practically never tie.
+triton imports and hidden and weight share a dtype (fp16/bf16/fp32); the kernels
+apply the same transform (scale, soft-cap, temperature) and compute every output,
+``is_top1`` with argmax's first-index rule. ``mean_logits`` is the linear form
+``(h . mean_v W_v + mean_v b_v) pre`` without a soft-cap, and the kernel's row sums
+with one. Everything else (CPU, mixed dtypes, fp64) runs the chunked torch path
+(``chunked.py``), which works on CUDA tensors too.
 
 Differences from TRL's ``ChunkedLogProbFunction``: outputs are fp64 for fp64
 inputs (TRL: always fp32); the projection is done in fp32 (fp64) with autocast
@@ -82,9 +79,10 @@ class _Plan:
     block_v: int
 
     @property
-    def folded_temperature(self) -> float:
-        """The Triton path's temperature: the scale folded in (no soft-cap there)."""
-        return self.transform.temperature / self.transform.scale
+    def transform_kwargs(self) -> dict:
+        """The transform as the Triton functions take it."""
+        t = self.transform
+        return {"temperature": t.temperature, "logit_scale": t.scale, "softcap": t.softcap}
 
 
 def _positive(name: str, value) -> float:
@@ -116,19 +114,14 @@ def _check(hidden, weight, targets, bias, outputs, impl) -> frozenset:
 
 
 def _triton_ok(impl, hidden, weight, transform, want) -> bool:
-    fits = (
-        hidden.dtype == weight.dtype
-        and hidden.dtype in _TRITON_DTYPES
-        and transform.softcap is None
-        and "log_sum_sq_probs" not in want
-    )
+    fits = hidden.dtype == weight.dtype and hidden.dtype in _TRITON_DTYPES
     if impl == "triton":
         if not triton_available():
             raise RuntimeError("impl='triton' needs `pip install triton`")
         if not fits:
             raise ValueError(
-                "the Triton path takes no soft-cap, no log_sum_sq_probs and one fp16/bf16/fp32 "
-                "dtype for hidden and weight; use impl='auto' to route to the chunked path"
+                "the Triton path takes one fp16/bf16/fp32 dtype for hidden and weight; use "
+                "impl='auto' to route to the chunked path"
             )
         return True
     return impl == "auto" and hidden.is_cuda and triton_available() and fits
@@ -178,14 +171,27 @@ def _autocast_off(device: torch.device):
 
 
 def _triton_stats(hidden, weight, bias, targets, plan: _Plan) -> ChunkedStats:
-    logp, lse, entropy, top1 = triton_forward(
-        hidden, weight, bias, targets, plan.folded_temperature, "entropy" in plan.want
+    capped = plan.transform.softcap is not None
+    want_mean = "mean_logits" in plan.want
+    st = triton_forward(
+        hidden,
+        weight,
+        bias,
+        targets,
+        want_entropy="entropy" in plan.want,
+        want_log_sum_sq="log_sum_sq_probs" in plan.want,
+        want_row_sum=want_mean and capped,
+        **plan.transform_kwargs,
     )
     mean = None
-    if "mean_logits" in plan.want:
-        mean = linear_mean_logits(hidden, weight, bias, torch.float32, plan.transform.pre)
-    top1 = top1 if "is_top1" in plan.want else None
-    return ChunkedStats(logp, lse, entropy, None, mean, top1, None)
+    if want_mean:
+        mean = (
+            st.row_sum / weight.shape[0]
+            if capped
+            else linear_mean_logits(hidden, weight, bias, torch.float32, plan.transform.pre)
+        )
+    top1 = st.top1 if "is_top1" in plan.want else None
+    return ChunkedStats(st.logp, st.lse, st.entropy, st.log_sum_sq_probs, mean, top1, None)
 
 
 class _HeadFunction(torch.autograd.Function):
@@ -223,7 +229,7 @@ class _HeadFunction(torch.autograd.Function):
             if plan.triton:
                 return (
                     *triton_backward(
-                        saved[:6], grad_logp, grad_ent, needs, plan.folded_temperature
+                        saved[:6], grad_logp, grad_ent, needs, **plan.transform_kwargs
                     ),
                     None,
                     None,

@@ -1,7 +1,9 @@
 """Triton "linear -> token log-prob (+ entropy)" for CUDA tensors.
 
 Same maths and contract as ``chunked.py`` (read its docstring for the
-formulas); this module only changes where the tiles live.
+formulas, the logit transform included); this module only changes where the
+tiles live. Every tile applies ``z = r pre`` or, soft-capped, ``z = cap tanh(r pre)``
+(``r = h W^T + b``; ``pre = scale / T`` or ``scale / c``, ``cap = c / T``).
 
 Forward (``_forward_kernel``). Grid ``(cdiv(N, BLOCK_N), splits)``. Program
 ``(i, k)`` owns rows ``[i*BLOCK_N, (i+1)*BLOCK_N)`` and the vocabulary range
@@ -13,10 +15,14 @@ relative to the running max ``m``::
     s <- e^{m - m'} s + sum_j e^{z_j - m'}
     u <- e^{m - m'} (u + (m - m') s) + sum_j e^{z_j - m'} (z_j - m')
 
-plus the target logit when it falls in the step. Each split writes its
-partial ``(m, s, u, z_y)`` to ``[splits, N]`` buffers, and ``_merge_splits``
-combines them in torch with the same associative merge, in a fixed order, so
-the result is deterministic (no atomics, no locks). Program id 0 varies
+plus the target logit when it falls in the step and, when asked for,
+``q = sum_j e^{2 (z_j - m)}`` (``log_sum_sq_probs``), the row's logit sum
+(``mean_logits`` of a soft-capped head) and the first column of the running
+maximum (a later step wins only with a strictly larger maximum), which makes
+``is_top1`` argmax's first-index rule, as on the chunked path. Each split writes
+its partials to ``[splits, N]`` buffers, and ``_merge_splits`` combines them in
+torch with the same associative merge, in a fixed order, so the result is
+deterministic (no atomics, no locks). Program id 0 varies
 fastest, so the programs resident at one time share a split and read the same
 ``W`` tiles from L2. ``splits`` grows only until the grid covers the SMs
 about twice.
@@ -24,7 +30,9 @@ about twice.
 Backward (``_dz_kernel``). A grid of ``(row tiles, vocabulary tiles)`` programs
 recomputes ``z`` over a window of rows x columns and writes, in the input dtype::
 
-    dz = (p (alpha + beta log p) + g [j = y]) / T,   alpha = -g - e H, beta = -e
+    dr = (p (alpha + beta log p) + g [j = y]) J pre,   alpha = -g - e H, beta = -e
+
+(``J = 1``, or ``cap - z^2 / cap`` soft-capped)
 
 and cuBLAS turns each window into ``dh = dz @ W`` and ``dW = dz^T @ h``. A window
 that spans every column gives its rows' dh exactly (one GEMM, fp32 accumulation
@@ -48,6 +56,7 @@ tests them. Importing this module without triton works; calling it raises.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -73,10 +82,11 @@ def _jit(fn):
 # Kernel signatures stay compact (one parameter per line would double the module).
 # fmt: off
 @_jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, inv_t,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """z[BLOCK_N, BLOCK_V] = (h[rows] @ W[cols].T + b[cols]) / T in fp32."""
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, pre, cap,
+                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """z[BLOCK_N, BLOCK_V] = (h[rows] @ W[cols].T + b[cols]) pre, soft-capped, in fp32."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
@@ -90,16 +100,20 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, s
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc * inv_t
+    z = acc * pre
+    if SOFTCAP:  # cap tanh(z), tanh(x) = 2 sigmoid(2x) - 1 (finite for any x)
+        z = cap * (2.0 * tl.sigmoid(2.0 * z) - 1.0)
+    return z
 
 
 @_jit
-def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, u_ptr, zy_ptr,
-                    N, V, H, cols_per_split, stride_h, stride_w, inv_t,
-                    HAS_BIAS: tl.constexpr, WANT_U: tl.constexpr, BLOCK_N: tl.constexpr,
+def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, u_ptr, zy_ptr, q_ptr, sum_ptr,
+                    arg_ptr, N, V, H, cols_per_split, stride_h, stride_w, pre, cap,
+                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WANT_U: tl.constexpr,
+                    WANT_Q: tl.constexpr, WANT_SUM: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
-    """Partial (m, s, u, z_y) of one row tile over one vocabulary split."""
+    """Partial (m, s, u, z_y, q, sum z, first argmax) of one row tile over one split."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rows < N
@@ -110,14 +124,23 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, u_ptr, zy_ptr,
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
     zy = tl.zeros([BLOCK_N], dtype=tl.float32)
+    q = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    arg = tl.zeros([BLOCK_N], dtype=tl.int32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
-                         inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
+                         pre, cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION,
+                         UPCAST)
+        if WANT_SUM:
+            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         zy += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        tile_max = tl.max(z, axis=1)
+        first = tl.min(tl.where(z == tile_max[:, None], cols[None, :], V), axis=1)
+        arg = tl.where(tile_max > m, first, arg)  # a tie keeps the earlier column
+        m_new = tl.maximum(m, tile_max)
         scale = tl.exp(m - m_new)
         shifted = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)
         e = tl.where(col_ok[None, :], tl.exp(shifted), 0.0)
@@ -125,23 +148,31 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, u_ptr, zy_ptr,
             # m - m' is -inf on the first step, where s == 0: drop the term.
             drift = tl.where(s > 0, m - m_new, 0.0) * s
             u = scale * (u + drift) + tl.sum(e * shifted, axis=1)
+        if WANT_Q:
+            q = scale * scale * q + tl.sum(e * e, axis=1)
         s = scale * s + tl.sum(e, axis=1)
         m = m_new
     out = split * N + rows
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
     tl.store(zy_ptr + out, zy, mask=row_ok)
+    tl.store(arg_ptr + out, arg, mask=row_ok)
     if WANT_U:
         tl.store(u_ptr + out, u, mask=row_ok)
+    if WANT_Q:
+        tl.store(q_ptr + out, q, mask=row_ok)
+    if WANT_SUM:
+        tl.store(sum_ptr + out, zsum, mask=row_ok)
 
 
 @_jit
 def _dz_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, g_ptr, dz_ptr,
-               row0, n_rows, col0, n_cols, H, stride_h, stride_w, stride_dz, inv_t,
-               HAS_BIAS: tl.constexpr, HAS_BETA: tl.constexpr, HAS_G: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dz of one (row tile, column tile) of the window [row0, +n_rows) x [col0, +n_cols)."""
+               row0, n_rows, col0, n_cols, H, stride_h, stride_w, stride_dz, pre, cap,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BETA: tl.constexpr,
+               HAS_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dr (the grad of r = h W^T + b) of one (row tile, column tile) of the window
+    [row0, +n_rows) x [col0, +n_cols)."""
     local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     local_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = local < n_rows
@@ -149,7 +180,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, g_ptr, 
     rows = row0 + local
     cols = col0 + local_c
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
-                     inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
+                     pre, cap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST)
     logp = z - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
     coef = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if HAS_BETA:
@@ -159,7 +190,9 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, g_ptr, 
         tgt = tl.load(y_ptr + rows, mask=row_ok, other=-1)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         dz += tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0)
-    dz = dz * inv_t
+    if SOFTCAP:  # d(cap tanh x)/dx = cap - z^2 / cap
+        dz = dz * (cap - z * z / cap)
+    dz = dz * pre
     ptrs = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + local_c[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 # fmt: on
@@ -193,40 +226,92 @@ def _num_splits(n_tiles: int, vocab: int, block_v: int, device, forced: int | No
     return max(1, min(triton.cdiv(2 * sms, n_tiles), triton.cdiv(vocab, block_v)))
 
 
-def _merge_splits(m, s, u, zy):
-    """Fold the [splits, N] partials in split order (deterministic)."""
+class TritonStats(NamedTuple):
+    """``[N]`` results of ``triton_forward``; optional ones are None unless asked for."""
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor | None
+    row_sum: torch.Tensor | None  # the sum of z over the vocabulary
+    top1: torch.Tensor  # bool: the target is the row's first maximal column
+
+
+def transform_factors(temperature: float, logit_scale: float, softcap: float | None):
+    """(pre, cap) of ``z = r pre`` or ``cap tanh(r pre)``; cap 0.0 means no soft-cap."""
+    if softcap:
+        return logit_scale / softcap, softcap / temperature
+    return logit_scale / temperature, 0.0
+
+
+def _merge_splits(m, s, u, zy, q, zsum, arg):
+    """Fold the [splits, N] partials in split order (deterministic). The row maximum's
+    first column comes from the first split that holds the maximum."""
     top = m.amax(dim=0)
     scale = torch.exp(m - top)
     s_all = (scale * s).sum(dim=0)
     u_all = None if u is None else (scale * (u + (m - top) * s)).sum(dim=0)
-    return top, s_all, u_all, zy.sum(dim=0)
+    q_all = None if q is None else (scale * scale * q).sum(dim=0)
+    sum_all = None if zsum is None else zsum.sum(dim=0)
+    first_split = (m == top).to(torch.int8).argmax(dim=0, keepdim=True)
+    arg_all = arg.gather(0, first_split.long()).squeeze(0)
+    return top, s_all, u_all, zy.sum(dim=0), q_all, sum_all, arg_all
 
 
 def triton_forward(
-    hidden, weight, bias, targets, temperature, want_entropy, config=None, num_splits=None
-):
-    """Returns (logp, lse, entropy or None, top1), fp32 ``[N]`` (top1: bool, ties count)."""
+    hidden,
+    weight,
+    bias,
+    targets,
+    temperature,
+    want_entropy,
+    config=None,
+    num_splits=None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    want_log_sum_sq: bool = False,
+    want_row_sum: bool = False,
+) -> TritonStats:
+    """The forward pass: ``TritonStats`` (fp32 ``[N]``; top1 bool, argmax's first index)."""
     _require_triton()
     n_rows, hdim = hidden.shape
     vocab = weight.shape[0]
+    pre, cap = transform_factors(temperature, logit_scale, softcap)
     cfg = _launch_config(config, hidden.dtype)
     n_tiles = triton.cdiv(n_rows, cfg["BLOCK_N"])
     splits = _num_splits(n_tiles, vocab, cfg["BLOCK_V"], hidden.device, num_splits)
     cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(vocab, cols_per_split)
-    part = torch.empty(4, splits, n_rows, dtype=torch.float32, device=hidden.device)
+    part = torch.empty(6, splits, n_rows, dtype=torch.float32, device=hidden.device)
+    arg = torch.empty(splits, n_rows, dtype=torch.int32, device=hidden.device)
     # fmt: off
     _forward_kernel[(n_tiles, splits)](
         hidden, weight, hidden if bias is None else bias, targets, part[0], part[1], part[2],
-        part[3], n_rows, vocab, hdim, cols_per_split, hidden.stride(0), weight.stride(0),
-        1.0 / temperature, HAS_BIAS=bias is not None, WANT_U=want_entropy, **cfg,
+        part[3], part[4], part[5], arg, n_rows, vocab, hdim, cols_per_split, hidden.stride(0),
+        weight.stride(0), pre, cap, HAS_BIAS=bias is not None, SOFTCAP=bool(softcap),
+        WANT_U=want_entropy, WANT_Q=want_log_sum_sq, WANT_SUM=want_row_sum, **cfg,
     )
     # fmt: on
-    m, s, u, zy = _merge_splits(part[0], part[1], part[2] if want_entropy else None, part[3])
+    m, s, u, zy, q, zsum, first = _merge_splits(
+        part[0],
+        part[1],
+        part[2] if want_entropy else None,
+        part[3],
+        part[4] if want_log_sum_sq else None,
+        part[5] if want_row_sum else None,
+        arg,
+    )
     log_s = torch.log(s)
     lse = m + log_s
-    entropy = log_s - u / s if want_entropy else None
-    return zy - lse, lse, entropy, zy >= m
+    return TritonStats(
+        logp=zy - lse,
+        lse=lse,
+        entropy=log_s - u / s if want_entropy else None,
+        log_sum_sq_probs=torch.log(q) - 2 * log_s if want_log_sum_sq else None,
+        row_sum=zsum,
+        top1=first == targets,
+    )
 
 
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -262,8 +347,19 @@ def _grad_buffer(like: torch.Tensor, accumulate: bool) -> torch.Tensor:
     return torch.empty_like(like)
 
 
-def triton_backward(saved, grad_logp, grad_ent, needs, temperature, config=None):
+def triton_backward(
+    saved,
+    grad_logp,
+    grad_ent,
+    needs,
+    temperature,
+    config=None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+):
     """Grads (dh, dW, db) in the input dtypes; None where not needed."""
+    pre, cap = transform_factors(temperature, logit_scale, softcap)
     hidden, weight, bias, targets, lse, entropy = saved
     need_h, need_w, need_b = needs
     n_rows, hdim = hidden.shape
@@ -302,8 +398,9 @@ def triton_backward(saved, grad_logp, grad_ent, needs, temperature, config=None)
         _dz_kernel[grid](
             hidden, weight, hidden if bias is None else bias, targets, lse, alpha,
             alpha if beta is None else beta, alpha if g is None else g, dz, r0, r1 - r0, c0,
-            c1 - c0, hdim, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
-            HAS_BIAS=bias is not None, HAS_BETA=beta is not None, HAS_G=g is not None, **cfg,
+            c1 - c0, hdim, hidden.stride(0), weight.stride(0), dz.stride(0), pre, cap,
+            HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), HAS_BETA=beta is not None,
+            HAS_G=g is not None, **cfg,
         )
         # fmt: on
         if dh is not None:
@@ -333,13 +430,13 @@ class TritonTokenLogprobs(torch.autograd.Function):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         targets = targets.contiguous()
-        logp, lse, entropy, top1 = triton_forward(
+        st = triton_forward(
             hidden, weight, bias, targets, temperature, want_entropy, config, num_splits
         )
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, st.lse, st.entropy)
         ctx.config = (temperature, config)
-        ctx.mark_non_differentiable(top1)
-        return logp, entropy, top1
+        ctx.mark_non_differentiable(st.top1)
+        return st.logp, st.entropy, st.top1
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent, _grad_top1=None):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.trainers.kernels import run_python
+from trainers.kernels.head import HEAD_OUTPUTS
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 SMALL = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}
@@ -255,6 +256,57 @@ def check_top1_matches_argmax():
     return (got != want).float().mean().item()
 
 
+def _head_both(inputs, outputs, **transform):
+    """head_stats through the Triton kernels (inputs' dtype) and the fp64 chunked path:
+    (Triton results, fp64 results), each [logp, entropy, log_sum_sq_probs, mean_logits,
+    dh, dW, db] with upstream grads on logp and entropy."""
+    from trainers.kernels.head import head_stats
+
+    h, w, b, y = inputs
+    gen = torch.Generator().manual_seed(2)
+    gl, ge = torch.randn(h.shape[0], generator=gen), torch.randn(h.shape[0], generator=gen)
+
+    def run(hh, ww, bb, impl, **kw):
+        st = head_stats(hh, ww, y, bias=bb, outputs=outputs, impl=impl, **transform, **kw)
+        loss = (st.logp * gl.to(st.logp.dtype)).sum() + (st.entropy * ge.to(st.logp.dtype)).sum()
+        grads = torch.autograd.grad(loss, [hh, ww, bb])
+        return [st.logp, st.entropy, st.log_sum_sq_probs, st.mean_logits, *grads], st.is_top1
+
+    got, top1 = run(h, w, b, "triton")
+    ref_in = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    ref, ref_top1 = run(*ref_in, "torch", chunk_n=16, block_v=64)
+    return got, ref, top1, ref_top1
+
+
+def check_softcap_scale_and_every_output():
+    """A soft-capped, scaled head (Gemma 2's final_logit_softcapping): logp, entropy,
+    log_sum_sq_probs, mean_logits and the three grads against fp64 chunked."""
+    inputs = _inputs(29, 24, 230, scale=6.0)
+    got, ref, _, _ = _head_both(inputs, HEAD_OUTPUTS, temperature=0.8, logit_scale=1.7, softcap=5.0)
+    return _rel_err(got, ref)
+
+
+def check_log_sum_sq_probs_and_mean_without_softcap():
+    got, ref, _, _ = _head_both(_inputs(21, 16, 150), HEAD_OUTPUTS, temperature=1.3)
+    return _rel_err(got, ref)
+
+
+def check_top1_first_index_on_ties():
+    """Duplicate head rows make exact ties (small integers: every sum is exact in any
+    order): a target on the later twin is not top-1, on the first one it is, as argmax
+    says, on the Triton and on the chunked path. Returns the mismatch count."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randint(-3, 4, (8, 16), generator=gen).float()
+    w = torch.randint(-3, 4, (96, 16), generator=gen).float()
+    maxes = (h @ w[:90].t()).argmax(dim=1)
+    w[90:] = w[maxes[:6]]  # rows 90..95 repeat the maxima of rows 0..5, later in the vocab
+    y = torch.cat([torch.arange(90, 96), maxes[6:]])  # later twins, then true maxima
+    inputs = (h.requires_grad_(), w.requires_grad_(), torch.zeros(96, requires_grad=True), y)
+    _, _, top1, ref_top1 = _head_both(inputs, HEAD_OUTPUTS)
+    want = (h.detach() @ w.detach().t()).argmax(dim=1) == y
+    return float((top1 != want).sum() + (ref_top1 != want).sum())
+
+
 CHECKS = {  # name -> max relative error allowed (vs fp64 unless noted)
     "kernels_are_interpreted": 0.0,
     "fp32_ragged_bias_temperature_splits": 1e-5,
@@ -271,6 +323,9 @@ CHECKS = {  # name -> max relative error allowed (vs fp64 unless noted)
     "default_order_accumulates_the_smaller_gradient": 0.0,  # a count of wrong choices
     "ignore_index_through_public_api": 1e-5,
     "top1_matches_argmax": 0.0,  # a mismatch fraction
+    "softcap_scale_and_every_output": 1e-5,
+    "log_sum_sq_probs_and_mean_without_softcap": 1e-5,
+    "top1_first_index_on_ties": 0.0,  # a mismatch count
 }
 
 
@@ -366,3 +421,49 @@ def test_gpu_bitwise_deterministic_and_memory_bounded():
     grads_bytes = (n + vocab) * hdim * 2  # the bf16 dh and dW themselves
     accumulator = n * hdim * 4  # N < V: the fp32 dh accumulator (not a 4 V H dW one)
     assert peak <= grads_bytes + accumulator + DZ_BUDGET_BYTES + 64 * 2**20
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_gpu_soft_capped_head_every_output_matches_fp64(dtype, tol):
+    """The compiled kernels on a soft-capped, scaled head (Gemma 2's transform): logp,
+    entropy, log_sum_sq_probs, mean_logits and the grads against the fp64 chunked path."""
+    from trainers.kernels.head import head_stats
+
+    h, w, b, y = _inputs(512, 128, 32000, dtype, scale=4.0)
+    gen = torch.Generator().manual_seed(2)
+    gl, ge = torch.randn(512, generator=gen), torch.randn(512, generator=gen)
+    transform = {"temperature": 0.8, "logit_scale": 1.5, "softcap": 30.0}
+
+    def run(hh, ww, bb, yy, g1, g2, impl):
+        st = head_stats(hh, ww, yy, bias=bb, outputs=HEAD_OUTPUTS, impl=impl, **transform)
+        loss = (st.logp * g1).sum() + (st.entropy * g2).sum()
+        grads = torch.autograd.grad(loss, [hh, ww, bb])
+        return [st.logp, st.entropy, st.log_sum_sq_probs, st.mean_logits, *grads], st.is_top1
+
+    dev = [t.detach().cuda().requires_grad_() for t in (h, w, b)]
+    got, top1 = run(*dev, y.cuda(), gl.cuda(), ge.cuda(), "triton")
+    ref_in = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    ref, ref_top1 = run(*ref_in, y, gl.double(), ge.double(), "torch")
+    assert _rel_err([t.cpu() for t in got], ref) <= tol
+    if dtype == torch.float32:
+        assert (top1.cpu() != ref_top1).sum() <= 1  # a near-tie may round either way
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_top1_first_index_on_exact_ties():
+    """Exact ties (small-integer rows, duplicated later in the vocabulary) follow argmax's
+    first-index rule on the compiled kernels too."""
+    from trainers.kernels.head import head_stats
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randint(-3, 4, (64, 32), generator=gen).float()
+    w = torch.randint(-3, 4, (4096, 32), generator=gen).float()
+    maxes = (h @ w[:4000].t()).argmax(dim=1)
+    w[4000:4048] = w[maxes[:48]]
+    y = torch.cat([torch.arange(4000, 4048), maxes[48:]])
+    st = head_stats(h.cuda(), w.cuda(), y.cuda(), outputs=("is_top1",), impl="triton")
+    want = (h @ w.t()).argmax(dim=1) == y
+    assert torch.equal(st.is_top1.cpu(), want)
