@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= api,train,dev
 REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install demo test test-fast lint redis clean
+.PHONY: install demo test test-fast lint redis clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,18 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check service workers trainers tests bench
+
+# Wheels the GPU host lacks (README, "The GPU suite"): for CPython 3.12 on manylinux, no
+# dependencies resolved (the host has torch, transformers, accelerate, peft, numpy...).
+GPU_WHEELS ?= .gpu-wheels
+GPU_WHEEL_PINS = trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+	pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 xxhash==3.6.0 liger-kernel==0.8.5
+
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_17_x86_64 -d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+	du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) posttrain-data
