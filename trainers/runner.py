@@ -49,6 +49,8 @@ class MethodDef:
                     (a reference model, say).
     shuffle:        shuffle the training records once with the job seed (for trainers
                     that then read them in order).
+    events:         ``(plan, hyperparameters, data) -> list[str]``: what the job's
+                    events should say about how the method will run.
     """
 
     name: str
@@ -60,6 +62,9 @@ class MethodDef:
         default=lambda plan, model, data: {}
     )
     shuffle: bool = False
+    events: Callable[[RunPlan, Any, TrainData], list[str]] = field(
+        default=lambda plan, hp, data: []
+    )
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ def run_method(
         f"Loaded {len(data.train)} training rows ({data.format} format)"
         + (f" and {len(data.eval)} validation rows" if data.eval is not None else "")
     )
+    for note in method.events(plan, hp, data):
+        reporter.event(note)
     model = load_causal_lm(spec.model)
     # a method's own fields win over the shared ones it needs to set differently
     args = method.config_class(

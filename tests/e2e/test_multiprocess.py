@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -25,13 +24,11 @@ from service import stack as stack_launch
 from tests import redis_server
 from tests.e2e.conftest import start_stack
 from tests.e2e.test_sft_job import DEMO, wait_for
-from tests.workers.test_launch import REPO, _read_lines
+from tests.launched import run_plan
 from trainers.contract.plan import RunPlan
 from trainers.contract.spec import JobSpec
-from workers import launch
 from workers.fleet import live_workers
 from workers.launch import descendants
-from workers.placement import available_strategies, place
 from workers.processes import alive as _alive
 
 pytestmark = pytest.mark.e2e
@@ -298,28 +295,7 @@ def _run_plan(root, model_dir, processes: int, output) -> list[dict]:
         threads=1,
         processes=processes,
     )
-    plan_path = root / f"plan-{processes}.json"
-    plan_path.write_text(plan.model_dump_json())
-    placement = place(spec.resources, [], available_strategies())
-    config = launch.write_accelerate_config(placement, root / "acc.json")
-    channel = launch.ReportChannel(placement.launched)
-    proc = subprocess.Popen(
-        launch.training_command(placement, plan_path, channel.args, config),
-        pass_fds=channel.pass_fds,
-        cwd=REPO,
-        env=launch.training_env(dict(os.environ), placement, threads=1),
-        stdout=open(root / f"train-{processes}.log", "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    channel.started()
-    try:
-        lines = _read_lines(proc, channel, until=lambda lines: False)
-        assert proc.wait(timeout=240) == 0, (root / f"train-{processes}.log").read_text()[-3000:]
-    finally:
-        os.close(channel.read_fd)
-        channel.close()
-    return lines
+    return run_plan(plan, root)
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path, mstack):

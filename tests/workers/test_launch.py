@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from service.errors import APIError
 from service.jobchecks import check_workers
+from tests.launched import REPO, read_lines
 from trainers.contract.resources import Resources
 from trainers.contract.spec import JobSpec
 from workers import launch, placement
@@ -28,7 +28,6 @@ from workers.fleet import Advertiser, advertise, job_queue, live_workers
 from workers.processes import alive
 from workers.store import JobStatus
 
-REPO = Path(__file__).resolve().parents[2]
 ALL = ["ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"]
 FIXTURE = "tests.workers.fixtures.record_env"
 
@@ -156,26 +155,12 @@ def _start(tmp_path: Path, placement: placement.Placement, sleep: float):
     return proc, channel
 
 
-def _read_lines(proc, channel, until) -> list[dict]:
-    """Report lines until ``until(lines)`` holds or the run exits (bounded)."""
-    buf, deadline = b"", time.monotonic() + 120
-    with os.fdopen(channel.read_fd, "rb", buffering=0, closefd=False) as pipe:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([pipe], [], [], 0.2)
-            chunk = pipe.read(65536) if ready else b""
-            buf += chunk
-            lines = [json.loads(x) for x in buf.decode().splitlines()]
-            if until(lines) or (ready and not chunk) or (proc.poll() is not None and not ready):
-                return lines
-    raise AssertionError("no report in time")
-
-
 @pytest.mark.parametrize("processes", [1, 2])
 def test_every_process_sees_exactly_the_workers_devices_and_only_rank0_reports(tmp_path, processes):
     p = placement.Placement(gpus=0, processes=processes, strategy="ddp", devices=("3", "5"))
     proc, channel = _start(tmp_path, p, sleep=0)
     try:
-        lines = _read_lines(proc, channel, until=lambda lines: False)
+        lines = read_lines(proc, channel, until=lambda lines: False)
         assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-2000:]
     finally:
         os.close(channel.read_fd)
@@ -189,7 +174,7 @@ def test_stop_run_ends_every_rank_of_a_launched_run(tmp_path):
     p = placement.Placement(gpus=0, processes=2, strategy="ddp", devices=())
     proc, channel = _start(tmp_path, p, sleep=600)
     try:
-        _read_lines(proc, channel, until=lambda lines: len(lines) >= 1)
+        read_lines(proc, channel, until=lambda lines: len(lines) >= 1)
         deadline = time.monotonic() + 60
         while not (tmp_path / "rank1.json").exists() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -17,8 +17,8 @@ hapo        token-weighted (r − μ_tok)/(σ_tok + 1e-6), guard→E1   HAPO cod
 ==========  ===================================================  ==================
 
 Departures and choices:
-- A group of one response has σ = 0 and so A = 0 (TRL's arithmetic); verl instead
-  uses μ = 0, σ = 1 there.
+- A group of one response has σ = 0 and so A = 0 for ``grpo`` and ``hapo`` (TRL's
+  arithmetic); ``ngrpo`` follows its authors' verl code there, μ = 0 and σ = 1, so A = r.
 - ``grpo``'s ``scale`` mirrors TRL's ``scale_rewards``: "batch" divides by the
   unbiased std of all B rewards (the mean stays per group), "none" is Dr.GRPO.
 - HAPO's |A| ≥ 5 guard (code only, not in the paper) looks at the group's members
@@ -157,7 +157,8 @@ def ngrpo(
 
     μ′, σ′ = mean and unbiased std of {r_j : j ∈ g} ∪ {k copies of r_max}, k = n_virtual;
     A_{i,t} = m_{i,t} · (r_i − μ′)/(σ′ + δ). An all-wrong group gets equal negative
-    advantages −μ′/σ′; an all-r_max group gets 0; k = 0 is E1 with the same δ.
+    advantages −μ′/σ′; an all-r_max group gets 0; k = 0 is E1 with the same δ. A group
+    of one gets A = r (the authors' verl code: μ = 0, σ = 1 for a lone response).
     Shapes: rewards [B], groups [B], mask [B,T] -> A [B,T].
     """
     if n_virtual < 0:
@@ -170,6 +171,7 @@ def ngrpo(
     dof = n + n_virtual - 1
     std = torch.sqrt(torch.where(dof > 0, sq / dof.clamp(min=1), 0.0))
     a = (r - groups.spread(mean)) / (groups.spread(std) + delta)
+    a = torch.where(groups.spread(n) == 1, r, a)
     _, raw_std = groups.mean_std(r)
     return _tokens(a, inp.mask), {"frac_reward_zero_std": _zero_std_frac(raw_std)}
 

@@ -228,6 +228,8 @@ def loop_grpo(r, scale="group", delta=1e-4, batch_std=0.0):
 
 
 def loop_ngrpo(r, r_max=1.0, k=1, delta=1e-6):
+    if len(r) == 1:  # the authors' verl code: a lone response has mu = 0, sigma = 1
+        return list(r)
     aug = list(r) + [r_max] * k
     mu = statistics.fmean(aug)
     sd = statistics.stdev(aug) if len(aug) > 1 else 0.0
@@ -296,6 +298,14 @@ def test_a_group_of_one_gets_zero_advantage():
         assert torch.all(get_advantage(name)(inp)[0][0] == 0)
 
 
+def test_a_lone_response_keeps_its_reward_under_ngrpo_and_gets_zero_under_grpo():
+    """Group of one: NGRPO's authors' code takes mu = 0, sigma = 1 there (A = r); TRL's GRPO
+    arithmetic gives sigma = 0 and so A = 0."""
+    inp = batch([0.7, 1.0, 0.0], [2, 2, 2], groups=[0, 1, 1])
+    assert seq(get_advantage("ngrpo")(inp)[0], inp)[0].item() == 0.7
+    assert seq(get_advantage("grpo")(inp)[0], inp)[0].item() == 0.0
+
+
 def test_ngrpo_reduces_to_grpo_without_virtual_samples():
     inp = random_batch(3)
     ngrpo = get_advantage("ngrpo")(inp, n_virtual=0)[0]
@@ -307,6 +317,9 @@ def test_ngrpo_all_wrong_groups_are_equal_and_negative_and_sums_are_negative():
     a = seq(get_advantage("ngrpo")(inp)[0], inp)
     for idx in members(inp).values():
         r = inp.rewards[idx]
+        if len(idx) == 1:  # a lone response keeps its reward (the authors' code)
+            assert a[idx].item() == r.item()
+            continue
         if torch.all(r == 1):
             assert torch.all(a[idx].abs() < 1e-9)
             continue

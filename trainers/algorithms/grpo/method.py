@@ -44,6 +44,28 @@ def _use_vllm(plan: RunPlan, s: GRPOHyperparameters) -> bool:
     return use_vllm(s.rollout_engine, f"{plan.spec.method.param}.rollout_engine")
 
 
+def updates_per_generation(s: GRPOHyperparameters, rows: int) -> int:
+    """The schedule's optimizer steps per generated batch, at most as many as the training
+    file has steps' worth of prompts (TRL generates for all of them at once, and drops a
+    rollout batch the file cannot fill)."""
+    prompts_per_step = (
+        s.resolved_batch_size(rows) // s.generations() * s.gradient_accumulation_steps
+    )
+    return max(1, min(s.steps_per_generation, rows // max(1, prompts_per_step)))
+
+
+def events(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> list[str]:
+    s = plan.spec.method.settings()
+    fitted = updates_per_generation(s, len(data.train))
+    schedule = f"{fitted} policy update(s) x {s.num_iterations} pass(es) per generated batch"
+    if fitted < s.steps_per_generation:
+        schedule += (
+            f" (the recipe's {s.steps_per_generation} steps per generation need more prompts "
+            f"than the training file's {len(data.train)})"
+        )
+    return [f"Update schedule: {schedule}"]
+
+
 def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> dict[str, Any]:
     s = plan.spec.method.settings()
     ats = s.temperature_rule == "hapo_ats"
@@ -56,6 +78,9 @@ def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> di
         "top_p": s.top_p,
         "top_k": s.top_k,
         "num_iterations": s.num_iterations,
+        # TRL counts micro-batches: one optimizer step is gradient_accumulation_steps of them
+        "steps_per_generation": updates_per_generation(s, len(data.train))
+        * s.gradient_accumulation_steps,
         "importance_sampling_level": s.importance_sampling_level,
         "beta": s.beta,
         "epsilon": s.epsilon,
@@ -99,4 +124,5 @@ METHOD = MethodDef(
     records=records,
     config_fields=config_fields,
     trainer_kwargs=trainer_kwargs,
+    events=events,
 )

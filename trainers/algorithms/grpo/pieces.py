@@ -34,6 +34,7 @@ def objective_hp(s: GRPOHyperparameters) -> dict[str, Any]:
             "alpha": s.hapo_alpha,
             "beta_adv": s.hapo_beta_a,
             "pivot_quantile": s.hapo_pivot_quantile,
+            "literal_code_sign": s.hapo_literal_code_sign,
         }
     return {}
 
@@ -50,6 +51,8 @@ def build_pieces(s: GRPOHyperparameters) -> dict[str, Any]:
         temperature = get_temperature_rule("hapo_ats")(
             base_temperature=s.temperature,
             tau=s.hapo_tau,
+            use_raw_z=s.hapo_raw_z,
+            literal_code_sign=s.hapo_literal_code_sign,
             quantile=s.hapo_pivot_quantile,
         )
     return {

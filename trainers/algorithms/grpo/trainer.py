@@ -114,14 +114,22 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
     def _plan(self, inputs: list[dict]) -> tuple[list[dict], list[int], list[dict]]:
         """Re-spend the step's completions over its prompts as the planner says.
 
+        TRL's sampler gives every dataset row ``num_generations`` consecutive copies, so each
+        block of G rows is one group (two rows with the same prompt text are two groups).
         Returns the rows to generate for, each row's group, and each group's original row.
         """
-        keys = [_key(row) for row in inputs]
-        unique = list(dict.fromkeys(keys))
-        originals = [inputs[keys.index(k)] for k in unique]
+        g = self.num_generations
+        originals = inputs[::g]
         if self.pt_planner is None:
-            return inputs, [unique.index(k) for k in keys], originals
-        allocations = self.pt_planner.plan(unique, len(inputs))
+            return inputs, [i // g for i in range(len(inputs))], originals
+        if len(inputs) % g:  # refused at job creation (GradedMethod.check_job)
+            raise JobError(
+                "invalid_value",
+                f"rollout_planner 'xrpo' needs whole groups on each process; this one holds "
+                f"{len(inputs)} completions with num_generations {g}",
+                "resources",
+            )
+        allocations = self.pt_planner.plan([_key(row) for row in originals], len(inputs))
         planned, groups = [], []
         for q, (row, alloc) in enumerate(zip(originals, allocations, strict=True)):
             if alloc.exemplars:
@@ -169,8 +177,14 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
             old = self._old_logps(out)
         seq_old = None if old is None else (old * mask).sum(1) / mask.sum(1).clamp(min=1)
         rank = self.accelerator.process_index
-        local_groups = torch.tensor(groups, device=device) + rank * n_local  # unique per rank
-        g_groups = self.accelerator.gather(local_groups)
+        if self.pt_planner is None:
+            # TRL lays each row's G copies out consecutively over the gathered batch (rank
+            # after rank), so a group may straddle two processes: group = global position // G
+            world = self.accelerator.num_processes
+            g_groups = torch.arange(n_local * world, device=device) // self.num_generations
+        else:  # the planner's groups are whole on each process (checked at creation)
+            local_groups = torch.tensor(groups, device=device) + rank * n_local
+            g_groups = self.accelerator.gather(local_groups)
         g_lengths = self.accelerator.gather(mask.sum(1))
         g_mask = torch.arange(int(g_lengths.max().item()) or 1, device=device) < g_lengths[:, None]
         g_mask = g_mask.float()

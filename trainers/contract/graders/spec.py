@@ -451,6 +451,20 @@ def _walk(grader: GraderSpec):
         yield from grader.graders.values()
 
 
+def reward_range(grader: GraderSpec) -> tuple[float, float] | None:
+    """The [lo, hi] a grader's reward can take, or None where it cannot be known before
+    it runs (a score_model without ``range``, a multi grader's formula)."""
+    if isinstance(grader, LengthPenaltyGrader):
+        return (-1.0, 0.0)
+    if isinstance(grader, TextSimilarityGrader) and grader.evaluation_metric == "cosine":
+        return (-1.0, 1.0)
+    if isinstance(grader, ScoreModelGrader):
+        return tuple(grader.range) if grader.range else None
+    if isinstance(grader, MultiGrader):
+        return None
+    return (0.0, 1.0)  # string_check, text_similarity, math_verify, regex
+
+
 def needs_model(grader: GraderSpec) -> bool:
     """True if scoring loads a model (score_model, cosine similarity): training only."""
     return any(

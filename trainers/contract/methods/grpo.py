@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from trainers.contract.graders.spec import Grader, template_fields
+from trainers.contract.graders.spec import Grader, reward_range, template_fields
 from trainers.contract.hparams import (
     MAX_STEPS,
     Auto,
@@ -36,6 +36,7 @@ from trainers.contract.hparams import (
     Strict,
 )
 from trainers.contract.methods.base import MethodModel
+from trainers.contract.resources import Resources
 from trainers.contract.rows import RowFormat
 
 # The pieces' names: the keys of the trainers/core registries (a test checks they agree).
@@ -77,8 +78,18 @@ class GRPOHyperparameters(CommonHyperparameters, RolloutEngine):
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
-    num_iterations: int = Field(
-        1, ge=1, le=64, description="Policy updates per generated batch (PPO's mu)."
+    num_iterations: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Passes over each generated batch (PPO's mu); None = the variant's recipe.",
+    )
+    steps_per_generation: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Optimizer steps (mini-batches) per generated batch; None = the variant's "
+        "recipe. One policy update per batch (1 x 1) leaves the ratio at 1, so no clip binds.",
     )
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="Ratio per token (GRPO) or per sequence (GSPO)."
@@ -120,6 +131,15 @@ class GRPOHyperparameters(CommonHyperparameters, RolloutEngine):
     hapo_beta_a: float = Field(1.0, ge=0.0, le=1.0, description="HAPO advantage redistribution.")
     hapo_pivot_quantile: float = Field(0.8, gt=0.0, lt=1.0, description="HAPO entropy pivot.")
     hapo_tau: float = Field(0.05, ge=0.0, lt=1.0, description="HAPO temperature range (tau).")
+    hapo_literal_code_sign: bool = Field(
+        False,
+        description="HAPO: give tokens below the entropy pivot the authors' code's h̃ >= 0 "
+        "instead of the paper's signed h̃ (clip widths, redistribution, temperature).",
+    )
+    hapo_raw_z: bool = Field(
+        False,
+        description="HAPO: adaptive temperature from the paper's raw z instead of the code's h̃.",
+    )
 
     def chat_template_kwargs(self) -> dict[str, Any] | None:
         """Extra keywords for the chat template (none for plain GRPO)."""
@@ -158,25 +178,32 @@ class GRPOHyperparameters(CommonHyperparameters, RolloutEngine):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # DeepSeekMath's GRPO (TRL's loss_type 'grpo': per-sequence mean, then batch mean).
+    # DeepSeekMath's GRPO (TRL's loss_type 'grpo': per-sequence mean, then batch mean). Its
+    # recipe takes a single update per exploration stage (§4.2), so the clip never binds.
     "grpo": {"epsilon": 0.2, "epsilon_high": 0.2, "beta": 0.04, "loss_type": "grpo"},
-    # DAPO as TRL implements it.
+    # DAPO as TRL implements it; 16 updates per rollout batch (§4.1: 512 prompts x 16,
+    # mini-batches of 512 responses).
     "dapo": {
+        "steps_per_generation": 16,
         "epsilon": 0.2,
         "epsilon_high": 0.28,
         "beta": 0.0,
         "loss_type": "dapo",
         "mask_truncated_completions": True,
     },
-    # Dr.GRPO: centred advantages, length-independent aggregation.
+    # Dr.GRPO: centred advantages, length-independent aggregation; 8 updates per rollout
+    # batch (the authors' oat scripts: 128 prompts x 8, train batches of 128 responses).
     "dr_grpo": {
+        "steps_per_generation": 8,
         "advantage_estimator": "dr_grpo",
         "scale_rewards": "none",
         "beta": 0.0,
         "loss_type": "dr_grpo",
     },
-    # NGRPO: virtual-max advantages, asymmetric clip, token mean.
+    # NGRPO: virtual-max advantages, asymmetric clip, token mean; 4 updates per rollout
+    # batch (the authors' script: 1024 prompts x 8, mini-batches of 256 prompts).
     "ngrpo": {
+        "steps_per_generation": 4,
         "advantage_estimator": "ngrpo",
         "epsilon": 0.16,
         "epsilon_high": 0.24,
@@ -184,14 +211,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss_type": "bnpo",
     },
     # XRPO: GRPO advantages sharpened by novelty, hierarchical allocation with ICL seeding.
+    # Its schedule is not published: DAPO's 16 updates, whose loss settings it takes here.
     "xrpo": {
+        "steps_per_generation": 16,
         "advantage_shaper": "xrpo_novelty",
         "rollout_planner": "xrpo",
         "beta": 0.0,
         "loss_type": "dapo",
     },
-    # HAPO: token-level group average, adaptive clip + redistribution, adaptive temperature.
+    # HAPO: token-level group average, adaptive clip + redistribution, adaptive temperature;
+    # 16 updates per rollout batch (the authors' recipes: 512 prompts x 16, mini-batches of 32).
     "hapo": {
+        "steps_per_generation": 16,
         "advantage_estimator": "hapo",
         "objective": "hapo",
         "temperature_rule": "hapo_ats",
@@ -205,6 +236,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The value of each piece field when neither the preset nor the request sets it.
 PIECE_DEFAULTS: dict[str, Any] = {
+    "num_iterations": 1,
+    "steps_per_generation": 1,
     "advantage_estimator": "grpo",
     "advantage_shaper": "none",
     "objective": "ppo_clip",
@@ -283,6 +316,34 @@ def check_weights(hp: GRPOHyperparameters, n_graders: int) -> None:
         )
 
 
+def max_reward(graders: list, weights: list[float] | None) -> float | None:
+    """The largest total reward the weighted graders can give, or None if unknown."""
+    total = 0.0
+    for grader, weight in zip(graders, weights or [1.0] * len(graders), strict=True):
+        bounds = reward_range(grader)
+        if bounds is None:
+            return None
+        total += weight * (bounds[1] if weight >= 0 else bounds[0])
+    return total
+
+
+def _check_virtual_reward(s: GRPOHyperparameters, graders: list) -> None:
+    """NGRPO's virtual sample must score at least what a completion can: with a reward
+    above r_max, an all-correct group would get a positive advantage."""
+    top = max_reward(graders, s.reward_weights)
+    if top is not None and s.ngrpo_virtual_reward < top:
+        raise ValueError(
+            f"ngrpo_virtual_reward ({s.ngrpo_virtual_reward:g}) is below the largest reward "
+            f"the graders can give ({top:g}), so a group of best answers would be pushed up "
+            f"further; set ngrpo_virtual_reward to {top:g}"
+        )
+
+
+def processes_of(resources: Resources) -> int:
+    """Training processes a job asks for (one per GPU; on CPU ``processes``; default 1)."""
+    return resources.gpus or resources.processes or 1
+
+
 def graders_fields(graders: list) -> set[str]:
     """The dataset fields a list of graders reads (``{{item.x}}``)."""
     return set().union(*(template_fields(g) for g in graders)) if graders else set()
@@ -293,8 +354,10 @@ class GradedBlock(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> GradedBlock:
-        resolve(self.variant, self.hyperparameters)
+        settings = resolve(self.variant, self.hyperparameters)
         check_weights(self.hyperparameters, len(self.grader_list()))
+        if settings.advantage_estimator == "ngrpo":
+            _check_virtual_reward(settings, self.grader_list())
         return self
 
     def grader_list(self) -> list:
@@ -322,6 +385,29 @@ class GradedMethod(MethodModel):
     def settings(self) -> GRPOHyperparameters:
         """The resolved hyperparameters the trainer runs with."""
         return resolve(self.block.variant, self.hyperparameters)
+
+    def check_job(self, resources: Resources) -> None:
+        """XRPO's planner re-spends each process's completions over that process's prompts:
+        a prompt's group must not straddle two processes, and it cannot go through TRL's
+        vLLM server path, which keeps every G-th prompt and asks for G completions each."""
+        s = self.settings()
+        if s.rollout_planner != "xrpo":
+            return
+        n, g = processes_of(resources), s.generations()
+        batch = s.resolved_batch_size(rows=0)
+        if batch % (g * n):
+            raise ValueError(
+                f"rollout_planner 'xrpo' needs whole groups on each of the job's {n} "
+                f"processes: batch_size ({batch}) must be a multiple of num_generations x "
+                f"processes ({g} x {n}); try batch_size {g * n * max(1, batch // (g * n))}"
+            )
+        if s.rollout_engine != "transformers" and s.vllm_mode == "server":
+            raise ValueError(
+                "rollout_planner 'xrpo' gives prompts uneven numbers of completions, which "
+                "TRL's vLLM server path cannot generate (it asks for num_generations "
+                "completions of every num_generations-th prompt); use vllm_mode 'colocate' or "
+                "rollout_engine 'transformers'"
+            )
 
 
 class GRPOMethod(GradedMethod):
