@@ -14,13 +14,13 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from trainers.contract.checkpoints import resume_only
+
 _BLOCK = 512
-# Trainer state that is needed to resume, not to use the model.
-SKIP = {"optimizer.pt", "scheduler.pt", "training_args.bin", "scaler.pt"}
 
 
 def _wanted(name: str) -> bool:
-    return name not in SKIP and not name.startswith("rng_state")
+    return not resume_only(name)  # trainer state, needed to resume, not to use the model
 
 
 def _files(root: Path) -> list[Path]:

@@ -17,6 +17,18 @@ from pathlib import Path
 
 MARKER = ".posttrain-complete"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+# Files of a checkpoint that only a resumed run needs (optimizer, scheduler, RNG and
+# trainer state, OREO's critic optimizer, each method's extra state): a download leaves
+# them out and holds weights and configs only.
+RESUME_ONLY = frozenset(
+    {MARKER, "optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "critic_state.pt"}
+)
+_RESUME_ONLY = re.compile(r"^(rng_state.*\.pth|posttrain_\w+_state\.json)$")
+
+
+def resume_only(name: str) -> bool:
+    """Whether a checkpoint file of this name is trainer state, not part of the model."""
+    return name in RESUME_ONLY or _RESUME_ONLY.match(name) is not None
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:

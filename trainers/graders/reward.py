@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from trainers.contract.graders.scoring import SCORERS, multi_scores, spec_of
 from trainers.contract.graders.spec import GraderSpec, MultiGrader
+from trainers.contract.errors import JobError
 from trainers.contract.graders.templates import GraderError
 
 # Keyword arguments TRL's GRPOTrainer passes that are not dataset columns.
@@ -54,6 +56,15 @@ class RewardFunction:
             rewards, subs = multi_scores(self.grader, items, samples, notes)
         else:
             rewards, subs = SCORERS[self.grader.type](self.grader, items, samples, notes), {}
+        bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+        if bad:  # never counted as 0: a reward that is not a number is the grader's failure
+            raise JobError(
+                "grader_failed",
+                f"grader '{self.__name__}' ({self.grader.type}) returned {rewards[bad[0]]} for "
+                f"{len(bad)} of {len(rewards)} samples; a reward must be a finite number "
+                "(check the grader's model or formula)",
+                "graders",
+            )
         log = kwargs.get("log_metric")
         if callable(log) and samples:
             for key, scores in subs.items():

@@ -729,3 +729,40 @@ def test_a_prompt_longer_than_the_sequence_budget_is_refused_naming_its_row(tmp_
     )
     with pytest.raises(JobError, match="training_file row 2: the prompt is"):
         run_method(registry.resolve("grpo"), plan, Reporter(), None)
+
+
+@pytest.mark.parametrize("shape", ["text", "chat"])
+def test_the_prompt_budget_counts_chat_prompts_by_their_template(tmp_path, shape):
+    """A chat prompt is measured as the chat template renders it (transformers 5.17's
+    apply_chat_template returns a dict, whose len() is 2): one token over the room fails in
+    both shapes, one under passes."""
+    from transformers import AutoTokenizer
+
+    from trainers.algorithms.tokens import prompt_ids
+
+    model = build_tiny_model(tmp_path / "m", seed=0)
+    tok = AutoTokenizer.from_pretrained(model)
+    room = 64 - 16  # max_seq_length - max_completion_length
+
+    def row(words: int) -> dict:
+        text = "word " * words
+        return (
+            {"prompt": text}
+            if shape == "text"
+            else {"messages": [{"role": "user", "content": text}]}
+        )
+
+    def tokens(r: dict) -> int:
+        return len(prompt_ids(tok, r.get("prompt") or [dict(m) for m in r["messages"]]))
+
+    words = next(w for w in range(1, room) if tokens(row(w)) > room)
+    fits, too_long = row(words - 1), row(words)
+    assert tokens(fits) <= room < tokens(too_long)
+    hp = {"max_seq_length": 64, "max_completion_length": 16, "num_generations": 2, "max_steps": 1}
+    for rows, refused in (([fits, fits], False), ([fits, too_long], True)):
+        plan = make_plan(tmp_path / str(refused), "grpo", hp, rows=rows, model=str(model))
+        if refused:
+            with pytest.raises(JobError, match="training_file row 2: the prompt is"):
+                run_method(METHOD, plan, Reporter())
+        else:
+            assert run_method(METHOD, plan, Reporter()).step == 1

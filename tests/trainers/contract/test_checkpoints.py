@@ -34,3 +34,32 @@ def test_nothing_to_resume(tmp_path):
     _ckpt(tmp_path, 5, False)
     assert resumable_checkpoint(tmp_path) is None
     assert not (tmp_path / "checkpoint-5").exists()
+
+
+def test_every_trainers_resume_state_stays_out_of_downloads(tmp_path):
+    """A download (service.tarstream) holds weights and configs only: the optimizer,
+    scheduler, RNG, trainer state, each method's extra state and OREO's critic optimizer
+    are resume-only (the README's promise)."""
+    import io
+    import tarfile
+
+    from service.tarstream import tar_stream
+    from trainers.algorithms.bco.trainer import STATE_FILE as BCO
+    from trainers.algorithms.egpo.trainer import STATE_FILE as EGPO
+    from trainers.algorithms.grpo.trainer import STATE_FILE as GRPO
+    from trainers.algorithms.oreo.value import CRITIC_STATE, HEAD_FILE, VALUE_DIR
+    from trainers.contract.checkpoints import MARKER, resume_only
+
+    kept = ["model.safetensors", "config.json", "tokenizer.json", f"{VALUE_DIR}/{HEAD_FILE}"]
+    dropped = [
+        "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "training_args.bin", MARKER,
+        BCO, EGPO, GRPO, f"{VALUE_DIR}/{CRITIC_STATE}",
+    ]  # fmt: skip
+    for name in kept + dropped:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert not any(resume_only(name.split("/")[-1]) for name in kept)
+    blob = b"".join(tar_stream(tmp_path, "ckpt"))
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        names = sorted(m.name.removeprefix("ckpt/") for m in tar.getmembers())
+    assert names == sorted(kept)

@@ -510,3 +510,24 @@ def test_the_api_cannot_run_model_graders_but_can_describe_them(reward_model):
     assert needs_model(parse_grader(score_model(reward_model)))
     assert not needs_model(parse_grader(multi("exact")))
     assert scoring.SCORERS["score_model"] is not None
+
+
+def test_a_nan_reward_fails_the_job_naming_the_grader(tmp_path):
+    """A reward model that scores NaN is the grader's failure, never a reward of 0."""
+    import torch
+    from transformers import Qwen2ForSequenceClassification
+
+    from trainers.contract.errors import JobError
+    from trainers.tiny_model import build_tokenizer, tiny_config
+
+    tok = build_tokenizer()
+    config = tiny_config(tok, hidden_size=32, num_layers=1)
+    config.num_labels = 1
+    model = Qwen2ForSequenceClassification(config)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    reward = build_reward_function(score_model(tmp_path))
+    with pytest.raises(JobError, match=r"grader 'rm' \(score_model\) returned nan for 2 of 2"):
+        reward(prompts=["p"] * 2, completions=["4", "5"], question=["2+2"] * 2)
