@@ -35,7 +35,7 @@ class APIError(Exception):
         message: str,
         *,
         param: str | None = None,
-        code: str | None = None,
+        code: str,
         type: str = "invalid_request_error",
     ):
         self.status, self.message, self.param, self.code, self.type = (
@@ -180,7 +180,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(getattr(exc, "headers", None) or {})
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {
+            400: "invalid_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "request_too_large",
+        }.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 405:
             allowed = _allowed_methods(request)

@@ -26,10 +26,17 @@ def parse_spec(body: dict[str, Any]) -> JobSpec:
     check_numbers(body)
     body = dict(body)
     if body.get("integrations"):
-        raise APIError(400, "integrations are not supported by posttrain", param="integrations")
+        raise APIError(
+            400,
+            "integrations are not supported by posttrain yet; drop 'integrations'",
+            param="integrations",
+            code="unsupported_parameter",
+        )
     body.pop("integrations", None)
     if "spec_version" in body:
-        raise APIError(400, "spec_version is set by the server", param="spec_version")
+        raise APIError(
+            400, "spec_version is set by the server", param="spec_version", code="invalid_value"
+        )
     legacy = body.pop("hyperparameters", None)  # OpenAI's deprecated top-level field
     if legacy and not body.get("method"):
         body["method"] = legacy_method(legacy)

@@ -194,7 +194,10 @@ class _Receiver:
                 self.upload.fields[self._part] = self._value.decode("utf-8")
             except UnicodeDecodeError:
                 raise APIError(
-                    400, f"form field '{self._part}' is not UTF-8", param=self._part
+                    400,
+                    f"form field '{self._part}' is not UTF-8",
+                    param=self._part,
+                    code="invalid_value",
                 ) from None
 
     def take(self) -> bytes:

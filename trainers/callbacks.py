@@ -21,7 +21,9 @@ counted by transformers when the runner sets ``include_num_input_tokens_seen``).
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
@@ -76,11 +78,12 @@ class ReportingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         if "train_loss" in logs:  # the trainer's closing summary, not a step
-            self.reporter.event(
-                f"Training finished in {logs.get('train_runtime', float('nan')):.1f} s, "
-                f"mean loss {logs['train_loss']:.4f}",
-                **logs,
-            )
+            runtime = logs.get("train_runtime", float("nan"))
+            if self.paused_at is not None:
+                what = f"Training paused at step {self.paused_at} after {runtime:.1f} s"
+            else:
+                what = f"Training finished in {runtime:.1f} s"
+            self.reporter.event(f"{what}, mean loss {logs['train_loss']:.4f}", **logs)
             return
         logs = {k: v for k, v in logs.items() if k not in _NOT_STEP_METRICS}
         if not logs:
@@ -129,10 +132,23 @@ class ReportingCallback(TrainerCallback):
                 return
         if not ckpt.is_dir():
             return
+        name_base_model(ckpt, self.plan.model_name)
         with fencing.fenced(self.plan.fence_file, self.plan.fence):
             mark_complete(ckpt)
         final = state.global_step >= state.max_steps
         self.reporter.checkpoint(state.global_step, self.plan.relative(ckpt), self.last_logs, final)
+
+
+def name_base_model(ckpt: Path, name: str | None) -> None:
+    """A LoRA checkpoint's ``adapter_config.json`` names its base model by the path peft
+    saw (a directory of this server); name it as the job did (``model``: a hub id, a
+    model root's directory name, an ``ft:`` model), so the download loads elsewhere."""
+    config = ckpt / "adapter_config.json"
+    if name is None or not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    data["base_model_name_or_path"] = name
+    config.write_text(json.dumps(data, indent=2))
 
 
 class NonFiniteCallback(TrainerCallback):

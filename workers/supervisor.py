@@ -97,6 +97,7 @@ class Supervisor:
         plan = RunPlan(
             job_id=job_id,
             spec=self._run_spec(job_id, spec),
+            model_name=spec.model,
             attempt=attempt,
             training_path=jd.input(spec.training_file),
             validation_path=jd.input(spec.validation_file) if spec.validation_file else None,

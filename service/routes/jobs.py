@@ -122,7 +122,9 @@ def events(job: OwnedJob, jobs: JobsDep, after: str | None = None, limit: Limit 
     try:
         rows, more = jobs.events(job_id, cursor, limit)
     except Exception:
-        raise APIError(400, f"invalid event cursor '{after}'", param="after") from None
+        raise APIError(
+            400, f"invalid event cursor '{after}'", param="after", code="invalid_value"
+        ) from None
     return page([event_object(sid, f) for sid, f in rows], more)
 
 

@@ -14,6 +14,7 @@ import shutil
 import tarfile
 import time
 from importlib import resources
+from pathlib import Path
 
 import httpx
 import openai
@@ -75,16 +76,18 @@ def wait_done(sdk, job_id: str, timeout: float = 240):
     )
 
 
-def assistant_loss(model_dir, rows, adapter: bool = False) -> float:
-    """Mean loss over assistant tokens of ``rows``, the quantity SFT minimises."""
+def assistant_loss(model_dir, rows, adapter: Path | None = None) -> float:
+    """Mean loss over assistant tokens of ``rows``, the quantity SFT minimises; with
+    ``adapter`` (the base model's directory), ``model_dir`` is a LoRA adapter on it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    if adapter:
-        from peft import AutoPeftModelForCausalLM
+    if adapter is not None:
+        from peft import PeftModel
 
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir).eval()
+        base = AutoModelForCausalLM.from_pretrained(adapter)
+        model = PeftModel.from_pretrained(base, model_dir).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     total = count = 0.0
@@ -168,10 +171,13 @@ def download(stack, job_id: str, ckpt_id: str, dest) -> list[str]:
 
 
 def test_lora_job_trains_an_adapter_through_the_sdk(stack, sdk, training_file, tmp_path):
+    """The job names its model by the model root's directory name; the downloaded adapter
+    names its base the same way (not the server's path), and loads on any machine where
+    that name is the base (here: passed to peft explicitly)."""
     import json
 
     job = sdk.fine_tuning.jobs.create(
-        model=str(stack.model_dir),
+        model=stack.model_dir.name,
         training_file=training_file.id,
         method={
             "type": "supervised",
@@ -188,9 +194,11 @@ def test_lora_job_trains_an_adapter_through_the_sdk(stack, sdk, training_file, t
     assert any(n.endswith("adapter_model.safetensors") for n in names)
     assert not any(n.endswith("/model.safetensors") for n in names)  # the adapter only
     ckpt_dir = tmp_path / names[0].split("/")[0]
+    adapter = json.loads((ckpt_dir / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == stack.model_dir.name == job.model
     rows = [json.loads(x) for x in DEMO.read_text().splitlines() if x.strip()]
     before = assistant_loss(stack.model_dir, rows)
-    after = assistant_loss(ckpt_dir, rows, adapter=True)
+    after = assistant_loss(ckpt_dir, rows, adapter=stack.model_dir)
     print(f"\nLoRA e2e: loss {before:.3f} -> {after:.3f} ({1 - after / before:.0%} lower)")
     assert after <= 0.7 * before
 

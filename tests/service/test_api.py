@@ -173,6 +173,7 @@ def test_bad_job_requests_name_the_problem_and_create_nothing(
     assert resp.status_code == status, resp.text
     err = error_of(resp)
     assert err["param"] == param and fragment in err["message"]
+    assert err["code"]  # every refusal names a code (integrations' was null)
     assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
 
 

@@ -228,3 +228,20 @@ def test_unhandled_exception_is_an_openai_500_and_keeps_the_connection(threaded_
         # the same connection serves the next request
         status, _, body = raw_request(sock, "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+def test_every_refusal_the_api_writes_names_a_code():
+    """OpenAI's error object has a ``code``; every APIError the service raises sets one
+    (the constructor requires it, and this reads every call site)."""
+    import ast
+    from pathlib import Path
+
+    missing = [
+        f"{path}:{node.lineno}"
+        for path in Path(__file__).resolve().parents[2].joinpath("service").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", "") == "APIError"
+        and not any(k.arg == "code" for k in node.keywords)
+    ]
+    assert missing == []

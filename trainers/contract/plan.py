@@ -32,6 +32,7 @@ class RunPlan(BaseModel):
     report_journal: Path | None = None  # the trainer also appends its report lines here
     processes: int = 1  # training processes (ranks) of this run; threads is per process
     pause_path: Path | None = None  # a file whose existence asks every rank to pause
+    model_name: str | None = None  # the model as the job named it (spec.model is its path)
 
     def relative(self, path: Path) -> str:
         """A path as stored in records: relative to the data dir, so volumes can move."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from trainers.contract.errors import JobError
 from trainers.contract.graders.scoring import SCORERS, multi_scores, spec_of
 from trainers.contract.graders.spec import GraderSpec, MultiGrader
-from trainers.contract.errors import JobError
 from trainers.contract.graders.templates import GraderError
 
 # Keyword arguments TRL's GRPOTrainer passes that are not dataset columns.

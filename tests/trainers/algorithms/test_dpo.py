@@ -311,8 +311,12 @@ def test_resume_continues_the_token_count_and_keeps_the_base_as_reference(model_
     plan = _plan(model_dir, tmp_path / "b", **hp)
     pause = PauseRequest()
     pause.requested = True
-    first = run_method(METHOD, plan, Reporter(), pause)
+    paused = Reporter()
+    first = run_method(METHOD, plan, paused, pause)
     assert first.paused and first.step == 1 and 0 < first.trained_tokens
+    said = [m.message for m in paused.sent if m.type == "event"]
+    assert any(m.startswith("Training paused at step 1 after") for m in said)
+    assert not any(m.startswith("Training finished") for m in said)  # it did not finish
     reporter = Reporter()
     second = run_method(METHOD, plan, reporter)
     assert any(m.type == "event" and m.message.startswith("Resumed") for m in reporter.sent)

@@ -766,3 +766,34 @@ def test_the_prompt_budget_counts_chat_prompts_by_their_template(tmp_path, shape
                 run_method(METHOD, plan, Reporter())
         else:
             assert run_method(METHOD, plan, Reporter()).step == 1
+
+
+def _trl_server_replay(rows: list[str], g: int) -> list[str]:
+    """TRL 1.16's vLLM server path (``VLLMGeneration.generate``, mode "server"): it keeps
+    every G-th prompt, asks for G completions of each, and hands each process its slice of
+    the duplicated prompts. Returns the prompt each row's completion was generated for."""
+    ordered = rows[::g]
+    return [p for p in ordered for _ in range(g)][: len(rows)]
+
+
+def test_xrpo_rows_cannot_reach_trls_vllm_server_so_the_combination_is_refused():
+    # XRPO re-spends a step's 12 completions (G = 4) over its 3 prompts unevenly
+    planner = XrpoPlanner(alpha=0.05, lam=0.1, num_exemplars=0)
+    for key, rewards in (("A", [1, 1, 1, 1]), ("B", [1, 0, 1, 0]), ("C", [0, 0, 0, 1])):
+        planner.observe(key, key, rewards, ["x"] * 4)
+    allocations = planner.plan(["A", "B", "C"], 12)
+    rows = [k for k, a in zip("ABC", allocations, strict=True) for _ in range(a.n)]
+    assert sorted(a.n for a in allocations) != [4, 4, 4]  # uneven: the point of XRPO
+    served = _trl_server_replay(rows, 4)
+    assert sum(a != b for a, b in zip(rows, served, strict=True)) > 0  # wrong prompts
+    block = {"variant": "xrpo", "graders": [LENGTH], "hyperparameters": {}}
+    for engine in ("vllm", "auto"):
+        block["hyperparameters"] = {"rollout_engine": engine, "vllm_mode": "server"}
+        with pytest.raises(ValueError, match="vllm_mode 'colocate' or rollout_engine"):
+            JobSpec.model_validate(
+                {"model": "m", "training_file": "f", "method": {"type": "grpo", "grpo": block}}
+            )
+    block["hyperparameters"] = {"rollout_engine": "vllm", "vllm_mode": "colocate"}
+    JobSpec.model_validate(
+        {"model": "m", "training_file": "f", "method": {"type": "grpo", "grpo": block}}
+    )  # colocate generates each planned row as it is (n=1)
