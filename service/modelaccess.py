@@ -181,6 +181,16 @@ class ModelAccess:
                 setattr(owner, attr, str(resolved.path))
         return SpecModels(top, hub)
 
+    def check_grader(self, grader: BaseModel, tenant: Tenant, param: str = "grader") -> BaseModel:
+        """A copy of ``grader`` with every model it names resolved as a job's would be (the
+        same 400 for a model the caller may not use)."""
+        grader = grader.model_copy(deep=True)
+        for owner, attr, where in _nested_refs(grader, param):
+            resolved = self._one(getattr(owner, attr), tenant, where, [])
+            if resolved.path is not None:
+                setattr(owner, attr, str(resolved.path))
+        return grader
+
     def _one(self, name: str, tenant: Tenant, param: str, hub: list[str]) -> ResolvedModel:
         try:
             resolved = self.resolve(name, tenant)
@@ -192,8 +202,9 @@ class ModelAccess:
         return resolved
 
 
-def _nested_refs(spec: BaseModel) -> list[tuple[BaseModel, str, str]]:
-    """(object, attribute, dotted param) of every model reference below the top level."""
+def _nested_refs(spec: BaseModel, prefix: str = "") -> list[tuple[BaseModel, str, str]]:
+    """(object, attribute, dotted param) of every model reference below the top level (with
+    a ``prefix``, of every reference at all: the object is itself below a top level)."""
     out: list[tuple[BaseModel, str, str]] = []
 
     def walk(obj: Any, where: str) -> None:
@@ -212,7 +223,7 @@ def _nested_refs(spec: BaseModel) -> list[tuple[BaseModel, str, str]]:
             for key, item in obj.items():
                 walk(item, f"{where}.{key}")
 
-    walk(spec, "")
+    walk(spec, prefix)
     return out
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.deps import Auth
+from service.deps import Auth, TenantDep
 from service.errors import APIError, error_responses
 from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import (
@@ -30,6 +30,8 @@ from trainers.contract.graders.spec import (
     needs_model,
     parse_grader,
 )
+from trainers.contract.graders.validate import check_grader_models
+from trainers.contract.modelfiles import ModelFileError
 
 router = APIRouter(
     prefix="/v1/fine_tuning/alpha/graders",
@@ -138,6 +140,14 @@ def run(body: RunRequest) -> RunResponse:
 
 
 @router.post("/validate", response_model=ValidateResponse)
-def validate(body: ValidateRequest) -> ValidateResponse:
-    """Check a grader's shape, templates and formula; echo it back."""
-    return ValidateResponse(grader=dump_grader(_parse(body.grader)))
+def validate(body: ValidateRequest, request: Request, tenant: TenantDep) -> ValidateResponse:
+    """Check a grader as job creation does: its shape, templates and formula, and every
+    model it names (the caller's model access, and a score_model must be a one-label
+    sequence classifier); echo it back."""
+    grader = _parse(body.grader)
+    resolved = request.app.state.model_access.check_grader(grader, tenant)
+    try:
+        check_grader_models(resolved, "grader")
+    except ModelFileError as exc:
+        raise APIError(400, f"{exc.param}: {exc}", param=exc.param, code="invalid_grader") from None
+    return ValidateResponse(grader=dump_grader(grader))

@@ -19,3 +19,16 @@ def tiny_model_entry(tmp_path):
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return model
+
+
+@pytest.fixture(autouse=True)
+def reward_model_entry(tmp_path):
+    """``"reward"``: a one-label sequence classifier as job creation reads one (config,
+    weights and tokenizer files present; nothing is loaded)."""
+    model = tmp_path / "models" / "reward"
+    model.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "qwen2", "architectures": ["Qwen2ForSequenceClassification"]}
+    (model / "config.json").write_text(json.dumps({**config, "num_labels": 1}))
+    (model / "model.safetensors").write_bytes(b"")
+    (model / "tokenizer.json").write_text("{}")
+    return model

@@ -62,7 +62,7 @@ CASES = {
     ),
 }  # fmt: skip
 SCORE_MODEL = {
-    "type": "score_model", "name": "rm", "model": "/models/reward", "range": [0, 1],
+    "type": "score_model", "name": "rm", "model": "reward", "range": [0, 1],
     "input": [{"role": "user", "content": "Q: {{item.question}}"},
               {"role": "assistant", "content": [{"type": "output_text", "text": OUT}]}],
     "sampling_params": {"temperature": 0.2},
@@ -121,12 +121,43 @@ def test_score_model_validates_but_runs_only_in_training(client):
     assert "score_model graders" in err["message"] and "only during training" in err["message"]
     assert err["param"] == "grader"
     cosine = {"type": "text_similarity", "name": "c", "input": OUT, "reference": "x",
-              "evaluation_metric": "cosine", "embedding_model": "/models/e5"}  # fmt: skip
+              "evaluation_metric": "cosine", "embedding_model": "tiny"}  # fmt: skip
     assert client.post(VALIDATE, json={"grader": cosine}).status_code == 200
     assert (
         "only during training"
         in error_of(client.post(RUN, json={"grader": cosine, "model_sample": "x"}))["message"]
     )
+
+
+@pytest.mark.parametrize(
+    "model,message",
+    [
+        ("/models/reward", "grader.model: model not found or not allowed"),  # no such model
+        ("tiny", "is not a sequence-classification model"),  # a causal LM
+    ],
+)
+def test_validate_refuses_score_models_as_job_creation_does(client, model, message):
+    """/graders/validate and job creation answer a score_model alike: the same model
+    access (a path that is no allowed model) and the same classifier check."""
+    grader = {**SCORE_MODEL, "model": model}
+    err = error_of(client.post(VALIDATE, json={"grader": grader}))
+    assert message in err["message"] and err["param"] == "grader.model"
+    fid = client.post(
+        "/v1/files",
+        files={"file": ("p.jsonl", b'{"prompt": "q", "question": "q"}\n')},
+        data={"purpose": "fine-tune"},
+    ).json()["id"]
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": fid,
+            "method": {"type": "grpo", "grpo": {"graders": [grader]}},
+        },
+    )
+    assert job.status_code == 400
+    assert message.split(": ", 1)[-1] in job.json()["error"]["message"]
+    assert job.json()["error"]["param"] == "method.grpo.graders[0].model"
 
 
 @pytest.mark.parametrize("path", [RUN, VALIDATE])

@@ -196,7 +196,7 @@ def _grpo(model: str) -> dict:
     return {"type": "grpo", "grpo": {"graders": [grader]}}
 
 
-def test_nested_models_follow_the_same_policy(client, tmp_path, tiny_model_entry):
+def test_nested_models_follow_the_same_policy(client, tmp_path, reward_model_entry):
     fid = upload(client, [PROMPT])
     resp = create(client, "tiny", fid, method=_grpo("/etc"))
     assert resp.status_code == 400
@@ -207,10 +207,10 @@ def test_nested_models_follow_the_same_policy(client, tmp_path, tiny_model_entry
     err = create(client, "tiny", fid, method=bco).json()["error"]
     assert err["param"].endswith("udm_embedding_model") and err["message"].endswith(NOT_ALLOWED)
     # an allowed one is stored as the directory the training process loads
-    resp = create(client, "tiny", fid, method=_grpo("tiny"))
+    resp = create(client, "tiny", fid, method=_grpo("reward"))
     assert resp.status_code == 200, resp.text
     spec = json.loads(client.app.state.jobs.get(resp.json()["id"])["spec"])
-    assert spec["method"]["grpo"]["graders"][0]["model"] == str(tiny_model_entry.resolve())
+    assert spec["method"]["grpo"]["graders"][0]["model"] == str(reward_model_entry.resolve())
 
 
 def test_every_spec_field_naming_a_model_is_checked():

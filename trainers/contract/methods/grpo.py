@@ -27,7 +27,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from trainers.contract.errors import JobError
 from trainers.contract.graders.spec import Grader, reward_range, template_fields
+from trainers.contract.graders.validate import check_grader_models
 from trainers.contract.hparams import (
     MAX_STEPS,
     Auto,
@@ -36,6 +38,7 @@ from trainers.contract.hparams import (
     Strict,
 )
 from trainers.contract.methods.base import MethodModel
+from trainers.contract.modelfiles import ModelFileError
 from trainers.contract.resources import Resources
 from trainers.contract.rows import RowFormat
 
@@ -363,6 +366,10 @@ class GradedBlock(Strict):
     def grader_list(self) -> list:
         raise NotImplementedError
 
+    def graders_with_params(self, base: str) -> list[tuple[Any, str]]:
+        """(grader, its request path) of every grader of the block."""
+        return [(g, f"{base}.graders[{i}]") for i, g in enumerate(self.grader_list())]
+
 
 class GRPOBlock(GradedBlock):
     variant: GRPOVariant = Field("grpo", description="Preset over the pieces; see the README.")
@@ -385,6 +392,14 @@ class GradedMethod(MethodModel):
     def settings(self) -> GRPOHyperparameters:
         """The resolved hyperparameters the trainer runs with."""
         return resolve(self.block.variant, self.hyperparameters)
+
+    def check_request(self, *, validation_file: str | None) -> None:
+        """Every score_model grader names a one-label sequence classifier directory."""
+        for grader, where in self.block.graders_with_params(f"method.{self.type}"):
+            try:
+                check_grader_models(grader, where)
+            except ModelFileError as exc:
+                raise JobError("invalid_value", f"{exc.param}: {exc}", exc.param) from None
 
     def check_job(self, resources: Resources) -> None:
         """XRPO's planner re-spends each process's completions over that process's prompts:

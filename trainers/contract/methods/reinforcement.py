@@ -63,6 +63,9 @@ class ReinforcementBlock(GradedBlock):
     def grader_list(self) -> list:
         return [self.grader]
 
+    def graders_with_params(self, base: str) -> list[tuple[Any, str]]:
+        return [(self.grader, f"{base}.grader")]
+
 
 class ReinforcementMethod(GradedMethod):
     """OpenAI's reinforcement fine-tuning, run as GRPO with the request's grader."""
