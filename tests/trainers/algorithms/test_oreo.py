@@ -143,6 +143,14 @@ def test_full_and_lora_train_save_both_models_and_search(model_dir, tmp_path, tr
          "--max-steps", "2", "--max-step-tokens", "6"]
     )  # fmt: skip
     assert isinstance(answer, str) and answer
+    # the search is bounded: never more than max_new_tokens in the answer
+    policy, value_model, tok = oreo_search.load(ckpt)
+    for budget in (3, 10):
+        best = oreo_search.search(
+            policy, value_model, tok, "Question: Hi?\nAnswer: ", beam=2, max_steps=50,
+            max_step_tokens=4, max_new_tokens=budget,
+        )  # fmt: skip
+        assert 0 < len(best.ids) <= budget
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
