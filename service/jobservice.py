@@ -26,7 +26,15 @@ from service.modelaccess import ModelAccess
 from workers.celery_app import enqueue
 from workers.filestore import FileStore
 from workers.fleet import job_queue
-from workers.store import InvalidTransition, JobNotFound, JobStatus, JobStore, new_id
+from workers.store import (
+    TERMINAL,
+    InvalidTransition,
+    JobNotFound,
+    JobStatus,
+    JobStore,
+    encode,
+    new_id,
+)
 
 
 def create_job(
@@ -132,25 +140,33 @@ def _wait_for_record(jobs: JobStore, job_id: str, timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def cancel_job(job_id: str, jobs: JobStore) -> None:
-    prev = _move(job_id, jobs, JobStatus.cancelled, "cancelled")
+def cancel_job(rec: dict, jobs: JobStore) -> dict:
+    """Cancel the job of ``rec``; return the record as written."""
+    job_id = rec["id"]
+    prev, written = _move(rec, jobs, JobStatus.cancelled, "cancelled")
     how = {
         "queued": " before it started",
         "validating_files": " before it started",
         "paused": " while paused",
     }.get(prev, "; its training process is being stopped")
     jobs.add_event(job_id, f"Job cancelled{how}")
+    return written
 
 
 def _move(
-    job_id: str,
+    rec: dict,
     jobs: JobStore,
     target: JobStatus,
     verb: str,
     expect: set[JobStatus] | None = None,
-) -> str:
+) -> tuple[str, dict]:
+    """Move the job of ``rec`` to ``target``; return its previous status and the record as
+    this request wrote it (what the API answers, even if a worker moves the job on at
+    once: a resumed job may be claimed before the answer is sent)."""
+    job_id, now = rec["id"], time.time()
+    written = {"updated_at": now, **({"finished_at": now} if target in TERMINAL else {})}
     try:
-        return jobs.transition(job_id, target, expect=expect)
+        prev = jobs.transition(job_id, target, expect=expect, **written)
     except JobNotFound:
         raise not_found("fine-tuning job", job_id) from None
     except InvalidTransition as exc:
@@ -160,6 +176,7 @@ def _move(
             param="fine_tuning_job_id",
             code="invalid_state",
         ) from None
+    return prev, {**rec, "status": str(target), **{k: encode(v) for k, v in written.items()}}
 
 
 def delete_job(job_id: str, jobs: JobStore, files: FileStore) -> None:
@@ -180,18 +197,20 @@ def delete_job(job_id: str, jobs: JobStore, files: FileStore) -> None:
     files.delete_job_dir(job_id)
 
 
-def pause_job(job_id: str, jobs: JobStore) -> None:
+def pause_job(rec: dict, jobs: JobStore) -> dict:
     """running -> pausing; the worker saves a checkpoint at the next step and parks the job."""
-    _move(job_id, jobs, JobStatus.pausing, "paused")
-    jobs.add_event(job_id, "Pause requested; the job will stop at the next step boundary")
+    _, written = _move(rec, jobs, JobStatus.pausing, "paused")
+    jobs.add_event(rec["id"], "Pause requested; the job will stop at the next step boundary")
+    return written
 
 
-def resume_job(job_id: str, jobs: JobStore, celery: Celery, queue: str) -> None:
+def resume_job(rec: dict, jobs: JobStore, celery: Celery, queue: str) -> dict:
     """paused -> queued, and only that: the next run resumes from the pause checkpoint.
 
     (running/pausing -> queued is the worker's move when a run is lost, never the API's.)
     If the enqueue fails the job stays queued and the workers' reconciler sends it."""
-    _move(job_id, jobs, JobStatus.queued, "resumed", expect={JobStatus.paused})
+    job_id = rec["id"]
+    _, written = _move(rec, jobs, JobStatus.queued, "resumed", expect={JobStatus.paused})
     jobs.add_event(job_id, "Job resumed; queued to continue from its last checkpoint")
     queue = job_queue(jobs, job_id, queue)
     try:
@@ -200,3 +219,4 @@ def resume_job(job_id: str, jobs: JobStore, celery: Celery, queue: str) -> None:
         jobs.add_event(
             job_id, f"Enqueue failed ({exc}); a worker's reconciler will send it", level="warn"
         )
+    return written

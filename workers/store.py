@@ -45,6 +45,7 @@ __all__ = [
     "JobNotFound",
     "JobStatus",
     "JobStore",
+    "encode",
     "legal_sources",
     "new_id",
 ]

@@ -99,20 +99,18 @@ def delete(job: OwnedJob, jobs: JobsDep, files: FilesDep) -> dict:
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=error_responses(404))
 def cancel(job: OwnedJob, jobs: JobsDep, settings: SettingsDep) -> FineTuningJob:
-    jobservice.cancel_job(job["id"], jobs)
-    return job_object(jobs.get(job["id"]), settings.organization_id)
+    return job_object(jobservice.cancel_job(job, jobs), settings.organization_id)
 
 
 @router.post("/{job_id}/pause", response_model=FineTuningJob, responses=error_responses(404))
 def pause(job: OwnedJob, jobs: JobsDep, settings: SettingsDep) -> FineTuningJob:
-    jobservice.pause_job(job["id"], jobs)
-    return job_object(jobs.get(job["id"]), settings.organization_id)
+    return job_object(jobservice.pause_job(job, jobs), settings.organization_id)
 
 
 @router.post("/{job_id}/resume", response_model=FineTuningJob, responses=error_responses(404))
 def resume(job: OwnedJob, jobs: JobsDep, settings: SettingsDep, request: Request) -> FineTuningJob:
-    jobservice.resume_job(job["id"], jobs, request.app.state.celery, settings.queue)
-    return job_object(jobs.get(job["id"]), settings.organization_id)
+    written = jobservice.resume_job(job, jobs, request.app.state.celery, settings.queue)
+    return job_object(written, settings.organization_id)
 
 
 @router.get("/{job_id}/events", response_model=Page, responses=error_responses(404))

@@ -268,3 +268,25 @@ def test_pause_and_resume_refuse_jobs_in_the_wrong_state(client, redis_client):
     before = redis_client.llen("posttrain.test-api")
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()["status"] == "queued"
     assert redis_client.llen("posttrain.test-api") == before + 1
+
+
+def test_resume_answers_the_state_it_wrote_even_if_a_worker_claims_at_once(client, monkeypatch):
+    """A worker may claim a resumed job between the enqueue and the answer; the answer is
+    still the move this request made (``queued``), not whatever a re-read would see."""
+    fid = upload(client, [CHAT]).json()["id"]
+    job = create_job(client, fid).json()
+    store = client.app.state.jobs
+    for status in ("running", "pausing", "paused"):
+        store.transition(job["id"], status)
+    celery = client.app.state.celery
+    send = celery.send_task
+
+    def send_and_claim(name, args=None, **kwargs):
+        result = send(name, args=args, **kwargs)
+        store.claim(args[0], "an-eager-worker", lease_seconds=60, max_attempts=3)
+        return result
+
+    monkeypatch.setattr(celery, "send_task", send_and_claim)
+    resp = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
+    assert resp.status_code == 200 and resp.json()["status"] == "queued", resp.text
+    assert store.status(job["id"]) == "running"  # the worker did claim it meanwhile
