@@ -6,6 +6,9 @@ Every answer that is not a success has this shape, whatever raised it:
   422) and Starlette's HTTP errors (404 for an unknown path, 405 with an ``Allow``
   header listing every method the path serves);
 * Redis or the Celery broker unreachable: 503 ``service_unavailable``;
+* bytes on the data volume that a DELETE could not remove: 500 ``deletion_failed``
+  (the record stays, so the DELETE can be retried); a data directory the API may not
+  write (the volume owned by another user): 500 ``storage_not_writable``;
 * anything else: 500 ``internal_error``, answered by ``CatchAll`` as an ordinary
   response, so the client's keep-alive connection survives (the traceback goes
   to the log, never to the client).
@@ -24,6 +27,8 @@ from kombu.exceptions import OperationalError as BrokerError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from workers.filestore import RemovalFailed
 
 log = logging.getLogger("posttrain.api")
 
@@ -72,6 +77,7 @@ _WHY = {
     "410": "The checkpoint's files are no longer on the data volume",
     "413": "The upload exceeds the size limit",
     "429": "The tenant's quota of active jobs is full",
+    "500": "Files on the data volume could not be removed; nothing was marked deleted, retry",
     "503": "Redis or the message broker cannot be reached; retry",
 }
 
@@ -203,6 +209,28 @@ def install(app: FastAPI) -> None:
             type="server_error",
             code="service_unavailable",
             headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(RemovalFailed)
+    async def _not_removed(request: Request, exc: RemovalFailed) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            500,
+            f"Deletion failed: {exc}. Nothing was marked deleted; retry the request (an "
+            "operator may need to fix the data volume's permissions)",
+            type="server_error",
+            code="deletion_failed",
+        )
+
+    @app.exception_handler(PermissionError)
+    async def _not_writable(request: Request, exc: PermissionError) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            500,
+            "The API may not write its data directory (permission denied), so nothing was "
+            "stored; an operator must give the API's user the data volume (/readyz reports it)",
+            type="server_error",
+            code="storage_not_writable",
         )
 
     for exc_class in (redis.ConnectionError, redis.TimeoutError, BrokerError):

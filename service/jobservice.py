@@ -180,9 +180,19 @@ def _move(
 
 
 def delete_job(job_id: str, jobs: JobStore, files: FileStore) -> None:
-    """Remove a finished job's record, streams, checkpoint list, Idempotency-Key binding
-    and its directory on the data volume."""
+    """Remove a finished job's directory on the data volume, then its record, streams,
+    checkpoint list and Idempotency-Key binding.
+
+    The files go first: if they cannot all be removed (RemovalFailed, answered 500
+    ``deletion_failed``) the record stays and the DELETE can be retried. A finished job
+    never changes state again, so checking before removing is not racy."""
     try:
+        status = jobs.status(job_id)
+        if status is None:
+            raise JobNotFound(job_id)
+        if status not in TERMINAL:
+            raise InvalidTransition(job_id, status, "deleted")
+        files.delete_job_dir(job_id)
         jobs.delete_job(job_id)
     except JobNotFound:
         raise not_found("fine-tuning job", job_id, "fine_tuning_job_id") from None
@@ -194,7 +204,6 @@ def delete_job(job_id: str, jobs: JobStore, files: FileStore) -> None:
             param="fine_tuning_job_id",
             code="invalid_state",
         ) from None
-    files.delete_job_dir(job_id)
 
 
 def pause_job(rec: dict, jobs: JobStore) -> dict:

@@ -118,13 +118,21 @@ class Page(BaseModel):
     last_id: str | None = None
 
 
-def page(items: list[BaseModel], has_more: bool) -> dict[str, Any]:
+class FilePage(Page):
+    """OpenAI's file list: ``first_id``/``last_id`` are strings even on an empty page
+    (``""`` there; the other lists send null, as their schemas allow)."""
+
+    first_id: str
+    last_id: str
+
+
+def page(items: list[BaseModel], has_more: bool, empty_id: str | None = None) -> dict[str, Any]:
     return {
         "object": "list",
         "data": items,
         "has_more": has_more,
-        "first_id": items[0].id if items else None,
-        "last_id": items[-1].id if items else None,
+        "first_id": items[0].id if items else empty_id,
+        "last_id": items[-1].id if items else empty_id,
     }
 
 

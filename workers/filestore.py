@@ -11,11 +11,17 @@ half-uploaded or invalid file never becomes visible to a job; if its record then
 cannot be written, the renamed file is removed again (no file without a record).
 A file past its ``expires_at`` is deleted when it is next read, and by
 ``sweep_expired``, which the API runs periodically.
+
+Removing bytes from the data volume is tried a few times and never reported done when
+it was not: ``RemovalFailed`` names what stayed, and the record that points at the
+bytes is kept so the deletion can be retried.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -29,9 +35,66 @@ from trainers.contract.jobdir import JobDir
 from workers.processes import alive
 from workers.store import DEFAULT_TENANT, new_id
 
+log = logging.getLogger("posttrain.files")
+
 
 class FileNotFound(KeyError):
     pass
+
+
+class RemovalFailed(OSError):
+    """Paths under the data directory that could not be removed, with the reasons."""
+
+    def __init__(self, what: str, failures: list[tuple[str, str]]):
+        self.what, self.failures = what, failures
+        first, reason = failures[0]
+        more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""
+        super().__init__(f"could not remove {what}: {first}{more}: {reason}")
+
+
+def remove_tree(path: Path, data_dir: Path, what: str, attempts: int = 3) -> None:
+    """Remove ``path`` (a file or a directory tree), retrying a failed removal; raise
+    RemovalFailed naming the paths (relative to ``data_dir``) that stayed."""
+    failures: list[tuple[str, str]] = []
+
+    def note(_func, where, excinfo) -> None:
+        exc = excinfo[1]
+        # a parent left non-empty by its child's failure is a consequence, not a cause
+        if not isinstance(exc, FileNotFoundError) and not (
+            isinstance(exc, OSError) and exc.errno == errno.ENOTEMPTY and failures
+        ):
+            failures.append((_relative(Path(where), data_dir), _reason(exc)))
+
+    for attempt in range(attempts):
+        failures.clear()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, onerror=note)
+        else:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                failures.append((_relative(path, data_dir), _reason(exc)))
+        if not failures and not os.path.lexists(path):
+            return
+        if attempt + 1 < attempts:
+            time.sleep(0.1 * (attempt + 1))
+    if not failures:  # rmtree reported nothing, yet the path is still there
+        failures.append((_relative(path, data_dir), "still present after removal"))
+    log.warning("Removal of %s failed after %d attempts: %s", what, attempts, failures)
+    raise RemovalFailed(what, failures)
+
+
+def _relative(path: Path, data_dir: Path) -> str:
+    try:
+        return str(path.relative_to(data_dir))
+    except ValueError:
+        return path.name
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 class FileStore:
@@ -43,6 +106,18 @@ class FileStore:
 
     def k_file(self, file_id: str) -> str:
         return f"{self.p}file:{file_id}"
+
+    def writable(self) -> str | None:
+        """None when the API can store uploads (a probe file is written to and removed
+        from the files directory); otherwise the reason, for the log."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".ready-{os.getpid()}-{uuid.uuid4().hex}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return f"{self.dir}: {_reason(exc)}"
+        return None
 
     def staging_path(self) -> Path:
         """A fresh staging name that says which process wrote it (``remove_stale_staging``)."""
@@ -163,16 +238,25 @@ class FileStore:
         if rec.get("expires_at"):
             rec["expires_at"] = int(rec["expires_at"])
             if rec["expires_at"] <= time.time():
-                self._remove(file_id)
+                try:
+                    self._remove(file_id)
+                except RemovalFailed:
+                    pass  # logged; expired all the same, and the sweeper tries again
                 raise FileNotFound(file_id)
         return rec
 
     def sweep_expired(self, now: float | None = None) -> int:
-        """Delete every file whose ``expires_at`` has passed; return how many."""
+        """Delete every file whose ``expires_at`` has passed; return how many were removed
+        (one that cannot be removed now is logged and tried again at the next sweep)."""
         due = self.r.zrangebyscore(self.k_expiry(), "-inf", now or time.time())
+        removed = 0
         for file_id in due:
-            self._remove(file_id)
-        return len(due)
+            try:
+                self._remove(file_id)
+            except RemovalFailed:
+                continue
+            removed += 1
+        return removed
 
     def list(
         self,
@@ -211,19 +295,23 @@ class FileStore:
         self._remove(file_id)
 
     def _remove(self, file_id: str) -> None:
+        """The bytes first, then the record: a failed removal (RemovalFailed) keeps the
+        record, so the deletion can be retried (the sweeper retries expired files)."""
+        remove_tree(self.path(file_id), self.data_dir, f"file {file_id}")
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(self.k_file(file_id))
         pipe.zrem(f"{self.p}files", file_id)
         pipe.zrem(self.k_expiry(), file_id)
         pipe.execute()
-        self.path(file_id).unlink(missing_ok=True)
 
     # ---- a job's files (the worker writes them under jobs/{id}/: trainers.contract.jobdir)
     def delete_job_dir(self, job_id: str) -> None:
         """Remove everything the job wrote to the data volume (its uploads stay: they are
         files of their own, deleted with ``DELETE /v1/files/{id}``)."""
-        shutil.rmtree(JobDir(self.data_dir, job_id).root, ignore_errors=True)
+        remove_tree(JobDir(self.data_dir, job_id).root, self.data_dir, f"the files of job {job_id}")
 
     def delete_checkpoints(self, job_id: str) -> None:
         """Remove the job's checkpoints (its model's weights); plans and log stay."""
-        shutil.rmtree(JobDir(self.data_dir, job_id).output, ignore_errors=True)
+        remove_tree(
+            JobDir(self.data_dir, job_id).output, self.data_dir, f"the checkpoints of job {job_id}"
+        )

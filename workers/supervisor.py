@@ -14,6 +14,7 @@ verdict and the end state it gives the record are ``workers.verdict``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from trainers.contract.jobdir import JobDir
 from trainers.contract.plan import RunPlan
 from trainers.contract.spec import JobSpec, StoredSpecError, read_stored_spec
 from workers import launch
-from workers.filestore import FileNotFound, FileStore
+from workers.filestore import FileNotFound, FileStore, RemovalFailed
 from workers.ingest import ReportIngest
 from workers.journal import replay_journals
 from workers.placement import (
@@ -316,7 +317,8 @@ class Supervisor:
             try:
                 outcome = self.finish(job_id, spec, verdict, reporter, attempt)
                 if not self.store.exists(job_id):  # deleted (cancelled) while it stopped
-                    self.files.delete_job_dir(job_id)
+                    with contextlib.suppress(RemovalFailed):  # logged; nothing to answer
+                        self.files.delete_job_dir(job_id)
                 return outcome
             except redis.RedisError as exc:
                 if time.monotonic() > deadline:

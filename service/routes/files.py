@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from service import fileservice
 from service.deps import Auth, FilesDep, OwnedFile, SettingsDep, TenantDep, owned_file
 from service.errors import error_responses, not_found
-from service.schemas import FileDeleted, FileObject, Page, file_object, page
+from service.schemas import FileDeleted, FileObject, FilePage, file_object, page
 from workers.filestore import FileNotFound
 
 router = APIRouter(
@@ -36,7 +36,7 @@ async def upload(
     return file_object(await fileservice.upload(request, files, settings, tenant))
 
 
-@router.get("", response_model=Page, responses=error_responses(404))
+@router.get("", response_model=FilePage, responses=error_responses(404))
 def list_files(
     files: FilesDep,
     tenant: TenantDep,
@@ -53,7 +53,7 @@ def list_files(
         )
     except FileNotFound:
         raise not_found("file", after or "", "after") from None
-    return page([file_object(r) for r in recs], more)
+    return page([file_object(r) for r in recs], more, empty_id="")
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
@@ -69,7 +69,7 @@ def content(file: OwnedFile, files: FilesDep) -> FileResponse:
     return FileResponse(path, media_type="application/jsonl", filename=file["filename"])
 
 
-@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404))
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 500))
 def delete(file: OwnedFile, files: FilesDep) -> FileDeleted:
     files.delete(file["id"])
     return FileDeleted(id=file["id"], deleted=True)

@@ -21,19 +21,34 @@ def healthz() -> dict:
 class Readiness(BaseModel):
     status: Literal["ok", "unavailable"]
     redis: Literal["ok", "unreachable"]
+    data_dir: Literal["ok", "not_writable"]
 
 
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Redis cannot be reached"}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "Redis cannot be reached, or the data directory cannot be written",
+        }
+    },
 )
 def readyz(request: Request) -> JSONResponse:
-    """Whether the API can serve: Redis answers. The reason it does not goes to the log,
-    not to the (unauthenticated) caller."""
+    """Whether the API can serve: Redis answers and the data directory takes a write (an
+    upload needs both). The reason it cannot goes to the log, not to the
+    (unauthenticated) caller."""
+    ready = {"redis": "ok", "data_dir": "ok"}
     try:
         request.app.state.redis.ping()
     except Exception as exc:
         log.warning("readiness check: Redis unreachable: %s", exc)
-        return JSONResponse({"status": "unavailable", "redis": "unreachable"}, status_code=503)
-    return JSONResponse({"status": "ok", "redis": "ok"})
+        ready["redis"] = "unreachable"
+    problem = request.app.state.files.writable()
+    if problem is not None:
+        log.warning("readiness check: the data directory is not writable: %s", problem)
+        ready["data_dir"] = "not_writable"
+    ok = ready == {"redis": "ok", "data_dir": "ok"}
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", **ready}, status_code=200 if ok else 503
+    )

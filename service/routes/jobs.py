@@ -89,7 +89,7 @@ def retrieve(job: OwnedJob, settings: SettingsDep) -> FineTuningJob:
     return job_object(job, settings.organization_id)
 
 
-@router.delete("/{job_id}", responses=error_responses(404))
+@router.delete("/{job_id}", responses=error_responses(400, 404, 500))
 def delete(job: OwnedJob, jobs: JobsDep, files: FilesDep) -> dict:
     """Delete a finished job: its record, events, metrics, checkpoints (list and files),
     Idempotency-Key binding and directory on the data volume (extension)."""

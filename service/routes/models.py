@@ -62,8 +62,8 @@ def retrieve(rec: OwnedModel, settings: SettingsDep) -> Model:
     return _model(rec, settings.organization_id)
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=error_responses(404))
+@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=error_responses(404, 500))
 def delete(rec: OwnedModel, jobs: JobsDep, files: FilesDep) -> ModelDeleted:
+    files.delete_checkpoints(rec["id"])  # first: a failed removal leaves the model listed
     jobs.set_fields(rec["id"], model_deleted_at=int(time.time()))
-    files.delete_checkpoints(rec["id"])
     return ModelDeleted(id=rec["fine_tuned_model"], deleted=True)

@@ -5,7 +5,7 @@ published OpenAPI document): optional fields that are unset are left out rather
 than sent as null, ``expires_after`` on upload sets ``expires_at`` and the file is
 deleted when it passes (lazily on access, and by the API's periodic sweep),
 ``order`` on file lists, the ``metadata[k]=v`` filter on job lists, and
-``first_id``/``last_id`` on empty pages.
+``first_id``/``last_id`` on empty pages (strings on the file list, as its schema says).
 """
 
 from __future__ import annotations
@@ -179,7 +179,13 @@ def test_job_lists_filter_on_metadata(sdk, http):
 
 
 def test_empty_pages_carry_first_and_last_id(http, sdk):
-    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs?metadata[x]=y"):
+    """OpenAI's file list has strings there (``""`` on an empty page); the other lists
+    allow null."""
+    page = http.get("/v1/files").json()
+    assert page["data"] == [] and page["has_more"] is False
+    assert page["first_id"] == "" and page["last_id"] == ""
+    assert sdk.files.list().data == []
+    for path in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs?metadata[x]=y"):
         page = http.get(path).json()
         assert page["data"] == [] and page["has_more"] is False
         assert "first_id" in page and "last_id" in page

@@ -163,12 +163,36 @@ def test_redis_unreachable_is_503_in_openai_shape(dead_redis_settings):
         assert list((s.data_dir / "files").iterdir()) == []
         ready = c.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {"status": "unavailable", "redis": "unreachable"}
+    assert ready.json() == {"status": "unavailable", "redis": "unreachable", "data_dir": "ok"}
 
 
 def test_readyz_when_ready(client):
     resp = client.get("/readyz")
-    assert resp.status_code == 200 and resp.json() == {"status": "ok", "redis": "ok"}
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok", "redis": "ok", "data_dir": "ok"}
+
+
+def test_readyz_and_uploads_say_when_the_data_directory_is_not_writable(client, frozen):
+    """A data volume owned by another user: /readyz is 503 naming the data directory,
+    and an upload is a 500 that says what an operator must fix (not a PermissionError)."""
+    files_dir = client.app.state.files.dir
+    files_dir.mkdir(parents=True, exist_ok=True)
+    thaw = frozen(files_dir)
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "unavailable", "redis": "ok", "data_dir": "not_writable"}
+    resp = client.post(
+        "/v1/files",
+        files={"file": ("t.jsonl", io.BytesIO(json.dumps(CHAT).encode() + b"\n"))},
+        data={"purpose": "fine-tune"},
+        headers=AUTH,
+    )
+    assert resp.status_code == 500, resp.text
+    err = openai_error(resp)
+    assert err["code"] == "storage_not_writable" and "data directory" in err["message"]
+    thaw()
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/v1/files", headers=AUTH).json()["data"] == []
 
 
 @pytest.mark.parametrize(

@@ -141,3 +141,46 @@ def _upload(client) -> str:
     )
     assert resp.status_code == 200, resp.text
     return resp.json()["id"]
+
+
+def _refused_deletion(resp, names: str) -> None:
+    assert resp.status_code == 500, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "deletion_failed" and err["type"] == "server_error"
+    assert names in err["message"] and "retry" in err["message"]
+
+
+def test_a_job_whose_files_cannot_be_removed_is_not_reported_deleted(client, settings, frozen):
+    job_id = _finished_job(client, "ftjob-d1", S.failed)
+    log = settings.data_dir / "jobs" / job_id / "train.log"
+    release = frozen(log)
+    _refused_deletion(client.delete(f"/v1/fine_tuning/jobs/{job_id}"), f"jobs/{job_id}/train.log")
+    # nothing was claimed: the record and its history stay, and the DELETE can be retried
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "failed"
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    release()
+    assert client.delete(f"/v1/fine_tuning/jobs/{job_id}").json()["deleted"] is True
+    assert not log.parent.exists()
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 404
+
+
+def test_a_model_whose_weights_cannot_be_removed_stays_listed(client, sdk, settings, frozen):
+    name = "ft:tiny:demo:ftjob-d2"
+    _finished_job(client, "ftjob-d2", S.succeeded, name)
+    weights = settings.data_dir / "jobs" / "ftjob-d2" / "output" / "checkpoint-4" / "config.json"
+    release = frozen(weights)
+    _refused_deletion(client.delete(f"/v1/models/{name}"), "checkpoint-4/config.json")
+    assert [m.id for m in sdk.models.list().data] == [name]
+    release()
+    assert sdk.models.delete(name).deleted is True
+    assert not weights.exists() and sdk.models.list().data == []
+
+
+def test_a_file_whose_bytes_cannot_be_removed_keeps_its_record(client, settings, frozen):
+    file_id = _upload(client)
+    release = frozen(client.app.state.files.path(file_id))
+    _refused_deletion(client.delete(f"/v1/files/{file_id}"), f"files/{file_id}")
+    assert client.get(f"/v1/files/{file_id}").status_code == 200
+    release()
+    assert client.delete(f"/v1/files/{file_id}").json()["deleted"] is True
+    assert client.get(f"/v1/files/{file_id}").status_code == 404
