@@ -18,12 +18,23 @@ from pathlib import Path
 MARKER = ".posttrain-complete"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # Files of a checkpoint that only a resumed run needs (optimizer, scheduler, RNG and
-# trainer state, OREO's critic optimizer, each method's extra state): a download leaves
-# them out and holds weights and configs only.
+# trainer state, OREO's critic optimizer, GRPO's rollout and EGPO's iteration state): a
+# download leaves them out and holds weights and configs only. BCO's state file is not
+# among them: it holds delta, the threshold its implicit rewards are read against, which
+# belongs to the trained model.
 RESUME_ONLY = frozenset(
-    {MARKER, "optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "critic_state.pt"}
+    {
+        MARKER,
+        "optimizer.pt",
+        "scheduler.pt",
+        "scaler.pt",
+        "training_args.bin",
+        "critic_state.pt",
+        "posttrain_rollout_state.json",
+        "posttrain_egpo_state.json",
+    }
 )
-_RESUME_ONLY = re.compile(r"^(rng_state.*\.pth|posttrain_\w+_state\.json)$")
+_RESUME_ONLY = re.compile(r"^rng_state.*\.pth$")
 
 
 def resume_only(name: str) -> bool:

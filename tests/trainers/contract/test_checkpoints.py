@@ -38,8 +38,8 @@ def test_nothing_to_resume(tmp_path):
 
 def test_every_trainers_resume_state_stays_out_of_downloads(tmp_path):
     """A download (service.tarstream) holds weights and configs only: the optimizer,
-    scheduler, RNG, trainer state, each method's extra state and OREO's critic optimizer
-    are resume-only (the README's promise)."""
+    scheduler, RNG, trainer state, GRPO's and EGPO's extra state and OREO's critic
+    optimizer are resume-only (the README's promise); BCO's delta ships with the model."""
     import io
     import tarfile
 
@@ -50,10 +50,10 @@ def test_every_trainers_resume_state_stays_out_of_downloads(tmp_path):
     from trainers.algorithms.oreo.value import CRITIC_STATE, HEAD_FILE, VALUE_DIR
     from trainers.contract.checkpoints import MARKER, resume_only
 
-    kept = ["model.safetensors", "config.json", "tokenizer.json", f"{VALUE_DIR}/{HEAD_FILE}"]
+    kept = ["model.safetensors", "config.json", "tokenizer.json", f"{VALUE_DIR}/{HEAD_FILE}", BCO]
     dropped = [
         "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "training_args.bin", MARKER,
-        BCO, EGPO, GRPO, f"{VALUE_DIR}/{CRITIC_STATE}",
+        EGPO, GRPO, f"{VALUE_DIR}/{CRITIC_STATE}",
     ]  # fmt: skip
     for name in kept + dropped:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
