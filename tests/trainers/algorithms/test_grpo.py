@@ -797,3 +797,60 @@ def test_xrpo_rows_cannot_reach_trls_vllm_server_so_the_combination_is_refused()
     JobSpec.model_validate(
         {"model": "m", "training_file": "f", "method": {"type": "grpo", "grpo": block}}
     )  # colocate generates each planned row as it is (n=1)
+
+
+# ----------------------------------------------------------------------------- group edges
+YES = {
+    "type": "string_check",
+    "name": "says_yes",
+    "input": "{{item.answer}}",
+    "reference": "yes",
+    "operation": "eq",
+}
+
+
+def test_two_rows_with_the_same_prompt_text_are_two_groups(model_dir, tmp_path):
+    """Same prompt, answers "yes" and "no": two groups whose rewards do not vary (NGRPO:
+    A = 0 for the all-correct one, -1/sqrt(5) for the all-wrong one of 4). Pooled as one
+    group of 8, neither would be zero-variance and the advantages would differ."""
+    rows = [{"prompt": "Same?", "answer": "yes"}, {"prompt": "Same?", "answer": "no"}]
+    hp = {**RUN_HP, "max_steps": 1, "steps_per_generation": 1}
+    plan = make_plan(tmp_path, "ngrpo", hp, graders=[YES], rows=rows, model=str(model_dir))
+    reporter = Reporter()
+    run_method(METHOD, plan, reporter)
+    (log,) = [m for m in reporter.sent if m.type == "log"]
+    assert log.metrics["frac_zero_variance_groups"] == 1.0
+    assert log.metrics["advantages/abs_max"] == pytest.approx(5**-0.5, abs=1e-4)
+
+
+def _ngrpo(graders: list[dict], hp: dict) -> JobSpec:
+    block = {"variant": "ngrpo", "graders": graders, "hyperparameters": hp}
+    return JobSpec.model_validate(
+        {"model": "m", "training_file": "f", "method": {"type": "grpo", "grpo": block}}
+    )
+
+
+def test_ngrpos_virtual_reward_must_reach_the_graders_largest_reward():
+    # weight 2 on a [0, 1] grader: rewards reach 2, above the default r_max of 1, where an
+    # all-correct group would get a positive advantage
+    with pytest.raises(ValidationError, match="set ngrpo_virtual_reward to 2"):
+        _ngrpo([YES], {"reward_weights": [2.0]})
+    _ngrpo([YES], {"reward_weights": [2.0], "ngrpo_virtual_reward": 2.0})
+    _ngrpo([YES], {})  # binary grader, r_max 1: fine
+
+
+def test_hapos_literal_code_sign_and_raw_z_reach_the_pieces():
+    from trainers.algorithms.grpo.pieces import build_pieces
+
+    block = {
+        "variant": "hapo",
+        "graders": [LENGTH],
+        "hyperparameters": {"hapo_literal_code_sign": True, "hapo_raw_z": True},
+    }
+    spec = JobSpec.model_validate(
+        {"model": "m", "training_file": "f", "method": {"type": "grpo", "grpo": block}}
+    )
+    pieces = build_pieces(spec.method.settings())
+    assert pieces["objective"]["literal_code_sign"] is True
+    rule = pieces["temperature"]
+    assert (rule.use_raw_z, rule.literal_code_sign) == (True, True)
