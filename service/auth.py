@@ -5,11 +5,13 @@ process from two sources:
 
 * ``POSTTRAIN_API_KEYS_FILE``: a JSON or TOML file of named tenants, each with
   the sha256 hex digests of its keys (never the keys themselves), an optional
-  quota of concurrent jobs and an optional ``admin`` flag::
+  quota of concurrent jobs, an optional list of the worker queues its jobs may
+  use and an optional ``admin`` flag::
 
       [tenants.team-a]
       keys = ["<sha256 hex of the key>"]
       max_active_jobs = 2
+      queues = ["posttrain.gpu"]
 
       [tenants.ops]
       keys = ["<sha256 hex>"]
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainers.contract.resources import check_queue_name
 from workers.store import DEFAULT_TENANT
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -50,6 +53,10 @@ class Tenant:
     name: str
     admin: bool = False
     max_active_jobs: int | None = None
+    queues: frozenset[str] | None = None  # None: every queue the server offers
+
+    def may_use(self, queue: str) -> bool:
+        return self.admin or self.queues is None or queue in self.queues
 
     def owns(self, record: dict) -> bool:
         """A record is visible to its own tenant and to admins (no tenant = default)."""
@@ -68,6 +75,14 @@ class _TenantEntry(BaseModel):
     keys: list[str] = Field(min_length=1, description="sha256 hex digests of the keys.")
     admin: bool = False
     max_active_jobs: int | None = Field(None, ge=1)
+    queues: list[str] | None = Field(
+        None, min_length=1, description="Worker queues the tenant's jobs may use; unset = all."
+    )
+
+    @field_validator("queues")
+    @classmethod
+    def _queue_names(cls, queues: list[str] | None) -> list[str] | None:
+        return None if queues is None else [check_queue_name(q) for q in queues]
 
     @field_validator("keys")
     @classmethod
@@ -124,7 +139,8 @@ class KeyRing:
                 add(digest, Tenant(f"key-{digest[:12]}"), "POSTTRAIN_API_KEYS")
         if keys_file is not None:
             for name, entry in read_key_file(Path(keys_file)).tenants.items():
-                tenant = Tenant(name, entry.admin, entry.max_active_jobs)
+                queues = None if entry.queues is None else frozenset(entry.queues)
+                tenant = Tenant(name, entry.admin, entry.max_active_jobs, queues)
                 for digest in entry.keys:
                     add(digest, tenant, str(keys_file))
         return cls(ring)

@@ -78,6 +78,10 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _queues(text: str) -> list[str]:
+    return [q.strip() for q in text.split(",") if q.strip()]
+
+
 def _keys_add(args: argparse.Namespace) -> int:
     """Make a new key for tenant NAME: print it once, and its key-file entry."""
     import json
@@ -85,10 +89,17 @@ def _keys_add(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from service.auth import TENANT_NAME, hash_key, read_key_file
+    from trainers.contract.resources import check_queue_name
 
     if not TENANT_NAME.match(args.name):
         print(f"posttrain keys add: '{args.name}' is not a valid tenant name", file=sys.stderr)
         return 2
+    for queue in _queues(args.queues or ""):
+        try:
+            check_queue_name(queue)
+        except ValueError as exc:
+            print(f"posttrain keys add: --queues: {exc}", file=sys.stderr)
+            return 2
     key = "pt-" + secrets.token_urlsafe(32)
     digest = hash_key(key)
     if args.file:
@@ -104,6 +115,8 @@ def _keys_add(args: argparse.Namespace) -> int:
             entry["admin"] = True
         if args.max_active_jobs:
             entry["max_active_jobs"] = args.max_active_jobs
+        if args.queues:
+            entry["queues"] = _queues(args.queues)
         tmp = path.with_name(f".{path.stem}.tmp.json")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         read_key_file(tmp)  # never write a file the API would refuse
@@ -116,6 +129,8 @@ def _keys_add(args: argparse.Namespace) -> int:
             lines.append("admin = true")
         if args.max_active_jobs:
             lines.append(f"max_active_jobs = {args.max_active_jobs}")
+        if args.queues:
+            lines.append(f"queues = {json.dumps(_queues(args.queues))}")
         print("add to the TOML key file (POSTTRAIN_API_KEYS_FILE):", file=sys.stderr)
         print("\n".join(lines), file=sys.stderr)
     print("the key (shown once; only its sha256 is stored):", file=sys.stderr)
@@ -166,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--file", help="add the key's hash to this JSON key file")
     add.add_argument("--admin", action="store_true", help="the tenant sees every tenant's data")
     add.add_argument("--max-active-jobs", type=int, help="quota of non-terminal jobs")
+    add.add_argument("--queues", help="comma-separated worker queues the tenant may use")
     add.set_defaults(func=_keys_add)
     hsh = keys.add_parser("hash", help="print the sha256 of each key read from stdin")
     hsh.set_defaults(func=_keys_hash)

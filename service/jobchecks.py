@@ -1,7 +1,8 @@
 """Creation-time checks of a parsed ``JobSpec`` against what exists: the method's own
-checks, its files and the workers of its queue. Each refusal is a 400 naming the field
-(a missing or another tenant's file is a 404); a queue with no live worker yet is no
-refusal (``check_workers`` returns the note the job's events get). Nothing here writes.
+checks, its files, its queue and the workers of that queue. Each refusal is a 400 naming
+the field (a missing or another tenant's file is a 404); a queue the server offers but no
+live worker serves yet is no refusal (``check_workers`` returns the note the job's events
+get). Nothing here writes.
 
 Nothing here knows which method a job holds: each method's contract model
 (``trainers.contract.methods``) brings its own hooks, called the same way for all.
@@ -16,7 +17,7 @@ from trainers.contract.errors import JobError
 from trainers.contract.formats import DatasetError, iter_rows, read_as
 from trainers.contract.spec import JobSpec
 from workers.filestore import FileStore
-from workers.fleet import live_workers
+from workers.fleet import live_queues, live_workers
 from workers.placement import PlacementError, place
 from workers.store import JobStore
 
@@ -111,17 +112,42 @@ def _first_misfit(files: FileStore, fid: str, accepted) -> str:
     return ""
 
 
-def check_workers(spec: JobSpec, jobs: JobStore, queue: str) -> str | None:
+def check_queue(
+    spec: JobSpec, jobs: JobStore, default: str, offered: frozenset[str], tenant: Tenant = DEFAULT
+) -> tuple[str, set[str]]:
+    """The job's queue (its ``resources.queue``, else ``default``) must be one the server
+    offers (``offered``: POSTTRAIN_QUEUE and POSTTRAIN_QUEUES) or a live worker serves,
+    and one the tenant may use: a 400 naming the queues it may use otherwise. Returns
+    (the queue, the queues live workers serve)."""
+    queue = spec.resources.queue or default
+    live = live_queues(jobs.r, jobs.p)
+    usable = sorted(q for q in offered | live if tenant.may_use(q))
+    if queue in usable:
+        return queue, live
+    what = "the default queue " if spec.resources.queue is None else ""
+    raise APIError(
+        400,
+        f"resources.queue: {what}'{queue}' is not a queue you may use; "
+        + (f"use one of: {', '.join(usable)}" if usable else "no queue is open to you"),
+        param="resources.queue",
+        code="invalid_value",
+    )
+
+
+def check_workers(spec: JobSpec, jobs: JobStore, queue: str, unserved_seconds: float) -> str | None:
     """The job's queue against the workers live on it (``workers.fleet``). None live: the
-    job is accepted and waits (workers can join later); the returned note says for what.
-    Some live, none able to run it (too few GPUs, strategy not installed): a 400."""
+    job is accepted and waits (workers can join later); the returned note says for what,
+    and how long before it fails. Some live, none able to run it (too few GPUs, strategy
+    not installed): a 400."""
     res = spec.resources
     workers = live_workers(jobs.r, jobs.p, queue)
     if not workers:
         need = f"{res.gpus} GPU(s)" if res.gpus else "CPU" if res.gpus == 0 else "any devices"
         return (
             f"No worker is live on queue '{queue}' yet; the job waits for a worker "
-            f"({need}, strategy {res.strategy}) to join the queue"
+            f"({need}, strategy {res.strategy}) to join the queue, and fails if none serves "
+            f"it within {unserved_seconds:g} s. It does not count towards the tenant's "
+            "active jobs while it waits"
         )
     problems, param = [], "resources"
     for w in workers:

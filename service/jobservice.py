@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -20,9 +21,10 @@ from celery import Celery
 
 from service.auth import DEFAULT, Tenant
 from service.errors import APIError, not_found
-from service.jobchecks import check_files, check_method, check_workers
+from service.jobchecks import check_files, check_method, check_queue, check_workers
 from service.jobrequest import parse_spec
 from service.modelaccess import ModelAccess
+from service.settings import ApiSettings
 from workers.celery_app import enqueue
 from workers.filestore import FileStore
 from workers.fleet import job_queue
@@ -36,13 +38,15 @@ from workers.store import (
     new_id,
 )
 
+log = logging.getLogger("posttrain.api")
+
 
 def create_job(
     body: dict[str, Any],
     jobs: JobStore,
     files: FileStore,
     celery: Celery,
-    queue: str,
+    settings: ApiSettings,
     idempotency_key: str | None,
     *,
     tenant: Tenant = DEFAULT,
@@ -56,8 +60,8 @@ def create_job(
     models = access.check_spec(spec, tenant) if access is not None else None
     check_method(spec)
     check_files(spec, files, tenant)
-    queue = spec.resources.queue or queue
-    waiting = check_workers(spec, jobs, queue)
+    queue, live = check_queue(spec, jobs, settings.queue, settings.queue_names(), tenant)
+    waiting = check_workers(spec, jobs, queue, settings.unserved_queue_seconds)
     job_id = new_id("ftjob")
     if idempotency_key:
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -73,27 +77,25 @@ def create_job(
                 )
             _wait_for_record(jobs, prior_id)
             return prior_id, False
-    record = {"tenant": tenant.name, **(models.record_fields() if models else {})}
+    record = {"tenant": tenant.name, "queue": queue, **(models.record_fields() if models else {})}
     if idempotency_key:  # DELETE of the job releases the key (JobStore.delete_job)
         record["idempotency_key"] = idempotency_key
-    with _quota_slot(jobs, tenant, job_id, idempotency_key):
+    with _quota_slot(jobs, tenant, job_id, idempotency_key, live):
         jobs.create(job_id, spec.model_dump_json(), JobStatus.queued, **record)
     jobs.add_event(job_id, f"Created fine-tuning job: {job_id}")
     try:
         enqueue(celery, job_id, queue)
     except Exception as exc:  # broker down: the job must not sit queued with no message
+        log.error("job %s could not be enqueued on %s: %r", job_id, queue, exc)
+        message = "the job could not be sent to its workers (the message broker failed)"
         jobs.transition(
             job_id,
             JobStatus.failed,
-            error={
-                "code": "enqueue_failed",
-                "message": f"could not enqueue the job: {exc}",
-                "param": None,
-            },
+            error={"code": "enqueue_failed", "message": message, "param": None},
         )
         raise APIError(
             503,
-            f"job {job_id} could not be enqueued: {exc}",
+            f"job {job_id} failed: {message}; retry the request",
             type="server_error",
             code="enqueue_failed",
         ) from exc
@@ -104,23 +106,26 @@ def create_job(
 
 
 @contextmanager
-def _quota_slot(jobs: JobStore, tenant: Tenant, job_id: str, idempotency_key: str | None):
+def _quota_slot(
+    jobs: JobStore, tenant: Tenant, job_id: str, idempotency_key: str | None, live: set[str]
+):
     """Hold the tenant's quota lock while its active jobs are counted and the new one is
-    written, so two concurrent requests cannot both take the last slot. A refusal is a
-    429 (``quota_exceeded``), and releases the Idempotency-Key it had bound."""
+    written, so two concurrent requests cannot both take the last slot. Jobs queued on a
+    queue no live worker serves (``live``) do not count. A refusal is a 429
+    (``quota_exceeded``), and releases the Idempotency-Key it had bound."""
     if tenant.max_active_jobs is None:
         yield
         return
     with jobs.r.lock(f"{jobs.p}tenant:{tenant.name}:quota-lock", timeout=30, blocking_timeout=10):
-        active = jobs.active_count(tenant.name)
+        active = jobs.active_count(tenant.name, served=live)
         if active >= tenant.max_active_jobs:
             if idempotency_key:
                 jobs.forget_idempotency(idempotency_key, job_id, tenant.name)
             raise APIError(
                 429,
-                f"tenant '{tenant.name}' has {active} active jobs (queued, running, pausing "
-                f"or paused) and a quota of {tenant.max_active_jobs}; cancel one or wait for "
-                "one to finish",
+                f"tenant '{tenant.name}' has {active} active jobs (queued on a served queue, "
+                f"running, pausing or paused) and a quota of {tenant.max_active_jobs}; cancel "
+                "one or wait for one to finish",
                 type="rate_limit_error",
                 code="quota_exceeded",
             )
@@ -225,7 +230,10 @@ def resume_job(rec: dict, jobs: JobStore, celery: Celery, queue: str) -> dict:
     try:
         enqueue(celery, job_id, queue)
     except Exception as exc:  # the reconciler re-enqueues a queued job with no message
+        log.warning("job %s could not be enqueued on resume: %r", job_id, exc)
         jobs.add_event(
-            job_id, f"Enqueue failed ({exc}); a worker's reconciler will send it", level="warn"
+            job_id,
+            "Enqueue failed (the message broker); a worker's reconciler will send it",
+            level="warn",
         )
     return written

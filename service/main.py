@@ -24,6 +24,8 @@ from service.routes import files, graders, health, jobs, models
 from service.settings import ApiSettings
 from workers.celery_app import make_celery
 from workers.filestore import FileStore
+from workers.fleet import live_queues
+from workers.recovery import fail_unserved
 from workers.redis_client import make_redis
 from workers.store import JobStore
 
@@ -88,23 +90,33 @@ def _docs(app: FastAPI, access: str) -> None:
 log = logging.getLogger("posttrain.api")
 
 
-async def _sweep_files(app: FastAPI) -> None:
-    """Delete files past their ``expires_at`` every ``file_sweep_seconds`` (reads of an
-    expired file already answer 404; this frees the disk)."""
-    every = app.state.settings.file_sweep_seconds
+def _sweep(app: FastAPI) -> None:
+    """One pass of the API's upkeep: delete files past their ``expires_at`` (reads of an
+    expired file already answer 404; this frees the disk), and fail jobs that have waited
+    on a queue with no live worker for ``unserved_queue_seconds``."""
+    s, jobs = app.state.settings, app.state.jobs
+    gone = app.state.files.sweep_expired()
+    if gone:
+        log.info("deleted %d expired file(s)", gone)
+    live = live_queues(jobs.r, jobs.p)
+    failed = fail_unserved(jobs, live, s.unserved_queue_seconds, s.queue)
+    if failed:
+        log.warning("failed %d job(s) queued with no live worker: %s", len(failed), failed)
+
+
+async def _sweeper(app: FastAPI) -> None:
+    """``_sweep`` every ``file_sweep_seconds``, off the event loop."""
     while True:
         try:
-            gone = await asyncio.to_thread(app.state.files.sweep_expired)
-            if gone:
-                log.info("deleted %d expired file(s)", gone)
+            await asyncio.to_thread(_sweep, app)
         except redis.RedisError as exc:
-            log.warning("file expiry sweep skipped: %s", exc)
-        await asyncio.sleep(every)
+            log.warning("upkeep sweep skipped: %s", exc)
+        await asyncio.sleep(app.state.settings.file_sweep_seconds)
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    sweeper = asyncio.create_task(_sweep_files(app))
+    sweeper = asyncio.create_task(_sweeper(app))
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from trainers.contract.resources import check_queue_name
 from workers.settings import WorkerSettings
 
 
@@ -36,12 +37,26 @@ class ApiSettings(WorkerSettings):
         16 << 20, ge=1024, description="Longest accepted line of an uploaded JSONL file."
     )
     file_sweep_seconds: float = Field(
-        60.0, gt=0, description="How often the API deletes files past their expires_at."
+        60.0,
+        gt=0,
+        description="How often the API deletes files past their expires_at and fails jobs "
+        "waiting on an unserved queue past unserved_queue_seconds.",
     )
     docs_access: Literal["auth", "public", "off"] = Field(
         "auth",
         description="/docs and /openapi.json: 'auth' = need an API key when keys are set, "
         "'public' = open to all, 'off' = not served.",
+    )
+    queues: str = Field(
+        "",
+        description="Comma-separated worker queues jobs may name besides POSTTRAIN_QUEUE and "
+        "the queues live workers serve (e.g. a GPU class whose workers start on demand).",
+    )
+    unserved_queue_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="A job queued on a queue that no live worker has served for this long "
+        "fails (code no_worker).",
     )
     organization_id: str = Field("org-posttrain", description="organization_id on job objects.")
     host: str = "127.0.0.1"
@@ -51,6 +66,18 @@ class ApiSettings(WorkerSettings):
     @classmethod
     def _unset_file(cls, value: object) -> object:
         return None if value == "" else value  # compose passes unset variables as ""
+
+    @field_validator("queues")
+    @classmethod
+    def _queue_names(cls, value: str) -> str:
+        for name in value.split(","):
+            if name.strip():
+                check_queue_name(name.strip())
+        return value
+
+    def queue_names(self) -> frozenset[str]:
+        """The queues the server offers whether or not a worker is live on them."""
+        return frozenset({self.queue, *(q.strip() for q in self.queues.split(",") if q.strip())})
 
     def key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

@@ -25,10 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def job_queue(store, job_id: str, default: str) -> str:
-    """The queue a job runs on: its ``resources.queue``, else ``default`` (the deployment's
+    """The queue a job runs on: the one its record names (written at creation), else its
+    ``resources.queue`` (older records), else ``default`` (the deployment's
     POSTTRAIN_QUEUE). Retries, resumes and the reaper re-enqueue a job on this queue."""
     try:
-        resources = stored_spec_view(store.get(job_id)["spec"]).get("resources") or {}
+        rec = store.get(job_id)
+        if rec.get("queue"):
+            return rec["queue"]
+        resources = stored_spec_view(rec["spec"]).get("resources") or {}
     except Exception:  # a vanished or unreadable record: the caller's default
         return default
     return resources.get("queue") or default
@@ -78,6 +82,13 @@ def live_workers(client: redis.Redis, prefix: str, queue: str) -> list[dict]:
     if dead:
         client.hdel(key, *[d["name"] for d in dead])
     return live
+
+
+def live_queues(client: redis.Redis, prefix: str) -> set[str]:
+    """The queues at least one live worker serves."""
+    start = len(fleet_key(prefix, ""))
+    queues = {key[start:] for key in client.scan_iter(match=fleet_key(prefix, "*"), count=100)}
+    return {q for q in queues if live_workers(client, prefix, q)}
 
 
 class Advertiser(threading.Thread):

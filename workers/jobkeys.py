@@ -14,6 +14,8 @@ Keys (all under the settings' ``key_prefix``):
   fence                 counter: the last fencing token handed to a claim
   idem:{tenant}:{key}   Idempotency-Key -> "job_id|request hash" (24 h), per tenant
   tenant:{name}:active  set of the tenant's job ids not yet seen terminal (quota count)
+  fleet:unserved        hash: queue -> since when (API clock) queued jobs have waited on it
+                        with no live worker (``workers.recovery.fail_unserved``)
 
 ``JobKeys`` holds the client and the prefix; ``workers.jobstate`` (status changes and
 leases) and ``workers.jobstreams`` (events, metrics, checkpoints) build on it, and
@@ -65,6 +67,9 @@ class JobKeys:
 
     def k_active(self, tenant: str) -> str:
         return f"{self.p}tenant:{tenant}:active"
+
+    def k_unserved(self) -> str:
+        return f"{self.p}fleet:unserved"
 
     def server_time(self) -> float:
         """Redis server time in seconds: the one clock leases are measured by."""

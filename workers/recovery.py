@@ -13,6 +13,10 @@ Every worker runs ``Reaper`` in a daemon thread of its main process. Each pass:
   failed on resume or requeue) is enqueued again. Re-enqueueing is safe because
   the claim is idempotent: a duplicate delivery exits at once.
 
+The API runs a third sweep, ``fail_unserved``: a job queued on a queue that no live
+worker has served for ``POSTTRAIN_UNSERVED_QUEUE_SECONDS`` fails with ``no_worker``
+instead of waiting forever.
+
 Several reapers may run at once: the compare-and-set lets exactly one of them
 requeue a given job. After a pass that could not reach Redis, a reaper waits a
 whole lease period once Redis answers again before it requeues anything, so the
@@ -24,11 +28,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 
 import redis
 
-from workers.store import JobStore
+from workers.fleet import job_queue
+from workers.store import InvalidTransition, JobNotFound, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +91,74 @@ def requeue_stranded(
     return done
 
 
-def broker_has_message(broker: redis.Redis, queue: str) -> Callable[[str], bool]:
-    """``has_message(job_id)`` for Celery's Redis transport: the job's id appears in a
-    message waiting in ``queue`` (any priority list) or in one delivered and not yet
-    acknowledged (kombu's ``unacked`` hash). Job ids are random, so a substring match
-    on the raw message is exact enough."""
+def fail_unserved(
+    store: JobStore,
+    live: Collection[str],
+    max_wait: float,
+    default_queue: str,
+    now: float | None = None,
+) -> list[str]:
+    """Fail every queued job whose queue no live worker (``live``) has served for
+    ``max_wait`` s, counted from the later of when its queue was first seen unserved
+    (``fleet:unserved``, kept here) and when the job was queued; return their ids. A
+    queue seen served again clears its mark. Times are this process's clock."""
+    now = time.time() if now is None else now
+    ids = store.r.zrange(store.k_queued(), 0, -1)
+    pipe = store.r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(store.k_job(job_id), "status", "queue", "updated_at", "created_at")
+    waiting: dict[str, list[tuple[str, float]]] = {}
+    for job_id, (status, queue, updated, created) in zip(ids, pipe.execute(), strict=True):
+        if status != JobStatus.queued:
+            continue
+        queue = queue or job_queue(store, job_id, default_queue)
+        if queue not in live:
+            waiting.setdefault(queue, []).append((job_id, float(updated or created or now)))
+    marks = store.r.hgetall(store.k_unserved())
+    stale = [q for q in marks if q not in waiting]
+    if stale:
+        store.r.hdel(store.k_unserved(), *stale)
+    failed = []
+    for queue, jobs in waiting.items():
+        if queue not in marks:
+            store.r.hsetnx(store.k_unserved(), queue, now)
+        unserved_since = float(marks.get(queue, now))
+        for job_id, queued_at in jobs:
+            waited = now - max(unserved_since, queued_at)
+            if waited < max_wait:
+                continue
+            message = (
+                f"no worker served queue '{queue}' for {max_wait:g} s while the job waited; "
+                f"start a worker on it (POSTTRAIN_QUEUE={queue}) or create the job on a "
+                "queue that has workers"
+            )
+            try:
+                store.transition(
+                    job_id,
+                    JobStatus.failed,
+                    expect={JobStatus.queued},
+                    error={"code": "no_worker", "message": message, "param": "resources.queue"},
+                )
+            except (InvalidTransition, JobNotFound):
+                continue  # claimed, cancelled or deleted meanwhile
+            store.add_event(job_id, f"Job failed: {message}", level="error")
+            failed.append(job_id)
+    return failed
+
+
+def broker_has_message(broker: redis.Redis, queue: str, prefix: str) -> Callable[[str], bool]:
+    """``has_message(job_id)`` for Celery's Redis transport, whose keys start with
+    ``prefix``: the job's id appears in a message waiting in ``queue`` (any priority list)
+    or in one delivered and not yet acknowledged (kombu's ``unacked`` hash). Job ids are
+    random, so a substring match on the raw message is exact enough."""
+    key = f"{prefix}{queue}"
 
     def has_message(job_id: str) -> bool:
-        lists = [queue] + [k for k in broker.scan_iter(match=f"{queue}\x06\x16*", count=100)]
-        for key in lists:
-            if any(job_id in m for m in broker.lrange(key, 0, -1)):
+        lists = [key] + [k for k in broker.scan_iter(match=f"{key}\x06\x16*", count=100)]
+        for name in lists:
+            if any(job_id in m for m in broker.lrange(name, 0, -1)):
                 return True
-        return any(job_id in v for v in broker.hvals("unacked"))
+        return any(job_id in v for v in broker.hvals(f"{prefix}unacked"))
 
     return has_message
 

@@ -39,8 +39,10 @@ def make_redis(s: WorkerSettings, url: str | None = None) -> redis.Redis:
 
 
 def broker_transport_options(s: WorkerSettings) -> dict[str, Any]:
-    """The same timeouts and health checks for kombu's Redis transport (Celery's broker)."""
+    """The same timeouts and health checks for kombu's Redis transport (Celery's broker),
+    and its keys under their own prefix."""
     return {
+        "global_keyprefix": s.broker_key_prefix,
         "socket_timeout": s.redis_socket_timeout,
         "socket_connect_timeout": s.redis_connect_timeout,
         "socket_keepalive": True,

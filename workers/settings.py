@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trainers.contract.resources import check_queue_name
 
 
 class WorkerSettings(BaseSettings):
@@ -78,6 +80,17 @@ class WorkerSettings(BaseSettings):
     vllm_start_timeout: float = Field(
         600.0, gt=0, description="Seconds a starting vLLM server may take to answer /health."
     )
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, value: str) -> str:
+        return check_queue_name(value)
+
+    @property
+    def broker_key_prefix(self) -> str:
+        """Every key of Celery's Redis transport starts with this (kombu's
+        ``global_keyprefix``): queues are never names of posttrain's own keys."""
+        return f"{self.key_prefix}celery:"
 
     @property
     def effective_broker_url(self) -> str:

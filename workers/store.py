@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Container
 from typing import Any
 
 import redis
@@ -162,22 +163,26 @@ class JobStore(JobLifecycle, JobStreams):
         return out[:limit], len(out) > limit
 
     # ---- tenants
-    def active_count(self, tenant: str) -> int:
-        """The tenant's jobs not in a terminal state. Jobs seen terminal (or gone) are
-        dropped from the tenant's active set here, so the set never needs the state
-        machine's help to shrink."""
+    def active_count(self, tenant: str, served: Container[str] | None = None) -> int:
+        """The tenant's jobs not in a terminal state; with ``served`` (the queues live
+        workers serve), jobs queued on any other queue do not count. Jobs seen terminal (or
+        gone) are dropped from the tenant's active set here, so the set never needs the
+        state machine's help to shrink."""
         key = self.k_active(tenant)
         ids = sorted(self.r.smembers(key))
         if not ids:
             return 0
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hget(self.k_job(job_id), "status")
-        states = pipe.execute()
-        done = [j for j, st in zip(ids, states, strict=True) if st is None or st in TERMINAL]
+            pipe.hmget(self.k_job(job_id), "status", "queue")
+        rows = pipe.execute()
+        done = [j for j, (st, _) in zip(ids, rows, strict=True) if st is None or st in TERMINAL]
         if done:
             self.r.srem(key, *done)
-        return len(ids) - len(done)
+        waiting = 0
+        if served is not None:
+            waiting = sum(st == S.queued and q and q not in served for st, q in rows)
+        return len(ids) - len(done) - waiting
 
     # ---- deleting finished jobs
     def delete_job(self, job_id: str) -> dict[str, str]:

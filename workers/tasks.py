@@ -90,7 +90,7 @@ def _start_reaper(**_: object) -> None:
         return job_queue(store, job_id, settings.queue)
 
     def has_message(job_id: str) -> bool:
-        return broker_has_message(broker, queue_of(job_id))(job_id)
+        return broker_has_message(broker, queue_of(job_id), settings.broker_key_prefix)(job_id)
 
     Reaper(
         store,

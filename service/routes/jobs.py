@@ -40,7 +40,7 @@ def create(
         jobs,
         files,
         request.app.state.celery,
-        settings.queue,
+        settings,
         idempotency_key,
         tenant=tenant,
         access=request.app.state.model_access,

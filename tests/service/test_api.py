@@ -13,6 +13,7 @@ from service.main import create_app
 from service.settings import ApiSettings
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+BROKER = "test:celery:"  # Celery's keys, under the settings' key_prefix
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_create_job_returns_every_sdk_field_and_enqueues(client, redis_client):
     assert sdk_fields <= job.keys()
     assert job["status"] == "queued" and job["method"]["type"] == "supervised" and job["seed"] == 3
     # the task message really is on the broker's queue
-    assert redis_client.llen("posttrain.test-api") == 1
+    assert redis_client.llen(BROKER + "posttrain.test-api") == 1
     listed = client.get("/v1/fine_tuning/jobs").json()
     assert [j["id"] for j in listed["data"]] == [job["id"]] and listed["has_more"] is False
 
@@ -127,7 +128,7 @@ def test_idempotency_key_replays_the_same_job(client, redis_client):
     again = create_job(client, fid, headers={"Idempotency-Key": "abc"})
     assert first.json()["id"] == again.json()["id"]
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert redis_client.llen("posttrain.test-api") == 1
+    assert redis_client.llen(BROKER + "posttrain.test-api") == 1
     other = create_job(client, fid, headers={"Idempotency-Key": "abc"}, seed=9)
     assert other.status_code == 409 and error_of(other)["param"] == "Idempotency-Key"
 
@@ -265,9 +266,9 @@ def test_pause_and_resume_refuse_jobs_in_the_wrong_state(client, redis_client):
     store.transition(job["id"], "running")
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause").json()["status"] == "pausing"
     store.transition(job["id"], "paused")
-    before = redis_client.llen("posttrain.test-api")
+    before = redis_client.llen(BROKER + "posttrain.test-api")
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()["status"] == "queued"
-    assert redis_client.llen("posttrain.test-api") == before + 1
+    assert redis_client.llen(BROKER + "posttrain.test-api") == before + 1
 
 
 def test_resume_answers_the_state_it_wrote_even_if_a_worker_claims_at_once(client, monkeypatch):

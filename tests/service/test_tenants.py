@@ -28,6 +28,7 @@ from service.auth import KeyRing, hash_key, read_key_file
 from service.main import create_app
 from service.settings import ApiSettings
 from tests import redis_server
+from workers.fleet import advertise
 from workers.store import JobStatus
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -383,7 +384,9 @@ def test_auth_off_is_one_default_tenant(settings):
         assert client.get(f"/v1/fine_tuning/jobs/{job}").status_code == 200
 
 
-def test_quota_on_concurrent_jobs_is_a_429_until_one_ends(client, app):
+def test_quota_on_concurrent_jobs_is_a_429_until_one_ends(client, app, settings):
+    # a live worker serves the queue (jobs waiting on an unserved queue hold no quota)
+    advertise(app.state.jobs.r, settings.key_prefix, settings.queue, "w1", [], ["ddp"], 600)
     fid = upload(client, "q")
     first = create_job(client, "q", fid)
     assert first.status_code == 200
@@ -422,7 +425,8 @@ CLI = [sys.executable, "-m", "service.cli"]
 def test_keys_add_cli_writes_a_hash_the_api_accepts(tmp_path):
     path = tmp_path / "keys.json"
     out = subprocess.run(
-        [*CLI, "keys", "add", "team-x", "--file", str(path), "--max-active-jobs", "2"],
+        [*CLI, "keys", "add", "team-x", "--file", str(path)]
+        + ["--max-active-jobs", "2", "--queues", "gpu.a, gpu.b"],
         capture_output=True,
         text=True,
         check=True,
@@ -431,6 +435,13 @@ def test_keys_add_cli_writes_a_hash_the_api_accepts(tmp_path):
     assert key and key not in path.read_text()
     tenant = KeyRing.load("", path).tenant_for(key)
     assert tenant.name == "team-x" and tenant.max_active_jobs == 2
+    assert tenant.queues == {"gpu.a", "gpu.b"}
+    bad = subprocess.run(
+        [*CLI, "keys", "add", "team-y", "--file", str(path), "--queues", "a:b"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--queues: queue 'a:b' is not a queue name" in bad.stderr
 
 
 # ---- the bind refusal, as processes

@@ -220,24 +220,25 @@ def _spec(**resources) -> JobSpec:
 
 
 def test_job_creation_waits_for_a_worker_or_refuses_one_that_cannot_fit(store):
-    note = check_workers(_spec(gpus=2), store, "gpu.h100")
+    note = check_workers(_spec(gpus=2), store, "gpu.h100", 3600)
     assert note == (
         "No worker is live on queue 'gpu.h100' yet; the job waits for a worker "
-        "(2 GPU(s), strategy ddp) to join the queue"
+        "(2 GPU(s), strategy ddp) to join the queue, and fails if none serves it within "
+        "3600 s. It does not count towards the tenant's active jobs while it waits"
     )
     advertise(store.r, store.p, "gpu.h100", "w1@h", ["0"], ["ddp", "fsdp2"], ttl=30)
     with pytest.raises(APIError) as exc:
-        check_workers(_spec(gpus=2), store, "gpu.h100")
+        check_workers(_spec(gpus=2), store, "gpu.h100", 3600)
     assert exc.value.status == 400 and exc.value.param == "resources.gpus"
     assert "w1@h: the job needs 2 GPU(s), but this worker's devices are 1 (0)" in str(
         exc.value.message
     )
     with pytest.raises(APIError) as exc:
-        check_workers(_spec(gpus=1, strategy="deepspeed_zero2"), store, "gpu.h100")
+        check_workers(_spec(gpus=1, strategy="deepspeed_zero2"), store, "gpu.h100", 3600)
     assert exc.value.param == "resources.strategy"
     advertise(store.r, store.p, "gpu.h100", "w2@h", ["0", "1"], ["ddp"], ttl=30)
-    assert check_workers(_spec(gpus=2), store, "gpu.h100") is None  # w2 fits
-    assert check_workers(_spec(), store, "gpu.h100") is None
+    assert check_workers(_spec(gpus=2), store, "gpu.h100", 3600) is None  # w2 fits
+    assert check_workers(_spec(), store, "gpu.h100", 3600) is None
 
 
 def test_a_job_is_requeued_on_its_own_queue(store):

@@ -31,7 +31,7 @@ def test_expired_lease_is_requeued_once_and_enqueued(store, redis_client, unit_r
     rec = store.get("ftjob-dead")
     assert rec["status"] == "queued" and rec["lease_owner"] == "" and rec["attempt"] == "1"
     assert store.get("ftjob-alive")["status"] == "running"
-    message = json.loads(redis_client.lindex("posttrain.test-recovery", 0))
+    message = json.loads(redis_client.lindex("posttrain:celery:posttrain.test-recovery", 0))
     assert message["headers"]["task"] == "posttrain.run_job"
     assert message["headers"]["argsrepr"] == "['ftjob-dead']"
     # the old owner can no longer renew or finish it; a new claim counts attempt 2
@@ -56,11 +56,13 @@ def test_a_queued_job_with_no_broker_message_is_enqueued_again_once(
     from workers.recovery import broker_has_message, requeue_stranded
 
     queue = "posttrain.test-stranded"
-    celery = make_celery(WorkerSettings(redis_url=unit_redis_url, queue=queue))
+    settings = WorkerSettings(redis_url=unit_redis_url, queue=queue)
+    celery = make_celery(settings)
+    prefix = settings.broker_key_prefix
     store.create("ftjob-stranded", "{}", JobStatus.queued)  # and no message
     store.create("ftjob-sent", "{}", JobStatus.queued)
     enqueue(celery, "ftjob-sent", queue)
-    has_message = broker_has_message(redis_client, queue)
+    has_message = broker_has_message(redis_client, queue, prefix)
     assert not has_message("ftjob-stranded") and has_message("ftjob-sent")
 
     def send(job_id: str) -> None:
@@ -69,7 +71,8 @@ def test_a_queued_job_with_no_broker_message_is_enqueued_again_once(
     assert requeue_stranded(store, send, has_message, grace=60) == []  # inside the grace
     assert requeue_stranded(store, send, has_message, grace=0) == ["ftjob-stranded"]
     assert requeue_stranded(store, send, has_message, grace=0) == []  # now it has one
-    bodies = redis_client.lrange(queue, 0, -1)
+    assert not redis_client.exists(queue)  # Celery's keys live under their own prefix
+    bodies = redis_client.lrange(prefix + queue, 0, -1)
     assert sum("ftjob-stranded" in b for b in bodies) == 1
     assert sum("ftjob-sent" in b for b in bodies) == 1
     events = [f["message"] for _, f in store.events("ftjob-stranded", None, 10)[0]]

@@ -6,9 +6,10 @@ Both are blocks of the job spec (``resources``, ``lora``) that method hooks may 
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trainers.contract.hparams import Strict
 
@@ -39,6 +40,25 @@ class LoraSettings(Strict):
                     "(or train the head with training_type 'full')"
                 )
         return self
+
+
+# A worker queue's name: letters, digits, '.', '_' and '-' (no ':', so it can never name
+# another Redis key), the names kombu keeps for itself excepted. Celery's keys live under
+# their own prefix as well (``workers.redis_client.broker_transport_options``).
+QUEUE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+RESERVED_QUEUES = frozenset({"unacked", "unacked_index", "unacked_mutex"})
+
+
+def check_queue_name(name: str) -> str:
+    """``name`` if it may name a queue; ValueError saying why not."""
+    if not re.fullmatch(QUEUE_NAME, name):
+        raise ValueError(
+            f"queue {name[:80]!r} is not a queue name: 1 to 64 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit"
+        )
+    if name in RESERVED_QUEUES:
+        raise ValueError(f"queue {name!r} is a name the message broker keeps for itself")
+    return name
 
 
 # Distributed strategies of a multi-process job, each one of accelerate's own launch
@@ -75,14 +95,19 @@ class Resources(Strict):
     queue: str | None = Field(
         None,
         min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9_.:-]+$",
-        description="Celery queue (GPU class) whose workers run the job; default = the "
-        "API's POSTTRAIN_QUEUE.",
+        max_length=64,
+        description="Worker queue (GPU class) whose workers run the job: one a live worker "
+        "serves or the server's POSTTRAIN_QUEUES names (and the tenant may use); default = "
+        "the API's POSTTRAIN_QUEUE.",
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=512, description="torch threads; default = the worker's share of cores."
     )
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_queue_name(value)
 
     @model_validator(mode="after")
     def _check_processes(self) -> Resources:
