@@ -422,11 +422,13 @@ def test_key_file_holds_hashes_not_keys(tmp_path):
 CLI = [sys.executable, "-m", "service.cli"]
 
 
+QUOTA_AND_QUEUES = ["--max-active-jobs", "2", "--queues", "gpu.a, gpu.b"]
+
+
 def test_keys_add_cli_writes_a_hash_the_api_accepts(tmp_path):
     path = tmp_path / "keys.json"
     out = subprocess.run(
-        [*CLI, "keys", "add", "team-x", "--file", str(path)]
-        + ["--max-active-jobs", "2", "--queues", "gpu.a, gpu.b"],
+        [*CLI, "keys", "add", "team-x", "--file", str(path), *QUOTA_AND_QUEUES],
         capture_output=True,
         text=True,
         check=True,
