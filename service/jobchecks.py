@@ -15,6 +15,7 @@ from service.deps import owned_file
 from service.errors import APIError
 from trainers.contract.errors import JobError
 from trainers.contract.formats import DatasetError, iter_rows, read_as
+from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
 from trainers.contract.spec import JobSpec
 from workers.filestore import FileStore
 from workers.fleet import live_queues, live_workers
@@ -33,6 +34,16 @@ def check_method(spec: JobSpec) -> None:
         spec.method.check_request(validation_file=spec.validation_file)
     except JobError as exc:
         raise _refusal(exc) from None
+
+
+def check_patterns(spec: JobSpec) -> None:
+    """Every user regex of the method (regex graders, pattern-table judges) compiles
+    within its limits, compiled in a bounded child process: a 400 naming the field."""
+    found = patterns_in(spec.model_dump(mode="json")["method"], "method")
+    try:
+        check_compiles(found)
+    except PatternError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
 
 
 def check_files(spec: JobSpec, files: FileStore, tenant: Tenant = DEFAULT) -> None:

@@ -21,7 +21,13 @@ from celery import Celery
 
 from service.auth import DEFAULT, Tenant
 from service.errors import APIError, not_found
-from service.jobchecks import check_files, check_method, check_queue, check_workers
+from service.jobchecks import (
+    check_files,
+    check_method,
+    check_patterns,
+    check_queue,
+    check_workers,
+)
 from service.jobrequest import parse_spec
 from service.modelaccess import ModelAccess
 from service.settings import ApiSettings
@@ -59,6 +65,7 @@ def create_job(
     spec = parse_spec(body)
     models = access.check_spec(spec, tenant) if access is not None else None
     check_method(spec)
+    check_patterns(spec)
     check_files(spec, files, tenant)
     queue, live = check_queue(spec, jobs, settings.queue, settings.queue_names(), tenant)
     waiting = check_workers(spec, jobs, queue, settings.unserved_queue_seconds)

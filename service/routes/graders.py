@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import Auth, TenantDep
 from service.errors import APIError, error_responses
+from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
 from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import (
     GraderSpec,
@@ -98,10 +99,16 @@ class ValidateResponse(BaseModel):
 
 
 def _parse(raw: dict[str, Any]) -> GraderSpec:
+    """The grader, its shape checked and its regexes compiled in a bounded child."""
     try:
-        return parse_grader(raw)
+        grader = parse_grader(raw)
     except InvalidGrader as exc:
         raise APIError(400, exc.message, param=exc.param, code="invalid_grader") from None
+    try:
+        check_compiles(patterns_in(grader.model_dump(mode="json"), "grader"))
+    except PatternError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_grader") from None
+    return grader
 
 
 def _response(grader: GraderSpec, report: GradeReport) -> RunResponse:

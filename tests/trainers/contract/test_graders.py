@@ -15,6 +15,7 @@ import pytest
 
 from trainers.contract.graders import scoring, text
 from trainers.contract.graders.expr import FormulaError, compile_formula
+from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
 from trainers.contract.graders.scoring import (
     SCORERS,
     grade,
@@ -134,8 +135,10 @@ def test_regex_searches_with_inline_flags_and_anchors():
     grader = {"type": "regex", "name": "fmt", "input": OUT, "pattern": r"(?i)^answer: \d+$"}
     assert grade(grader, {}, "ANSWER: 42") == 1.0
     assert grade(grader, {}, "answer: 42 (sure)") == 0.0
-    with pytest.raises(InvalidGrader, match="does not compile"):
-        parse_grader({**grader, "pattern": "(unclosed"})
+    # compiling is the API's bounded check (trainers.contract.graders.patterns)
+    unclosed = parse_grader({**grader, "pattern": "(unclosed"})
+    with pytest.raises(PatternError, match=r"grader\.pattern: the pattern does not compile"):
+        check_compiles(patterns_in(unclosed.model_dump(mode="json"), "grader"))
 
 
 def test_regex_timeout_scores_zero_and_is_reported(monkeypatch):

@@ -283,8 +283,8 @@ def test_good_judges_validate(pair_model, reward_model):
     [
         ({"type": "oracle"}, "judge", "unknown judge type 'oracle'"),
         ({"type": "reward_model", "model": "/m", "temp": 1}, "judge.temp", "Extra inputs"),
-        ({**STYLES, "classes": [{"name": "x", "pattern": "(a"}], "preferences": [[0.5]]},
-         "judge.classes[0].pattern", "does not compile"),
+        ({**STYLES, "classes": [{"name": "x", "pattern": "a{5000}"}], "preferences": [[0.5]]},
+         "judge.classes[0].pattern", "counted repeat {5000} is over 1000"),
         ({**STYLES, "preferences": [[0.5, 0.5], [0.5, 0.5]]}, "judge.preferences", "3x3"),
         ({**STYLES, "preferences": [[0.5, 0.8, 0.3], [0.2, 0.5, 0.8], [0.8, 0.2, 0.5]]},
          "judge.preferences", "preferences[0][2] + preferences[2][0] must be 1"),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from trainers.contract.graders import text
 from trainers.contract.graders.expr import compile_formula
 from trainers.contract.graders.spec import GraderSpec, MultiGrader, parse_grader
 from trainers.contract.graders.templates import GraderError, render
+from trainers.contract.isolation import run_bounded
 
 __all__ = [
     "SCORERS",
@@ -238,6 +238,7 @@ def grade_report(grader: GraderSpec | dict[str, Any], item: Any, sample_text: st
 
 
 RUN_TIMEOUT_S = 20.0
+RUN_MEMORY_BYTES = 512 << 20
 # Imported once by the fork server, so each child starts with them loaded.
 _PRELOAD = [
     "trainers.contract.graders.scoring",
@@ -248,47 +249,35 @@ _PRELOAD = [
 ]
 
 
-def _child(conn: Any, grader: dict[str, Any], item: Any, sample_text: str) -> None:
-    try:
-        conn.send(grade_report(grader, item, sample_text))
-    except Exception as exc:  # anything else is reported, not lost with the child
-        conn.send(GradeReport(reward=0.0, errors={"other_error": f"{type(exc).__name__}: {exc}"}))
-    finally:
-        conn.close()
-
-
 def run_isolated(
     grader: GraderSpec, item: Any, sample_text: str, timeout_s: float = RUN_TIMEOUT_S
 ) -> GradeReport:
-    """``grade_report`` in a forked child, killed after ``timeout_s``.
+    """``grade_report`` in a child process killed after ``timeout_s`` and capped at
+    ``RUN_MEMORY_BYTES`` (``trainers.contract.isolation``): a pathological sample (a regex
+    or a sympy expression that explodes) costs the caller nothing.
 
     A child that does not answer in time is reported as OpenAI's
-    ``unresponsive_reward_error`` with reward 0. Children come from a fork
-    server (started on first use, never at import), which is safe to use from
-    a threaded server where a plain ``fork`` is not.
+    ``unresponsive_reward_error`` with reward 0; one over its memory, or that failed or
+    died, as ``other_error``.
     """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    recv, send = ctx.Pipe(duplex=False)
     payload = grader.model_dump(mode="json")
-    proc = ctx.Process(target=_child, args=(send, payload, item, sample_text), daemon=True)
-    start = time.perf_counter()
-    proc.start()
-    send.close()
-    try:
-        if recv.poll(timeout_s):
-            return recv.recv()
+    out = run_bounded(
+        grade_report,
+        (payload, item, sample_text),
+        timeout_s=timeout_s,
+        memory_bytes=RUN_MEMORY_BYTES,
+        preload=_PRELOAD,
+    )
+    if out.kind == "ok":
+        return out.value
+    if out.kind == "timeout":
         detail = f"the grader did not finish within {timeout_s:g}s"
-        return GradeReport(
-            reward=0.0,
-            errors={"unresponsive_reward_error": detail},
-            execution_time=time.perf_counter() - start,
-        )
-    except EOFError:
-        detail = f"the grader process exited with code {proc.exitcode}"
-        return GradeReport(reward=0.0, errors={"other_error": detail})
-    finally:
-        recv.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
+        flag = "unresponsive_reward_error"
+    elif out.kind == "memory":
+        detail = f"the grader needed more than {RUN_MEMORY_BYTES >> 20} MiB"
+        flag = "other_error"
+    elif out.kind == "error":
+        detail, flag = out.detail, "other_error"
+    else:
+        detail, flag = f"the grader process exited ({out.detail})", "other_error"
+    return GradeReport(reward=0.0, errors={flag: detail}, execution_time=out.seconds)

@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from trainers.contract.graders.expr import FUNCTIONS, compile_formula
+from trainers.contract.graders.patterns import check_shape
 from trainers.contract.graders.templates import TemplateError, parse_template, resolve_path
 
 __all__ = [
@@ -88,18 +89,10 @@ def _template(text: str) -> str:
 Template = Annotated[str, AfterValidator(_template)]
 
 
-def _compiles(value: str) -> str:
-    import regex
-
-    try:
-        regex.compile(value)
-    except regex.error as exc:
-        raise ValueError(f"pattern does not compile: {exc}") from None
-    return value
-
-
-# A Python regular expression (the ``regex`` module), checked to compile.
-RegexPattern = Annotated[str, AfterValidator(_compiles)]
+# A Python regular expression (the ``regex`` module) within the static limits of
+# ``patterns.check_shape``; the API compiles it in a bounded child before accepting it
+# (``patterns.check_compiles``), never in its own process.
+RegexPattern = Annotated[str, AfterValidator(check_shape)]
 
 
 class _Strict(BaseModel):
