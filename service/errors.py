@@ -42,6 +42,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str,
         type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         self.status, self.message, self.param, self.code, self.type = (
             status,
@@ -50,6 +51,7 @@ class APIError(Exception):
             code,
             type,
         )
+        self.headers = headers
         super().__init__(message)
 
 
@@ -173,7 +175,9 @@ class CatchAll:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_response(
+            exc.status, exc.message, exc.type, exc.param, exc.code, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,6 +10,9 @@ Nothing here knows which method a job holds: each method's contract model
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from service.auth import DEFAULT, Tenant
 from service.deps import owned_file
 from service.errors import APIError
@@ -36,12 +39,18 @@ def check_method(spec: JobSpec) -> None:
         raise _refusal(exc) from None
 
 
-def check_patterns(spec: JobSpec) -> None:
+def check_patterns(spec: JobSpec, run: Callable[..., Any] | None = None) -> None:
     """Every user regex of the method (regex graders, pattern-table judges) compiles
-    within its limits, compiled in a bounded child process: a 400 naming the field."""
+    within its limits, compiled in a bounded child process (waited for through ``run``,
+    the grader pool's ``call``): a 400 naming the field."""
     found = patterns_in(spec.model_dump(mode="json")["method"], "method")
+    if not found:
+        return
     try:
-        check_compiles(found)
+        if run is None:
+            check_compiles(found)
+        else:
+            run(check_compiles, found)
     except PatternError as exc:
         raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
 

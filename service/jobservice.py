@@ -10,6 +10,7 @@ are ``service.joblist``.)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from celery import Celery
 
 from service.auth import DEFAULT, Tenant
 from service.errors import APIError, not_found
+from service.graderpool import GraderPool
 from service.jobchecks import (
     check_files,
     check_method,
@@ -57,6 +59,7 @@ def create_job(
     *,
     tenant: Tenant = DEFAULT,
     access: ModelAccess | None = None,
+    graders: GraderPool | None = None,
 ) -> tuple[str, bool]:
     """Return (job id, created). A replayed Idempotency-Key returns the first job.
 
@@ -65,7 +68,7 @@ def create_job(
     spec = parse_spec(body)
     models = access.check_spec(spec, tenant) if access is not None else None
     check_method(spec)
-    check_patterns(spec)
+    check_patterns(spec, None if graders is None else functools.partial(graders.call, tenant))
     check_files(spec, files, tenant)
     queue, live = check_queue(spec, jobs, settings.queue, settings.queue_names(), tenant)
     waiting = check_workers(spec, jobs, queue, settings.unserved_queue_seconds)

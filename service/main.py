@@ -18,7 +18,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from service import errors, openapi
 from service.auth import KeyRing, bind_refusal
+from service.bodylimit import BodyLimit
 from service.deps import Auth, valid_path_ids
+from service.graderpool import GraderPool
 from service.modelaccess import ModelAccess
 from service.routes import files, graders, health, jobs, models
 from service.settings import ApiSettings
@@ -63,8 +65,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     if refusal:
         raise RuntimeError(refusal)
     app.state.model_access = ModelAccess(settings, app.state.jobs)
+    app.state.grader_pool = GraderPool(settings.grader_workers, settings.grader_runs_per_tenant)
     app.state.celery = make_celery(settings)
     errors.install(app)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")})
+    )
     for module in (health, files, jobs, graders, models):
         app.include_router(module.router)
     openapi.install(app)
@@ -120,6 +126,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        app.state.grader_pool.shutdown()
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper

@@ -33,6 +33,17 @@ class ApiSettings(WorkerSettings):
         False, description="Accept Hugging Face Hub ids as models (the worker downloads them)."
     )
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload.")
+    grader_workers: int = Field(
+        4, ge=1, le=256, description="Threads that wait on grader runs and regex checks."
+    )
+    grader_runs_per_tenant: int = Field(
+        2, ge=1, le=256, description="Grader runs and regex checks one tenant may have in flight."
+    )
+    max_body_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="Largest request body of every route but the upload (413 beyond it).",
+    )
     max_line_bytes: int = Field(
         16 << 20, ge=1024, description="Longest accepted line of an uploaded JSONL file."
     )

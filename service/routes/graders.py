@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import Auth, TenantDep
 from service.errors import APIError, error_responses
+from service.jobrequest import check_numbers
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
 from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import (
@@ -130,9 +131,15 @@ def _response(grader: GraderSpec, report: GradeReport) -> RunResponse:
     )
 
 
-@router.post("/run", response_model=RunResponse)
-def run(body: RunRequest) -> RunResponse:
-    """Grade ``model_sample`` (and ``item``) with a torch-free grader."""
+@router.post("/run", response_model=RunResponse, responses=error_responses(429))
+async def run(body: RunRequest, request: Request, tenant: TenantDep) -> RunResponse:
+    """Grade ``model_sample`` (and ``item``) with a torch-free grader, on the grader pool
+    (``service.graderpool``: off the request threads, a share per tenant)."""
+    return await request.app.state.grader_pool.run(tenant, _run, body)
+
+
+def _run(body: RunRequest) -> RunResponse:
+    check_numbers(body.model_dump())
     grader = _parse(body.grader)
     if needs_model(grader):
         raise APIError(
@@ -146,13 +153,19 @@ def run(body: RunRequest) -> RunResponse:
     return _response(grader, run_isolated(grader, body.item, body.model_sample))
 
 
-@router.post("/validate", response_model=ValidateResponse)
-def validate(body: ValidateRequest, request: Request, tenant: TenantDep) -> ValidateResponse:
-    """Check a grader as job creation does: its shape, templates and formula, and every
-    model it names (the caller's model access, and a score_model must be a one-label
-    sequence classifier); echo it back."""
+@router.post("/validate", response_model=ValidateResponse, responses=error_responses(429))
+async def validate(body: ValidateRequest, request: Request, tenant: TenantDep) -> ValidateResponse:
+    """Check a grader as job creation does: its shape, templates, formula and regexes, and
+    every model it names (the caller's model access, and a score_model must be a one-label
+    sequence classifier); echo it back. Runs on the grader pool, as ``run`` does."""
+    pool = request.app.state.grader_pool
+    return await pool.run(tenant, _validate, body, request.app.state.model_access, tenant)
+
+
+def _validate(body: ValidateRequest, access, tenant) -> ValidateResponse:
+    check_numbers(body.model_dump())
     grader = _parse(body.grader)
-    resolved = request.app.state.model_access.check_grader(grader, tenant)
+    resolved = access.check_grader(grader, tenant)
     try:
         check_grader_models(resolved, "grader")
     except ModelFileError as exc:

@@ -44,6 +44,7 @@ def create(
         idempotency_key,
         tenant=tenant,
         access=request.app.state.model_access,
+        graders=request.app.state.grader_pool,
     )
     obj = job_object(jobs.get(job_id), settings.organization_id)
     return JSONResponse(

@@ -34,6 +34,7 @@ from trainers.contract.methods import (
     PLANNED_METHODS,
 )
 from trainers.contract.resources import LoraSettings, Resources
+from trainers.contract.sizes import MAX_SPEC_BYTES, at_most
 
 __all__ = ["PLANNED_METHODS", "SPEC_VERSION", "JobSpec", "read_stored_spec"]
 
@@ -72,8 +73,8 @@ class JobSpec(Strict):
 
     spec_version: int = Field(SPEC_VERSION, description="Schema version of a stored spec.")
     model: str = Field(min_length=1, max_length=512, description="HF model id or local path.")
-    training_file: str = Field(min_length=1)
-    validation_file: str | None = None
+    training_file: str = Field(min_length=1, max_length=128)
+    validation_file: str | None = Field(None, min_length=1, max_length=128)
     method: Method
     seed: int = Field(
         42, ge=0, le=2**31 - 1, description="Seeds data order and init of new weights."
@@ -102,6 +103,7 @@ class JobSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
+        at_most(MAX_SPEC_BYTES, "the job spec")(data)
         if isinstance(data, dict):
             data = dict(data)
             data["method"] = normalize_method(data.get("method"))

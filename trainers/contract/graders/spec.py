@@ -42,6 +42,7 @@ from pydantic import (
 from trainers.contract.graders.expr import FUNCTIONS, compile_formula
 from trainers.contract.graders.patterns import check_shape
 from trainers.contract.graders.templates import TemplateError, parse_template, resolve_path
+from trainers.contract.sizes import MAX_DEFINITION_BYTES, at_most
 
 __all__ = [
     "GRADER_TYPES",
@@ -385,6 +386,7 @@ Grader = Annotated[
     Union[_LEAVES, MultiGrader],  # noqa: UP007
     Field(discriminator="type"),
     BeforeValidator(_type_check(True)),
+    BeforeValidator(at_most(MAX_DEFINITION_BYTES, "a grader definition")),
 ]
 GraderSpec = Union[_LEAVES, MultiGrader]  # noqa: UP007  (the type of a parsed grader)
 _ADAPTER: TypeAdapter = TypeAdapter(Grader)

@@ -36,6 +36,7 @@ from pydantic import (
 
 from trainers.contract.graders.spec import Grader, RegexPattern, describe_errors, template_fields
 from trainers.contract.graders.spec import _param as grader_param
+from trainers.contract.sizes import MAX_DEFINITION_BYTES, at_most
 
 __all__ = [
     "DEFAULT_PAIR_TEMPLATE",
@@ -262,7 +263,12 @@ _MEMBERS = Union[  # noqa: UP007  (tagged members need the Union spelling)
     PreferenceModelJudge, RewardModelJudge, GraderJudge, PatternTableJudge
 ]
 # The annotated type to use as a field: ``judge: Judge``.
-Judge = Annotated[_MEMBERS, Field(discriminator="type"), BeforeValidator(_type_check)]
+Judge = Annotated[
+    _MEMBERS,
+    Field(discriminator="type"),
+    BeforeValidator(_type_check),
+    BeforeValidator(at_most(MAX_DEFINITION_BYTES, "a judge definition")),
+]
 JudgeSpec = _MEMBERS  # the type of a parsed judge
 _ADAPTER: TypeAdapter = TypeAdapter(Judge)
 
