@@ -147,7 +147,15 @@ def _user_loc(loc: tuple) -> tuple:
     out = [p for p in loc if not (isinstance(p, str) and (p in _BRANCHES or "[" in p))]
     if len(out) > 2 and out[0] == "method" and out[1] == out[2]:
         del out[1]  # method.<tag>.<tag>.x -> method.<tag>.x
-    # judge.<type>.x -> judge.x, grader.<type>.x -> grader.x
+    # judge.<type>.x -> judge.x, grader.<type>.x -> grader.x, and a grader in a list or
+    # map of graders: graders[0].<type>.x -> graders[0].x, graders.<key>.<type>.x -> ...
     tags = {"judge": JUDGE_TYPES, "grader": GRADER_TYPES}
-    out = [p for i, p in enumerate(out) if not (i and p in tags.get(out[i - 1], ()))]
-    return tuple(out)
+    kept = []
+    for i, p in enumerate(out):
+        prev, before = (out[i - 1] if i else None), (out[i - 2] if i > 1 else None)
+        if isinstance(p, str) and i and (
+            p in tags.get(prev, ()) or (before == "graders" and p in GRADER_TYPES)
+        ):
+            continue
+        kept.append(p)
+    return tuple(kept)
