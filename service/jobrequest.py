@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.errors import APIError, loc_to_param
+from trainers.contract.formats import LONE_SURROGATE, lone_surrogate
 from trainers.contract.graders.spec import GRADER_TYPES
 from trainers.contract.judges.spec import JUDGE_TYPES
 from trainers.contract.methods import METHODS, PLANNED_METHODS
@@ -118,6 +119,17 @@ def check_numbers(value: Any) -> None:
             raise APIError(
                 400,
                 f"{path or 'body'}: a NUL character is not allowed in a string",
+                param=path or None,
+                code="invalid_value",
+            )
+        elif isinstance(v, str) and lone_surrogate(v) is not None:
+            raise APIError(
+                400, f"{path or 'body'}: {LONE_SURROGATE}", param=path or None, code="invalid_value"
+            )
+        if isinstance(v, dict) and any(lone_surrogate(str(k)) is not None for k in v):
+            raise APIError(
+                400,
+                f"{path or 'body'}: a field name {LONE_SURROGATE}",
                 param=path or None,
                 code="invalid_value",
             )

@@ -459,3 +459,62 @@ def test_line_guard_names_the_first_long_line_whatever_the_chunking(seed):
     fine = b"\xef\xbb\xbf" + b"\n".join(b"z" * 50 for _ in range(30))
     kept = b"".join(ok.feed(fine[i : i + 3]) for i in range(0, len(fine), 3)) + ok.finish()
     assert kept == fine[3:]
+
+
+# ---- the same text rules everywhere (issue 19, item 6) ----------------------------------
+
+LONE = '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "yo"}]}'  # noqa: E501
+
+
+def test_a_lone_surrogate_is_refused_at_upload_naming_line_and_field(client, settings):
+    resp = upload_bytes(client, lines(CHAT, LONE))
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert "line 2" in err["message"] and "messages[0].content" in err["message"]
+    assert "lone surrogate" in err["message"]
+    assert files_left(settings.data_dir) == []
+    paired = '{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, {"role": "assistant", "content": "yo"}]}'  # noqa: E501
+    assert upload_bytes(client, lines(CHAT, paired)).status_code == 200  # an emoji is fine
+
+
+SURROGATE_BODIES = [
+    ('{"model": "tiny", "training_file": "f", "suffix": "a\\udc00"}', "suffix", "lone surrogate"),
+    ('{"model": "tiny", "training_file": "f", "metadata": {"k\\ud800": "v"}}', "metadata",
+     "field name holds a lone surrogate"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "param", "words"), SURROGATE_BODIES)
+def test_a_lone_surrogate_in_a_job_body_is_a_400(client, redis_client, body, param, words):
+    resp = client.post(
+        "/v1/fine_tuning/jobs", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert err["param"] == param and words in err["message"]
+    assert nothing_stored(redis_client)
+
+
+GRADER = {"type": "string_check", "name": "s", "input": "{{sample.output_text}}",
+          "reference": "x", "operation": "eq"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "words"),
+    [
+        ("run", '{"grader": G, "model_sample": "x", "item": {"n": NaN}}', "item.n", "NaN"),
+        ("run", '{"grader": G, "model_sample": "x\\u0000"}', "model_sample", "NUL"),
+        ("run", '{"grader": G, "model_sample": "\\udfff"}', "model_sample", "lone surrogate"),
+        ("validate", '{"grader": G}', "grader.reference", "NUL"),
+    ],
+)
+def test_grader_endpoints_refuse_what_job_bodies_refuse(client, path, body, param, words):
+    grader = dict(GRADER, reference="x\x00") if path == "validate" else GRADER
+    resp = client.post(
+        f"/v1/fine_tuning/alpha/graders/{path}",
+        content=body.replace("G", json.dumps(grader)),
+        headers={"Content-Type": "application/json"},
+    )
+    assert resp.status_code == 400, resp.text
+    err = error_of(resp)
+    assert err["param"] == param and words in err["message"]

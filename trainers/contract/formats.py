@@ -27,6 +27,7 @@ reading applies is decided by the method at job creation, not by the upload.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +121,39 @@ def _load(line_no: int, text: str) -> dict[str, Any]:
         raise DatasetError(
             line_no, None, f"each line must be a JSON object, got {type(raw).__name__}"
         )
+    if "\\u" in text:  # only an escape can put a lone surrogate in decoded JSON
+        where = lone_surrogate(raw)
+        if where is not None:
+            raise DatasetError(line_no, where or None, LONE_SURROGATE)
     return raw
+
+
+LONE_SURROGATE = (
+    "holds a lone surrogate escape (\\ud800-\\udfff without its pair), which is not "
+    "valid Unicode text"
+)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The field path of the first string (or key) in ``value`` holding a lone surrogate
+    (``""`` for ``value`` itself), or None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return sub
+            found = lone_surrogate(item, sub)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _validate(line_no: int, model: type[Row], raw: dict[str, Any]) -> Row:
