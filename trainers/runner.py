@@ -177,12 +177,12 @@ def run_method(
     resume = resumable_checkpoint(plan.output_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if diverged.step is not None:
+        advice, param = spec.method.divergence_hint()
         raise JobError(
             "training_diverged",
             f"training stopped at step {diverged.step}: {diverged.what}. The weights of that "
-            "step were not saved; the last checkpoint before it is kept. Lower the learning "
-            "rate (or raise warmup), or look for extreme values in the training data",
-            param=f"{spec.method.param}.learning_rate",
+            f"step were not saved; the last checkpoint before it is kept. {advice}",
+            param=param,
         )
     step = trainer.state.global_step
     return RunResult(

@@ -192,3 +192,25 @@ def test_step_variant_refuses_a_response_without_a_delimiter_naming_the_line(mod
     plan = _plan(model_dir, tmp_path, rows=rows, variant="step", **HP)
     with pytest.raises(JobError, match="line 3: the response has no step delimiter"):
         run_method(METHOD, plan, Reporter())
+
+
+def test_a_run_diverged_by_a_huge_reward_scale_names_the_scale(model_dir, tmp_path):
+    """R = reward x 1000 with a reward of 1e36: R's square overflows float32 at the step
+    that trains on it. The failure names reward_scale, not the learning rate."""
+    rows = [json.loads(x) for x in DEMO.read_text().splitlines()[:8]]
+    rows[0]["reward"] = 1e36
+    plan = _plan(
+        model_dir, tmp_path, rows=[json.dumps(r) for r in rows],
+        n_epochs=1, batch_size=8, reward_scale=1000.0,
+    )  # fmt: skip
+    with pytest.raises(JobError) as err:
+        run_method(METHOD, plan, Reporter())
+    assert err.value.code == "training_diverged"
+    assert err.value.param == "method.oreo.hyperparameters.reward_scale"
+    assert "R = reward x 1000 + 0" in err.value.message
+
+
+@pytest.mark.parametrize("field", ["reward_scale", "reward_offset"])
+def test_reward_transforms_past_their_bounds_are_refused(field):
+    with pytest.raises(ValueError, match="less than or equal to 1000"):
+        OREOHyperparameters(**{field: 1e300})

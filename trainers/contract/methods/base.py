@@ -67,6 +67,16 @@ class MethodModel(Strict):
         """Checks that read the outside world, run by the API before anything is stored
         (the job's validation file is the one other field a method has needed so far)."""
 
+    # ---- run-time hooks
+    def divergence_hint(self) -> tuple[str, str]:
+        """(advice, field) for a run that stopped at a non-finite loss: what most likely
+        made it diverge under these settings. Default: the learning rate."""
+        return (
+            "Lower the learning rate (or raise warmup), or look for extreme values in the "
+            "training data",
+            f"{self.param}.learning_rate",
+        )
+
     def item_fields(self) -> set[str]:
         """Dataset fields (``{{item.x}}``) this method's graders or judge read."""
         return set()

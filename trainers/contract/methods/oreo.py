@@ -17,6 +17,10 @@ from trainers.contract.rows import RowFormat
 OREO_VARIANT_NAMES: tuple[str, ...] = ("token", "step", "response")
 
 
+# |reward_scale| or |reward_offset| beyond this is the first suspect when a run diverges.
+BIG_REWARD_TRANSFORM = 10.0
+
+
 class OREOHyperparameters(CommonHyperparameters):
     """OREO (Wang et al. 2024, arXiv 2412.16145): a policy and a separate value model trained
     on scored trajectories with the soft-Bellman residual. Base learning rate 5e-6 (the
@@ -45,8 +49,10 @@ class OREOHyperparameters(CommonHyperparameters):
     value_learning_rate: float | Auto = Field(
         "auto", description="Learning rate of the value model; auto = the policy's."
     )
-    reward_scale: float = Field(1.0, description="R = reward * reward_scale + reward_offset.")
-    reward_offset: float = Field(0.0, description="See reward_scale.")
+    reward_scale: float = Field(
+        1.0, ge=-1000.0, le=1000.0, description="R = reward * reward_scale + reward_offset."
+    )
+    reward_offset: float = Field(0.0, ge=-1000.0, le=1000.0, description="See reward_scale.")
 
     _ALPHA: ClassVar[dict[str, float]] = {"token": 0.01, "step": 0.1, "response": 0.3}
 
@@ -103,6 +109,19 @@ class OREOMethod(MethodModel):
 
     def scans_rows(self) -> bool:
         return self.hyperparameters.variant == "step"
+
+    def divergence_hint(self) -> tuple[str, str]:
+        hp = self.hyperparameters
+        big = {"reward_scale": hp.reward_scale, "reward_offset": hp.reward_offset}
+        field, value = max(big.items(), key=lambda kv: abs(kv[1]))
+        if abs(value) <= BIG_REWARD_TRANSFORM:
+            return super().divergence_hint()
+        return (
+            f"OREO's target is R = reward x {hp.reward_scale:g} + {hp.reward_offset:g}, and "
+            f"the value loss is its square: {field} = {value:g} makes it explode. Keep R "
+            f"within about +-{BIG_REWARD_TRANSFORM:g} (or lower the learning rate)",
+            f"{self.param}.{field}",
+        )
 
     def check_rows(self, rows: Iterable[tuple[int, Any]], param: str) -> None:
         responses = ((line, response_of(row)) for line, row in rows)
