@@ -222,9 +222,16 @@ def delete_job(job_id: str, jobs: JobStore, files: FileStore) -> None:
 
 
 def pause_job(rec: dict, jobs: JobStore) -> dict:
-    """running -> pausing; the worker saves a checkpoint at the next step and parks the job."""
-    _, written = _move(rec, jobs, JobStatus.pausing, "paused")
-    jobs.add_event(rec["id"], "Pause requested; the job will stop at the next step boundary")
+    """queued -> paused at once (no worker starts it; its broker message, when delivered,
+    finds it paused and is dropped), or running -> pausing: the worker saves a checkpoint
+    at the next step boundary and parks the job."""
+    try:
+        _, written = _move(rec, jobs, JobStatus.paused, "paused", expect={JobStatus.queued})
+    except APIError:  # not queued (or claimed meanwhile): pause a running job
+        _, written = _move(rec, jobs, JobStatus.pausing, "paused")
+        jobs.add_event(rec["id"], "Pause requested; the job will stop at the next step boundary")
+        return written
+    jobs.add_event(rec["id"], "Job paused before it started; resume queues it again")
     return written
 
 

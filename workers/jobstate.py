@@ -36,7 +36,8 @@ S = JobStatus
 TERMINAL = frozenset({S.succeeded, S.failed, S.cancelled})
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.validating_files: frozenset({S.queued, S.failed, S.cancelled}),
-    S.queued: frozenset({S.running, S.failed, S.cancelled}),
+    # queued -> paused: a pause before any worker started it (resume queues it again).
+    S.queued: frozenset({S.running, S.failed, S.cancelled, S.paused}),
     # running -> queued: the worker was lost and the job goes back for another attempt.
     S.running: frozenset({S.succeeded, S.failed, S.cancelled, S.pausing, S.queued}),
     # pausing -> succeeded: the run finished before it reached a step boundary to pause at.

@@ -258,17 +258,40 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing(settings):
 def test_pause_and_resume_refuse_jobs_in_the_wrong_state(client, redis_client):
     fid = upload(client, [CHAT]).json()["id"]
     job = create_job(client, fid).json()
+    resp = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")  # queued: nothing to resume
+    assert resp.status_code == 400 and error_of(resp)["code"] == "invalid_state"
+    store = client.app.state.jobs
+    store.transition(job["id"], "running")
+    store.transition(job["id"], "succeeded")
     for verb in ("pause", "resume"):
         resp = client.post(f"/v1/fine_tuning/jobs/{job['id']}/{verb}")
         assert resp.status_code == 400 and error_of(resp)["code"] == "invalid_state"
     # a paused job resumes into the queue and is enqueued again
-    store = client.app.state.jobs
+    job = create_job(client, fid).json()
     store.transition(job["id"], "running")
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause").json()["status"] == "pausing"
     store.transition(job["id"], "paused")
     before = redis_client.llen(BROKER + "posttrain.test-api")
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()["status"] == "queued"
     assert redis_client.llen(BROKER + "posttrain.test-api") == before + 1
+
+
+def test_a_queued_job_pauses_without_starting_and_resumes_into_the_queue(client, redis_client):
+    """Before, pausing a queued job let a worker start it, train a step and park it."""
+    fid = upload(client, [CHAT]).json()["id"]
+    job_id = create_job(client, fid).json()["id"]
+    resp = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert resp.status_code == 200 and resp.json()["status"] == "paused"
+    store = client.app.state.jobs
+    claim = store.claim(job_id, "a-worker", lease_seconds=60, max_attempts=3)
+    assert not claim.ok and claim.previous == "paused"  # its queued message is dropped
+    assert store.get(job_id)["status"] == "paused" and store.get(job_id).get("attempt", "0") == "0"
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    assert events[0]["message"] == "Job paused before it started; resume queues it again"
+    before = redis_client.llen(BROKER + "posttrain.test-api")
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+    assert redis_client.llen(BROKER + "posttrain.test-api") == before + 1
+    assert store.claim(job_id, "a-worker", lease_seconds=60, max_attempts=3).ok
 
 
 def test_resume_answers_the_state_it_wrote_even_if_a_worker_claims_at_once(client, monkeypatch):
