@@ -39,6 +39,14 @@ def parse_spec(body: dict[str, Any]) -> JobSpec:
             400, "spec_version is set by the server", param="spec_version", code="invalid_value"
         )
     legacy = body.pop("hyperparameters", None)  # OpenAI's deprecated top-level field
+    if legacy and body.get("method"):
+        raise APIError(
+            400,
+            "hyperparameters (the deprecated top-level field) and method are both set; put "
+            "the hyperparameters in method.<type>.hyperparameters and drop the top-level field",
+            param="hyperparameters",
+            code="invalid_value",
+        )
     if legacy and not body.get("method"):
         body["method"] = legacy_method(legacy)
     _check_method(body)

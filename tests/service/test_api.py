@@ -164,6 +164,12 @@ def test_idempotency_key_replays_the_same_job(client, redis_client):
         ({"training_file": "file-missing"}, 404, "training_file", "No such file"),
         ({"training_type": "qlora"}, 400, "training_type", ""),
         ({"integrations": [{"type": "wandb"}]}, 400, "integrations", "not supported"),
+        (  # the deprecated top-level field beside method was silently dropped
+            {"hyperparameters": {"n_epochs": 1000}, "method": {"type": "supervised"}},
+            400,
+            "hyperparameters",
+            "and method are both set",
+        ),
     ],
 )
 def test_bad_job_requests_name_the_problem_and_create_nothing(
