@@ -9,6 +9,7 @@ crashing or storing something the API cannot serve. Torch-free.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
@@ -31,13 +32,28 @@ def _finite(values: Any) -> Any:
 
 Metrics = Annotated[dict[str, float | None], BeforeValidator(_finite)]
 
+# An absolute path in a message (not the path part of a URL, not a fraction like 1/2).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~…])(?:/[^\s'\"`:,;()\[\]{}<>]+)+")
+
+
+def redact_paths(text: Any) -> Any:
+    """``text`` with every absolute path cut to its last part (``…/model.safetensors``):
+    what users read names their inputs, never where the server keeps things (the full
+    text stays in the training log)."""
+    if not isinstance(text, str):
+        return text
+    return _ABSOLUTE_PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+UserText = Annotated[str, BeforeValidator(redact_paths)]
+
 
 class Event(_Message):
     """A human-readable line for the job's event list."""
 
     type: Literal["event"] = "event"
     level: Literal["info", "warn", "error"] = "info"
-    message: str = Field(max_length=4000)
+    message: UserText = Field(max_length=4000)
     data: Annotated[dict[str, Scalar] | None, BeforeValidator(_finite)] = None
 
 
@@ -84,7 +100,7 @@ class Error(_Message):
 
     type: Literal["error"] = "error"
     code: str = Field(min_length=1, max_length=64)
-    message: str = Field(max_length=4000)
+    message: UserText = Field(max_length=4000)
     param: str | None = None
 
 

@@ -44,9 +44,13 @@ def read_config(directory: Path, path: str, param: str, what: str = "model") -> 
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelFileError(f"{what} does not load: no config.json", param) from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # the reason only: the message never shows a server path
+        reason = exc.strerror or type(exc).__name__
+        message = f"{what} does not load: config.json is unreadable ({reason})"
+        raise ModelFileError(message, param) from None
+    except ValueError as exc:
         raise ModelFileError(
-            f"{what} does not load: config.json is unreadable ({exc})", param
+            f"{what} does not load: config.json is not valid JSON ({exc})", param
         ) from None
     if not isinstance(config, dict):
         raise ModelFileError(f"{what}: config.json is not an object", param)
