@@ -324,7 +324,7 @@ def test_model_paths_that_do_not_load_are_refused(tmp_path, pair_model, reward_m
     assert "no config.json" in str(refused(tmp_path / "empty"))
     (tmp_path / "garbled").mkdir()
     (tmp_path / "garbled" / "config.json").write_text("{not json")
-    assert "unreadable" in str(refused(tmp_path / "garbled"))
+    assert "config.json is not valid JSON" in str(refused(tmp_path / "garbled"))
     causal = build_tiny_model(tmp_path / "causal")
     assert "not a sequence-classification model" in str(refused(causal))
     assert "has 2 labels; this judge needs 1" in str(refused(pair_model))
