@@ -12,4 +12,4 @@ USER posttrain
 ENV POSTTRAIN_DATA_DIR=/data POSTTRAIN_HOST=0.0.0.0
 EXPOSE 8000
 HEALTHCHECK CMD python -c "import httpx; httpx.get('http://127.0.0.1:8000/readyz').raise_for_status()"
-CMD ["uvicorn", "service.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["posttrain", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -28,12 +28,15 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal:
         print(f"posttrain serve: {refusal}", file=sys.stderr)
         return 2
+    from service.httpproto import JsonErrorProtocol
+
     uvicorn.run(
         "service.main:create_app",
         factory=True,
         host=host,
         port=args.port or s.port,
         log_level=args.log_level,
+        http=JsonErrorProtocol,  # malformed HTTP answered in OpenAI's error shape
     )
     return 0
 

@@ -173,8 +173,10 @@ def _user_loc(loc: tuple) -> tuple:
     kept = []
     for i, p in enumerate(out):
         prev, before = (out[i - 1] if i else None), (out[i - 2] if i > 1 else None)
-        if isinstance(p, str) and i and (
-            p in tags.get(prev, ()) or (before == "graders" and p in GRADER_TYPES)
+        if (
+            isinstance(p, str)
+            and i
+            and (p in tags.get(prev, ()) or (before == "graders" and p in GRADER_TYPES))
         ):
             continue
         kept.append(p)

@@ -50,9 +50,8 @@ def start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
-        "uvicorn",
-        "service.main:create_app",
-        "--factory",
+        "service.cli",
+        "serve",
         "--host",
         "127.0.0.1",
         "--port",

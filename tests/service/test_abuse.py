@@ -237,3 +237,17 @@ def test_a_tenant_past_its_grader_share_gets_429_and_others_are_served(live):
         t.join()
     assert sorted(statuses) == [200, 200, 429, 429]
     assert finished[0] == "b"  # served while tenant a's runs held its share
+
+
+def test_malformed_http_gets_an_openai_shaped_400(live):
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /v1/files HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
+            sock.sendall(raw)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), data
+        assert b"content-type: application/json" in head.lower()
+        err = json.loads(body)["error"]
+        assert err["code"] == "malformed_request" and err["type"] == "invalid_request_error"
