@@ -49,8 +49,9 @@ def require_key(request: Request, authorization: Annotated[str | None, Header()]
     if not ring.enabled:
         tenant = DEFAULT
     else:
-        token = (authorization or "").removeprefix("Bearer ").strip()
-        tenant = ring.tenant_for(token)
+        # RFC 7235: the scheme is case-insensitive; a key without it is no credential
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        tenant = ring.tenant_for(token.strip()) if scheme.lower() == "bearer" else None
         if tenant is None:
             raise APIError(
                 401,

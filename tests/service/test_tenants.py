@@ -328,6 +328,22 @@ def test_every_route_refuses_without_a_key(client, app):
         assert client.request(method, url).status_code == 401, (method, path)
 
 
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        ("Bearer key-of-a", 200),
+        ("bearer key-of-a", 200),  # RFC 7235: the scheme is case-insensitive
+        ("BEARER   key-of-a  ", 200),
+        ("key-of-a", 401),  # a raw key without its scheme is no credential
+        ("Basic key-of-a", 401),
+        ("Bearer", 401),
+        ("Bearer ", 401),
+    ],
+)
+def test_the_bearer_scheme_is_required_and_case_insensitive(client, header, status):
+    assert client.get("/v1/files", headers={"Authorization": header}).status_code == status
+
+
 def test_admin_sees_every_tenant(client, app, settings):
     world = build_world(client, app, settings)
     fid_b = upload(client, "b")
