@@ -224,6 +224,12 @@ class FileStore:
     def k_expiry(self) -> str:
         return f"{self.p}files:expiry"
 
+    def owner(self, file_id: str) -> str | None:
+        """The file's tenant (the default tenant for older records), or None when there is
+        no such file: one read of two short fields, whoever owns it."""
+        tenant, name = self.r.hmget(self.k_file(file_id), "tenant", "filename")
+        return None if name is None else tenant or DEFAULT_TENANT
+
     def get(self, file_id: str) -> dict:
         rec = self.r.hgetall(self.k_file(file_id))
         if not rec:

@@ -122,6 +122,12 @@ class JobStore(JobLifecycle, JobStreams):
             raise JobNotFound(job_id)
         return rec
 
+    def owner(self, job_id: str) -> str | None:
+        """The job's tenant (the default tenant for records older than tenants), or None
+        when there is no such job: one read of two short fields, whoever owns it."""
+        tenant, status = self.r.hmget(self.k_job(job_id), "tenant", "status")
+        return None if status is None else tenant or DEFAULT_TENANT
+
     def status(self, job_id: str) -> str | None:
         """Just the status (the poll loops need no more than this)."""
         return self.r.hget(self.k_job(job_id), "status")
