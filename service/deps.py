@@ -56,6 +56,7 @@ def require_key(request: Request, authorization: Annotated[str | None, Header()]
             raise APIError(
                 401,
                 "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                param="Authorization",
                 type="authentication_error",
                 code="invalid_api_key",
             )

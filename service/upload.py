@@ -221,7 +221,9 @@ def check_length(request: Request, max_bytes: int) -> None:
     try:
         length = int(raw)
     except ValueError:
-        raise APIError(400, "invalid Content-Length header", code="invalid_value") from None
+        raise APIError(
+            400, "invalid Content-Length header", param="Content-Length", code="invalid_value"
+        ) from None
     if length > max_bytes + FORM_OVERHEAD:
         raise too_large(max_bytes)
 

@@ -153,6 +153,7 @@ def checkpoint_content(
         raise APIError(
             410,
             f"checkpoint {checkpoint_id} is no longer on the data volume",
+            param="checkpoint_id",
             code="checkpoint_gone",
         )
     name = f"{job_id}-step-{meta['step']}"

@@ -269,3 +269,23 @@ def test_every_refusal_the_api_writes_names_a_code():
         and not any(k.arg == "code" for k in node.keywords)
     ]
     assert missing == []
+
+
+def test_every_refusal_about_a_request_field_names_the_field():
+    """A refusal of part of the request (400, 401, 404, 409, 410, 413) names that part in
+    ``param``; only the answers about the tenant or the service (429, 5xx) have none."""
+    import ast
+    from pathlib import Path
+
+    without = []
+    for path in Path(__file__).resolve().parents[2].joinpath("service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "APIError"):
+                continue
+            status = node.args[0].value if isinstance(node.args[0], ast.Constant) else None
+            param = next((k.value for k in node.keywords if k.arg == "param"), None)
+            if status not in (429, 500, 503) and (
+                param is None or (isinstance(param, ast.Constant) and param.value is None)
+            ):
+                without.append(f"{path.name}:{node.lineno}")
+    assert without == []
