@@ -29,7 +29,16 @@ def metadata_filter(query: list[tuple[str, str]]) -> Any:
                 )
             null = True
         elif key.startswith("metadata[") and key.endswith("]"):
-            pairs[key[len("metadata[") : -1]] = value
+            name = key[len("metadata[") : -1]
+            if not name or len(name) > 64:
+                raise APIError(
+                    400,
+                    f"{key}: a metadata filter names a key of 1 to 64 characters, "
+                    "metadata[key]=value",
+                    param="metadata",
+                    code="invalid_value",
+                )
+            pairs[name] = value
     if null and pairs:
         raise APIError(
             400,
