@@ -28,12 +28,12 @@ def metadata_filter(query: list[tuple[str, str]]) -> Any:
                     code="invalid_value",
                 )
             null = True
-        elif key.startswith("metadata[") and key.endswith("]"):
-            name = key[len("metadata[") : -1]
-            if not name or len(name) > 64:
+        elif key.startswith("metadata["):
+            name, closed, rest = key[len("metadata[") :].partition("]")
+            if not closed or rest or not name or len(name) > 64:
                 raise APIError(
                     400,
-                    f"{key}: a metadata filter names a key of 1 to 64 characters, "
+                    f"{key}: a metadata filter names one key of 1 to 64 characters, "
                     "metadata[key]=value",
                     param="metadata",
                     code="invalid_value",

@@ -99,8 +99,15 @@ _METADATA_FILTER = {
     "required": False,
     "style": "deepObject",
     "explode": True,
-    "description": "Only jobs whose metadata holds every given pair: metadata[key]=value.",
-    "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+    "description": "Only jobs whose metadata holds every given pair: metadata[key]=value "
+    "(keys of 1 to 64 characters; a value is compared as the text the query carries).",
+    # Values are any JSON: a query carries only text, so `false` and "false" arrive alike;
+    # declaring strings would call the text of a boolean a schema violation.
+    "schema": {
+        "type": "object",
+        "propertyNames": {"minLength": 1, "maxLength": 64},
+        "additionalProperties": {},
+    },
 }
 
 
