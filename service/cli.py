@@ -1,4 +1,4 @@
-"""The ``posttrain`` command: serve, worker, keys, tiny-model, demo.
+"""The ``posttrain`` command: serve, worker, inference, keys, tiny-model, demo.
 
 Heavy imports (torch, transformers) happen only inside the subcommands that
 need them; ``posttrain serve`` stays torch-free like the API it runs.
@@ -79,6 +79,29 @@ def _worker(args: argparse.Namespace) -> int:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
     return 0
+
+
+def _inference(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    # flags are the settings' environment variables, like the training worker's
+    for flag, env in (
+        ("engine", "POSTTRAIN_INFERENCE_ENGINE"),
+        ("host", "POSTTRAIN_INFERENCE_HOST"),
+        ("port", "POSTTRAIN_INFERENCE_PORT"),
+        ("queue", "POSTTRAIN_INFERENCE_QUEUE"),
+        ("device", "POSTTRAIN_INFERENCE_DEVICE"),
+        ("gpus", "POSTTRAIN_INFERENCE_GPUS"),
+        ("name", "POSTTRAIN_INFERENCE_NAME"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[env] = str(value)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    from workers.inference.main import run
+
+    return run()
 
 
 def _queues(text: str) -> list[str]:
@@ -198,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--queue", help="the queue (GPU class) to consume; default POSTTRAIN_QUEUE")
     worker.set_defaults(func=_worker)
+    inf = sub.add_parser(
+        "inference", help="run an inference worker: an engine for chat and completion requests"
+    )
+    inf.add_argument("--engine", choices=["transformers", "vllm"], help="default transformers")
+    inf.add_argument("--host", help="address of the worker's front (default 127.0.0.1)")
+    inf.add_argument("--port", type=int, help="port of the worker's front (default 8100)")
+    inf.add_argument("--queue", help="inference queue (class) to serve")
+    inf.add_argument("--device", help="transformers serve's device (auto, cpu, cuda:0)")
+    inf.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES of the engines")
+    inf.add_argument("--name", help="worker name in the registry")
+    inf.add_argument("--log-level", default="info")
+    inf.set_defaults(func=_inference)
     tiny = sub.add_parser("tiny-model", help="write a tiny offline model for tests and demos")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)

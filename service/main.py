@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import httpx
 import redis
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -22,7 +23,7 @@ from service.bodylimit import BodyLimit
 from service.deps import Auth, valid_path_ids
 from service.graderpool import GraderPool
 from service.modelaccess import ModelAccess
-from service.routes import files, graders, health, jobs, models
+from service.routes import files, graders, health, inference, jobs, models
 from service.settings import ApiSettings
 from workers.celery_app import make_celery
 from workers.filestore import FileStore
@@ -67,11 +68,16 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.model_access = ModelAccess(settings, app.state.jobs)
     app.state.grader_pool = GraderPool(settings.grader_workers, settings.grader_runs_per_tenant)
     app.state.celery = make_celery(settings)
+    # one pool of connections to inference workers (service/inference.py)
+    app.state.inference_client = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.inference_timeout_seconds, connect=5.0),
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+    )
     errors.install(app)
     app.add_middleware(
         BodyLimit, limit=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")})
     )
-    for module in (health, files, jobs, graders, models):
+    for module in (health, files, jobs, graders, models, inference):
         app.include_router(module.router)
     openapi.install(app)
     _docs(app, settings.docs_access)
@@ -127,6 +133,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         app.state.grader_pool.shutdown()
+        await app.state.inference_client.aclose()
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper

@@ -64,6 +64,17 @@ CHAT_TEMPLATE = (
 )
 
 
+# How a reply of this chat format is parsed back into a message: what follows the
+# generation prompt, up to ``<|end|>``, is the content. ``transformers serve`` reads
+# it from the tokenizer; without it, it falls back by model type (``qwen2``) to
+# Qwen's ``<|im_start|>`` markers, finds no anchor, and hands the prompt back as
+# part of the reply.
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>",
+    "fields": {"content": {"close_pattern": r"<\|end\|>", "content": "text"}},
+}
+
 def _corpus_lines() -> list[str]:
     """The bundled tokenizer training text, read as package data."""
     text = resources.files("trainers").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
@@ -123,6 +134,7 @@ def build_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
         padding_side="left",
         model_max_length=1024,
         chat_template=CHAT_TEMPLATE,
+        response_template=RESPONSE_TEMPLATE,
     )
 
 

@@ -81,7 +81,26 @@ class WorkerSettings(BaseSettings):
         600.0, gt=0, description="Seconds a starting vLLM server may take to answer /health."
     )
 
-    @field_validator("queue")
+    # Inference (``posttrain inference`` and the API's chat/completions routes).
+    inference_queue: str = Field(
+        "posttrain.inference",
+        description="Queue (class) of inference workers the API sends chat and completion "
+        "requests to.",
+    )
+    inference_token: str | None = Field(
+        None,
+        description="Shared secret the API presents to inference workers (Bearer); unset = "
+        "the workers accept requests from anyone who reaches their port.",
+    )
+    inference_max_tokens: int = Field(
+        4096, ge=1, description="Largest max_tokens / max_completion_tokens a request may ask."
+    )
+    inference_max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    inference_timeout_seconds: float = Field(
+        600.0, gt=0, description="Longest a proxied chat or completion request may take."
+    )
+
+    @field_validator("queue", "inference_queue")
     @classmethod
     def _queue_name(cls, value: str) -> str:
         return check_queue_name(value)
