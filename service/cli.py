@@ -99,6 +99,7 @@ def _inference(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[env] = str(value)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call otherwise
     from workers.inference.main import run
 
     return run()

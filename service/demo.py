@@ -2,7 +2,9 @@
 
 Starts what is missing (Redis if none answers, the API, one worker), builds the
 tiny model, uploads the bundled demo data, submits a job, shows a progress bar
-until it ends, downloads the final checkpoint and prints a generation from it.
+until it ends, downloads the final checkpoint, and ends by asking the fine-tuned
+model questions through ``client.chat.completions.create`` (an inference worker
+running ``transformers serve`` answers), each printed next to the base model's answer.
 Everything lives under ``POSTTRAIN_DATA_DIR`` (default ./posttrain-data).
 """
 
@@ -60,7 +62,23 @@ def _start_stack(s: ApiSettings, data: Path, started: list) -> str:
         print(f"started the API at {url} (log: {logs / 'api.log'})")
     started.append(stack.start_worker(env, logs / "worker.log", name="demo"))
     print(f"started a worker (log: {logs / 'worker.log'})")
+    if _inference_up(s):
+        print("using the inference worker already registered")
+    else:
+        port = stack.free_port()
+        log = logs / "inference.log"
+        started.append(
+            stack.start_inference({**env, "POSTTRAIN_INFERENCE_DEVICE": "cpu"}, log, port)
+        )
+        print(f"started an inference worker on port {port} (log: {log})")
     return url
+
+
+def _inference_up(s: ApiSettings) -> bool:
+    from workers.inference.registry import live_workers
+    from workers.redis_client import make_redis
+
+    return bool(live_workers(make_redis(s), s.key_prefix, s.inference_queue))
 
 
 def _latest_step(c: httpx.Client, job_id: str) -> dict | None:
@@ -117,17 +135,22 @@ def _build_tiny_model(path: Path) -> Path:
     return path
 
 
-def _greedy_replies(model_dir: Path, prompts: list[list[dict]]) -> list[str]:
-    """The model's greedy replies, from a child process (``python -m trainers.sampling``):
-    the demo's own process, like the API, never loads torch."""
-    out = subprocess.run(
-        [sys.executable, "-m", "trainers.sampling", str(model_dir)],
-        input=json.dumps(prompts),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _ask(url: str, models: list[str], prompts: list[list[dict]]) -> list[list[str]]:
+    """Each model's greedy answer to each prompt, through the official SDK's chat call."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("OPENAI_API_KEY", "demo"))
+    return [
+        [
+            client.chat.completions.create(
+                model=model, messages=prompt, temperature=0, max_tokens=32
+            )
+            .choices[0]
+            .message.content
+            for prompt in prompts
+        ]
+        for model in models
+    ]
 
 
 def run_demo(keep_running: bool = False) -> int:
@@ -164,9 +187,11 @@ def run_demo(keep_running: bool = False) -> int:
             print(f"job {job['status']}: {json.dumps(job.get('error'))}")
             return 1
         print(f"job succeeded: {job['fine_tuned_model']} ({job['trained_tokens']} tokens)")
-        ckpt_dir = _download(c, job["id"], data / "downloads")
+        _download(c, job["id"], data / "downloads")
         prompts = _samples(demo)
-        base, tuned = _greedy_replies(model_dir, prompts), _greedy_replies(ckpt_dir, prompts)
+        tuned_name = job["fine_tuned_model"]
+        print(f"\nasking {model_dir.name} and {tuned_name} (client.chat.completions.create):")
+        base, tuned = _ask(url, [model_dir.name, tuned_name], prompts)
         for prompt, b, t in zip(prompts, base, tuned, strict=True):
             print(f"\nuser:       {prompt[-1]['content']}\nbase:       {b!r}\nfine-tuned: {t!r}")
         return 0

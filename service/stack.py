@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,29 @@ def start_worker(
     )
     if proc.poll() is not None:
         raise RuntimeError(f"the worker exited with {proc.returncode}; see {log}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_inference(env: dict[str, str], log: Path, port: int) -> subprocess.Popen:
+    """``posttrain inference`` (its engine as its child) on ``port``; ready once the engine
+    answers and the worker has registered."""
+    cmd = [sys.executable, "-m", "service.cli", "inference", "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    _wait(
+        lambda: proc.poll() is not None or "serving at" in log.read_text(errors="replace"),
+        240,
+        "the inference worker",
+    )
+    if proc.poll() is not None:
+        raise RuntimeError(f"the inference worker exited with {proc.returncode}; see {log}")
     return proc
 
 

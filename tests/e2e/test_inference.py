@@ -1,0 +1,315 @@
+"""Chat with what was trained: the real API, a Celery worker and ``posttrain inference``
+running ``transformers serve``, driven by the official ``openai`` SDK.
+
+Two tenants (two keys). Tenant A fine-tunes the tiny model twice (full and LoRA); its
+models answer through the API exactly as ``transformers`` ``generate`` answers on the
+same checkpoint, token for token; tenant B cannot reach them; a killed engine comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from importlib import resources
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from service import stack as local_stack
+from tests import redis_server
+from tests.e2e.conftest import _free_port, start_stack
+from tests.e2e.test_sft_job import wait_done, wait_for
+
+pytestmark = pytest.mark.e2e
+INFER_DB = 10
+KEY_A, KEY_B = "tenant-a-key", "tenant-b-key"
+DEMO = resources.files("trainers") / "assets" / "demo_sft.jsonl"
+FAST = {"n_epochs": 5, "batch_size": 8, "learning_rate": 5e-3}
+QUESTION = [{"role": "user", "content": "What color is the sky?"}]
+
+
+@pytest.fixture(scope="module")
+def istack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    st = start_stack(
+        root,
+        redis_server.url(INFER_DB),
+        POSTTRAIN_API_KEYS=f"{KEY_A},{KEY_B}",
+        POSTTRAIN_INFERENCE_QUEUE=f"posttrain.infer.{root.name}",
+        POSTTRAIN_INFERENCE_CACHE_DIR=str(root / "inference-cache"),
+        POSTTRAIN_INFERENCE_DEVICE="cpu",
+        POSTTRAIN_INFERENCE_MAX_TOKENS="256",
+        POSTTRAIN_INFERENCE_LOAD_WAIT_SECONDS="120",
+        OMP_NUM_THREADS="1",
+    )
+    st.inference = None
+    try:
+        st.inference = local_stack.start_inference(st.env, root / "inference.log", _free_port())
+        yield st
+    finally:
+        local_stack.stop(st.inference)
+        st.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk_a(istack):
+    return OpenAI(base_url=f"{istack.base_url}/v1", api_key=KEY_A, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sdk_b(istack):
+    return OpenAI(base_url=f"{istack.base_url}/v1", api_key=KEY_B, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(istack, sdk_a):
+    """Tenant A's two fine-tunes of the tiny model: full and LoRA (run one after another)."""
+    with DEMO.open("rb") as fh:
+        upload = sdk_a.files.create(file=("demo_sft.jsonl", fh), purpose="fine-tune")
+    jobs = {}
+    for kind in ("full", "lora"):
+        extra = {"training_type": "lora"} if kind == "lora" else {}
+        hp = FAST if kind == "full" else {**FAST, "learning_rate": 2e-2}
+        jobs[kind] = sdk_a.fine_tuning.jobs.create(
+            model=istack.model_dir.name,
+            training_file=upload.id,
+            suffix=kind,
+            seed=3,
+            method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+            extra_body=extra,
+        )
+    done = {kind: wait_done(sdk_a, job.id, timeout=600) for kind, job in jobs.items()}
+    for job in done.values():
+        assert job.status == "succeeded", job.error
+    return done
+
+
+def final_checkpoint(istack, job_id: str) -> Path:
+    dirs = list((istack.data_dir / "jobs" / job_id / "output").glob("checkpoint-*"))
+    return max(dirs, key=lambda d: int(d.name.split("-")[-1]))
+
+
+def generate(model_dir: Path, messages, max_new_tokens: int, base: Path | None = None):
+    """Greedy ``generate`` on a checkpoint (an adapter on ``base`` when given): the text
+    and the number of tokens it produced."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, ids.shape[-1] :]
+    return tok.decode(new, skip_special_tokens=True), len(new)
+
+
+def chat(sdk, model: str, **kw):
+    params = {"messages": QUESTION, "temperature": 0, "max_tokens": 24, **kw}
+    return sdk.chat.completions.create(model=model, **params)
+
+
+def test_a_fine_tuned_model_answers_token_for_token_like_generate(istack, sdk_a, trained):
+    job = trained["full"]
+    answer = chat(sdk_a, job.fine_tuned_model)
+    text, n_tokens = generate(final_checkpoint(istack, job.id), QUESTION, 24)
+    assert answer.model == job.fine_tuned_model
+    assert answer.choices[0].message.content == text
+    assert answer.usage.completion_tokens == n_tokens
+    assert answer.usage.prompt_tokens > 0
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + n_tokens
+    # it learned the demo data: the reply has the trained answer's form
+    assert text.startswith("The sky is")
+
+    # streamed through the SDK: the same text, usage in a last chunk with no choices
+    chunks = list(
+        chat(sdk_a, job.fine_tuned_model, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n_tokens
+    assert all(c.model == job.fine_tuned_model for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    # without include_usage no chunk carries usage
+    plain = list(chat(sdk_a, job.fine_tuned_model, stream=True))
+    assert all(c.usage is None for c in plain) and all(c.choices for c in plain)
+
+
+def test_the_raw_stream_ends_with_done(istack, trained):
+    body = {
+        "model": trained["full"].fine_tuned_model,
+        "messages": QUESTION,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    with httpx.stream(
+        "POST", f"{istack.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_a_lora_fine_tune_is_served_through_its_adapter(istack, sdk_a, trained):
+    job = trained["lora"]
+    ckpt = final_checkpoint(istack, job.id)
+    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").exists()
+    answer = chat(sdk_a, job.fine_tuned_model)
+    text, n_tokens = generate(ckpt, QUESTION, 24, base=istack.model_dir)
+    assert answer.choices[0].message.content == text
+    assert answer.usage.completion_tokens == n_tokens
+    base_answer = chat(sdk_a, istack.model_dir.name)
+    base_text, _ = generate(istack.model_dir, QUESTION, 24)
+    assert base_answer.choices[0].message.content == base_text
+    assert base_text != text  # the adapter is what answered
+
+
+def test_completions_n_stop_and_seed(istack, sdk_a, trained):
+    model = trained["full"].fine_tuned_model
+    two = sdk_a.completions.create(
+        model=model,
+        prompt=["<|user|>Hi<|end|><|assistant|>", "x"],
+        max_tokens=5,
+        temperature=0,
+        n=2,
+    )
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    assert two.choices[0].text == two.choices[1].text  # greedy: both choices agree
+    full = chat(sdk_a, model).choices[0].message.content
+    cut = chat(sdk_a, model, stop=["sky", "zzz"]).choices[0]
+    assert cut.message.content == full[: full.index("sky")] and cut.finish_reason == "stop"
+    sampled = [
+        chat(sdk_a, model, temperature=1.5, seed=7).choices[0].message.content for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]  # one seed, one answer
+
+
+def test_bad_requests_name_the_problem(istack, sdk_a, trained):
+    model = trained["full"].fine_tuned_model
+    cases = [
+        (dict(n=99), 400, "n"),
+        (dict(max_tokens=10**6), 400, "max_tokens"),
+        (dict(logprobs=True), 400, "logprobs"),
+        (dict(presence_penalty=0.5), 400, "presence_penalty"),
+        (dict(response_format={"type": "json_object"}), 400, "response_format"),
+        (dict(extra_body={"frobnicate": 1}), 400, "frobnicate"),
+    ]
+    for kw, status, param in cases:
+        with pytest.raises(openai.APIStatusError) as err:
+            chat(sdk_a, model, **kw)
+        assert err.value.status_code == status, kw
+        assert param in err.value.message, (kw, err.value.message)
+    # a prompt longer than the model's context (1,024 tokens): 400 naming the limit
+    long = [{"role": "user", "content": "sky " * 3000}]
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk_a.chat.completions.create(model=model, messages=long, max_tokens=4)
+    assert "1024" in err.value.message and err.value.code == "context_length_exceeded"
+
+
+def test_another_tenants_model_is_a_404_like_an_unknown_one(istack, sdk_a, sdk_b, trained):
+    job = trained["full"]
+    ckpts = list(sdk_a.fine_tuning.jobs.checkpoints.list(job.id))
+    for name in (job.fine_tuned_model, ckpts[0].id, ckpts[0].fine_tuned_model_checkpoint):
+        with pytest.raises(openai.NotFoundError) as theirs:
+            chat(sdk_b, name)
+        unknown = name[:-3] + "zzz"
+        with pytest.raises(openai.NotFoundError) as missing:
+            chat(sdk_a, unknown)
+        assert theirs.value.body["code"] == missing.value.body["code"] == "model_not_found"
+        assert theirs.value.message.replace(name, "?") == missing.value.message.replace(
+            unknown, "?"
+        )
+    # and its own checkpoints, by id and by name, answer for tenant A
+    for name in (ckpts[0].id, ckpts[0].fine_tuned_model_checkpoint):
+        assert chat(sdk_a, name).model == name
+
+
+def test_a_checkpoint_of_a_running_job_can_be_asked(istack, sdk_a, trained):
+    upload_id = trained["full"].training_file
+    job = sdk_a.fine_tuning.jobs.create(
+        model=istack.model_dir.name,
+        training_file=upload_id,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {**FAST, "max_steps": 20_000}},
+        },
+    )
+    try:
+        ckpt = wait_for(
+            lambda: list(sdk_a.fine_tuning.jobs.checkpoints.list(job.id)), 300, "a first checkpoint"
+        )[0]
+        answer = chat(sdk_a, ckpt.id)
+        assert answer.model == ckpt.id and answer.usage.completion_tokens > 0
+        assert sdk_a.fine_tuning.jobs.retrieve(job.id).status == "running"
+    finally:
+        sdk_a.fine_tuning.jobs.cancel(job.id)
+        wait_done(sdk_a, job.id)
+
+
+def test_a_killed_engine_is_restarted_and_the_next_request_succeeds(istack, sdk_a, trained):
+    model = trained["full"].fine_tuned_model
+    key = f"posttrain:inference:{istack.env['POSTTRAIN_INFERENCE_QUEUE']}"
+
+    def entry() -> dict:
+        (raw,) = istack.redis.hgetall(key).values()
+        return json.loads(raw)
+
+    base = istack.model_dir.name  # random weights: it rarely ends a reply early
+    chat(sdk_a, base)  # loaded and warm
+    (pid,) = entry()["engine_pids"]
+    # killed mid-stream: the stream ends in an OpenAI error, not a hang or a silent cut
+    stream = chat(sdk_a, base, max_tokens=256, stream=True)
+    with pytest.raises(openai.APIError):
+        for i, _chunk in enumerate(stream):
+            if i == 1:
+                os.kill(pid, signal.SIGKILL)
+    # the worker restarts its engine; a request answers 503 + Retry-After until it is back
+    refusals = []
+
+    def answered():
+        try:
+            return chat(sdk_a, model)
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and exc.response.headers.get("retry-after")
+            refusals.append(exc.body["code"])
+            time.sleep(1)
+            return None
+
+    answer = wait_for(answered, 240, "an answer after the engine was killed")
+    assert answer.choices[0].message.content
+    assert entry()["engine_pids"] and entry()["engine_pids"][0] != pid
+    assert set(refusals) <= {"engine_error", "engine_unavailable", "model_loading"}
+
+
+def test_a_deleted_model_is_not_served(istack, sdk_a, trained):
+    job = trained["lora"]
+    assert chat(sdk_a, job.fine_tuned_model).choices
+    sdk_a.models.delete(job.fine_tuned_model)
+    with pytest.raises(openai.NotFoundError):
+        chat(sdk_a, job.fine_tuned_model)
+
+
+def test_no_inference_worker_is_a_503_with_retry_after(istack, sdk_a, trained):
+    local_stack.stop(istack.inference)
+    istack.inference = None
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(sdk_a, trained["full"].fine_tuned_model)
+    assert err.value.status_code == 503 and err.value.body["code"] == "no_inference_worker"
+    assert err.value.response.headers["retry-after"]
