@@ -285,6 +285,8 @@ class _VllmServer:
     adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)  # lora name -> path
     used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
+    starting: asyncio.Future = field(init=False)  # its health check: every caller awaits it
+    lora_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one adapter change at a time
 
 
 class VllmEngine(Engine):
@@ -367,40 +369,47 @@ class VllmEngine(Engine):
             server = self.servers.get(base)
             if server is not None and server.proc.alive():
                 self.servers.move_to_end(base)
-                return server
-            if server is not None:  # died: start it again below
-                self._drop(base)
-            while len(self.servers) >= self.max_engines:
-                idle = [b for b, s in self.servers.items() if s.in_flight == 0]
-                if not idle:
-                    raise TimeoutError("every vLLM server is busy; none can make room")
-                log.info("stopping the vLLM server of %s (least recently used)", idle[0])
-                old = self._drop(idle[0])
-                await asyncio.to_thread(old.proc.stop)
-            port = free_port()
-            served = "m-" + _digest(base)
-            env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-            if self.gpus is not None:
-                env["CUDA_VISIBLE_DEVICES"] = self.gpus
-            proc = EngineProcess(
-                f"vllm-{served}",
-                self._argv(base, served, port),
-                port,
-                env,
-                self.log_dir / f"vllm-{served}.log",
-                start_timeout=self.start_timeout,
-            )
-            server = _VllmServer(base, proc, served)
-            self.servers[base] = server
-            proc.start()
-        try:
-            await proc.wait_ready(self.client)
+            else:
+                if server is not None:  # died: start it again
+                    self._drop(base)
+                server = await self._start(base)
+        try:  # a server still starting is not ready for anyone
+            await asyncio.shield(server.starting)
         except BaseException:
             async with self._lock:
                 if self.servers.get(base) is server:
                     self._drop(base)
-            await asyncio.to_thread(proc.stop)
+            await asyncio.to_thread(server.proc.stop)
             raise
+        return server
+
+    async def _start(self, base: str) -> _VllmServer:
+        """A server for ``base``, started (its caller holds ``_lock``)."""
+        while len(self.servers) >= self.max_engines:
+            idle = [b for b, s in self.servers.items() if s.in_flight == 0]
+            if not idle:
+                raise TimeoutError("every vLLM server is busy; none can make room")
+            log.info("stopping the vLLM server of %s (least recently used)", idle[0])
+            old = self._drop(idle[0])
+            await asyncio.to_thread(old.proc.stop)
+        port = free_port()
+        served = "m-" + _digest(base)
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        if self.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus
+        proc = EngineProcess(
+            f"vllm-{served}",
+            self._argv(base, served, port),
+            port,
+            env,
+            self.log_dir / f"vllm-{served}.log",
+            start_timeout=self.start_timeout,
+        )
+        server = _VllmServer(base, proc, served)
+        self.servers[base] = server
+        proc.start()
+        server.starting = asyncio.ensure_future(proc.wait_ready(self.client))
+        server.starting.add_done_callback(lambda t: t.cancelled() or t.exception())
         return server
 
     def _drop(self, base: str) -> _VllmServer:
@@ -416,24 +425,38 @@ class VllmEngine(Engine):
         if not ref.adapter:
             return Target(server.proc.url, server.served, server.proc)
         name = "a-" + _digest(ref.path)
-        if name in server.adapters:
-            server.adapters.move_to_end(name)
-            return Target(server.proc.url, name, server.proc)
-        while len(server.adapters) >= self.max_loras:
-            old, path = server.adapters.popitem(last=False)
-            self.forget([path])
-            await self.client.post(
-                server.proc.url + "/v1/unload_lora_adapter", json={"lora_name": old}
-            )
-        resp = await self.client.post(
-            server.proc.url + "/v1/load_lora_adapter",
-            json={"lora_name": name, "lora_path": ref.path},
-        )
-        if resp.status_code != 200:
-            log.warning("vLLM refused adapter %s: %s", ref.path, resp.text[:500])
-            raise LoadFailed(f"model {ref.name!r} could not be loaded")
-        server.adapters[name] = ref.path
+        async with server.lora_lock:  # concurrent loads would overrun max_loras
+            if name in server.adapters:
+                server.adapters.move_to_end(name)
+                return Target(server.proc.url, name, server.proc)
+            try:
+                while len(server.adapters) >= self.max_loras:
+                    old, path = server.adapters.popitem(last=False)
+                    self.forget([path])
+                    await self.client.post(
+                        server.proc.url + "/v1/unload_lora_adapter", json={"lora_name": old}
+                    )
+                resp = await self.client.post(
+                    server.proc.url + "/v1/load_lora_adapter",
+                    json={"lora_name": name, "lora_path": ref.path},
+                )
+            except httpx.HTTPError as exc:  # the server went down under us
+                raise EngineFailed(f"the vLLM server of {base} failed: {exc!r}") from None
+            if resp.status_code != 200:
+                log.warning("vLLM refused adapter %s: %s", ref.path, resp.text[:500])
+                raise LoadFailed(f"model {ref.name!r} could not be loaded")
+            server.adapters[name] = ref.path
         return Target(server.proc.url, name, server.proc)
+
+    def warm_target(self, ref: ModelRef) -> Target | None:
+        target = super().warm_target(ref)
+        if target is not None and (server := self.server_of(target)) is not None:
+            # a use: its server and its adapter become the most recently used
+            server.used = time.monotonic()
+            self.servers.move_to_end(server.base)
+            if target.model in server.adapters:
+                server.adapters.move_to_end(target.model)
+        return target
 
     def server_of(self, target: Target) -> _VllmServer | None:
         return next((s for s in self.servers.values() if s.proc is target.engine), None)
