@@ -148,23 +148,40 @@ def test_a_fine_tuned_model_answers_token_for_token_like_generate(istack, sdk_a,
     assert all(c.usage is None for c in plain) and all(c.choices for c in plain)
 
 
-def test_the_raw_stream_ends_with_done(istack, trained):
-    body = {
-        "model": trained["full"].fine_tuned_model,
-        "messages": QUESTION,
-        "max_tokens": 8,
-        "temperature": 0,
-        "stream": True,
-    }
-    headers = {"Authorization": f"Bearer {KEY_A}"}
+def test_raw_answers_match_the_sdk_types_and_the_stream_ends_with_done(istack, trained):
+    """The bodies themselves, validated against the SDK's types (generated from OpenAI's
+    OpenAPI document): required fields present and typed, not only parseable."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    model = trained["full"].fine_tuned_model
+    url, headers = istack.base_url + "/v1", {"Authorization": f"Bearer {KEY_A}"}
+    body = {"model": model, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    answer = httpx.post(url + "/chat/completions", json=body, headers=headers, timeout=120)
+    ChatCompletion.model_validate(answer.json(), strict=False)
+    assert answer.json()["object"] == "chat.completion" and answer.json()["usage"]
+    text = httpx.post(
+        url + "/completions",
+        json={"model": model, "prompt": "The sky", "max_tokens": 4},
+        headers=headers,
+        timeout=120,
+    ).json()
+    Completion.model_validate(text)
+    assert text["object"] == "text_completion" and text["usage"]["completion_tokens"] >= 1
     with httpx.stream(
-        "POST", f"{istack.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120
+        "POST",
+        url + "/chat/completions",
+        json={**body, "stream": True},
+        headers=headers,
+        timeout=120,
     ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
-    assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+    for event in events[:-1]:
+        chunk = ChatCompletionChunk.model_validate(json.loads(event[6:]))
+        assert chunk.object == "chat.completion.chunk" and chunk.model == model
 
 
 def test_a_lora_fine_tune_is_served_through_its_adapter(istack, sdk_a, trained):
@@ -261,6 +278,16 @@ def test_a_checkpoint_of_a_running_job_can_be_asked(istack, sdk_a, trained):
     finally:
         sdk_a.fine_tuning.jobs.cancel(job.id)
         wait_done(sdk_a, job.id)
+
+
+def test_a_model_that_cannot_load_is_an_error_naming_it(istack, sdk_a):
+    broken = istack.model_dir.parent / "broken-model"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text((istack.model_dir / "config.json").read_text())
+    with pytest.raises(openai.InternalServerError) as err:
+        chat(sdk_a, "broken-model")
+    assert err.value.body["code"] == "model_load_failed" and "broken-model" in err.value.message
+    assert chat(sdk_a, istack.model_dir.name).choices  # the engine is still fine
 
 
 def test_a_killed_engine_is_restarted_and_the_next_request_succeeds(istack, sdk_a, trained):
