@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 class Front:
     """``create_front(VllmEngine(...))`` served by uvicorn on a free port, in a thread."""
 
-    def __init__(self, engine: VllmEngine):
+    def __init__(self, engine: VllmEngine, load_wait: float = 30):
         self.engine = engine
-        app = create_front(engine, load_wait=30, max_tokens=64, check_seconds=3600)
+        app = create_front(engine, load_wait=load_wait, max_tokens=64, check_seconds=3600)
         self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -124,7 +124,7 @@ class World:
         return {"name": f"acme/lora-{i}", "path": str(self.adapters[i]), "base": str(self.base)}
 
     # ---- the engine
-    def front(self, **kw) -> Front:
+    def front(self, load_wait: float = 30, **kw) -> Front:
         options = dict(idle_seconds=300, max_engines=1, max_loras=2)
         options.update(kw)
         engine = VllmEngine(
@@ -133,7 +133,7 @@ class World:
             start_timeout=30,
             **options,
         )
-        front = Front(engine)
+        front = Front(engine, load_wait)
         self.fronts.append(front)
         return front
 
@@ -461,3 +461,27 @@ def test_vllm_refusals_reach_the_caller_as_openai_errors(world):
     assert str(world.tmp) not in r.text
     (refusal,) = world.events(route="load_lora_adapter")
     assert refusal["status"] == 404
+
+
+def test_a_first_request_waits_a_bounded_time_then_503_while_the_load_goes_on(world):
+    """The server takes longer to start than a request may wait: that request is told to
+    come back (503 model_loading, Retry-After), the load is not abandoned, and a later
+    request is answered by the server the first one started."""
+    front = world.front(load_wait=0.05)
+    r = front.post(world.base_ref(), chat(max_tokens=3))
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "model_loading" and r.headers["retry-after"]
+    wait_until(lambda: front.post(world.base_ref(), chat(max_tokens=3)).status_code == 200)
+    assert len(world.starts()) == 1  # one server: the first request's load went on
+
+
+def test_an_idle_server_is_stopped_and_started_again_on_demand(world):
+    front = world.front(idle_seconds=0.5)
+    assert front.post(world.base_ref(), chat(max_tokens=3)).status_code == 200
+    (first,) = world.starts()
+    time.sleep(0.8)
+    front.run(front.engine.check())
+    wait_until(lambda: gone(first["pid"]))
+    assert front.engine.loaded() == []
+    assert front.post(world.base_ref(), chat(max_tokens=3)).status_code == 200
+    assert len(world.starts()) == 2
