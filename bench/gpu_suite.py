@@ -19,7 +19,11 @@ a run cut short still leaves one):
    EGPO) through the real runner (``trainers.runner.run_method``) in bf16 on a random
    model of Qwen2.5-0.5B's shape: ran or not, steps, first and last loss, whether every
    metric was finite, peak memory, seconds per step.
-5. ``sft_step``: a trainer-level SFT step on that model with TRL's own fused head,
+5. ``inference``: where vLLM is installed (not in the dry run), ``posttrain inference``'s
+   front over its vLLM engine, in this process: the Qwen-shaped model served by vLLM
+   with LoRA on, a greedy chat answer and its tokens/s, then a LoRA adapter of it
+   loaded at runtime and asked the same; otherwise the reason it was skipped.
+6. ``sft_step``: a trainer-level SFT step on that model with TRL's own fused head,
    posttrain's kernel behind it, and Liger (``use_liger_kernel``, which patches model
    classes process-wide, so every variant runs in a process of its own): step time and
    peak memory.
@@ -63,7 +67,14 @@ QWEN_05B = {
 GRPO_PRESETS = ("grpo", "dapo", "dr_grpo", "ngrpo", "xrpo", "hapo")
 # Seconds each section may take on a GPU: 7.5 minutes in all, so the run ends within the
 # 8 a GPU host's one command is planned for.
-BUDGET = {"env": 20, "tests": 60, "kernels": 120, "methods": 170, "sft_step": 80}
+BUDGET = {
+    "env": 20,
+    "tests": 60,
+    "kernels": 120,
+    "methods": 170,
+    "inference": 240,
+    "sft_step": 80,
+}
 # Modules the sections import, checked (and their import errors reported) first.
 IMPORTS = ("torch", "triton", "transformers", "trl", "datasets", "pydantic", "liger_kernel")
 
@@ -470,11 +481,111 @@ def section_sft_step(dry: bool, deadline: float) -> dict:
 
 
 # --------------------------------------------------------------------------- running
+def _lora_adapter(base: Path, out: Path) -> Path:
+    """A rank-8 LoRA adapter of ``base`` with non-zero B (so it changes the answers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    )
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def section_inference(dry: bool) -> dict:
+    import importlib.util
+
+    if dry or importlib.util.find_spec("vllm") is None:
+        why = "dry run" if dry else "vllm is not installed on this host"
+        return {"skipped": why}
+    import asyncio
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from workers.inference.engines import VllmEngine
+    from workers.inference.front import MODEL_HEADER, create_front
+    from workers.inference.process import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="gpu-suite-inference-"))
+    base = build_model(work / "base", dry)
+    adapter = _lora_adapter(base, work / "adapter")
+    engine = VllmEngine(
+        command="vllm", idle_seconds=600, log_dir=work / "logs", start_timeout=600, max_loras=2
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_front(engine, load_wait=600, max_tokens=256),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    out: dict = {"model": "Qwen2.5-0.5B shape, random weights, bf16", "rows": {}}
+    body = {
+        "messages": [{"role": "user", "content": "Say hello to Alice."}],
+        "temperature": 0,
+        "max_tokens": 128,
+    }
+    try:
+        while not server.started:
+            time.sleep(0.1)
+        refs = {
+            "base": {"name": "base", "path": str(base), "base": None},
+            "lora": {"name": "lora", "path": str(adapter), "base": str(base)},
+        }
+        for label, ref in refs.items():
+            headers = {MODEL_HEADER: json.dumps(ref)}
+            row: dict = {}
+            for attempt in ("cold", "warm"):
+                start = time.perf_counter()
+                r = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    json=body,
+                    headers=headers,
+                    timeout=900,
+                )
+                seconds = time.perf_counter() - start
+                if r.status_code != 200:
+                    row = {"error": f"{r.status_code}: {r.text[:300]}"}
+                    break
+                tokens = r.json()["usage"]["completion_tokens"]
+                row[f"{attempt}_s"] = round(seconds, 3)
+                row["tokens"] = tokens
+                row["text"] = r.json()["choices"][0]["message"]["content"][:60]
+                if attempt == "warm":
+                    row["tokens_per_s"] = round(tokens / seconds, 1)
+            out["rows"][label] = row
+            _write_partial(out)
+        rows = out["rows"]
+        out["adapter_changes_answer"] = rows.get("base", {}).get("text") != rows.get(
+            "lora", {}
+        ).get("text")
+    except Exception:
+        out["error"] = traceback.format_exc()[-1500:]
+    finally:
+        server.should_exit = True
+        thread.join(120)
+    return out
+
+
 SECTIONS = {
     "env": section_env,
     "tests": section_tests,
     "kernels": section_kernels,
     "methods": section_methods,
+    "inference": section_inference,
 }
 _PARTIAL: Path | None = None
 
@@ -666,9 +777,35 @@ def render(report: dict) -> str:
         lines += _kernel_lines(s["kernels"], dry)
     if s.get("methods"):
         lines += _method_lines(s["methods"])
+    if s.get("inference"):
+        lines += _inference_lines(s["inference"])
     if s.get("sft_step"):
         lines += _sft_lines(s["sft_step"])
     return "\n".join(lines) + "\n"
+
+
+def _inference_lines(inf: dict) -> list[str]:
+    if inf.get("skipped"):
+        return ["", f"## Inference (vLLM): skipped, {inf['skipped']}"]
+    rows = []
+    for label, r in (inf.get("rows") or {}).items():
+        if "error" in r:
+            rows.append([label, r["error"]])
+            continue
+        rows.append(
+            [
+                label,
+                _f(r.get("cold_s")),
+                _f(r.get("warm_s")),
+                r.get("tokens"),
+                _f(r.get("tokens_per_s")),
+                repr(r.get("text")),
+            ]
+        )
+    header = ["model", "first (s)", "again (s)", "tokens", "tokens/s", "answer"]
+    lines = ["", f"## Inference (vLLM, {inf.get('model', '')})", "", *_table(header, rows)]
+    lines.append(f"\nthe adapter changes the answer: {inf.get('adapter_changes_answer')}")
+    return lines + ([f"\ninference: {inf['error']}"] if inf.get("error") else [])
 
 
 def use_wheels(folder: Path) -> None:
@@ -699,7 +836,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes (what CI runs)")
-    ap.add_argument("--only", help="comma-separated sections: env,tests,kernels,methods,sft_step")
+    ap.add_argument(
+        "--only", help="comma-separated sections: env,tests,kernels,methods,inference,sft_step"
+    )
     ap.add_argument("--wheels", type=Path, help="a folder of wheels to unpack first (GPU host)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-result", help=argparse.SUPPRESS)

@@ -41,7 +41,15 @@ def report(tmp_path_factory) -> dict:
 
 
 def test_every_section_reports(report):
-    assert set(report["sections"]) == {"env", "tests", "kernels", "methods", "sft_step"}
+    assert set(report["sections"]) == {
+        "env",
+        "tests",
+        "kernels",
+        "methods",
+        "inference",
+        "sft_step",
+    }
+    assert report["sections"]["inference"]["skipped"] == "dry run"  # vLLM runs on GPU hosts only
     assert report["dry_run"] is True and "finished" in report
     env = report["sections"]["env"]
     assert env["device"] == "cpu" and env["torch"] and "import_errors" in env
