@@ -25,7 +25,12 @@ from workers.store import JobNotFound, JobStatus, JobStore
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 _ID = re.compile(ID_PATTERN)
 # Path parameters that name a record, and what a 404 calls them.
-_ID_PARAMS = {"job_id": "fine-tuning job", "file_id": "file", "checkpoint_id": "checkpoint"}
+_ID_PARAMS = {
+    "job_id": "fine-tuning job",
+    "file_id": "file",
+    "checkpoint_id": "checkpoint",
+    "eval_id": "eval",
+}
 
 
 def get_settings(request: Request) -> ApiSettings:
@@ -86,7 +91,7 @@ def valid_path_ids(request: Request) -> None:
 
 
 # ---- records the caller owns
-def _owned(store, missing: type[Exception], kind: str, ident: str, tenant: Tenant, param: str):
+def owned(store, missing: type[Exception], kind: str, ident: str, tenant: Tenant, param: str):
     """The record ``ident`` if ``tenant`` may see it; another tenant's record is a 404
     exactly like a missing one, and costs the same: both are decided from one read of
     two short fields (``owner``), and only the owner's record is read whole."""
@@ -100,11 +105,11 @@ def _owned(store, missing: type[Exception], kind: str, ident: str, tenant: Tenan
 
 
 def owned_job(jobs: JobStore, job_id: str, tenant: Tenant, param: str = "fine_tuning_job_id"):
-    return _owned(jobs, JobNotFound, "fine-tuning job", job_id, tenant, param)
+    return owned(jobs, JobNotFound, "fine-tuning job", job_id, tenant, param)
 
 
 def owned_file(files: FileStore, file_id: str, tenant: Tenant, param: str = "file_id") -> dict:
-    return _owned(files, FileNotFound, "file", file_id, tenant, param)
+    return owned(files, FileNotFound, "file", file_id, tenant, param)
 
 
 def owned_model(jobs: JobStore, model_id: str, tenant: Tenant) -> dict:

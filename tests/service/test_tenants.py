@@ -134,7 +134,34 @@ def build_world(client, app, settings) -> World:
             "fine_tuned_model_checkpoint": name,
         },
     )
-    return World(fid, job_id, ckpt_id, ckpt_dir, f"ft:tiny:posttrain:{job_id}")
+    world = World(fid, job_id, ckpt_id, ckpt_dir, f"ft:tiny:posttrain:{job_id}")
+    world.extra["eval_id"] = create_eval(client, "a")
+    return world
+
+
+def create_eval(client, who, name="e") -> str:
+    resp = client.post(
+        "/v1/evals",
+        headers=as_(who),
+        json={
+            "name": name,
+            "data_source_config": {
+                "type": "custom",
+                "item_schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+            },
+            "testing_criteria": [
+                {
+                    "type": "string_check",
+                    "name": "c",
+                    "input": "{{item.a}}",
+                    "reference": "x",
+                    "operation": "eq",
+                }
+            ],
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"]
 
 
 def _status(app, job_id):
@@ -261,6 +288,66 @@ def _model_one(method):
     return check
 
 
+def _create_eval(client, app, w):
+    eid_b = create_eval(client, "b")
+    assert client.get(f"/v1/evals/{eid_b}", headers=as_("a")).status_code == 404
+    assert app.state.evals.get(eid_b)["tenant"] == "team-b"
+
+
+def _list_evals(client, app, w):
+    eid = w.extra["eval_id"]
+    assert eid not in [e["id"] for e in client.get("/v1/evals", headers=as_("b")).json()["data"]]
+    resp = client.get("/v1/evals", params={"after": eid}, headers=as_("b"))
+    assert resp.status_code == 404  # A's id is no cursor for B
+    assert eid in [e["id"] for e in client.get("/v1/evals", headers=as_("a")).json()["data"]]
+
+
+def _update_eval(client, app, w):
+    eid = w.extra["eval_id"]
+    resp = client.post(f"/v1/evals/{eid}", json={"name": "stolen"}, headers=as_("b"))
+    assert resp.status_code == 404, resp.text
+    assert client.get(f"/v1/evals/{eid}", headers=as_("a")).json()["name"] == "e"
+
+
+def _delete_eval(client, app, w):
+    eid = w.extra["eval_id"]
+    assert client.delete(f"/v1/evals/{eid}", headers=as_("b")).status_code == 404
+    assert client.get(f"/v1/evals/{eid}", headers=as_("a")).status_code == 200
+
+
+def _inference(path: str):
+    """B asking for A's fine-tuned model, checkpoint id or checkpoint name gets the 404 of
+    an unknown model; A's own checkpoint resolves (and, with no inference worker running
+    here, is the 503 that says so)."""
+
+    def check(client, app, w):
+        def body(model):
+            if path.endswith("chat/completions"):
+                return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            return {"model": model, "prompt": "hi"}
+
+        app.state.jobs.set_fields(
+            w.job_id, status=str(JobStatus.succeeded), fine_tuned_model=w.fine_tuned_model
+        )
+        try:
+            unknown = client.post(path, json=body("ft:tiny:x:ftjob-nope"), headers=as_("b"))
+            assert unknown.status_code == 404
+            for model in (w.fine_tuned_model, w.ckpt_id, f"ft:tiny:{w.job_id}:ckpt-step-1"):
+                resp = client.post(path, json=body(model), headers=as_("b"))
+                assert resp.status_code == 404, resp.text
+                assert resp.json()["error"]["code"] == "model_not_found"
+                assert resp.json()["error"]["message"].replace(model, "?") == unknown.json()[
+                    "error"
+                ]["message"].replace("ft:tiny:x:ftjob-nope", "?")
+            own = client.post(path, json=body(w.ckpt_id), headers=as_("a"))
+            assert own.status_code == 503, own.text
+            assert own.json()["error"]["code"] == "no_inference_worker"
+        finally:
+            app.state.jobs.set_fields(w.job_id, status=str(JobStatus.running))
+
+    return check
+
+
 JOB = "/v1/fine_tuning/jobs/{job_id}"
 WALK = {
     ("POST", "/v1/files"): _upload,
@@ -284,6 +371,13 @@ WALK = {
     ("GET", "/v1/models"): _models_list,
     ("GET", "/v1/models/{model_id:path}"): _model_one("GET"),
     ("DELETE", "/v1/models/{model_id:path}"): _model_one("DELETE"),
+    ("POST", "/v1/chat/completions"): _inference("/v1/chat/completions"),
+    ("POST", "/v1/completions"): _inference("/v1/completions"),
+    ("POST", "/v1/evals"): _create_eval,
+    ("GET", "/v1/evals"): _list_evals,
+    ("GET", "/v1/evals/{eval_id}"): _get_404(lambda w: f"/v1/evals/{w.extra['eval_id']}"),
+    ("POST", "/v1/evals/{eval_id}"): _update_eval,
+    ("DELETE", "/v1/evals/{eval_id}"): _delete_eval,
 }
 EXEMPT = {
     ("GET", "/healthz"): "liveness; reads no stored data",
@@ -323,7 +417,7 @@ def test_another_tenant_gets_404_on_every_route(client, app, settings):
 def test_every_route_refuses_without_a_key(client, app):
     for method, path in sorted(_routes(app) - EXEMPT.keys()):
         url = path.replace("{model_id:path}", "ft:m:s:ftjob-x").format(
-            file_id="file-x", job_id="ftjob-x", checkpoint_id="c"
+            file_id="file-x", job_id="ftjob-x", checkpoint_id="c", eval_id="eval_x"
         )
         assert client.request(method, url).status_code == 401, (method, path)
 
