@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -181,9 +182,7 @@ async def proxy(request: Request, kind: str, req: _Sampling, tenant: Tenant) -> 
     client: httpx.AsyncClient = request.app.state.inference_client
     tried: set[str] = set()
     while True:
-        workers = await asyncio.to_thread(
-            live_workers, request.app.state.redis, s.key_prefix, s.inference_queue
-        )
+        workers = await _live(request, s.key_prefix, s.inference_queue)
         worker = pick([w for w in workers if w.get("name") not in tried], model["path"])
         if worker is None:
             raise APIError(
@@ -201,6 +200,7 @@ async def proxy(request: Request, kind: str, req: _Sampling, tenant: Tenant) -> 
             break
         except httpx.HTTPError as exc:  # that worker is gone: another live one may answer
             log.warning("inference worker %s unreachable: %s", worker.get("name"), exc)
+            request.app.state.inference_workers.pop(s.inference_queue, None)
             continue
     if req.stream and resp.status_code == 200:
         return StreamingResponse(
@@ -217,13 +217,26 @@ async def proxy(request: Request, kind: str, req: _Sampling, tenant: Tenant) -> 
     return _answer(resp, content)
 
 
+# How long the API reuses a read of the worker registry: workers rewrite their entries
+# every 2 s and expire after 6; a worker that went away in between is skipped by the
+# retry in ``proxy`` (and the cache dropped).
+WORKERS_TTL = 1.0
+
+
+async def _live(request: Request, prefix: str, queue: str) -> list[dict]:
+    cache = request.app.state.inference_workers
+    now = time.monotonic()
+    hit = cache.get(queue)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    workers = await asyncio.to_thread(live_workers, request.app.state.redis, prefix, queue)
+    cache[queue] = (now + WORKERS_TTL, workers)
+    return workers
+
+
 def _answer(resp: httpx.Response, content: bytes) -> Response:
-    try:
-        payload = json.loads(content)
-        ok = isinstance(payload, dict)
-    except ValueError:
-        ok = False
-    if not ok:
+    # a JSON object, by its first byte: the worker writes whole JSON answers or none
+    if not content.lstrip()[:1] == b"{":
         raise APIError(
             502,
             "the inference worker gave no valid answer",

@@ -70,7 +70,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.model_access = ModelAccess(settings, app.state.jobs)
     app.state.grader_pool = GraderPool(settings.grader_workers, settings.grader_runs_per_tenant)
     app.state.celery = make_celery(settings)
-    # one pool of connections to inference workers (service/inference.py)
+    # one pool of connections to inference workers, and the registry read (service/inference.py)
+    app.state.inference_workers = {}
     app.state.inference_client = httpx.AsyncClient(
         timeout=httpx.Timeout(settings.inference_timeout_seconds, connect=5.0),
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),

@@ -72,8 +72,21 @@ class Limits:
             return self._tok[path]
 
     async def apply(self, body: dict, kind: str, target: Target) -> dict:
-        """``body`` with ``max_tokens`` set to what fits; ``Refused`` when nothing does."""
+        """``body`` with ``max_tokens`` set to what fits; ``Refused`` when nothing does.
+
+        A prompt whose text, with room for its template's markers, is shorter in UTF-8
+        bytes than what is left of the context once ``max_tokens`` is taken, fits without
+        being tokenized: the engines' tokenizers never make more tokens of a text than it
+        has bytes (byte-level BPE, or byte fallback). Without ``max_tokens``, a reply may
+        use the context that bound leaves (up to the server's bound)."""
         tokenizer, context = await self._tokenizer(target.model)
+        asked = body.get("max_tokens")
+        if context is not None:
+            bound = _byte_bound(body, kind)
+            if asked is not None and bound + int(asked) <= context:
+                return body
+            if asked is None and bound < context:  # the rest, less the bound's slack
+                return {**body, "max_tokens": min(self.max_tokens, context - bound)}
         if kind == "chat":
             try:
                 prompt = await asyncio.to_thread(_chat_tokens, tokenizer, body)
@@ -90,7 +103,6 @@ class Limits:
             param = "prompt"
         if context is None:
             return body
-        asked = body.get("max_tokens")
         if prompt >= context or (asked is not None and prompt + int(asked) > context):
             wanted = f"{prompt} in the {param}" + (
                 f" and {asked} to generate" if asked is not None else ""
@@ -105,6 +117,18 @@ class Limits:
         if asked is None:
             body = {**body, "max_tokens": min(self.max_tokens, context - prompt)}
         return body
+
+
+def _byte_bound(body: dict, kind: str) -> int:
+    """An upper bound of the prompt's tokens: its text's UTF-8 bytes, plus 32 per message
+    for the chat template's role markers and separators, plus 64 for the template's
+    framing (generation prompt, a system preamble)."""
+    if kind != "chat":
+        return len(str(body.get("prompt") or "").encode()) + 64
+    total = 64 + len(json.dumps(body.get("tools") or "").encode())
+    for m in body.get("messages") or []:
+        total += 32 + len(json.dumps(m.get("content") or "", ensure_ascii=False).encode())
+    return total
 
 
 def _load_tokenizer(path: str) -> tuple[Any, int | None]:
@@ -298,6 +322,8 @@ def create_front(
     async def stream(
         target: Target, path: str, subs: list[dict], result: shapes.Answer, server: Any
     ) -> AsyncIterator[bytes]:
+        """The engine's events as the caller's, one write per read from the engine: what
+        arrived together leaves together (a send per token costs more than the token)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(sub: dict) -> None:
@@ -314,34 +340,38 @@ def create_front(
                             payload = None
                         await queue.put(("error", shapes.engine_error(r.status_code, payload)[1]))
                         return
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            continue
-                        event = json.loads(data)
-                        if "error" in event:
-                            err = event["error"]
-                            log.warning("engine stream error: %s", err)
-                            await queue.put(
-                                (
-                                    "error",
-                                    shapes.error(
-                                        500,
-                                        "the inference engine failed while generating",
-                                        type="server_error",
-                                        code="engine_error",
-                                    ),
-                                )
+                    buf = b""
+                    async for chunk in r.aiter_raw():
+                        buf += chunk.replace(b"\r\n", b"\n")
+                        *complete, buf = buf.split(b"\n\n")
+                        out = []
+                        for event in complete:
+                            data = b"".join(
+                                line[5:].strip()
+                                for line in event.split(b"\n")
+                                if line.startswith(b"data:")
                             )
-                            return
-                        out = result.rewrite_chunk(sub, event, trimmers)
+                            if not data or data == b"[DONE]":
+                                continue
+                            parsed = json.loads(data)
+                            if "error" in parsed:
+                                log.warning("engine stream error: %s", parsed["error"])
+                                if out:
+                                    await queue.put(("data", b"".join(out)))
+                                failed = shapes.error(
+                                    500,
+                                    "the inference engine failed while generating",
+                                    type="server_error",
+                                    code="engine_error",
+                                )
+                                await queue.put(("error", failed))
+                                return
+                            rewritten = result.rewrite_chunk(sub, parsed, trimmers)
+                            if rewritten:
+                                out.append(rewritten)
                         if out:
-                            await queue.put(("data", out))
+                            await queue.put(("data", b"".join(out)))
             except httpx.HTTPError:
-                engine.engine_down()
-                wake.set()
                 await queue.put(("error", engine_failed().body))
             finally:
                 await queue.put(("end", None))
@@ -350,19 +380,21 @@ def create_front(
         try:
             ended = 0
             while ended < len(tasks):
-                what, item = await queue.get()
-                if what == "end":
-                    ended += 1
-                elif what == "data":
-                    yield item
-                else:
-                    yield shapes.sse(item)
-                    yield shapes.DONE
-                    return
-            usage = result.usage_chunk()
-            if usage:
-                yield usage
-            yield shapes.DONE
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                out = []
+                for what, item in items:
+                    if what == "end":
+                        ended += 1
+                    elif what == "data":
+                        out.append(item)
+                    else:
+                        yield b"".join(out) + shapes.sse(item) + shapes.DONE
+                        return
+                if out:
+                    yield b"".join(out)
+            yield result.usage_chunk() + shapes.DONE
         finally:
             for task in tasks:
                 task.cancel()
