@@ -16,6 +16,7 @@ from workers.redis_client import broker_transport_options
 from workers.settings import WorkerSettings
 
 TASK_NAME = "posttrain.run_job"
+EVAL_TASK_NAME = "posttrain.run_eval"  # workers.evaltasks
 
 
 def configure(celery: Celery, s: WorkerSettings) -> None:
@@ -24,7 +25,7 @@ def configure(celery: Celery, s: WorkerSettings) -> None:
         result_backend=None,
         task_ignore_result=True,
         task_default_queue=s.queue,
-        task_routes={TASK_NAME: {"queue": s.queue}},
+        task_routes={TASK_NAME: {"queue": s.queue}, EVAL_TASK_NAME: {"queue": s.queue}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -35,7 +36,7 @@ def configure(celery: Celery, s: WorkerSettings) -> None:
         # idempotent (lease in the record), so an early redelivery just exits. The
         # same socket timeouts and health checks as every other Redis client.
         broker_transport_options={"visibility_timeout": 3600, **broker_transport_options(s)},
-        imports=["workers.tasks"],
+        imports=["workers.tasks", "workers.evaltasks"],
     )
 
 
@@ -56,3 +57,8 @@ def _configure(sender: Celery, **_: object) -> None:
 def enqueue(celery: Celery, job_id: str, queue: str) -> None:
     """Send ``run_job(job_id)`` by name: callers need not import the task module."""
     celery.send_task(TASK_NAME, args=[job_id], queue=queue)
+
+
+def enqueue_eval_run(celery: Celery, run_id: str, queue: str) -> None:
+    """Send ``run_eval(run_id)`` (``workers.evaltasks``) by name."""
+    celery.send_task(EVAL_TASK_NAME, args=[run_id], queue=queue)

@@ -1,0 +1,381 @@
+"""The Celery task that grades an eval run: ``posttrain.run_eval(run_id)``.
+
+``grade_run`` does the work and takes its stores as arguments (tests call it directly):
+it marks the run in_progress, reads its rows (inline, or the uploaded file), and for
+every row not stored yet samples the model (a ``completions`` run: the rendered
+``input_messages`` sent to a live inference worker) or takes the row's ``sample`` (a
+``jsonl`` run), grades it with every criterion in a bounded child
+(``trainers.contract.graders.scoring.run_isolated``) and stores the output item with
+its counts in one atomic write (``workers.evalruns``). Between rows it reads the run's
+status: a cancel (or a delete) stops it. A redelivered task (its worker was killed:
+acks_late, reject_on_worker_lost) finds the stored rows and grades only the others.
+
+Pass rule: a criterion passes when its score >= its ``pass_threshold`` where it has one
+(text_similarity), when its score >= 1.0 for a string_check, and when its score > 0.5
+for the other graders (regex, math_verify, multi, length_penalty). An item passes when
+every criterion passes. An item is ``errored`` (and its output item's status ``fail``)
+when its sample could not be had (the inference worker refused or stayed unreachable, a
+template read a field the row lacks) or a criterion could not grade it (a template
+variable missing, a grader that failed or ran out of time); a sample the grader could
+not parse (``sample.output_json`` of a non-JSON answer) is a fail, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from trainers.contract.graders.scoring import GradeReport, run_isolated
+from trainers.contract.graders.spec import parse_grader
+from trainers.contract.graders.templates import GraderError, render, resolve_path
+from workers.celery_app import app
+from workers.evalruns import (
+    FINISHED,
+    NO_ERROR,
+    EvalRunStore,
+    RowError,
+    output_item_id,
+    read_rows,
+)
+from workers.filestore import FileStore
+from workers.inference.registry import live_workers, pick
+from workers.redis_client import make_redis
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+MODEL_HEADER = "X-Posttrain-Model"
+# Grader flags that mean the criterion could not grade the item (an error), as opposed
+# to a sample the grader scored 0 (sample_parse_error, formula_parse_error, ...).
+HARD_FLAGS = ("invalid_variable_error", "other_error", "unresponsive_reward_error")
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)  # between tries of an unreachable inference worker
+RETRY_STATUSES = (429, 502, 503, 504)
+
+Sampler = Callable[[list[dict[str, str]]], dict[str, Any]]
+
+
+class RunFailed(Exception):
+    """The whole run cannot go on (its file or model is gone)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@lru_cache(maxsize=1)
+def _context() -> tuple[WorkerSettings, EvalRunStore, FileStore]:
+    s = WorkerSettings()
+    client = make_redis(s)
+    return s, EvalRunStore(client, s.key_prefix), FileStore(client, s.data_dir, s.key_prefix)
+
+
+@app.task(name="posttrain.run_eval", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_eval(run_id: str) -> str:
+    settings, runs, files = _context()
+    return grade_run(run_id, runs, files, settings)
+
+
+def grade_run(
+    run_id: str,
+    runs: EvalRunStore,
+    files: FileStore,
+    settings: WorkerSettings,
+    *,
+    sampler: Sampler | None = None,
+    stop_after: int | None = None,
+) -> str:
+    """Grade the run's rows not stored yet; what became of the run (``completed``,
+    ``canceled``, ``failed``, ``missing``, ``stopped`` after ``stop_after`` new rows: a
+    test's stand-in for a killed worker)."""
+    try:
+        run = runs.get(run_id)
+    except KeyError:
+        return "missing"
+    if run["status"] in FINISHED:
+        return run["status"]
+    if runs.transition(run_id, "in_progress", ("queued", "in_progress")) is None:
+        return "skipped"
+    spec = run["spec"]
+    try:
+        rows = _rows(run, files)
+        if spec.get("kind") == "completions":
+            sampler = sampler or _http_sampler(runs, settings, spec)
+            _check_model(spec["model"])
+    except RunFailed as exc:
+        error = {"code": exc.code, "message": exc.message}
+        runs.transition(run_id, "failed", ("in_progress",), error=error)
+        return "failed"
+    graders = [_grader(c) for c in spec["criteria"]]
+    done, new = runs.stored(run_id), 0
+    for index, row in enumerate(rows):
+        if index in done:
+            continue
+        if runs.r.hget(runs.k_run(run_id), "status") != "in_progress":
+            return "canceled"  # canceled or deleted meanwhile
+        item, counter, increments = _output_item(run, spec, graders, index, row, sampler)
+        if runs.store_item(run_id, index, item, counter, increments) < 0:
+            return "canceled"  # deleted meanwhile
+        new += 1
+        if stop_after is not None and new >= stop_after:
+            return "stopped"
+    runs.transition(run_id, "completed", ("in_progress",))
+    return "completed"
+
+
+def _rows(run: dict[str, Any], files: FileStore) -> list[dict[str, Any]]:
+    source = run["data_source"]["source"]
+    if source["type"] == "file_content":
+        return source["content"]
+    path = files.path(source["id"])
+    try:
+        with open(path, "rb") as fh:
+            return read_rows(fh, f"file {source['id']}")
+    except FileNotFoundError:
+        raise RunFailed("file_not_found", f"the file {source['id']} was deleted") from None
+    except RowError as exc:
+        raise RunFailed("invalid_file", str(exc)) from None
+
+
+def _check_model(header: dict[str, Any]) -> None:
+    path = header.get("path") or ""
+    if path.startswith("/") and not Path(path).exists():
+        raise RunFailed(
+            "model_not_found", f"the model '{header.get('name')}' is gone (it was deleted)"
+        )
+
+
+def _grader(criterion: dict[str, Any]) -> tuple[str, str, Any, float | None]:
+    raw = dict(criterion)
+    threshold = raw.get("pass_threshold")
+    if raw.get("type") == "score_model":
+        raw.pop("pass_threshold", None)
+    return raw.get("name", ""), raw.get("type", ""), parse_grader(raw), threshold
+
+
+def passes(kind: str, score: float, threshold: float | None) -> bool:
+    """The pass rule (module docstring)."""
+    if threshold is not None:
+        return score >= threshold
+    if kind == "string_check":
+        return score >= 1.0
+    return score > 0.5
+
+
+def _output_item(run, spec, graders, index, row, sampler):
+    item = row["item"]
+    sampling = spec.get("sampling") or {}
+    sample = {
+        "input": [],
+        "output": [],
+        "usage": {
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "cached_tokens": 0,
+        },
+        "error": NO_ERROR,
+        "finish_reason": "",
+        "model": run["model"],
+        "seed": sampling.get("seed", 0),
+        "temperature": float(sampling.get("temperature", 1.0)),
+        "top_p": float(sampling.get("top_p", 1.0)),
+        "max_completion_tokens": int(sampling.get("max_completion_tokens", 0)),
+    }
+    increments: dict[str, int] = {}
+    text: str | None
+    if spec.get("kind") == "completions":
+        text = _sampled(spec, item, sample, sampler, increments)
+    else:
+        text = _given(row.get("sample") or {}, sample)
+    results: list[dict[str, Any]] = []
+    errored = text is None
+    if not errored:
+        for i, (name, kind, grader, threshold) in enumerate(graders):
+            report = run_isolated(grader, item, text)
+            hard = {f: d for f, d in report.errors.items() if f in HARD_FLAGS}
+            ok = not hard and passes(kind, report.reward, threshold)
+            errored = errored or bool(hard)
+            results.append(_result(name, kind, report, ok))
+            increments[f"c{i}:{'passed' if ok else 'failed'}"] = 1
+    passed = not errored and all(r["passed"] for r in results)
+    counter = "errored" if errored else "passed" if passed else "failed"
+    out = {
+        "object": "eval.run.output_item",
+        "id": output_item_id(run["id"], index),
+        "created_at": int(time.time()),
+        "eval_id": run["eval_id"],
+        "run_id": run["id"],
+        "datasource_item_id": index,
+        "datasource_item": item,
+        "status": "pass" if passed else "fail",
+        "results": results,
+        "sample": sample,
+    }
+    return out, counter, increments
+
+
+def _result(name: str, kind: str, report: GradeReport, ok: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": name,
+        "type": kind,
+        "score": float(report.reward),
+        "passed": ok,
+        "sample": None,
+    }
+    if report.sub_rewards:
+        out["sub_rewards"] = report.sub_rewards
+    if report.errors:
+        out["errors"] = report.errors
+    return out
+
+
+def _given(given: dict[str, Any], sample: dict[str, Any]) -> str:
+    """A jsonl row's sample: its text (output_text, else the first choice's content, else
+    output_json as JSON) into the output item's sample."""
+    text = given.get("output_text")
+    choices = given.get("choices") if isinstance(given.get("choices"), list) else []
+    first = choices[0] if choices and isinstance(choices[0], dict) else {}
+    if not isinstance(text, str):
+        content = (first.get("message") or {}).get("content")
+        if isinstance(content, str):
+            text = content
+        elif "output_json" in given:
+            text = json.dumps(given["output_json"], ensure_ascii=False)
+        else:
+            text = ""
+    if isinstance(given.get("model"), str):
+        sample["model"] = given["model"]
+    if isinstance(first.get("finish_reason"), str):
+        sample["finish_reason"] = first["finish_reason"]
+    usage = given.get("usage")
+    if isinstance(usage, dict):
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            if isinstance(usage.get(key), int):
+                sample["usage"][key] = usage[key]
+    sample["output"] = [{"role": "assistant", "content": text}]
+    return text
+
+
+def _sampled(spec, item, sample, sampler, increments) -> str | None:
+    """Sample the model for one row; the text, or None (``sample.error`` says why)."""
+    try:
+        messages = input_messages(spec["input_messages"], item)
+    except GraderError as exc:
+        sample["error"] = {"code": "invalid_variable_error", "message": str(exc)}
+        return None
+    sample["input"] = messages
+    answer = sampler(messages)
+    if "error" in answer:
+        sample["error"] = answer["error"]
+        return None
+    text = answer.get("content") or ""
+    usage = answer.get("usage") or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    counts = {
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+        "total_tokens": int(usage.get("total_tokens") or 0),
+        "cached_tokens": int(cached),
+    }
+    sample["usage"] = counts
+    sample["finish_reason"] = answer.get("finish_reason") or ""
+    sample["output"] = [{"role": "assistant", "content": text}]
+    increments.update(counts, invocation_count=1)
+    return text
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or "")
+    if isinstance(content, list):
+        return "".join(_text_of(part) for part in content)
+    return ""
+
+
+def input_messages(spec: dict[str, Any], item: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages of one row: the template rendered with the row (``{{item.x}}``),
+    or the messages the row holds at ``item_reference`` (a string is one user message)."""
+    if spec["type"] == "template":
+        return [
+            {"role": m["role"], "content": render(_text_of(m.get("content")), item, "")}
+            for m in spec["template"]
+        ]
+    path = tuple(spec["item_reference"].split(".")[1:])
+    value = resolve_path(item, path, "item")
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        return [{"role": str(m["role"]), "content": _text_of(m.get("content"))} for m in value]
+    raise GraderError(f"{spec['item_reference']} is not a list of messages or a string")
+
+
+def _http_sampler(runs: EvalRunStore, settings: WorkerSettings, spec: dict[str, Any]) -> Sampler:
+    """One chat completion per call from a live inference worker (``workers.inference``);
+    an unreachable or busy worker is retried with backoff (``RETRY_DELAYS``), then the
+    row is an error."""
+    header = spec["model"]
+    headers = {MODEL_HEADER: json.dumps(header)}
+    if settings.inference_token:
+        headers["Authorization"] = f"Bearer {settings.inference_token}"
+    client = httpx.Client(timeout=settings.inference_timeout_seconds)
+    params = {k: v for k, v in (spec.get("sampling") or {}).items() if v is not None}
+
+    def sample(messages: list[dict[str, str]]) -> dict[str, Any]:
+        body = {"model": header["name"], "messages": messages, **params}
+        last = "no inference worker is serving requests; start one with `posttrain inference`"
+        for delay in (*RETRY_DELAYS, None):
+            workers = live_workers(runs.r, settings.key_prefix, settings.inference_queue)
+            worker = pick(workers, header["path"])
+            if worker is not None:
+                try:
+                    resp = client.post(
+                        worker["url"] + "/v1/chat/completions", json=body, headers=headers
+                    )
+                except httpx.HTTPError as exc:
+                    last = f"inference worker {worker.get('name')} unreachable: {exc}"
+                else:
+                    if resp.status_code == 200:
+                        return _answer_of(resp)
+                    last = _error_message(resp)
+                    if resp.status_code not in RETRY_STATUSES:
+                        return {"error": {"code": "inference_error", "message": last}}
+            if delay is None:
+                break
+            time.sleep(delay)
+        return {"error": {"code": "inference_unavailable", "message": last}}
+
+    return sample
+
+
+def _answer_of(resp: httpx.Response) -> dict[str, Any]:
+    try:
+        body = resp.json()
+        choice = body["choices"][0]
+        return {
+            "content": choice["message"].get("content") or "",
+            "finish_reason": choice.get("finish_reason") or "",
+            "usage": body.get("usage") or {},
+        }
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return {
+            "error": {
+                "code": "inference_error",
+                "message": "the worker's answer was no chat completion",
+            }
+        }
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError):
+        return f"the inference worker answered {resp.status_code}"
