@@ -3,9 +3,10 @@
 The files route hands the raw request here. ``upload`` refuses a body whose
 Content-Length is over the limit, streams it into a staging file within the limits
 (``service.upload``), checks the form fields (``purpose``, OpenAI's ``expires_after``),
-validates every row in the thread pool (``trainers.contract.formats.summarize``: each
-error names its line) and commits the file and its record (``FileStore.commit``). The
-staging file never outlives the request.
+validates every row in the thread pool (``trainers.contract.formats.summarize``, or for
+purpose ``evals`` ``workers.evalruns.read_rows``: each error names its line) and commits
+the file and its record (``FileStore.commit``). The staging file never outlives the
+request.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from service import upload as uploads
 from service.auth import Tenant
 from service.errors import APIError
 from service.settings import ApiSettings
-from trainers.contract.formats import DatasetError, summarize
+from trainers.contract.formats import DatasetError, FileSummary, summarize
+from workers.evalruns import RowError, read_rows
 from workers.filestore import FileStore
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "evals")
 
 
 def _expires_after(fields: dict[str, str]) -> int | None:
@@ -69,7 +71,9 @@ async def upload(request: Request, files: FileStore, settings: ApiSettings, tena
         expires_after = _expires_after(form.fields)
         filename = form.filename or "upload.jsonl"
         try:
-            summary = await run_in_threadpool(_summarize, staged)
+            summary = await run_in_threadpool(
+                _summarize_eval if purpose == "evals" else _summarize, staged
+            )
         except DatasetError as exc:
             raise APIError(
                 400,
@@ -98,3 +102,15 @@ async def upload(request: Request, files: FileStore, settings: ApiSettings, tena
 def _summarize(path):
     with open(path, "rb") as fh:
         return summarize(fh)
+
+
+def _summarize_eval(path) -> FileSummary:
+    """An eval data file: ``{"item": {...}, "sample": {...}}`` per line
+    (``workers.evalruns.read_rows``); its format is ``eval``."""
+    with open(path, "rb") as fh:
+        try:
+            rows = read_rows(fh, "file")
+        except RowError as exc:
+            field = exc.where.partition(".")[2] or None if exc.line else None
+            raise DatasetError(exc.line or 1, field, exc.message) from None
+    return FileSummary(formats=["eval"], rows=len(rows))

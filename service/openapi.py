@@ -79,7 +79,7 @@ _UPLOAD_BODY = {
                         "description": "JSONL, one training row per line (UTF-8; a BOM is "
                         "accepted).",
                     },
-                    "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    "purpose": {"type": "string", "enum": ["fine-tune", "evals"]},
                     "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
                     "expires_after[seconds]": {
                         "type": "integer",
