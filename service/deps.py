@@ -30,6 +30,8 @@ _ID_PARAMS = {
     "file_id": "file",
     "checkpoint_id": "checkpoint",
     "eval_id": "eval",
+    "run_id": "eval run",
+    "output_item_id": "output item",
 }
 
 

@@ -23,9 +23,10 @@ from service.bodylimit import BodyLimit
 from service.deps import Auth, valid_path_ids
 from service.graderpool import GraderPool
 from service.modelaccess import ModelAccess
-from service.routes import evals, files, graders, health, inference, jobs, models
+from service.routes import evalruns, evals, files, graders, health, inference, jobs, models
 from service.settings import ApiSettings
 from workers.celery_app import make_celery
+from workers.evalruns import EvalRunStore
 from workers.evalstore import EvalStore
 from workers.filestore import FileStore
 from workers.fleet import live_queues
@@ -58,6 +59,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.files = FileStore(client, settings.data_dir, settings.key_prefix)
     app.state.evals = EvalStore(client, settings.key_prefix)
+    app.state.eval_runs = EvalRunStore(client, settings.key_prefix)
     for stale in app.state.files.remove_stale_staging():  # uploads a killed API left
         log.warning("removed stale upload staging file %s", stale)
     app.state.keyring = KeyRing.load(settings.api_keys, settings.api_keys_file)
@@ -80,7 +82,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit, limit=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")})
     )
-    for module in (health, files, jobs, graders, models, inference, evals):
+    for module in (health, files, jobs, graders, models, inference, evals, evalruns):
         app.include_router(module.router)
     openapi.install(app)
     _docs(app, settings.docs_access)

@@ -2,7 +2,7 @@
 
 An eval is a data source config and testing criteria, in OpenAI's shapes (the ``openai``
 SDK's ``client.evals`` works against it); each belongs to the tenant that created it, and
-another tenant's eval is the same 404 as an unknown id. Runs are not served yet.
+another tenant's eval is the same 404 as an unknown id. Runs: ``service/routes/evalruns.py``.
 
 Departures from OpenAI, each refused with a 400 naming the field:
 
@@ -289,9 +289,11 @@ def update(rec: OwnedEval, body: EvalUpdateRequest, evals: EvalsDep) -> EvalObje
 
 
 @router.delete("/{eval_id}", response_model=EvalDeleted, responses=error_responses(404))
-def delete(rec: OwnedEval, evals: EvalsDep) -> EvalDeleted:
+def delete(rec: OwnedEval, evals: EvalsDep, request: Request) -> EvalDeleted:
+    """Remove the eval and its runs (a worker grading one stops at its next row)."""
     try:
         evals.delete(rec["id"])
+        request.app.state.eval_runs.delete_eval_runs(rec["id"])
     except EvalNotFound:  # deleted meanwhile
         raise not_found("eval", rec["id"], "eval_id") from None
     return EvalDeleted(deleted=True, eval_id=rec["id"])

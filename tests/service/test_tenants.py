@@ -28,6 +28,7 @@ from service.auth import KeyRing, hash_key, read_key_file
 from service.main import create_app
 from service.settings import ApiSettings
 from tests import redis_server
+from workers.evaltasks import grade_run
 from workers.fleet import advertise
 from workers.store import JobStatus
 
@@ -135,7 +136,19 @@ def build_world(client, app, settings) -> World:
         },
     )
     world = World(fid, job_id, ckpt_id, ckpt_dir, f"ft:tiny:posttrain:{job_id}")
-    world.extra["eval_id"] = create_eval(client, "a")
+    world.extra["eval_id"] = eid = create_eval(client, "a")
+    content = [{"item": {"a": "x"}}, {"item": {"a": "y"}}]
+    resp = client.post(
+        f"/v1/evals/{eid}/runs",
+        headers=as_("a"),
+        json={
+            "data_source": {"type": "jsonl", "source": {"type": "file_content", "content": content}}
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    world.extra["run_id"] = run_id = resp.json()["id"]
+    assert grade_run(run_id, app.state.eval_runs, app.state.files, settings) == "completed"
+    world.extra["output_item_id"] = app.state.eval_runs.item(run_id, 0)["id"]
     return world
 
 
@@ -349,6 +362,48 @@ def _inference(path: str):
 
 
 JOB = "/v1/fine_tuning/jobs/{job_id}"
+
+
+def _run_path(w, tail=""):
+    return f"/v1/evals/{w.extra['eval_id']}/runs/{w.extra['run_id']}{tail}"
+
+
+def _create_run(client, app, w):
+    eid = w.extra["eval_id"]
+    body = {
+        "data_source": {
+            "type": "jsonl",
+            "source": {"type": "file_content", "content": [{"item": {"a": "z"}}]},
+        }
+    }
+    assert client.post(f"/v1/evals/{eid}/runs", json=body, headers=as_("b")).status_code == 404
+    assert app.state.eval_runs.r.zcard(app.state.eval_runs.k_index(eid)) == 1
+    # B's run under B's eval is not reachable through A's eval either
+    eid_b = create_eval(client, "b")
+    resp = client.post(f"/v1/evals/{eid_b}/runs", json=body, headers=as_("b"))
+    assert resp.status_code == 200, resp.text
+    assert (
+        client.get(f"/v1/evals/{eid}/runs/{resp.json()['id']}", headers=as_("a")).status_code == 404
+    )
+
+
+def _list_runs(client, app, w):
+    path = f"/v1/evals/{w.extra['eval_id']}/runs"
+    assert client.get(path, headers=as_("b")).status_code == 404
+    ids = [r["id"] for r in client.get(path, headers=as_("a")).json()["data"]]
+    assert w.extra["run_id"] in ids
+
+
+def _run_action_404(method, tail=""):
+    def check(client, app, w):
+        resp = client.request(method, _run_path(w, tail), headers=as_("b"))
+        assert resp.status_code == 404, resp.text
+        rec = app.state.eval_runs.get(w.extra["run_id"])
+        assert rec["status"] == "completed" and rec["progress"] == 2
+
+    return check
+
+
 WALK = {
     ("POST", "/v1/files"): _upload,
     ("GET", "/v1/files"): _list_files,
@@ -378,7 +433,21 @@ WALK = {
     ("GET", "/v1/evals/{eval_id}"): _get_404(lambda w: f"/v1/evals/{w.extra['eval_id']}"),
     ("POST", "/v1/evals/{eval_id}"): _update_eval,
     ("DELETE", "/v1/evals/{eval_id}"): _delete_eval,
+    ("POST", "/v1/evals/{eval_id}/runs"): _create_run,
+    ("GET", "/v1/evals/{eval_id}/runs"): _list_runs,
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}"): _get_404(_run_path),
+    ("POST", "/v1/evals/{eval_id}/runs/{run_id}"): _run_action_404("POST"),
+    ("POST", "/v1/evals/{eval_id}/runs/{run_id}/cancel"): _run_action_404("POST", "/cancel"),
+    ("DELETE", "/v1/evals/{eval_id}/runs/{run_id}"): _run_action_404("DELETE"),
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items"): _get_404(
+        lambda w: _run_path(w, "/output_items")
+    ),
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"): _get_404(
+        lambda w: _run_path(w, f"/output_items/{w.extra['output_item_id']}")
+    ),
 }
+
+
 EXEMPT = {
     ("GET", "/healthz"): "liveness; reads no stored data",
     ("GET", "/readyz"): "readiness; reads no stored data",
@@ -417,7 +486,12 @@ def test_another_tenant_gets_404_on_every_route(client, app, settings):
 def test_every_route_refuses_without_a_key(client, app):
     for method, path in sorted(_routes(app) - EXEMPT.keys()):
         url = path.replace("{model_id:path}", "ft:m:s:ftjob-x").format(
-            file_id="file-x", job_id="ftjob-x", checkpoint_id="c", eval_id="eval_x"
+            file_id="file-x",
+            job_id="ftjob-x",
+            checkpoint_id="c",
+            eval_id="eval_x",
+            run_id="evalrun_x",
+            output_item_id="outputitem_x",
         )
         assert client.request(method, url).status_code == 401, (method, path)
 

@@ -1,0 +1,542 @@
+"""OpenAI's Evals API, the runs: ``/v1/evals/{eval_id}/runs`` and their output items.
+
+A run grades rows against its eval's testing criteria. Its ``data_source`` is ``jsonl``
+(rows with their ``sample`` already present) or ``completions`` (the rows' items, an
+``input_messages`` template, a ``model`` the caller may use and ``sampling_params``:
+posttrain's inference samples each row). The rows are inline (``file_content``) or an
+uploaded file of the caller's with purpose ``evals`` (``file_id``; one
+``{"item": ..., "sample": ...}`` per line). The run is checked here and queued to the
+workers as ``posttrain.run_eval`` (``workers.evaltasks``, which states the pass rule);
+cancel stops it between rows, delete removes it and its output items.
+
+Checks, each a 400 naming the field (a model the caller cannot use: 404
+``model_not_found``, as chat completions answer):
+
+* every row's ``item`` satisfies the eval's ``item_schema`` (``type``, ``required``,
+  ``properties``, ``items``, ``enum``): ``data_source.source.content[i].item.<field>``,
+  or for a file the row's line;
+* a jsonl run whose criteria read ``{{sample.*}}`` has a ``sample`` in every row; a
+  completions run has none (it samples them);
+* every ``{{item.x}}`` of the input template is declared by ``item_schema``, and an
+  ``item_reference`` names a declared field;
+* at most ``MAX_ITEMS`` rows; criteria that load a model (``score_model``,
+  ``text_similarity`` with ``cosine``) are refused for runs (workers never load torch).
+
+Departures from OpenAI's shapes, all within its SDK's types: ``error`` (of the run and
+of an output item's sample) is an object always, ``{"code": "", "message": ""}`` when
+there is none, because OpenAI's published schema makes it a required object; a sample
+of a jsonl row reports the sampling fields the row did not carry as OpenAI's defaults
+(temperature 1.0, top_p 1.0, seed 0, max_completion_tokens 0); ``report_url`` is this
+API's URL of the run.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import inference
+from service.deps import Auth, FilesDep, SettingsDep, TenantDep, owned_file
+from service.errors import APIError, error_responses, not_found
+from service.jobrequest import check_numbers
+from service.routes.evals import MAX_NAME, OwnedEval, _check_metadata, _undeclared
+from service.schemas import Page, page
+from trainers.contract.graders.spec import needs_model, parse_grader
+from trainers.contract.graders.templates import TemplateError, parse_template
+from workers.celery_app import enqueue_eval_run
+from workers.evalruns import (
+    MAX_ITEMS,
+    NO_ERROR,
+    EvalRunNotFound,
+    EvalRunStore,
+    RowError,
+    check_item,
+    check_row,
+    output_item_id,
+    read_rows,
+)
+
+router = APIRouter(
+    prefix="/v1/evals/{eval_id}/runs",
+    tags=["evals"],
+    dependencies=[Auth],
+    responses=error_responses(400, 404, 503),
+)
+
+DS = "data_source"
+ROLES = ("system", "developer", "user", "assistant")
+SAMPLING = ("temperature", "top_p", "seed", "max_completion_tokens")
+_TEXT_PARTS = ("input_text", "output_text")
+
+
+# ---- objects
+class EvalRunObject(BaseModel):
+    object: Literal["eval.run"] = "eval.run"
+    id: str
+    eval_id: str
+    name: str
+    status: Literal["queued", "in_progress", "completed", "failed", "canceled"]
+    model: str
+    created_at: int
+    metadata: dict[str, str]
+    data_source: dict[str, Any] = Field(description="The data source, as given.")
+    result_counts: dict[str, int] = Field(description="total, errored, failed, passed.")
+    per_testing_criteria_results: list[dict[str, Any]]
+    per_model_usage: list[dict[str, Any]]
+    report_url: str
+    error: dict[str, str] = Field(description="{code, message}; both empty when none.")
+
+
+class EvalRunPage(Page):
+    data: list[EvalRunObject]
+
+
+class EvalRunDeleted(BaseModel):
+    object: Literal["eval.run.deleted"] = "eval.run.deleted"
+    deleted: bool
+    run_id: str
+
+
+class OutputItemObject(BaseModel):
+    object: Literal["eval.run.output_item"] = "eval.run.output_item"
+    id: str
+    eval_id: str
+    run_id: str
+    created_at: int
+    status: Literal["pass", "fail"]
+    datasource_item_id: int
+    datasource_item: dict[str, Any]
+    results: list[dict[str, Any]]
+    sample: dict[str, Any]
+
+
+class OutputItemPage(Page):
+    data: list[OutputItemObject]
+
+
+class RunCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data_source: dict[str, Any] = Field(
+        description="{'type': 'jsonl', 'source': ...} or {'type': 'completions', 'source': ..., "
+        "'input_messages': ..., 'model': ..., 'sampling_params': ...}; a source is "
+        "{'type': 'file_content', 'content': [{'item': ..., 'sample': ...}]} or "
+        "{'type': 'file_id', 'id': ...}."
+    )
+    name: str | None = Field(None, max_length=MAX_NAME)
+    metadata: dict[str, str] | None = None
+
+
+def run_object(rec: dict[str, Any], request: Request) -> EvalRunObject:
+    criteria = rec["spec"].get("criteria") or []
+    usage = []
+    if rec["invocation_count"]:
+        usage = [
+            {
+                "model_name": rec["model"],
+                **{
+                    k: rec[k]
+                    for k in (
+                        "invocation_count",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "total_tokens",
+                        "cached_tokens",
+                    )
+                },
+            }
+        ]
+    path = f"/v1/evals/{rec['eval_id']}/runs/{rec['id']}"
+    return EvalRunObject(
+        id=rec["id"],
+        eval_id=rec["eval_id"],
+        name=rec["name"],
+        status=rec["status"],
+        model=rec["model"],
+        created_at=rec["created_at"],
+        metadata=rec["metadata"],
+        data_source=rec["data_source"],
+        result_counts={
+            "total": rec["total"],
+            "errored": rec["errored"],
+            "failed": rec["failed"],
+            "passed": rec["passed"],
+        },
+        per_testing_criteria_results=[
+            {"testing_criteria": c.get("name", ""), "passed": p, "failed": f}
+            for c, (p, f) in zip(criteria, rec["criteria_counts"], strict=True)
+        ],
+        per_model_usage=usage,
+        report_url=str(request.base_url).rstrip("/") + path,
+        error=rec["error"] or NO_ERROR,
+    )
+
+
+# ---- dependencies
+def get_runs(request: Request) -> EvalRunStore:
+    return request.app.state.eval_runs
+
+
+RunsDep = Annotated[EvalRunStore, Depends(get_runs)]
+
+
+def _run_of_path(run_id: str, ev: OwnedEval, runs: RunsDep) -> dict:
+    """The run if it belongs to the (caller's) eval of the path; else the same 404."""
+    try:
+        rec = runs.get(run_id)
+    except EvalRunNotFound:
+        raise not_found("eval run", run_id, "run_id") from None
+    if rec["eval_id"] != ev["id"] or rec["tenant"] != ev["tenant"]:
+        raise not_found("eval run", run_id, "run_id")
+    return rec
+
+
+OwnedRun = Annotated[dict, Depends(_run_of_path)]
+
+
+# ---- routes
+@router.post("", response_model=EvalRunObject)
+def create(
+    body: RunCreateRequest,
+    ev: OwnedEval,
+    request: Request,
+    tenant: TenantDep,
+    files: FilesDep,
+    settings: SettingsDep,
+    runs: RunsDep,
+) -> EvalRunObject:
+    """Check the data source against the eval and queue the run to the workers."""
+    check_numbers(body.model_dump())
+    _check_metadata(body.metadata)
+    criteria = ev["testing_criteria"]
+    for i, criterion in enumerate(criteria):
+        if needs_model(parse_grader({k: v for k, v in criterion.items() if k != "pass_threshold"})):
+            raise _bad(
+                f"testing_criteria[{i}] ({criterion.get('name')}): graders that load a model "
+                "(score_model, text_similarity with cosine) are not available in eval runs yet",
+                f"testing_criteria[{i}]",
+                "unsupported_grader",
+            )
+    ds = body.data_source
+    kind = ds.get("type")
+    if kind in ("responses",):
+        raise _bad(
+            f"{DS}.type 'responses' reads responses stored on OpenAI's platform, which "
+            "posttrain does not have; use 'jsonl' or 'completions'",
+            f"{DS}.type",
+            "unsupported_data_source",
+        )
+    if kind not in ("jsonl", "completions"):
+        raise _bad(f"{DS}.type must be 'jsonl' or 'completions', got {kind!r}", f"{DS}.type")
+    allowed = ("type", "source") + (
+        ("input_messages", "model", "sampling_params") if kind == "completions" else ()
+    )
+    extra = next((k for k in ds if k not in allowed), None)
+    if extra is not None:
+        raise _bad(f"{DS}.{extra}: unknown field of a {kind} data source", f"{DS}.{extra}")
+    rows, where = _rows(ds.get("source"), files, tenant)
+    schema = ev["data_source_config"]["item_schema"]
+    reads_sample = any(
+        ref.namespace == "sample"
+        for c in criteria
+        for text in parse_grader({k: v for k, v in c.items() if k != "pass_threshold"}).templates()
+        for ref in parse_template(text)
+    )
+    for i, row in enumerate(rows):
+        try:
+            check_item(row["item"], schema, f"{where(i)}.item")
+        except RowError as exc:
+            raise _bad(f"{exc.where}: {exc.message}", _param(exc.where)) from None
+        if kind == "jsonl" and reads_sample and "sample" not in row:
+            raise _bad(
+                f"{where(i)}.sample is required: the eval's criteria read {{{{sample.*}}}}",
+                _param(f"{where(i)}.sample"),
+            )
+        if kind == "completions" and "sample" in row:
+            raise _bad(
+                f"{where(i)}.sample: a completions run samples the model; give items only",
+                _param(f"{where(i)}.sample"),
+            )
+    spec: dict[str, Any] = {"kind": kind, "criteria": criteria}
+    if kind == "completions":
+        spec.update(_completions(ds, schema, request, tenant, settings.inference_max_tokens))
+        model = ds["model"]
+    else:
+        first = rows[0].get("sample") or {}
+        model = first.get("model") if isinstance(first.get("model"), str) else ""
+    rec = runs.create(
+        eval_id=ev["id"],
+        name=body.name or model or kind,
+        model=model,
+        data_source=ds,
+        spec=spec,
+        total=len(rows),
+        metadata=body.metadata,
+        tenant=ev["tenant"],
+    )
+    enqueue_eval_run(request.app.state.celery, rec["id"], settings.queue)
+    return run_object(rec, request)
+
+
+@router.get("", response_model=EvalRunPage)
+def list_runs(
+    ev: OwnedEval,
+    request: Request,
+    runs: RunsDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "asc",
+    status: Literal["queued", "in_progress", "completed", "canceled", "failed"] | None = None,
+) -> dict:
+    """The eval's runs, oldest first (``order=desc``: newest first); ``after`` is the last
+    id of the previous page; ``status`` keeps only runs in that status."""
+    try:
+        recs, more = runs.list(ev["id"], after, limit, order=order, status=status)
+    except EvalRunNotFound:
+        raise not_found("eval run", after or "", "after") from None
+    return page([run_object(r, request) for r in recs], more)
+
+
+@router.get("/{run_id}", response_model=EvalRunObject)
+def retrieve(run: OwnedRun, request: Request) -> EvalRunObject:
+    return run_object(run, request)
+
+
+def _cancel(run: dict, runs: EvalRunStore, request: Request) -> EvalRunObject:
+    if run["status"] in ("completed", "failed"):
+        raise _bad(
+            f"the run is {run['status']}; only a queued or in_progress run can be canceled",
+            "run_id",
+            "invalid_state",
+        )
+    runs.transition(run["id"], "canceled", ("queued", "in_progress"))
+    try:
+        return run_object(runs.get(run["id"]), request)
+    except EvalRunNotFound:
+        raise not_found("eval run", run["id"], "run_id") from None
+
+
+@router.post("/{run_id}/cancel", response_model=EvalRunObject)
+def cancel(run: OwnedRun, runs: RunsDep, request: Request) -> EvalRunObject:
+    """Stop the run between rows (the SDK's ``runs.cancel``); the rows graded stay."""
+    return _cancel(run, runs, request)
+
+
+@router.post("/{run_id}", response_model=EvalRunObject)
+def cancel_by_id(run: OwnedRun, runs: RunsDep, request: Request) -> EvalRunObject:
+    """The same cancel at the path OpenAI's API reference gives it."""
+    return _cancel(run, runs, request)
+
+
+@router.delete("/{run_id}", response_model=EvalRunDeleted)
+def delete(run: OwnedRun, runs: RunsDep) -> EvalRunDeleted:
+    """Remove the run and its output items (a worker grading it stops at its next row)."""
+    try:
+        runs.delete(run["id"])
+    except EvalRunNotFound:
+        raise not_found("eval run", run["id"], "run_id") from None
+    return EvalRunDeleted(deleted=True, run_id=run["id"])
+
+
+@router.get("/{run_id}/output_items", response_model=OutputItemPage)
+def list_output_items(
+    run: OwnedRun,
+    runs: RunsDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "asc",
+    status: Literal["pass", "fail"] | None = None,
+) -> dict:
+    """The run's output items by row (``order=desc``: last row first); ``after`` is the
+    last id of the previous page; ``status`` keeps only passed or only failed items."""
+    start = None
+    if after:
+        start = _index_of(run["id"], after)
+        if start is None or runs.item(run["id"], start) is None:
+            raise not_found("output item", after, "after")
+    items, more = runs.items(run["id"], start, limit, order=order, status=status)
+    return page([OutputItemObject.model_validate(i) for i in items], more)
+
+
+@router.get("/{run_id}/output_items/{output_item_id}", response_model=OutputItemObject)
+def retrieve_output_item(output_item_id: str, run: OwnedRun, runs: RunsDep) -> OutputItemObject:
+    index = _index_of(run["id"], output_item_id)
+    item = None if index is None else runs.item(run["id"], index)
+    if item is None:
+        raise not_found("output item", output_item_id, "output_item_id")
+    return OutputItemObject.model_validate(item)
+
+
+# ---- checks of a new run
+def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _param(where: str) -> str:
+    """The request field a row's message names (a file's rows: its id)."""
+    return where.split(" ", 1)[0] if where.startswith(f"{DS}.source.id") else where
+
+
+def _index_of(run_id: str, output_item_id_: str) -> int | None:
+    """The row index an output item id of this run names, or None."""
+    index = output_item_id_.rpartition("_")[2]
+    if not index.isdigit() or output_item_id_ != output_item_id(run_id, int(index)):
+        return None
+    return int(index)
+
+
+def _rows(source: Any, files, tenant) -> tuple[list[dict[str, Any]], Any]:
+    """The rows, and a function naming row i in messages."""
+    at = f"{DS}.source"
+    if not isinstance(source, dict):
+        raise _bad(f"{at} is required: file_content or file_id", at)
+    kind = source.get("type")
+    if kind in ("stored_completions", "responses"):
+        raise _bad(
+            f"{at}.type '{kind}' reads data stored on OpenAI's platform, which posttrain does "
+            "not have; use file_content or file_id",
+            f"{at}.type",
+            "unsupported_data_source",
+        )
+    if kind == "file_content":
+        content = source.get("content")
+        if not isinstance(content, list) or not content:
+            raise _bad(f"{at}.content must be a non-empty list of rows", f"{at}.content")
+        if len(content) > MAX_ITEMS:
+            raise _bad(
+                f"{at}.content has {len(content)} rows; at most {MAX_ITEMS}", f"{at}.content"
+            )
+        for i, row in enumerate(content):
+            try:
+                check_row(row, f"{at}.content[{i}]")
+            except RowError as exc:
+                raise _bad(f"{exc.where}: {exc.message}", exc.where) from None
+        return content, lambda i: f"{at}.content[{i}]"
+    if kind == "file_id":
+        file_id = source.get("id")
+        if not isinstance(file_id, str):
+            raise _bad(f"{at}.id must be a file id", f"{at}.id")
+        rec = owned_file(files, file_id, tenant, f"{at}.id")
+        if rec["purpose"] != "evals":
+            raise _bad(
+                f"{at}.id: the file {file_id} has purpose '{rec['purpose']}'; eval data is "
+                "uploaded with purpose 'evals'",
+                f"{at}.id",
+            )
+        try:
+            with open(files.path(file_id), "rb") as fh:
+                rows = read_rows(fh, f"{at}.id ({file_id})")
+        except FileNotFoundError:
+            raise not_found("file", file_id, f"{at}.id") from None
+        except RowError as exc:
+            raise _bad(str(exc), f"{at}.id") from None
+        return rows, lambda i: f"{at}.id ({file_id}) row {i + 1}"
+    raise _bad(f"{at}.type must be 'file_content' or 'file_id', got {kind!r}", f"{at}.type")
+
+
+def _completions(
+    ds: dict[str, Any], schema: dict[str, Any], request: Request, tenant, max_tokens: int
+) -> dict[str, Any]:
+    """The worker's part of a completions run: model header, input messages, sampling."""
+    name = ds.get("model")
+    if not isinstance(name, str) or not name:
+        raise _bad(f"{DS}.model is required: the model that samples the rows", f"{DS}.model")
+    header = inference.resolve(request, name, tenant)
+    messages = ds.get("input_messages")
+    at = f"{DS}.input_messages"
+    if not isinstance(messages, dict):
+        raise _bad(f"{at} is required: a template or an item_reference", at)
+    if messages.get("type") == "template":
+        template = messages.get("template")
+        if not isinstance(template, list) or not template:
+            raise _bad(f"{at}.template must be a non-empty list of messages", f"{at}.template")
+        for j, message in enumerate(template):
+            _check_message(message, f"{at}.template[{j}]", schema)
+        spec_messages = {"type": "template", "template": template}
+    elif messages.get("type") == "item_reference":
+        ref = messages.get("item_reference")
+        parts = ref.split(".") if isinstance(ref, str) else []
+        if len(parts) < 2 or parts[0] != "item":
+            raise _bad(
+                f"{at}.item_reference must name a field of the item, 'item.<field>'",
+                f"{at}.item_reference",
+            )
+        missing = _undeclared(tuple(parts[1:]), schema)
+        if missing is not None:
+            raise _bad(
+                f"{at}.item_reference reads 'item.{missing}', which the eval's item_schema "
+                "does not declare",
+                f"{at}.item_reference",
+            )
+        spec_messages = {"type": "item_reference", "item_reference": ref}
+    else:
+        raise _bad(f"{at}.type must be 'template' or 'item_reference'", f"{at}.type")
+    return {
+        "model": header,
+        "input_messages": spec_messages,
+        "sampling": _sampling(ds.get("sampling_params"), max_tokens),
+    }
+
+
+def _check_message(message: Any, at: str, schema: dict[str, Any]) -> None:
+    if not isinstance(message, dict):
+        raise _bad(f"{at} must be a message {{role, content}}", at)
+    if message.get("role") not in ROLES:
+        raise _bad(f"{at}.role must be one of {', '.join(ROLES)}", f"{at}.role")
+    content = message.get("content")
+    parts = content if isinstance(content, list) else [content]
+    for k, part in enumerate(parts):
+        where = f"{at}.content" + (f"[{k}]" if isinstance(content, list) else "")
+        if isinstance(part, dict) and part.get("type") in _TEXT_PARTS:
+            text = part.get("text")
+        else:
+            text = part
+        if not isinstance(text, str):
+            raise _bad(
+                f"{where}: posttrain samples from text; give a string or an input_text part",
+                where,
+            )
+        try:
+            refs = parse_template(text)
+        except TemplateError as exc:
+            raise _bad(f"{where}: {exc}", where) from None
+        for ref in refs:
+            shown = "{{" + ".".join((ref.namespace, *ref.path)) + "}}"
+            if ref.namespace != "item":
+                raise _bad(f"{where}: {shown}: input messages read the item namespace only", where)
+            missing = _undeclared(ref.path, schema)
+            if missing is not None:
+                raise _bad(
+                    f"{where}: {shown} reads 'item.{missing}', which the eval's item_schema "
+                    "does not declare",
+                    where,
+                )
+
+
+def _sampling(params: Any, max_tokens: int) -> dict[str, Any]:
+    at = f"{DS}.sampling_params"
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise _bad(f"{at} must be an object", at)
+    extra = next((k for k in params if k not in SAMPLING), None)
+    if extra is not None:
+        raise _bad(
+            f"{at}.{extra} is not supported; posttrain's eval runs take {', '.join(SAMPLING)}",
+            f"{at}.{extra}",
+            "unsupported_parameter",
+        )
+    bounds = {"temperature": (0, 2), "top_p": (0, 1), "max_completion_tokens": (1, max_tokens)}
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (key in ("seed", "max_completion_tokens") and not isinstance(value, int)):
+            raise _bad(f"{at}.{key} must be a number", f"{at}.{key}")
+        lo, hi = bounds.get(key, (-(2**63), 2**63 - 1))
+        if not lo <= value <= hi:
+            raise _bad(f"{at}.{key} must be from {lo} to {hi}, got {value}", f"{at}.{key}")
+        out[key] = value
+    return out
