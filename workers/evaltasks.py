@@ -4,8 +4,8 @@
 it marks the run in_progress, reads its rows (inline, or the uploaded file), and for
 every row not stored yet samples the model (a ``completions`` run: the rendered
 ``input_messages`` sent to a live inference worker) or takes the row's ``sample`` (a
-``jsonl`` run), grades it with every criterion in a bounded child
-(``trainers.contract.graders.scoring.run_isolated``) and stores the output item with
+``jsonl`` run), grades it with every criterion (in a bounded child where the process may start one:
+``_grade``) and stores the output item with
 its counts in one atomic write (``workers.evalruns``). Between rows it reads the run's
 status: a cancel (or a delete) stops it. A redelivered task (its worker was killed:
 acks_late, reject_on_worker_lost) finds the stored rows and grades only the others.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -32,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from trainers.contract.graders.scoring import GradeReport, run_isolated
+from trainers.contract.graders.scoring import GradeReport, grade_report, run_isolated
 from trainers.contract.graders.spec import parse_grader
 from trainers.contract.graders.templates import GraderError, render, resolve_path
 from workers.celery_app import app
@@ -159,6 +160,16 @@ def _grader(criterion: dict[str, Any]) -> tuple[str, str, Any, float | None]:
     return raw.get("name", ""), raw.get("type", ""), parse_grader(raw), threshold
 
 
+def _grade(grader: Any, item: Any, text: str) -> GradeReport:
+    """One criterion on one row: in a bounded child (``run_isolated``) where this process
+    may start one. A Celery prefork pool process is daemonic and may not, so there the
+    row is graded in this process (``grade_report``): a pathological sample can then
+    hold the worker. TODO: isolate there too (a subprocess, or a non-prefork eval pool)."""
+    if multiprocessing.current_process().daemon:
+        return grade_report(grader, item, text)
+    return run_isolated(grader, item, text)
+
+
 def passes(kind: str, score: float, threshold: float | None) -> bool:
     """The pass rule (module docstring)."""
     if threshold is not None:
@@ -198,7 +209,7 @@ def _output_item(run, spec, graders, index, row, sampler):
     errored = text is None
     if not errored:
         for i, (name, kind, grader, threshold) in enumerate(graders):
-            report = run_isolated(grader, item, text)
+            report = _grade(grader, item, text)
             hard = {f: d for f, d in report.errors.items() if f in HARD_FLAGS}
             ok = not hard and passes(kind, report.reward, threshold)
             errored = errored or bool(hard)
