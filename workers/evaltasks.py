@@ -4,11 +4,11 @@
 it marks the run in_progress, reads its rows (inline, or the uploaded file), and for
 every row not stored yet samples the model (a ``completions`` run: the rendered
 ``input_messages`` sent to a live inference worker) or takes the row's ``sample`` (a
-``jsonl`` run), grades it with every criterion (in a bounded child where the process may start one:
-``_grade``) and stores the output item with
-its counts in one atomic write (``workers.evalruns``). Between rows it reads the run's
-status: a cancel (or a delete) stops it. A redelivered task (its worker was killed:
-acks_late, reject_on_worker_lost) finds the stored rows and grades only the others.
+``jsonl`` run), grades it with every criterion (each in a bounded child: ``_grade``) and
+stores the output item with its counts in one atomic write (``workers.evalruns``).
+Between rows it reads the run's status: a cancel (or a delete) stops it. A redelivered
+task (its worker was killed: acks_late, reject_on_worker_lost) finds the stored rows and
+grades only the others. The task itself grades in a child process (``run_eval``).
 
 Pass rule: a criterion passes when its score >= its ``pass_threshold`` where it has one
 (text_similarity), when its score >= 1.0 for a string_check, and when its score > 0.5
@@ -22,9 +22,13 @@ not parse (``sample.output_json`` of a non-JSON answer) is a fail, not an error.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
-import multiprocessing
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -33,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from trainers.contract.graders.scoring import GradeReport, grade_report, run_isolated
+from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import parse_grader
 from trainers.contract.graders.templates import GraderError, render, resolve_path
 from workers.celery_app import app
@@ -79,8 +83,38 @@ def _context() -> tuple[WorkerSettings, EvalRunStore, FileStore]:
 
 @app.task(name="posttrain.run_eval", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_eval(run_id: str) -> str:
+    """Grade the run in a child process (``python -m workers.evaltasks RUN_ID``).
+
+    A Celery prefork pool process is daemonic and may not start the bounded grading
+    children every grade runs in (``run_isolated``); a plain child process may. It dies
+    with this worker (``PR_SET_PDEATHSIG``), and the redelivered task resumes the run."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.evaltasks", run_id],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=_die_with_parent,
+    )
+    outcome = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode != 0:
+        log.error("grading run %s exited %s: %s", run_id, proc.returncode, proc.stderr[-2000:])
+        return "crashed"
+    return outcome
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workers.evaltasks RUN_ID``: grade one run here; print what became of it."""
+    (run_id,) = argv if argv is not None else sys.argv[1:]
+    logging.basicConfig(level=logging.INFO)
     settings, runs, files = _context()
-    return grade_run(run_id, runs, files, settings)
+    print(grade_run(run_id, runs, files, settings), flush=True)
+    return 0
 
 
 def grade_run(
@@ -161,12 +195,8 @@ def _grader(criterion: dict[str, Any]) -> tuple[str, str, Any, float | None]:
 
 
 def _grade(grader: Any, item: Any, text: str) -> GradeReport:
-    """One criterion on one row: in a bounded child (``run_isolated``) where this process
-    may start one. A Celery prefork pool process is daemonic and may not, so there the
-    row is graded in this process (``grade_report``): a pathological sample can then
-    hold the worker. TODO: isolate there too (a subprocess, or a non-prefork eval pool)."""
-    if multiprocessing.current_process().daemon:
-        return grade_report(grader, item, text)
+    """One criterion on one row, in a bounded child (``run_isolated``: time and memory
+    capped), so a pathological sample costs the run one errored row, never the worker."""
     return run_isolated(grader, item, text)
 
 
@@ -390,3 +420,7 @@ def _error_message(resp: httpx.Response) -> str:
         return str(resp.json()["error"]["message"])[:500]
     except (ValueError, KeyError, TypeError):
         return f"the inference worker answered {resp.status_code}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
