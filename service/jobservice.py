@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -60,16 +61,20 @@ def create_job(
     tenant: Tenant = DEFAULT,
     access: ModelAccess | None = None,
     graders: GraderPool | None = None,
+    check_eval: Callable[[Any], None] | None = None,
 ) -> tuple[str, bool]:
     """Return (job id, created). A replayed Idempotency-Key returns the first job.
 
     The job belongs to ``tenant``; ``access`` decides which models it may load (every
-    model the spec names is resolved before anything is written)."""
+    model the spec names is resolved before anything is written); ``check_eval`` checks
+    the spec's eval per checkpoint (``service.routes.evalruns.check_job_eval``)."""
     spec = parse_spec(body)
     models = access.check_spec(spec, tenant) if access is not None else None
     check_method(spec)
     check_patterns(spec, None if graders is None else functools.partial(graders.call, tenant))
     check_files(spec, files, tenant)
+    if spec.eval is not None and check_eval is not None:
+        check_eval(spec.eval)
     queue, live = check_queue(spec, jobs, settings.queue, settings.queue_names(), tenant)
     waiting = check_workers(spec, jobs, queue, settings.unserved_queue_seconds)
     job_id = new_id("ftjob")

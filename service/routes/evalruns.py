@@ -41,7 +41,13 @@ from service import inference
 from service.deps import Auth, FilesDep, SettingsDep, TenantDep, owned_file
 from service.errors import APIError, error_responses, not_found
 from service.jobrequest import check_numbers
-from service.routes.evals import MAX_NAME, OwnedEval, _check_metadata, _undeclared
+from service.routes.evals import (
+    MAX_NAME,
+    OwnedEval,
+    _check_metadata,
+    _undeclared,
+    owned_eval,
+)
 from service.schemas import Page, page
 from trainers.contract.graders.spec import needs_model, parse_grader
 from trainers.contract.graders.templates import TemplateError, parse_template
@@ -209,6 +215,37 @@ def create(
     """Check the data source against the eval and queue the run to the workers."""
     check_numbers(body.model_dump())
     _check_metadata(body.metadata)
+    ds = body.data_source
+    spec, total, model = check_data_source(ds, ev, request, tenant, files, settings)
+    rec = runs.create(
+        eval_id=ev["id"],
+        name=body.name or model or ds["type"],
+        model=model,
+        data_source=ds,
+        spec=spec,
+        total=total,
+        metadata=body.metadata,
+        tenant=ev["tenant"],
+    )
+    enqueue_eval_run(request.app.state.celery, rec["id"], settings.queue)
+    return run_object(rec, request)
+
+
+def check_data_source(
+    ds: dict[str, Any],
+    ev: dict,
+    request: Request,
+    tenant,
+    files,
+    settings,
+    *,
+    with_model: bool = True,
+) -> tuple[dict[str, Any], int, str]:
+    """A run's data source checked against its eval: the worker's spec, the row count and
+    the model. ``with_model=False``: a job's eval per checkpoint (``check_job_eval``), a
+    completions source without ``model`` (each checkpoint is the model)."""
+    if not isinstance(ds, dict):
+        raise _bad(f"{DS} must be an object", DS)
     criteria = ev["testing_criteria"]
     for i, criterion in enumerate(criteria):
         if needs_model(parse_grader({k: v for k, v in criterion.items() if k != "pass_threshold"})):
@@ -218,7 +255,6 @@ def create(
                 f"testing_criteria[{i}]",
                 "unsupported_grader",
             )
-    ds = body.data_source
     kind = ds.get("type")
     if kind in ("responses",):
         raise _bad(
@@ -229,10 +265,19 @@ def create(
         )
     if kind not in ("jsonl", "completions"):
         raise _bad(f"{DS}.type must be 'jsonl' or 'completions', got {kind!r}", f"{DS}.type")
+    if not with_model and kind != "completions":
+        raise _bad(
+            f"{DS}.type must be 'completions': each checkpoint samples the rows",
+            f"{DS}.type",
+        )
     allowed = ("type", "source") + (
         ("input_messages", "model", "sampling_params") if kind == "completions" else ()
     )
+    if not with_model:
+        allowed = tuple(k for k in allowed if k != "model")
     extra = next((k for k in ds if k not in allowed), None)
+    if extra == "model" and not with_model:
+        raise _bad(f"{DS}.model: each checkpoint of the job is the model; drop it", f"{DS}.model")
     if extra is not None:
         raise _bad(f"{DS}.{extra}: unknown field of a {kind} data source", f"{DS}.{extra}")
     rows, where = _rows(ds.get("source"), files, tenant)
@@ -260,23 +305,30 @@ def create(
             )
     spec: dict[str, Any] = {"kind": kind, "criteria": criteria}
     if kind == "completions":
-        spec.update(_completions(ds, schema, request, tenant, settings.inference_max_tokens))
-        model = ds["model"]
+        spec.update(
+            _completions(ds, schema, request, tenant, settings.inference_max_tokens, with_model)
+        )
+        model = ds.get("model", "")
     else:
         first = rows[0].get("sample") or {}
         model = first.get("model") if isinstance(first.get("model"), str) else ""
-    rec = runs.create(
-        eval_id=ev["id"],
-        name=body.name or model or kind,
-        model=model,
-        data_source=ds,
-        spec=spec,
-        total=len(rows),
-        metadata=body.metadata,
-        tenant=ev["tenant"],
-    )
-    enqueue_eval_run(request.app.state.celery, rec["id"], settings.queue)
-    return run_object(rec, request)
+    return spec, len(rows), model
+
+
+def check_job_eval(entry: Any, request: Request, tenant, files, settings) -> None:
+    """A job's ``eval`` (``trainers.contract.spec.CheckpointEval``): the caller's eval
+    (404 naming ``eval.eval_id``) and a completions data source without ``model``, checked
+    as a run's is; errors name ``eval.data_source...``."""
+    ev = owned_eval(request.app.state.evals, entry.eval_id, tenant, "eval.eval_id")
+    try:
+        check_data_source(entry.data_source, ev, request, tenant, files, settings, with_model=False)
+    except APIError as exc:
+        if exc.param and exc.param.startswith(DS):
+            exc.param = f"eval.{exc.param}"
+        if exc.message.startswith(DS):
+            exc.message = f"eval.{exc.message}"
+            exc.args = (exc.message,)
+        raise
 
 
 @router.get("", response_model=EvalRunPage)
@@ -436,13 +488,21 @@ def _rows(source: Any, files, tenant) -> tuple[list[dict[str, Any]], Any]:
 
 
 def _completions(
-    ds: dict[str, Any], schema: dict[str, Any], request: Request, tenant, max_tokens: int
+    ds: dict[str, Any],
+    schema: dict[str, Any],
+    request: Request,
+    tenant,
+    max_tokens: int,
+    with_model: bool = True,
 ) -> dict[str, Any]:
-    """The worker's part of a completions run: model header, input messages, sampling."""
-    name = ds.get("model")
-    if not isinstance(name, str) or not name:
-        raise _bad(f"{DS}.model is required: the model that samples the rows", f"{DS}.model")
-    header = inference.resolve(request, name, tenant)
+    """The worker's part of a completions run: model header, input messages, sampling
+    (no header without ``with_model``: the worker makes one per checkpoint)."""
+    header = None
+    if with_model:
+        name = ds.get("model")
+        if not isinstance(name, str) or not name:
+            raise _bad(f"{DS}.model is required: the model that samples the rows", f"{DS}.model")
+        header = inference.resolve(request, name, tenant)
     messages = ds.get("input_messages")
     at = f"{DS}.input_messages"
     if not isinstance(messages, dict):
@@ -473,7 +533,7 @@ def _completions(
     else:
         raise _bad(f"{at}.type must be 'template' or 'item_reference'", f"{at}.type")
     return {
-        "model": header,
+        **({"model": header} if header is not None else {}),
         "input_messages": spec_messages,
         "sampling": _sampling(ds.get("sampling_params"), max_tokens),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ from service import joblist, jobservice
 from service.auth import Tenant
 from service.deps import Auth, FilesDep, JobsDep, OwnedJob, SettingsDep, TenantDep, owned_job
 from service.errors import APIError, error_responses, not_found
+from service.routes.evalruns import check_job_eval
 from service.schemas import FineTuningJob, Page, checkpoint_object, event_object, job_object, page
 from service.tarstream import tar_stream
 from workers.store import JobNotFound, JobStore
@@ -45,6 +47,9 @@ def create(
         tenant=tenant,
         access=request.app.state.model_access,
         graders=request.app.state.grader_pool,
+        check_eval=functools.partial(
+            check_job_eval, request=request, tenant=tenant, files=files, settings=settings
+        ),
     )
     obj = job_object(jobs.get(job_id), settings.organization_id)
     return JSONResponse(

@@ -36,7 +36,7 @@ from trainers.contract.methods import (
 from trainers.contract.resources import LoraSettings, Resources
 from trainers.contract.sizes import MAX_SPEC_BYTES, at_most
 
-__all__ = ["PLANNED_METHODS", "SPEC_VERSION", "JobSpec", "read_stored_spec"]
+__all__ = ["PLANNED_METHODS", "SPEC_VERSION", "CheckpointEval", "JobSpec", "read_stored_spec"]
 
 # 1: the first release (no spec_version field). 2: shared hyperparameter base, DPO, GRPO.
 # 3: resources.gpus defaults to null (the worker's devices), processes, strategy, queue.
@@ -66,6 +66,19 @@ def normalize_method(raw: Any) -> Any:
                 if name in raw and target not in raw:
                     raw[target] = raw.pop(name)
     return raw
+
+
+class CheckpointEval(Strict):
+    """An eval run on each checkpoint of the job (the final one included): the worker
+    creates a run of ``eval_id`` per checkpoint with this ``completions`` data source and
+    the checkpoint as its ``model``. The API checks it at creation as it checks a run
+    (``service.routes.evalruns.check_job_eval``); the training process ignores it."""
+
+    eval_id: str = Field(min_length=1, max_length=64, pattern=r"^eval_[A-Za-z0-9]+$")
+    data_source: dict[str, Any] = Field(
+        description="A completions data source without 'model': {'type': 'completions', "
+        "'source': ..., 'input_messages': ..., 'sampling_params': ...}."
+    )
 
 
 class JobSpec(Strict):
@@ -99,6 +112,9 @@ class JobSpec(Strict):
         "default from the worker settings.",
     )
     metadata: dict[str, str] | None = None
+    eval: CheckpointEval | None = Field(
+        None, description="Extension: an eval run on each checkpoint (CheckpointEval)."
+    )
 
     @model_validator(mode="before")
     @classmethod
