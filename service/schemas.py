@@ -98,6 +98,8 @@ class CheckpointMetrics(BaseModel):
     # extensions: mean grader reward (GRPO family) on training and validation prompts
     train_mean_reward: float | None = _omitted_when_null()
     valid_mean_reward: float | None = _omitted_when_null()
+    # extension: the pass rate of the job's eval run on this checkpoint (spec field ``eval``)
+    eval_pass_rate: float | None = _omitted_when_null()
 
 
 class JobCheckpoint(BaseModel):

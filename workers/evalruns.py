@@ -135,8 +135,9 @@ class EvalRunStore:
         total: int,
         metadata: dict[str, str] | None = None,
         tenant: str = DEFAULT_TENANT,
+        run_id: str | None = None,
     ) -> dict[str, Any]:
-        run_id = new_run_id()
+        run_id = run_id or new_run_id()
         now = time.time()
         record = {
             "id": run_id,

@@ -41,6 +41,7 @@ from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import parse_grader
 from trainers.contract.graders.templates import GraderError, render, resolve_path
 from workers.celery_app import app
+from workers.ckptevals import report_to_job
 from workers.evalruns import (
     FINISHED,
     NO_ERROR,
@@ -49,10 +50,12 @@ from workers.evalruns import (
     output_item_id,
     read_rows,
 )
+from workers.evalstore import EvalStore
 from workers.filestore import FileStore
 from workers.inference.registry import live_workers, pick
 from workers.redis_client import make_redis
 from workers.settings import WorkerSettings
+from workers.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,7 @@ def grade_run(
     except KeyError:
         return "missing"
     if run["status"] in FINISHED:
+        _report(run_id, runs, settings)  # a redelivered task: the job may not know yet
         return run["status"]
     if runs.transition(run_id, "in_progress", ("queued", "in_progress")) is None:
         return "skipped"
@@ -142,10 +146,11 @@ def grade_run(
         rows = _rows(run, files)
         if spec.get("kind") == "completions":
             sampler = sampler or _http_sampler(runs, settings, spec)
-            _check_model(spec["model"])
+            _check_model(spec["model"], run["metadata"])
     except RunFailed as exc:
         error = {"code": exc.code, "message": exc.message}
         runs.transition(run_id, "failed", ("in_progress",), error=error)
+        _report(run_id, runs, settings)
         return "failed"
     graders = [_grader(c) for c in spec["criteria"]]
     done, new = runs.stored(run_id), 0
@@ -161,7 +166,14 @@ def grade_run(
         if stop_after is not None and new >= stop_after:
             return "stopped"
     runs.transition(run_id, "completed", ("in_progress",))
+    _report(run_id, runs, settings)
     return "completed"
+
+
+def _report(run_id: str, runs: EvalRunStore, settings: WorkerSettings) -> None:
+    """A run of a job's checkpoint: its result onto the job (``workers.ckptevals``)."""
+    jobs = JobStore(runs.r, settings.key_prefix)
+    report_to_job(run_id, runs, jobs, EvalStore(runs.r, settings.key_prefix))
 
 
 def _rows(run: dict[str, Any], files: FileStore) -> list[dict[str, Any]]:
@@ -178,9 +190,17 @@ def _rows(run: dict[str, Any], files: FileStore) -> list[dict[str, Any]]:
         raise RunFailed("invalid_file", str(exc)) from None
 
 
-def _check_model(header: dict[str, Any]) -> None:
+def _check_model(header: dict[str, Any], metadata: dict[str, str]) -> None:
     path = header.get("path") or ""
     if path.startswith("/") and not Path(path).exists():
+        if metadata.get("fine_tuning_job_id"):
+            raise RunFailed(
+                "model_not_found",
+                f"the checkpoint {header.get('name')} (step {metadata.get('step')} of job "
+                f"{metadata['fine_tuning_job_id']}) was deleted before its eval run sampled it: "
+                "keep_checkpoints pruned it, or the job was deleted; a job that keeps every "
+                "checkpoint (keep_checkpoints: 0) has each one evaluated",
+            )
         raise RunFailed(
             "model_not_found", f"the model '{header.get('name')}' is gone (it was deleted)"
         )

@@ -13,13 +13,15 @@ save returned and the checkpoint was marked complete, so that is when the older
 ones beyond the job's ``keep_checkpoints`` are dropped from the record (one Lua
 call, ``JobStore.add_checkpoint``) and then their directories deleted
 (``trainers.contract.checkpoints.remove_checkpoints``). Record first, files second: the API
-never lists a checkpoint whose files are already gone.
+never lists a checkpoint whose files are already gone. A job whose spec names an eval
+gets a run of it per checkpoint (``on_checkpoint``: ``workers.ckptevals``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +79,10 @@ class ReportIngest:
         *,
         data_dir: Path | None = None,
         keep_checkpoints: int = 0,
+        on_checkpoint: Callable[[dict], Any] | None = None,
     ):
         self.store, self.job_id, self.model_name = store, job_id, model_name
+        self.on_checkpoint = on_checkpoint  # the job's eval per checkpoint (workers.ckptevals)
         self.data_dir, self.keep = data_dir, keep_checkpoints if data_dir is not None else 0
         self.outcome = RunOutcome()
         self._started = time.time()
@@ -170,6 +174,16 @@ class ReportIngest:
             f"Checkpoint created at step {step}",
             data={"checkpoint": ckpt_id, "step": step},
         )
+        if self.on_checkpoint is not None:
+            try:
+                self.on_checkpoint(meta)
+            except Exception as exc:  # the training goes on; the job says what was missed
+                log.exception("job %s: no eval run for the checkpoint at %s", self.job_id, step)
+                self.store.add_event(
+                    self.job_id,
+                    f"No eval run for the checkpoint at step {step}: {exc!r}"[:500],
+                    level="warn",
+                )
 
     def _remove_files(self, new_path: str, pruned: list[dict]) -> None:
         """Delete the directories of checkpoints the record no longer keeps (pruned now, or

@@ -80,6 +80,22 @@ end
 return pruned
 """
 
+# KEYS: job hash, checkpoint list. ARGV: step, metrics JSON. Merges the metrics into the
+# checkpoint entry of that step; 1 if there was one, 0 if not (pruned, or the job gone).
+_CHECKPOINT_METRICS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local step, add = tonumber(ARGV[1]), cjson.decode(ARGV[2])
+for i, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local meta = cjson.decode(raw)
+  if meta.step == step then
+    for k, v in pairs(add) do meta.metrics[k] = v end
+    redis.call('LSET', KEYS[2], i - 1, cjson.encode(meta))
+    return 1
+  end
+end
+return 0
+"""
+
 
 class JobStreams(JobKeys):
     """Events (newest first), per-step metrics (a step cursor) and checkpoint metadata."""
@@ -103,6 +119,7 @@ class JobStreams(JobKeys):
         self._xadd_live = client.register_script(_XADD_LIVE)
         self._add_metrics = client.register_script(_ADD_METRICS)
         self._add_checkpoint = client.register_script(_ADD_CHECKPOINT)
+        self._checkpoint_metrics = client.register_script(_CHECKPOINT_METRICS)
 
     # ---- events
     def add_event(
@@ -185,6 +202,15 @@ class JobStreams(JobKeys):
             args=[json.dumps(meta), int(keep)],
         )
         return [json.loads(x) for x in pruned or []]
+
+    def update_checkpoint_metrics(self, job_id: str, step: int, values: dict[str, float]) -> bool:
+        """Merge ``values`` into the metrics of the checkpoint at ``step`` (an eval's pass
+        rate, ``workers.ckptevals``); False when there is no such checkpoint any more."""
+        done = self._checkpoint_metrics(
+            keys=[self.k_job(job_id), f"{self.k_job(job_id)}:checkpoints"],
+            args=[int(step), json.dumps(values)],
+        )
+        return bool(done)
 
     def checkpoints(self, job_id: str) -> list[dict]:
         """Oldest first."""

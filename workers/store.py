@@ -71,7 +71,7 @@ return {1, cur}
 """
 
 # A job's own keys besides its hash: ``job:{id}:<suffix>``. DELETE removes every one.
-JOB_KEY_SUFFIXES = ("events", "metrics", "checkpoints")
+JOB_KEY_SUFFIXES = ("events", "metrics", "checkpoints", "evalruns")
 
 
 def new_id(prefix: str) -> str:

@@ -15,6 +15,7 @@ verdict and the end state it gives the record are ``workers.verdict``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,9 @@ from trainers.contract.jobdir import JobDir
 from trainers.contract.plan import RunPlan
 from trainers.contract.spec import JobSpec, StoredSpecError, read_stored_spec
 from workers import launch
+from workers.ckptevals import create_checkpoint_run
+from workers.evalruns import EvalRunStore
+from workers.evalstore import EvalStore
 from workers.filestore import FileNotFound, FileStore, RemovalFailed
 from workers.ingest import ReportIngest
 from workers.journal import replay_journals
@@ -277,6 +281,25 @@ class Supervisor:
         self.store.add_event(job_id, f"Job failed: {problem}", level="error")
         return "failed"
 
+    def _checkpoint_eval(self, job_id: str, spec: JobSpec):
+        """The eval run per checkpoint a job's spec asks for (``workers.ckptevals``)."""
+        if spec.eval is None:
+            return None
+        runs = EvalRunStore(self.store.r, self.s.key_prefix)
+        evals = EvalStore(self.store.r, self.s.key_prefix)
+        queue = self.s.queue
+        return functools.partial(
+            create_checkpoint_run,
+            self.store,
+            runs,
+            evals,
+            self.files,
+            Path(self.s.data_dir),
+            job_id,
+            spec.eval.model_dump(mode="json"),
+            enqueue_run=functools.partial(_enqueue_eval_run, queue=queue),
+        )
+
     def _run_trainer(self, job_id: str, spec: JobSpec, attempt: int, server) -> str:
         plan = self.write_plan(job_id, spec, attempt, server.url if server else None)
         if self.fence is not None:
@@ -295,6 +318,7 @@ class Supervisor:
             keep_checkpoints=(
                 self.s.keep_checkpoints if spec.keep_checkpoints is None else spec.keep_checkpoints
             ),
+            on_checkpoint=self._checkpoint_eval(job_id, spec),
         )
         run = self.spawn(job_id, plan)
         self.store.set_fields(
@@ -326,3 +350,9 @@ class Supervisor:
                 log.warning("job %s: end state not written yet: %s", job_id, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _enqueue_eval_run(run_id: str, queue: str) -> None:
+    from workers.celery_app import app, enqueue_eval_run  # the app imports this module
+
+    enqueue_eval_run(app, run_id, queue)
