@@ -66,7 +66,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -78,6 +77,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.stack import stop as stop_proc  # TERM to the process group, then KILL
 
 THROUGHPUT_ARMS = (
     "generate",
@@ -240,20 +241,6 @@ def http_ok(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def stop_proc(proc: subprocess.Popen | None, grace: float = 15) -> None:
-    """TERM to a process started here in its own session (and its group), then KILL."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 class Heartbeats:
@@ -816,7 +803,7 @@ def run(a: argparse.Namespace, work: Path, started: float) -> dict:
         if watch is not None:
             watch.__exit__()
         stop_proc(api)
-        stop_proc(worker, grace=20)
+        stop_proc(worker, timeout=20)
         stop_proc(serve)
         if child is not None:
             child.close()

@@ -91,6 +91,10 @@ class Engine:
     kind = "engine"
     # OpenAI parameters the engine implements itself (the front adapts the rest or refuses)
     native: frozenset[str] = frozenset()
+    # the engine neither checks a prompt against the model's context nor cuts a stop
+    # sequence from its text: the front does both for it
+    checks_context = True
+    cuts_stop_text = True
 
     def __init__(self, *, idle_seconds: float, log_dir: Path):
         self.idle_seconds, self.log_dir = idle_seconds, log_dir
@@ -154,6 +158,15 @@ class Engine:
         self._used[ref.key] = time.monotonic()
         return target
 
+    def server_of(self, target: Target) -> _VllmServer | None:
+        """The server process a target runs on, where the engine counts requests in flight
+        per server (so a busy one is never stopped to make room)."""
+        return None
+
+    def engine_down(self) -> None:
+        """A request saw the engine fail (the next check restarts what it must)."""
+        return None
+
     def forget(self, keys: list[str] | None = None) -> None:
         for key in list(self._used) if keys is None else keys:
             self._used.pop(key, None)
@@ -165,6 +178,8 @@ class Engine:
 
 class TransformersEngine(Engine):
     kind = "transformers"
+    checks_context = False  # it would generate past max_position_embeddings
+    cuts_stop_text = False  # its text keeps the stop string generation stopped on
     native = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed", "stream", "tools"})
 
     def __init__(
@@ -472,6 +487,3 @@ class VllmEngine(Engine):
                     log.info("stopping the idle vLLM server of %s", base)
                     self._drop(base)
                     await asyncio.to_thread(server.proc.stop)
-
-    def engine_down(self) -> None:
-        return None

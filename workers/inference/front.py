@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from workers.inference import shapes
-from workers.inference.engines import Engine, LoadFailed, ModelRef, Target, TransformersEngine
+from workers.inference.engines import Engine, LoadFailed, ModelRef, Target
 from workers.inference.process import EngineFailed
 
 log = logging.getLogger(__name__)
@@ -264,17 +264,12 @@ def create_front(
                 param=bad[0],
             )
         target = await ready(ref)
-        if isinstance(engine, TransformersEngine):
+        if not engine.checks_context:
             body = await limits.apply(body, kind, target)
         subs = shapes.sub_requests(body, kind, target.model, engine.native)
-        result = shapes.Answer(
-            kind,
-            ref.name,
-            body,
-            trim_stops="stop" in engine.native and isinstance(engine, TransformersEngine),
-        )
+        result = shapes.Answer(kind, ref.name, body, trim_stops=not engine.cuts_stop_text)
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        server = getattr(engine, "server_of", lambda t: None)(target)
+        server = engine.server_of(target)
         if server is not None:
             server.in_flight += 1
         try:
