@@ -1,4 +1,5 @@
-"""The ``posttrain`` command: serve, worker, inference, keys, tiny-model, demo.
+"""The ``posttrain`` command: serve, worker, inference, keys, tiny-model, demo, and the
+client commands on the HTTP API (files, jobs, logs, download, chat: ``service.clientcli``).
 
 Heavy imports (torch, transformers) happen only inside the subcommands that
 need them; ``posttrain serve`` stays torch-free like the API it runs.
@@ -9,6 +10,16 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from importlib import metadata
+
+from service.clientcli import add_commands as add_client_commands
+
+
+def _version() -> str:
+    try:
+        return metadata.version("posttrain")
+    except metadata.PackageNotFoundError:  # run from a tree that is not installed
+        return "unknown"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -189,6 +200,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Self-hosted LLM post-training.")
+    p.add_argument("--version", action="version", version=f"posttrain {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument("--host")
@@ -245,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the API and worker the demo started running",
     )
     demo.set_defaults(func=_demo)
+    add_client_commands(sub)
     return p
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -146,6 +148,45 @@ def test_a_fine_tuned_model_answers_token_for_token_like_generate(istack, sdk_a,
     # without include_usage no chunk carries usage
     plain = list(chat(sdk_a, job.fine_tuned_model, stream=True))
     assert all(c.usage is None for c in plain) and all(c.choices for c in plain)
+
+
+def test_the_cli_chats_with_the_fine_tuned_model(istack, sdk_a, trained):
+    """``posttrain chat``: each stdin line a user turn, the streamed answer printed; the
+    conversation carries over (the second request holds the first turn and answer)."""
+    model = trained["full"].fine_tuned_model
+    first = chat(sdk_a, model).choices[0].message.content
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTTRAIN_", "OPENAI_"))}
+    env.update(POSTTRAIN_BASE_URL=istack.base_url, POSTTRAIN_API_KEY=KEY_A)
+    args = ["chat", model, "--temperature", "0", "--max-tokens", "24"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        input=QUESTION[0]["content"] + "\nAnd the grass?\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(first + "\n"), proc.stdout
+    turn = [*QUESTION, {"role": "assistant", "content": first}]
+    turn.append({"role": "user", "content": "And the grass?"})
+    second = (
+        sdk_a.chat.completions.create(model=model, messages=turn, temperature=0, max_tokens=24)
+        .choices[0]
+        .message.content
+    )
+    assert proc.stdout == f"{first}\n{second}\n"
+    # a model the tenant cannot use: the API's 404, exit code 1
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "chat", "ft:nope", "-m", "hi"],
+        env={**env, "POSTTRAIN_API_KEY": KEY_B},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1 and "HTTP 404" in proc.stderr and "ft:nope" in proc.stderr
 
 
 def test_raw_answers_match_the_sdk_types_and_the_stream_ends_with_done(istack, trained):
