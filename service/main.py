@@ -15,13 +15,16 @@ import httpx
 import redis
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import errors, openapi
 from service.auth import KeyRing, bind_refusal
 from service.bodylimit import BodyLimit
-from service.deps import Auth, valid_path_ids
+from service.deps import Auth, TenantDep, valid_path_ids
+from service.errors import APIError
 from service.graderpool import GraderPool
+from service.metrics import HttpMetrics, Metrics
 from service.modelaccess import ModelAccess
 from service.routes import evalruns, evals, files, graders, health, inference, jobs, models
 from service.settings import ApiSettings
@@ -78,15 +81,46 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         timeout=httpx.Timeout(settings.inference_timeout_seconds, connect=5.0),
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
     )
+    app.state.metrics = Metrics(app.state.jobs, settings)
     errors.install(app)
     app.add_middleware(
         BodyLimit, limit=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")})
     )
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # outermost: sees every answer
     for module in (health, files, jobs, graders, models, inference, evals, evalruns):
         app.include_router(module.router)
     openapi.install(app)
     _docs(app, settings.docs_access)
+    _metrics(app, settings.metrics_access)
     return app
+
+
+def _metrics(app: FastAPI, access: str) -> None:
+    """GET /metrics in Prometheus' text format (``service.metrics``): for an admin's key
+    ("admin", or anyone when keys are off), open ("public") or absent ("off")."""
+    if access == "off":
+        return
+
+    def text() -> Response:
+        body = generate_latest(app.state.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    if access == "public":
+        app.get("/metrics", include_in_schema=False)(text)
+        return
+
+    @app.get("/metrics", include_in_schema=False)
+    def admin_only(tenant: TenantDep) -> Response:
+        if app.state.keyring.enabled and not tenant.admin:
+            raise APIError(
+                403,
+                "/metrics shows every tenant's jobs: it needs an admin key "
+                "(or POSTTRAIN_METRICS_ACCESS=public)",
+                param="Authorization",
+                type="permission_error",
+                code="admin_only",
+            )
+        return text()
 
 
 def _docs(app: FastAPI, access: str) -> None:

@@ -58,6 +58,12 @@ class ApiSettings(WorkerSettings):
         description="/docs and /openapi.json: 'auth' = need an API key when keys are set, "
         "'public' = open to all, 'off' = not served.",
     )
+    metrics_access: Literal["admin", "public", "off"] = Field(
+        "admin",
+        description="GET /metrics (Prometheus): 'admin' = need an admin tenant's key when "
+        "keys are set, 'public' = open to all (a scraper on a private network), 'off' = not "
+        "served.",
+    )
     queues: str = Field(
         "",
         description="Comma-separated worker queues jobs may name besides POSTTRAIN_QUEUE and "

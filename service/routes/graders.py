@@ -25,6 +25,7 @@ from service.jobrequest import check_numbers
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
 from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import (
+    GRADER_TYPES,
     GraderSpec,
     InvalidGrader,
     MultiGrader,
@@ -135,7 +136,16 @@ def _response(grader: GraderSpec, report: GradeReport) -> RunResponse:
 async def run(body: RunRequest, request: Request, tenant: TenantDep) -> RunResponse:
     """Grade ``model_sample`` (and ``item``) with a torch-free grader, on the grader pool
     (``service.graderpool``: off the request threads, a share per tenant)."""
-    return await request.app.state.grader_pool.run(tenant, _run, body)
+    kind = body.grader.get("type")
+    kind = kind if kind in GRADER_TYPES else "other"  # bounded label values
+    runs = request.app.state.metrics.grader_runs
+    try:
+        answer = await request.app.state.grader_pool.run(tenant, _run, body)
+    except APIError:
+        runs.labels(kind, "refused").inc()
+        raise
+    runs.labels(kind, "error" if answer.metadata.errors["details"] else "ok").inc()
+    return answer
 
 
 def _run(body: RunRequest) -> RunResponse:

@@ -453,6 +453,7 @@ EXEMPT = {
     ("GET", "/readyz"): "readiness; reads no stored data",
     ("GET", "/openapi.json"): "the schema; reads no stored data",
     ("GET", "/docs"): "the schema's page; reads no stored data",
+    ("GET", "/metrics"): "admins only (tests/service/test_prometheus.py: 403 for a tenant)",
     ("POST", "/v1/fine_tuning/alpha/graders/run"): "grades the request's own text; no ids",
     ("POST", "/v1/fine_tuning/alpha/graders/validate"): "checks the request's grader; no ids",
 }
