@@ -32,6 +32,7 @@ _ID_PARAMS = {
     "eval_id": "eval",
     "run_id": "eval run",
     "output_item_id": "output item",
+    "webhook_id": "webhook endpoint",
 }
 
 

@@ -26,8 +26,19 @@ from service.errors import APIError
 from service.graderpool import GraderPool
 from service.metrics import HttpMetrics, Metrics
 from service.modelaccess import ModelAccess
-from service.routes import evalruns, evals, files, graders, health, inference, jobs, models
+from service.routes import (
+    evalruns,
+    evals,
+    files,
+    graders,
+    health,
+    inference,
+    jobs,
+    models,
+    webhooks,
+)
 from service.settings import ApiSettings
+from service.webhooks import Deliverer, deliver_forever
 from workers.celery_app import make_celery
 from workers.evalruns import EvalRunStore
 from workers.evalstore import EvalStore
@@ -36,6 +47,7 @@ from workers.fleet import live_queues
 from workers.recovery import fail_unserved
 from workers.redis_client import make_redis
 from workers.store import JobStore
+from workers.webhooks import WebhookStore
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -63,6 +75,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.files = FileStore(client, settings.data_dir, settings.key_prefix)
     app.state.evals = EvalStore(client, settings.key_prefix)
     app.state.eval_runs = EvalRunStore(client, settings.key_prefix)
+    app.state.webhooks = WebhookStore(client, settings.key_prefix)
     for stale in app.state.files.remove_stale_staging():  # uploads a killed API left
         log.warning("removed stale upload staging file %s", stale)
     app.state.keyring = KeyRing.load(settings.api_keys, settings.api_keys_file)
@@ -87,7 +100,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         BodyLimit, limit=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")})
     )
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # outermost: sees every answer
-    for module in (health, files, jobs, graders, models, inference, evals, evalruns):
+    for module in (health, files, jobs, graders, models, inference, evals, evalruns, webhooks):
         app.include_router(module.router)
     openapi.install(app)
     _docs(app, settings.docs_access)
@@ -168,11 +181,17 @@ async def _sweeper(app: FastAPI) -> None:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     sweeper = asyncio.create_task(_sweeper(app))
+    deliverer = Deliverer(app.state.webhooks, app.state.settings)
+    delivering = asyncio.create_task(
+        deliver_forever(deliverer, app.state.settings.webhook_poll_seconds)
+    )
     try:
         yield
     finally:
         app.state.grader_pool.shutdown()
         await app.state.inference_client.aclose()
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in (sweeper, delivering):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await deliverer.close()

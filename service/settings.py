@@ -64,6 +64,29 @@ class ApiSettings(WorkerSettings):
         "keys are set, 'public' = open to all (a scraper on a private network), 'off' = not "
         "served.",
     )
+    webhook_allowed_networks: str = Field(
+        "",
+        description="Comma-separated networks (CIDR) webhook endpoints may resolve to besides "
+        "public addresses, e.g. 10.0.0.0/8 for receivers on a private network.",
+    )
+    webhook_retry_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="First wait before a failed webhook delivery is retried; "
+        "each later wait doubles (at most an hour).",
+    )
+    webhook_max_age_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="A webhook delivery is retried until this long after "
+        "its event, then marked failed.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long one webhook delivery waits for the endpoint."
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often the API looks for new events and due deliveries."
+    )
     queues: str = Field(
         "",
         description="Comma-separated worker queues jobs may name besides POSTTRAIN_QUEUE and "

@@ -16,6 +16,8 @@ Keys (all under the settings' ``key_prefix``):
   tenant:{name}:active  set of the tenant's job ids not yet seen terminal (quota count)
   fleet:unserved        hash: queue -> since when (API clock) queued jobs have waited on it
                         with no live worker (``workers.recovery.fail_unserved``)
+  webhooks:events       stream of events for webhooks; a job's end is appended by the
+                        status compare-and-set (``workers.webhooks`` lists its other keys)
 
 ``JobKeys`` holds the client and the prefix; ``workers.jobstate`` (status changes and
 leases) and ``workers.jobstreams`` (events, metrics, checkpoints) build on it, and
@@ -70,6 +72,9 @@ class JobKeys:
 
     def k_unserved(self) -> str:
         return f"{self.p}fleet:unserved"
+
+    def k_webhook_events(self) -> str:
+        return f"{self.p}webhooks:events"
 
     def server_time(self) -> float:
         """Redis server time in seconds: the one clock leases are measured by."""

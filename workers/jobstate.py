@@ -70,9 +70,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: job hash, lease index, queued index. ARGV: allowed sources (comma list), target,
-# required lease owner or "", job id, required fencing token or "", then field/value pairs
-# to set with the status.
+# KEYS: job hash, lease index, queued index, webhook events stream. ARGV: allowed sources
+# (comma list), target, required lease owner or "", job id, required fencing token or "",
+# then field/value pairs to set with the status. A job's end is appended to the webhook
+# events (``workers.webhooks``) in the same step, so no end goes unannounced.
 _CAS = (
     _NOW
     + """
@@ -95,6 +96,11 @@ for s in string.gmatch(ARGV[1], '[^,]+') do
       redis.call('ZADD', KEYS[3], now, ARGV[4])
     else
       redis.call('ZREM', KEYS[3], ARGV[4])
+    end
+    if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
+      local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
+      redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 'type',
+                 'fine_tuning.job.' .. ARGV[2], 'object', ARGV[4], 'tenant', tenant, 'at', now)
     end
     return {1, cur}
   end
@@ -228,7 +234,7 @@ class JobLifecycle(JobKeys):
         args.append("" if fence is None else str(fence))
         for k, v in fields.items():
             args += [k, encode(v)]
-        keys = [self.k_job(job_id), self.k_leased(), self.k_queued()]
+        keys = [self.k_job(job_id), self.k_leased(), self.k_queued(), self.k_webhook_events()]
         code, cur = self._cas(keys=keys, args=args)
         if code == -1:
             raise JobNotFound(job_id)

@@ -149,7 +149,31 @@ def build_world(client, app, settings) -> World:
     world.extra["run_id"] = run_id = resp.json()["id"]
     assert grade_run(run_id, app.state.eval_runs, app.state.files, settings) == "completed"
     world.extra["output_item_id"] = app.state.eval_runs.item(run_id, 0)["id"]
+    hook = app.state.webhooks.create("team-a", PUBLIC_HOOK, ["fine_tuning.job.failed"], "")
+    world.extra["webhook_id"] = hook["id"]
     return world
+
+
+PUBLIC_HOOK = "http://93.184.215.14/hook"  # an address literal: checked without DNS
+
+
+def _create_webhook(client, app, w):
+    resp = client.post("/v1/webhooks", json={"url": PUBLIC_HOOK}, headers=as_("b"))
+    assert resp.status_code == 200, resp.text
+    assert app.state.webhooks.owner(resp.json()["id"]) == "team-b"
+
+
+def _list_webhooks(client, app, w):
+    listed = client.get("/v1/webhooks", headers=as_("b")).json()["data"]
+    assert w.extra["webhook_id"] not in [h["id"] for h in listed]
+    listed = client.get("/v1/webhooks", headers=as_("a")).json()["data"]
+    assert w.extra["webhook_id"] in [h["id"] for h in listed]
+
+
+def _delete_webhook(client, app, w):
+    hook_id = w.extra["webhook_id"]
+    assert client.delete(f"/v1/webhooks/{hook_id}", headers=as_("b")).status_code == 404
+    assert app.state.webhooks.owner(hook_id) == "team-a"
 
 
 def create_eval(client, who, name="e") -> str:
@@ -445,6 +469,15 @@ WALK = {
     ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"): _get_404(
         lambda w: _run_path(w, f"/output_items/{w.extra['output_item_id']}")
     ),
+    ("POST", "/v1/webhooks"): _create_webhook,
+    ("GET", "/v1/webhooks"): _list_webhooks,
+    ("GET", "/v1/webhooks/{webhook_id}"): _get_404(
+        lambda w: f"/v1/webhooks/{w.extra['webhook_id']}"
+    ),
+    ("DELETE", "/v1/webhooks/{webhook_id}"): _delete_webhook,
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): _get_404(
+        lambda w: f"/v1/webhooks/{w.extra['webhook_id']}/deliveries"
+    ),
 }
 
 
@@ -493,6 +526,7 @@ def test_every_route_refuses_without_a_key(client, app):
             eval_id="eval_x",
             run_id="evalrun_x",
             output_item_id="outputitem_x",
+            webhook_id="wh_x",
         )
         assert client.request(method, url).status_code == 401, (method, path)
 

@@ -1,0 +1,145 @@
+"""Webhook delivery from the API process: fan events out, send due deliveries, sign them.
+
+Each API process runs ``deliver_forever`` beside its other upkeep. Several API processes
+share the work through Redis (``workers.webhooks``: a consumer group for events, claims
+with a lease for deliveries), and a process that dies mid-delivery leaves the delivery
+to be retried when its lease runs out. A delivery is a POST of the event's JSON with the
+Standard Webhooks headers (``webhook-id``: the event id, the same on every try, for the
+receiver to drop duplicates; ``webhook-timestamp``; ``webhook-signature``: HMAC-SHA256
+with the endpoint's secret, computed by the ``standardwebhooks`` library). A 2xx answer
+delivers it; anything else (an error status, a timeout, a refused connection, a target
+the address policy refuses) is retried after ``retry_seconds * 2**(attempt-1)`` (capped
+at an hour) until ``max_age_seconds`` after the event, then marked failed. Redirects are
+not followed.
+
+Address policy: an endpoint's host must resolve only to public addresses (not loopback,
+private, link-local, multicast, reserved or unspecified), unless an address lies in
+``webhook_allowed_networks``. It is checked when an endpoint is registered and again
+before every try (a name can change what it resolves to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import logging
+import socket
+import uuid
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+from standardwebhooks.webhooks import Webhook
+
+from workers.webhooks import WebhookStore
+
+log = logging.getLogger("posttrain.webhooks")
+MAX_BACKOFF = 3600.0
+
+
+class AddressRefused(ValueError):
+    pass
+
+
+def allowed_networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(x.strip(), strict=False) for x in spec.split(",") if x.strip()]
+
+
+def check_url(url: str) -> tuple[str, int]:
+    """The URL's host and port; ``AddressRefused`` unless it is an http(s) URL with a host."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AddressRefused("the url must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise AddressRefused("the url may not carry credentials; the signature authenticates")
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def check_addresses(host: str, port: int, allowed: list) -> None:
+    """``AddressRefused`` naming the address when ``host`` resolves to a non-public one
+    outside ``allowed`` (or does not resolve)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise AddressRefused(f"the host '{host}' does not resolve: {exc}") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if any(addr in net for net in allowed):
+            continue
+        if not addr.is_global or addr.is_multicast:
+            raise AddressRefused(
+                f"the host '{host}' resolves to {addr}, a non-public address; an operator "
+                "may allow its network with POSTTRAIN_WEBHOOK_ALLOWED_NETWORKS"
+            )
+
+
+def backoff(attempt: int, base: float) -> float:
+    return min(base * 2 ** (attempt - 1), MAX_BACKOFF)
+
+
+class Deliverer:
+    def __init__(self, store: WebhookStore, settings) -> None:
+        self.store, self.s = store, settings
+        self.allowed = allowed_networks(settings.webhook_allowed_networks)
+        self.name = f"api-{uuid.uuid4().hex[:12]}"
+        self.client = httpx.AsyncClient(
+            timeout=settings.webhook_timeout_seconds, follow_redirects=False
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def once(self) -> int:
+        """One pass: fan out new events, then try every due delivery; how many were tried."""
+        await asyncio.to_thread(self.store.fan_out, self.name)
+        lease = self.s.webhook_timeout_seconds * 3 + 5
+        due = await asyncio.to_thread(self.store.claim, lease)
+        if due:
+            await asyncio.gather(*(self._try(d) for d in due))
+        return len(due)
+
+    async def _try(self, delivery: dict) -> None:
+        endpoint = delivery["endpoint"]
+        status_code, error = None, None
+        try:
+            host, port = check_url(endpoint["url"])
+            await asyncio.to_thread(check_addresses, host, port, self.allowed)
+            now = datetime.datetime.now(tz=datetime.UTC)
+            body = delivery["payload"]
+            signature = Webhook(endpoint["secret"]).sign(delivery["event"], now, body)
+            headers = {
+                "content-type": "application/json",
+                "user-agent": "posttrain-webhooks",
+                "webhook-id": delivery["event"],
+                "webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": signature,
+            }
+            resp = await self.client.post(endpoint["url"], content=body, headers=headers)
+            status_code = resp.status_code
+            if not 200 <= status_code < 300:
+                error = f"the endpoint answered {status_code}"
+        except AddressRefused as exc:
+            error = str(exc)
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
+        attempt = int(delivery.get("attempts") or 0) + 1
+        age = datetime.datetime.now().timestamp() - float(delivery.get("first_at") or 0)
+        wait = backoff(attempt, self.s.webhook_retry_seconds)
+        retry_in = wait if age + wait <= self.s.webhook_max_age_seconds else None
+        outcome = await asyncio.to_thread(
+            self.store.record, delivery, status_code=status_code, error=error, retry_in=retry_in
+        )
+        if outcome != "delivered":
+            log.info("webhook %s to %s: %s (%s)", delivery["id"], endpoint["url"], outcome, error)
+
+
+async def deliver_forever(deliverer: Deliverer, poll: float) -> None:
+    while True:
+        try:
+            tried = await deliverer.once()
+        except redis.RedisError as exc:
+            log.warning("webhook delivery pass skipped: %s", exc)
+            tried = 0
+        if not tried:
+            await asyncio.sleep(poll)
