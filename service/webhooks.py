@@ -141,5 +141,8 @@ async def deliver_forever(deliverer: Deliverer, poll: float) -> None:
         except redis.RedisError as exc:
             log.warning("webhook delivery pass skipped: %s", exc)
             tried = 0
+        except Exception:  # a bug must not end delivery for the process's lifetime
+            log.exception("webhook delivery pass failed")
+            tried = 0
         if not tried:
             await asyncio.sleep(poll)
