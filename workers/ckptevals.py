@@ -99,9 +99,12 @@ def create_checkpoint_run(
     spec_eval: dict[str, Any],
     ckpt: dict[str, Any],
     enqueue_run: Callable[[str], None],
+    *,
+    queue: str = "",
 ) -> str | None:
     """Create and queue the eval run of checkpoint ``ckpt`` (its record's metadata), once;
-    the run id (the first one's when it exists), or None when the eval is gone."""
+    the run id (the first one's when it exists), or None when the eval is gone. ``queue``:
+    where ``enqueue_run`` sends it (the reaper sends it there again)."""
     eval_id, step = spec_eval["eval_id"], int(ckpt["step"])
     field = f"{step}:{eval_id}"
     key = k_bindings(jobs, job_id)
@@ -130,9 +133,11 @@ def create_checkpoint_run(
         return None
     ds = {**spec_eval["data_source"], "model": ckpt["id"]}
     try:
-        tenant = jobs.get(job_id).get("tenant") or ev["tenant"]
+        job = jobs.get(job_id)
     except JobNotFound:
         return None
+    tenant = job.get("tenant") or ev["tenant"]
+    limit = job.get("eval_runs_limit")  # the tenant's grading slots, written by the API
     runs.create(
         run_id=run_id,
         eval_id=eval_id,
@@ -150,6 +155,8 @@ def create_checkpoint_run(
             "final": "true" if ckpt.get("final") else "false",
         },
         tenant=tenant,
+        queue=queue,
+        limit=int(limit) if limit else None,
     )
     enqueue_run(run_id)
     jobs.add_event(

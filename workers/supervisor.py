@@ -298,6 +298,7 @@ class Supervisor:
             job_id,
             spec.eval.model_dump(mode="json"),
             enqueue_run=functools.partial(_enqueue_eval_run, queue=queue),
+            queue=queue,
         )
 
     def _run_trainer(self, job_id: str, spec: JobSpec, attempt: int, server) -> str:
