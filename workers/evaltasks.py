@@ -55,7 +55,7 @@ from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import parse_grader
 from trainers.contract.graders.templates import GraderError, render, resolve_path
 from workers.celery_app import app, enqueue_eval_run
-from workers.ckptevals import report_to_job
+from workers.ckptevals import release_checkpoint, report_to_job
 from workers.evalruns import (
     FINISHED,
     NO_ERROR,
@@ -218,6 +218,8 @@ def grade_run(
         outcome = _grade_rows(run, runs, files, settings, claim.attempt, sampler, stop_after)
     if outcome == "stopped":
         runs.expire_lease(run_id)
+    elif outcome == "canceled":
+        _report(run_id, runs, settings)  # its checkpoint may be pruned now
     elif outcome in ("completed", "failed"):
         _end(run, runs, settings, outcome, enqueue, runs.get(run_id).get("error") or None)
     return outcome
@@ -378,9 +380,11 @@ class _Lease(threading.Thread):
 
 
 def _report(run_id: str, runs: EvalRunStore, settings: WorkerSettings) -> None:
-    """A run of a job's checkpoint: its result onto the job (``workers.ckptevals``)."""
+    """A run of a job's checkpoint: its result onto the job, and the checkpoint it kept
+    from pruning released (``workers.ckptevals``)."""
     jobs = JobStore(runs.r, settings.key_prefix)
     report_to_job(run_id, runs, jobs, EvalStore(runs.r, settings.key_prefix))
+    release_checkpoint(run_id, runs, jobs, Path(settings.data_dir))
 
 
 def _rows(run: dict[str, Any], files: FileStore) -> list[dict[str, Any]]:
@@ -404,9 +408,9 @@ def _check_model(header: dict[str, Any], metadata: dict[str, str]) -> None:
             raise RunFailed(
                 "model_not_found",
                 f"the checkpoint {header.get('name')} (step {metadata.get('step')} of job "
-                f"{metadata['fine_tuning_job_id']}) was deleted before its eval run sampled it: "
-                "keep_checkpoints pruned it, or the job was deleted; a job that keeps every "
-                "checkpoint (keep_checkpoints: 0) has each one evaluated",
+                f"{metadata['fine_tuning_job_id']}) was deleted before its eval run sampled it "
+                "(its job or model was deleted; keep_checkpoints does not prune a checkpoint "
+                "whose eval run is queued or in progress)",
             )
         raise RunFailed(
             "model_not_found", f"the model '{header.get('name')}' is gone (it was deleted)"

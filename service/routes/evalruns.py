@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -62,6 +63,7 @@ from service.settings import ApiSettings
 from trainers.contract.graders.spec import needs_model, parse_grader
 from trainers.contract.graders.templates import TemplateError, parse_template
 from workers.celery_app import enqueue_eval_run
+from workers.ckptevals import prune_job_checkpoints
 from workers.evalruns import (
     MAX_ITEMS,
     NO_ERROR,
@@ -424,6 +426,7 @@ def _cancel(
             data={"progress": rec["progress"], "total": rec["total"]},
         )
         _wake(run, runs, request, settings)
+        _release_checkpoint(run, request, settings)
     try:
         return run_object(runs.get(run["id"]), request)
     except EvalRunNotFound:
@@ -435,6 +438,14 @@ def _wake(run: dict, runs: EvalRunStore, request: Request, settings: ApiSettings
     celery = request.app.state.celery
     slots = settings.eval_runs_per_tenant if run["limit"] is None else run["limit"]
     wake_waiting(runs, run, slots, settings, lambda r, q: enqueue_eval_run(celery, r, q))
+
+
+def _release_checkpoint(run: dict, request: Request, settings: ApiSettings) -> None:
+    """A job's checkpoint run that will not sample it any more: the checkpoint it kept
+    from ``keep_checkpoints`` is pruned now (``workers.ckptevals``)."""
+    job_id = run["metadata"].get("fine_tuning_job_id")
+    if job_id:
+        prune_job_checkpoints(job_id, request.app.state.jobs, Path(settings.data_dir))
 
 
 @router.post("/{run_id}/cancel", response_model=EvalRunObject)
@@ -461,6 +472,7 @@ def delete(run: OwnedRun, runs: RunsDep, request: Request, settings: SettingsDep
         raise not_found("eval run", run["id"], "run_id") from None
     if run["status"] in ("queued", "in_progress"):
         _wake(run, runs, request, settings)
+        _release_checkpoint(run, request, settings)
     return EvalRunDeleted(deleted=True, run_id=run["id"])
 
 
