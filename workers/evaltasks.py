@@ -234,7 +234,8 @@ def _grade_rows(run, runs, files, settings, attempt, sampler, stop_after) -> str
             _check_model(spec["model"], run["metadata"])
     except RunFailed as exc:
         error = {"code": exc.code, "message": exc.message}
-        runs.transition(run_id, "failed", ("in_progress",), error=error)
+        if runs.transition(run_id, "failed", ("in_progress",), error=error) is None:
+            return "canceled"  # canceled or deleted meanwhile
         return "failed"
     graders = [_grader(c) for c in spec["criteria"]]
     done, new = runs.stored(run_id), 0
