@@ -251,5 +251,6 @@ def test_killed_worker_resumes_an_eval_run_grading_each_row_once(rstack):
     assert resumed["data"]["stored"] == len(before) and resumed["data"]["attempt"] == 2
     assert resumed["data"]["worker"].startswith("e2e-eval-replacement@")
     (started,) = [e for e in said if e["type"] == "started"]
-    assert started["data"]["worker"].startswith("e2e@")
+    (requeued,) = [e for e in said if e["type"] == "requeued"]
+    assert requeued["data"] == {"worker": started["data"]["worker"], "stored": len(before)}
     assert kinds[0] == "completed" and said[0]["data"]["regraded"] == 0
