@@ -5,12 +5,14 @@ process from two sources:
 
 * ``POSTTRAIN_API_KEYS_FILE``: a JSON or TOML file of named tenants, each with
   the sha256 hex digests of its keys (never the keys themselves), an optional
-  quota of concurrent jobs, an optional list of the worker queues its jobs may
-  use and an optional ``admin`` flag::
+  quota of concurrent jobs, an optional limit on its eval runs graded at once (else
+  ``POSTTRAIN_EVAL_RUNS_PER_TENANT``), an optional list of the worker queues its jobs
+  may use and an optional ``admin`` flag::
 
       [tenants.team-a]
       keys = ["<sha256 hex of the key>"]
       max_active_jobs = 2
+      max_concurrent_eval_runs = 4
       queues = ["posttrain.gpu"]
 
       [tenants.ops]
@@ -54,6 +56,11 @@ class Tenant:
     admin: bool = False
     max_active_jobs: int | None = None
     queues: frozenset[str] | None = None  # None: every queue the server offers
+    max_concurrent_eval_runs: int | None = None  # None: the server's setting; 0: no limit
+
+    def eval_run_slots(self, default: int) -> int:
+        """How many of the tenant's eval runs may be graded at once (0 = no limit)."""
+        return default if self.max_concurrent_eval_runs is None else self.max_concurrent_eval_runs
 
     def may_use(self, queue: str) -> bool:
         return self.admin or self.queues is None or queue in self.queues
@@ -75,6 +82,9 @@ class _TenantEntry(BaseModel):
     keys: list[str] = Field(min_length=1, description="sha256 hex digests of the keys.")
     admin: bool = False
     max_active_jobs: int | None = Field(None, ge=1)
+    max_concurrent_eval_runs: int | None = Field(
+        None, ge=0, description="Eval runs graded at once (0 = no limit); unset = the setting."
+    )
     queues: list[str] | None = Field(
         None, min_length=1, description="Worker queues the tenant's jobs may use; unset = all."
     )
@@ -140,7 +150,13 @@ class KeyRing:
         if keys_file is not None:
             for name, entry in read_key_file(Path(keys_file)).tenants.items():
                 queues = None if entry.queues is None else frozenset(entry.queues)
-                tenant = Tenant(name, entry.admin, entry.max_active_jobs, queues)
+                tenant = Tenant(
+                    name,
+                    entry.admin,
+                    entry.max_active_jobs,
+                    queues,
+                    max_concurrent_eval_runs=entry.max_concurrent_eval_runs,
+                )
                 for digest in entry.keys:
                     add(digest, tenant, str(keys_file))
         return cls(ring)

@@ -132,6 +132,10 @@ def _keys_add(args: argparse.Namespace) -> int:
     if not TENANT_NAME.match(args.name):
         print(f"posttrain keys add: '{args.name}' is not a valid tenant name", file=sys.stderr)
         return 2
+    if (args.max_concurrent_eval_runs or 0) < 0:
+        print("posttrain keys add: --max-concurrent-eval-runs is 0 (no limit) or more",
+              file=sys.stderr)  # fmt: skip
+        return 2
     for queue in _queues(args.queues or ""):
         try:
             check_queue_name(queue)
@@ -153,6 +157,8 @@ def _keys_add(args: argparse.Namespace) -> int:
             entry["admin"] = True
         if args.max_active_jobs:
             entry["max_active_jobs"] = args.max_active_jobs
+        if args.max_concurrent_eval_runs is not None:
+            entry["max_concurrent_eval_runs"] = args.max_concurrent_eval_runs
         if args.queues:
             entry["queues"] = _queues(args.queues)
         tmp = path.with_name(f".{path.stem}.tmp.json")
@@ -167,6 +173,8 @@ def _keys_add(args: argparse.Namespace) -> int:
             lines.append("admin = true")
         if args.max_active_jobs:
             lines.append(f"max_active_jobs = {args.max_active_jobs}")
+        if args.max_concurrent_eval_runs is not None:
+            lines.append(f"max_concurrent_eval_runs = {args.max_concurrent_eval_runs}")
         if args.queues:
             lines.append(f"queues = {json.dumps(_queues(args.queues))}")
         print("add to the TOML key file (POSTTRAIN_API_KEYS_FILE):", file=sys.stderr)
@@ -220,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--file", help="add the key's hash to this JSON key file")
     add.add_argument("--admin", action="store_true", help="the tenant sees every tenant's data")
     add.add_argument("--max-active-jobs", type=int, help="quota of non-terminal jobs")
+    add.add_argument(
+        "--max-concurrent-eval-runs",
+        type=int,
+        help="eval runs graded at once (0 = no limit; default POSTTRAIN_EVAL_RUNS_PER_TENANT)",
+    )
     add.add_argument("--queues", help="comma-separated worker queues the tenant may use")
     add.set_defaults(func=_keys_add)
     hsh = keys.add_parser("hash", help="print the sha256 of each key read from stdin")

@@ -95,6 +95,8 @@ def create_job(
     record = {"tenant": tenant.name, "queue": queue, **(models.record_fields() if models else {})}
     if idempotency_key:  # DELETE of the job releases the key (JobStore.delete_job)
         record["idempotency_key"] = idempotency_key
+    if spec.eval is not None:  # its checkpoint runs get the tenant's grading slots
+        record["eval_runs_limit"] = tenant.eval_run_slots(settings.eval_runs_per_tenant)
     with _quota_slot(jobs, tenant, job_id, idempotency_key, live):
         jobs.create(job_id, spec.model_dump_json(), JobStatus.queued, **record)
     jobs.add_event(job_id, f"Created fine-tuning job: {job_id}")

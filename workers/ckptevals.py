@@ -20,9 +20,12 @@ moments here:
   twice (at most once: a crash between the two loses the event, never the metric).
 
 The run samples the checkpoint's directory through an inference worker while the job
-trains. A checkpoint pruned by ``keep_checkpoints`` before its run starts fails the run
-with ``model_not_found`` naming the checkpoint (``workers.evaltasks``); a job that wants
-every checkpoint evaluated keeps them all (``keep_checkpoints: 0``).
+trains, or later (it waits for a worker, or for one of its tenant's grading slots).
+``keep_checkpoints`` does not prune a checkpoint whose run is still queued or in
+progress (``JobStore.add_checkpoint`` reads the runs bound here); the job's ``keep`` is
+written here too, and ``release_checkpoint`` prunes once the run has ended. A
+checkpoint deleted anyway (its job or model deleted) fails its run with
+``model_not_found`` naming the checkpoint (``workers.evaltasks``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainers.contract.checkpoints import remove_checkpoints
 from workers.evalruns import EvalRunNotFound, EvalRunStore, RowError, new_run_id, read_rows
 from workers.evalstore import EvalNotFound, EvalStore
 from workers.filestore import FileStore
@@ -99,12 +103,18 @@ def create_checkpoint_run(
     spec_eval: dict[str, Any],
     ckpt: dict[str, Any],
     enqueue_run: Callable[[str], None],
+    *,
+    queue: str = "",
+    keep: int = 0,
 ) -> str | None:
     """Create and queue the eval run of checkpoint ``ckpt`` (its record's metadata), once;
-    the run id (the first one's when it exists), or None when the eval is gone."""
+    the run id (the first one's when it exists), or None when the eval is gone. ``queue``:
+    where ``enqueue_run`` sends it (the reaper sends it there again); ``keep``: the job's
+    ``keep_checkpoints``, for the pruning its end makes (``release_checkpoint``)."""
     eval_id, step = spec_eval["eval_id"], int(ckpt["step"])
     field = f"{step}:{eval_id}"
     key = k_bindings(jobs, job_id)
+    runs.r.hset(key, "keep", int(keep))
     candidate = new_run_id()
     if runs.r.hsetnx(key, field, candidate):
         run_id = candidate
@@ -130,9 +140,11 @@ def create_checkpoint_run(
         return None
     ds = {**spec_eval["data_source"], "model": ckpt["id"]}
     try:
-        tenant = jobs.get(job_id).get("tenant") or ev["tenant"]
+        job = jobs.get(job_id)
     except JobNotFound:
         return None
+    tenant = job.get("tenant") or ev["tenant"]
+    limit = job.get("eval_runs_limit")  # the tenant's grading slots, written by the API
     runs.create(
         run_id=run_id,
         eval_id=eval_id,
@@ -150,6 +162,8 @@ def create_checkpoint_run(
             "final": "true" if ckpt.get("final") else "false",
         },
         tenant=tenant,
+        queue=queue,
+        limit=int(limit) if limit else None,
     )
     enqueue_run(run_id)
     jobs.add_event(
@@ -210,3 +224,35 @@ def report_to_job(run_id: str, runs: EvalRunStore, jobs: JobStore, evals: EvalSt
         return False
     jobs.add_event(job_id, message, level=level, data=json.loads(json.dumps(data)))
     return True
+
+
+def release_checkpoint(
+    run_id: str, runs: EvalRunStore, jobs: JobStore, data_dir: Path
+) -> list[int]:
+    """A checkpoint run that ended no longer keeps its checkpoint from pruning: prune its
+    job's checkpoints (``prune_job_checkpoints``); the steps whose directories went."""
+    try:
+        rec = runs.get(run_id)
+    except EvalRunNotFound:
+        return []
+    job_id = rec["metadata"].get("fine_tuning_job_id")
+    if not job_id or rec["status"] not in ("completed", "failed", "canceled"):
+        return []
+    return prune_job_checkpoints(job_id, jobs, data_dir)
+
+
+def prune_job_checkpoints(job_id: str, jobs: JobStore, data_dir: Path) -> list[int]:
+    """Prune the job's checkpoints to its ``keep`` again, skipping those whose eval run is
+    still pending (the record first, then the directories, as ``workers.ingest`` does);
+    the steps whose directories went."""
+    keep = int(jobs.r.hget(k_bindings(jobs, job_id), "keep") or 0)
+    if keep <= 0:
+        return []
+    pruned = jobs.prune_checkpoints(job_id, keep)
+    if not pruned:
+        return []
+    output_dir = (Path(data_dir) / str(pruned[0]["path"])).parent
+    kept = {int(c["step"]) for c in jobs.checkpoints(job_id)}
+    removed = remove_checkpoints(output_dir, kept)
+    log.info("job %s: pruned checkpoints at steps %s once their eval runs ended", job_id, removed)
+    return removed

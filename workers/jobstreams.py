@@ -54,24 +54,40 @@ return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[1] .. '-1',
                   'step', ARGV[1], 'values', ARGV[2])
 """
 
-# KEYS: job hash, checkpoint list. ARGV: new checkpoint's metadata JSON, keep (0 = all).
-# Adds the checkpoint (replacing an entry of the same step: a report applied twice), then
-# removes the non-final entries beyond the ``keep`` newest and returns them, for the caller
-# to delete their files. Final checkpoints are never pruned.
+# KEYS: job hash, checkpoint list, the job's eval-run bindings (``job:{id}:evalruns``).
+# ARGV: new checkpoint's metadata JSON ('' = none: a pruning pass only), keep (0 = all),
+# the key prefix of eval runs (``{prefix}evalrun:``). Adds the checkpoint (replacing an
+# entry of the same step: a report applied twice), then removes the non-final entries
+# beyond the ``keep`` newest and returns them, for the caller to delete their files.
+# Final checkpoints are never pruned, nor is one whose eval run (bound to its step,
+# ``workers.ckptevals``) is still queued or in progress: that one is pruned by a later
+# pass, which the run's end makes.
 _ADD_CHECKPOINT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local new = cjson.decode(ARGV[1])
-for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  if cjson.decode(raw).step == new.step then redis.call('LREM', KEYS[2], 0, raw) end
+if ARGV[1] ~= '' then
+  local new = cjson.decode(ARGV[1])
+  for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    if cjson.decode(raw).step == new.step then redis.call('LREM', KEYS[2], 0, raw) end
+  end
+  redis.call('RPUSH', KEYS[2], ARGV[1])
 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
 local keep, seen, pruned = tonumber(ARGV[2]), 0, {}
 if keep <= 0 then return pruned end
+local pinned = {}
+local bindings = redis.call('HGETALL', KEYS[3])
+for i = 1, #bindings, 2 do
+  local step = string.match(bindings[i], '^(%d+):')
+  if step then
+    local status = redis.call('HGET', ARGV[3] .. bindings[i + 1], 'status')
+    if status == 'queued' or status == 'in_progress' then pinned[tonumber(step)] = true end
+  end
+end
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
 for i = #items, 1, -1 do
-  if not cjson.decode(items[i]).final then
+  local meta = cjson.decode(items[i])
+  if not meta.final then
     seen = seen + 1
-    if seen > keep then
+    if seen > keep and not pinned[meta.step] then
       redis.call('LREM', KEYS[2], 1, items[i])
       table.insert(pruned, items[i])
     end
@@ -195,11 +211,21 @@ class JobStreams(JobKeys):
     # ---- checkpoints
     def add_checkpoint(self, job_id: str, meta: dict, keep: int = 0) -> list[dict]:
         """Record a complete checkpoint; with ``keep`` > 0, drop every non-final entry
-        beyond the ``keep`` newest from the list and return the dropped entries (whose files
-        the caller deletes). Nothing is written when the job's record is gone."""
+        beyond the ``keep`` newest from the list, except those whose eval run is queued or
+        in progress, and return the dropped entries (whose files the caller deletes).
+        Nothing is written when the job's record is gone."""
+        return self._checkpoints_pass(job_id, json.dumps(meta), keep)
+
+    def prune_checkpoints(self, job_id: str, keep: int) -> list[dict]:
+        """The pruning of ``add_checkpoint`` alone (an eval run that kept a checkpoint
+        ended); the dropped entries."""
+        return self._checkpoints_pass(job_id, "", keep)
+
+    def _checkpoints_pass(self, job_id: str, meta_json: str, keep: int) -> list[dict]:
+        job = self.k_job(job_id)
         pruned = self._add_checkpoint(
-            keys=[self.k_job(job_id), f"{self.k_job(job_id)}:checkpoints"],
-            args=[json.dumps(meta), int(keep)],
+            keys=[job, f"{job}:checkpoints", f"{job}:evalruns"],
+            args=[meta_json, int(keep), f"{self.p}evalrun:"],
         )
         return [json.loads(x) for x in pruned or []]
 

@@ -13,6 +13,13 @@ Every worker runs ``Reaper`` in a daemon thread of its main process. Each pass:
   failed on resume or requeue) is enqueued again. Re-enqueueing is safe because
   the claim is idempotent: a duplicate delivery exits at once.
 
+The same pass recovers eval runs (``recover_eval_runs``): a run whose grading lease ran
+out goes back to ``queued`` and is sent again (the next claim resumes after its stored
+rows); a run waiting for one of its tenant's grading slots is sent again once one is
+free and no message for it is on its way; a queued run with no broker message past the
+grace period is sent again. A duplicate message is harmless: the claim lets one worker
+grade a run at a time.
+
 The API runs a third sweep, ``fail_unserved``: a job queued on a queue that no live
 worker has served for ``POSTTRAIN_UNSERVED_QUEUE_SECONDS`` fails with ``no_worker``
 instead of waiting forever.
@@ -33,8 +40,9 @@ from collections.abc import Callable, Collection
 
 import redis
 
+from workers.evalruns import EvalRunStore
 from workers.fleet import job_queue
-from workers.store import InvalidTransition, JobNotFound, JobStatus, JobStore
+from workers.store import DEFAULT_TENANT, InvalidTransition, JobNotFound, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,60 @@ def requeue_stranded(
             done.append(job_id)
         store.mark_enqueued(job_id)
     return done
+
+
+def recover_eval_runs(
+    runs: EvalRunStore,
+    enqueue: Callable[[str], None],
+    has_message: Callable[[str], bool],
+    grace: float,
+    slots: int,
+) -> list[str]:
+    """Send again the eval runs that would otherwise wait forever (module docstring);
+    their ids. ``slots``: a tenant's grading slots where a run recorded none."""
+    sent: list[str] = []
+    for run_id in runs.expired_leases():
+        worker = runs.requeue_if_expired(run_id)
+        if worker is None:
+            continue
+        stored = runs.r.hget(runs.k_run(run_id), "progress") or "0"
+        runs.add_event(
+            run_id,
+            f"Worker {worker or '?'} was lost (its lease ran out); the run is queued again "
+            f"and resumes after its {stored} graded rows",
+            type="requeued",
+            level="warn",
+            data={"worker": worker, "stored": int(stored)},
+        )
+        enqueue(run_id)
+        runs.mark_enqueued(run_id)
+        sent.append(run_id)
+    queued = runs.queued_runs()
+    if not queued:
+        return sent
+    pipe = runs.r.pipeline(transaction=False)
+    for run_id, _ in queued:
+        pipe.hmget(runs.k_run(run_id), "status", "tenant", "waiting", "limit")
+    now = runs.server_time()
+    waiting: dict[str, int] = {}
+    for (run_id, since), (status, tenant, wait, limit) in zip(queued, pipe.execute(), strict=True):
+        if status != "queued":
+            runs.r.zrem(runs.k_queued(), run_id)  # stale (finished, claimed or deleted)
+        elif wait:
+            waiting.setdefault(tenant or DEFAULT_TENANT, int(limit) if limit else slots)
+        elif since < now - grace and run_id not in sent:
+            if not has_message(run_id):
+                enqueue(run_id)
+                sent.append(run_id)
+                log.warning("re-enqueued eval run %s: it was queued with no message", run_id)
+            runs.mark_enqueued(run_id)
+    for tenant, limit in waiting.items():
+        for run_id, woken_before in runs.wake(tenant, limit, grace):
+            if woken_before and has_message(run_id):
+                continue  # its message waits behind other tasks
+            enqueue(run_id)
+            sent.append(run_id)
+    return sent
 
 
 def fail_unserved(
@@ -173,11 +235,13 @@ class Reaper(threading.Thread):
         lease_seconds: float = 0.0,
         stranded_grace: float | None = None,
         has_message: Callable[[str], bool] | None = None,
+        eval_runs: Callable[[], list[str]] | None = None,
     ):
         super().__init__(name="posttrain-reaper", daemon=True)
         self.store, self.enqueue, self.interval = store, enqueue, interval
         self.lease_seconds = lease_seconds
         self.stranded_grace, self.has_message = stranded_grace, has_message
+        self.eval_runs = eval_runs  # the eval-run pass (recover_eval_runs, bound)
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -205,3 +269,6 @@ class Reaper(threading.Thread):
                 self.store, self.enqueue, self.has_message, self.stranded_grace
             ):
                 log.warning("re-enqueued job %s: it was queued with no broker message", job_id)
+        if self.eval_runs is not None:
+            for run_id in self.eval_runs():
+                log.info("sent eval run %s to the workers again", run_id)

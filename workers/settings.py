@@ -36,6 +36,12 @@ class WorkerSettings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=1, description="A job's lease lasts this long unrenewed.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the supervisor renews.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed for good.")
+    eval_runs_per_tenant: int = Field(
+        2,
+        ge=0,
+        description="Eval runs of one tenant graded at once (0 = no limit); the others wait "
+        "queued for a slot. A tenant's max_concurrent_eval_runs (key file) overrides it.",
+    )
     cancel_grace_seconds: float = Field(5.0, ge=0, description="SIGTERM to SIGKILL delay.")
     train_threads: int | None = Field(
         None, ge=1, description="torch threads per job, shared by its training processes."

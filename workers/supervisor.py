@@ -298,7 +298,12 @@ class Supervisor:
             job_id,
             spec.eval.model_dump(mode="json"),
             enqueue_run=functools.partial(_enqueue_eval_run, queue=queue),
+            queue=queue,
+            keep=self._keep_checkpoints(spec),
         )
+
+    def _keep_checkpoints(self, spec: JobSpec) -> int:
+        return self.s.keep_checkpoints if spec.keep_checkpoints is None else spec.keep_checkpoints
 
     def _run_trainer(self, job_id: str, spec: JobSpec, attempt: int, server) -> str:
         plan = self.write_plan(job_id, spec, attempt, server.url if server else None)
@@ -315,9 +320,7 @@ class Supervisor:
             job_id,
             spec.model,
             data_dir=Path(self.s.data_dir),
-            keep_checkpoints=(
-                self.s.keep_checkpoints if spec.keep_checkpoints is None else spec.keep_checkpoints
-            ),
+            keep_checkpoints=self._keep_checkpoints(spec),
             on_checkpoint=self._checkpoint_eval(job_id, spec),
         )
         run = self.spawn(job_id, plan)

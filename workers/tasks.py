@@ -7,6 +7,7 @@ training runs in a child process started by ``workers.supervisor``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -15,10 +16,11 @@ from functools import lru_cache
 from celery.signals import worker_ready, worker_shutdown
 
 from workers import placement
-from workers.celery_app import app, enqueue
+from workers.celery_app import app, enqueue, enqueue_eval_run
+from workers.evalruns import EvalRunStore
 from workers.filestore import FileStore
 from workers.fleet import Advertiser, job_queue
-from workers.recovery import Reaper, broker_has_message
+from workers.recovery import Reaper, broker_has_message, recover_eval_runs
 from workers.redis_client import make_redis
 from workers.settings import WorkerSettings
 from workers.store import JobNotFound, JobStatus, JobStore
@@ -92,6 +94,22 @@ def _start_reaper(**_: object) -> None:
     def has_message(job_id: str) -> bool:
         return broker_has_message(broker, queue_of(job_id), settings.broker_key_prefix)(job_id)
 
+    runs = EvalRunStore(store.r, settings.key_prefix)
+
+    def run_queue(run_id: str) -> str:  # the queue its task was sent to
+        return store.r.hget(runs.k_run(run_id), "queue") or settings.queue
+
+    def run_has_message(run_id: str) -> bool:
+        return broker_has_message(broker, run_queue(run_id), settings.broker_key_prefix)(run_id)
+
+    eval_runs = functools.partial(
+        recover_eval_runs,
+        runs,
+        lambda run_id: enqueue_eval_run(app, run_id, run_queue(run_id)),
+        run_has_message,
+        settings.requeue_grace_seconds,
+        settings.eval_runs_per_tenant,
+    )
     Reaper(
         store,
         lambda job_id: enqueue(app, job_id, queue_of(job_id)),
@@ -99,6 +117,7 @@ def _start_reaper(**_: object) -> None:
         lease_seconds=settings.lease_seconds,
         stranded_grace=settings.requeue_grace_seconds,
         has_message=has_message,
+        eval_runs=eval_runs,
     ).start()
 
 

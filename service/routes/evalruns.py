@@ -7,7 +7,13 @@ posttrain's inference samples each row). The rows are inline (``file_content``) 
 uploaded file of the caller's with purpose ``evals`` (``file_id``; one
 ``{"item": ..., "sample": ...}`` per line). The run is checked here and queued to the
 workers as ``posttrain.run_eval`` (``workers.evaltasks``, which states the pass rule);
-cancel stops it between rows, delete removes it and its output items.
+cancel stops it between rows, delete removes it, its output items and its events. At
+most ``POSTTRAIN_EVAL_RUNS_PER_TENANT`` runs of a tenant (its key-file entry's
+``max_concurrent_eval_runs`` where it has one) are graded at once; the limit is recorded
+on the run when it is created, and the others wait ``queued``. A run's events
+(``GET .../runs/{run_id}/events``, an extension in the shape of fine-tuning job events,
+newest first) say what became of it: created, waiting for a slot, started or resumed
+and on which worker, progress, requeued, canceled, completed or failed and why.
 
 Checks, each a 400 naming the field (a model the caller cannot use: 404
 ``model_not_found``, as chat completions answer):
@@ -32,12 +38,16 @@ API's URL of the run.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import inference
+from service.auth import Tenant
 from service.deps import Auth, FilesDep, SettingsDep, TenantDep, owned_file
 from service.errors import APIError, error_responses, not_found
 from service.jobrequest import check_numbers
@@ -49,9 +59,11 @@ from service.routes.evals import (
     owned_eval,
 )
 from service.schemas import Page, page
+from service.settings import ApiSettings
 from trainers.contract.graders.spec import needs_model, parse_grader
 from trainers.contract.graders.templates import TemplateError, parse_template
 from workers.celery_app import enqueue_eval_run
+from workers.ckptevals import prune_job_checkpoints
 from workers.evalruns import (
     MAX_ITEMS,
     NO_ERROR,
@@ -62,6 +74,7 @@ from workers.evalruns import (
     check_row,
     output_item_id,
     read_rows,
+    wake_waiting,
 )
 
 router = APIRouter(
@@ -75,6 +88,7 @@ DS = "data_source"
 ROLES = ("system", "developer", "user", "assistant")
 SAMPLING = ("temperature", "top_p", "seed", "max_completion_tokens")
 _TEXT_PARTS = ("input_text", "output_text")
+_STREAM_ID = re.compile(r"^\d+-\d+$")
 
 
 # ---- objects
@@ -120,6 +134,37 @@ class OutputItemObject(BaseModel):
 
 class OutputItemPage(Page):
     data: list[OutputItemObject]
+
+
+class EvalRunEvent(BaseModel):
+    object: Literal["eval.run.event"] = "eval.run.event"
+    id: str
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: str = Field(
+        description="created, waiting, started, resumed, progress, requeued, canceled, "
+        "completed or failed."
+    )
+    data: dict[str, Any] | None = None
+
+
+class EvalRunEventPage(Page):
+    data: list[EvalRunEvent]
+
+
+EVENT_PREFIX = "evalrunevent-"
+
+
+def event_object(stream_id: str, fields: dict[str, str]) -> EvalRunEvent:
+    return EvalRunEvent(
+        id=f"{EVENT_PREFIX}{stream_id}",
+        created_at=int(fields["created_at"]),
+        level=fields.get("level", "info"),
+        message=fields["message"],
+        type=fields.get("type", "message"),
+        data=json.loads(fields["data"]) if fields.get("data") else None,
+    )
 
 
 class RunCreateRequest(BaseModel):
@@ -217,6 +262,7 @@ def create(
     _check_metadata(body.metadata)
     ds = body.data_source
     spec, total, model = check_data_source(ds, ev, request, tenant, files, settings)
+    owner = tenant if tenant.name == ev["tenant"] else _tenant_named(request, ev["tenant"])
     rec = runs.create(
         eval_id=ev["id"],
         name=body.name or model or ds["type"],
@@ -226,9 +272,16 @@ def create(
         total=total,
         metadata=body.metadata,
         tenant=ev["tenant"],
+        queue=settings.queue,
+        limit=owner.eval_run_slots(settings.eval_runs_per_tenant),
     )
     enqueue_eval_run(request.app.state.celery, rec["id"], settings.queue)
     return run_object(rec, request)
+
+
+def _tenant_named(request: Request, name: str) -> Tenant:
+    """A tenant's entry by name (an admin acting on another tenant's eval)."""
+    return request.app.state.keyring.tenants().get(name) or Tenant(name)
 
 
 def check_data_source(
@@ -355,40 +408,88 @@ def retrieve(run: OwnedRun, request: Request) -> EvalRunObject:
     return run_object(run, request)
 
 
-def _cancel(run: dict, runs: EvalRunStore, request: Request) -> EvalRunObject:
+def _cancel(
+    run: dict, runs: EvalRunStore, request: Request, settings: ApiSettings
+) -> EvalRunObject:
     if run["status"] in ("completed", "failed"):
         raise _bad(
             f"the run is {run['status']}; only a queued or in_progress run can be canceled",
             "run_id",
             "invalid_state",
         )
-    runs.transition(run["id"], "canceled", ("queued", "in_progress"))
+    if runs.transition(run["id"], "canceled", ("queued", "in_progress")) is not None:
+        rec = runs.get(run["id"])
+        runs.add_event(
+            run["id"],
+            f"Run canceled after {rec['progress']} of {rec['total']} rows were graded; they stay",
+            type="canceled",
+            data={"progress": rec["progress"], "total": rec["total"]},
+        )
+        _wake(run, runs, request, settings)
+        _release_checkpoint(run, request, settings)
     try:
         return run_object(runs.get(run["id"]), request)
     except EvalRunNotFound:
         raise not_found("eval run", run["id"], "run_id") from None
 
 
+def _wake(run: dict, runs: EvalRunStore, request: Request, settings: ApiSettings) -> None:
+    """A run that held or could take a grading slot ended: send the waiting ones."""
+    celery = request.app.state.celery
+    slots = settings.eval_runs_per_tenant if run["limit"] is None else run["limit"]
+    wake_waiting(runs, run, slots, settings, lambda r, q: enqueue_eval_run(celery, r, q))
+
+
+def _release_checkpoint(run: dict, request: Request, settings: ApiSettings) -> None:
+    """A job's checkpoint run that will not sample it any more: the checkpoint it kept
+    from ``keep_checkpoints`` is pruned now (``workers.ckptevals``)."""
+    job_id = run["metadata"].get("fine_tuning_job_id")
+    if job_id:
+        prune_job_checkpoints(job_id, request.app.state.jobs, Path(settings.data_dir))
+
+
 @router.post("/{run_id}/cancel", response_model=EvalRunObject)
-def cancel(run: OwnedRun, runs: RunsDep, request: Request) -> EvalRunObject:
+def cancel(run: OwnedRun, runs: RunsDep, request: Request, settings: SettingsDep) -> EvalRunObject:
     """Stop the run between rows (the SDK's ``runs.cancel``); the rows graded stay."""
-    return _cancel(run, runs, request)
+    return _cancel(run, runs, request, settings)
 
 
 @router.post("/{run_id}", response_model=EvalRunObject)
-def cancel_by_id(run: OwnedRun, runs: RunsDep, request: Request) -> EvalRunObject:
+def cancel_by_id(
+    run: OwnedRun, runs: RunsDep, request: Request, settings: SettingsDep
+) -> EvalRunObject:
     """The same cancel at the path OpenAI's API reference gives it."""
-    return _cancel(run, runs, request)
+    return _cancel(run, runs, request, settings)
 
 
 @router.delete("/{run_id}", response_model=EvalRunDeleted)
-def delete(run: OwnedRun, runs: RunsDep) -> EvalRunDeleted:
-    """Remove the run and its output items (a worker grading it stops at its next row)."""
+def delete(run: OwnedRun, runs: RunsDep, request: Request, settings: SettingsDep) -> EvalRunDeleted:
+    """Remove the run, its output items and its events (a worker grading it stops at its
+    next row)."""
     try:
         runs.delete(run["id"])
     except EvalRunNotFound:
         raise not_found("eval run", run["id"], "run_id") from None
+    if run["status"] in ("queued", "in_progress"):
+        _wake(run, runs, request, settings)
+        _release_checkpoint(run, request, settings)
     return EvalRunDeleted(deleted=True, run_id=run["id"])
+
+
+@router.get("/{run_id}/events", response_model=EvalRunEventPage)
+def list_events(
+    run: OwnedRun,
+    runs: RunsDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict:
+    """The run's events, newest first (an extension, shaped as fine-tuning job events);
+    ``after`` is the last id of the previous page."""
+    cursor = after.removeprefix(EVENT_PREFIX) if after else None
+    if cursor is not None and not _STREAM_ID.match(cursor):
+        raise _bad(f"invalid event cursor '{after}'", "after")
+    rows, more = runs.events(run["id"], cursor, limit)
+    return page([event_object(sid, f) for sid, f in rows], more)
 
 
 @router.get("/{run_id}/output_items", response_model=OutputItemPage)

@@ -150,3 +150,107 @@ def test_resume_is_refused_unless_the_job_is_paused(rstack):
     assert rec["fence"] == fence and rec["attempt"] == "0"  # one claim, never re-queued
     assert c.post(f"/fine_tuning/jobs/{job_id}/resume").status_code == 200
     assert c.post(f"/fine_tuning/jobs/{job_id}/cancel").status_code == 200
+
+
+# ---- an eval run whose worker is killed mid-run
+ROWS = 120
+CRITERIA = 6  # string checks per row: each grade is its own bounded child (~10 ms)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any process (not a zombie) left in process group ``pgid``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            state, _ppid, pgrp = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
+
+
+def _all_items(c: httpx.Client, path: str) -> list[dict]:
+    items, after = [], None
+    while True:
+        params = {"limit": 100, **({"after": after} if after else {})}
+        page = c.get(f"{path}/output_items", params=params).json()
+        items += page["data"]
+        if not page["has_more"]:
+            return items
+        after = page["last_id"]
+
+
+def test_killed_worker_resumes_an_eval_run_grading_each_row_once(rstack):
+    """SIGKILL the whole worker (its grading process too) once the run's progress events
+    say a fifth of the rows are stored; a new worker resumes the run after its lease
+    runs out, and every row is graded and stored once: the rows stored before the kill
+    keep their output items, and none is graded again."""
+    c = httpx.Client(base_url=f"{rstack.base_url}/v1", timeout=30)
+    check = {"type": "string_check", "input": "{{sample.output_text}}", "operation": "eq"}
+    ev = c.post(
+        "/evals",
+        json={
+            "name": "slow enough",
+            "data_source_config": {
+                "type": "custom",
+                "item_schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+                "include_sample_schema": True,
+            },
+            "testing_criteria": [
+                {**check, "name": f"c{k}", "reference": "{{item.a}}"} for k in range(CRITERIA)
+            ],
+        },
+    ).json()["id"]
+    content = [
+        {"item": {"a": f"a{i}"}, "sample": {"output_text": "no" if i % 5 == 0 else f"a{i}"}}
+        for i in range(ROWS)
+    ]
+    source = {"type": "file_content", "content": content}
+    run_id = c.post(
+        f"/evals/{ev}/runs", json={"data_source": {"type": "jsonl", "source": source}}
+    ).json()["id"]
+    path = f"/evals/{ev}/runs/{run_id}"
+
+    def events() -> list[dict]:
+        return c.get(f"{path}/events", params={"limit": 1000}).json()["data"]
+
+    wait_for(
+        lambda: any(e["type"] == "progress" and e["data"]["done"] >= ROWS // 5 for e in events()),
+        90,
+        "a fifth of the rows graded",
+        poll=0.05,
+    )
+    os.killpg(rstack.worker.pid, signal.SIGKILL)  # the worker, its pool and grading process
+    rstack.worker.wait(timeout=10)
+    wait_for(lambda: not _group_alive(rstack.worker.pid), 10, "the worker's processes to die")
+    before = {i["id"]: i for i in _all_items(c, path)}
+    assert 0 < len(before) < ROWS, len(before)  # the kill landed mid-run
+    assert c.get(path).json()["status"] == "in_progress"  # its lease has not run out yet
+    rstack.start_worker("e2e-eval-replacement")
+    run = wait_for(
+        lambda: (r := c.get(path).json())["status"] in ("completed", "failed", "canceled") and r,
+        120,
+        "the run to finish",
+    )
+    assert run["status"] == "completed", run["error"]
+    failed = len(range(0, ROWS, 5))
+    assert run["result_counts"] == {
+        "total": ROWS, "errored": 0, "failed": failed, "passed": ROWS - failed,
+    }  # fmt: skip
+    after = _all_items(c, path)
+    assert sorted(i["datasource_item_id"] for i in after) == list(range(ROWS))
+    assert len({i["id"] for i in after}) == ROWS
+    kept = {i["id"]: i for i in after if i["id"] in before}
+    assert kept == before  # the rows stored before the kill, as they were (created_at too)
+    rec = rstack.redis.hgetall(f"posttrain:evalrun:{run_id}")
+    assert rec["progress"] == str(ROWS) and rec.get("regraded", "0") == "0"  # each once
+    said = events()
+    kinds = [e["type"] for e in said]
+    assert kinds.count("started") == kinds.count("requeued") == kinds.count("resumed") == 1
+    (resumed,) = [e for e in said if e["type"] == "resumed"]
+    assert resumed["data"]["stored"] == len(before) and resumed["data"]["attempt"] == 2
+    assert resumed["data"]["worker"].startswith("e2e-eval-replacement@")
+    (started,) = [e for e in said if e["type"] == "started"]
+    (requeued,) = [e for e in said if e["type"] == "requeued"]
+    assert requeued["data"] == {"worker": started["data"]["worker"], "stored": len(before)}
+    assert kinds[0] == "completed" and said[0]["data"]["regraded"] == 0

@@ -9,6 +9,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from service.auth import hash_key
 from service.main import create_app
 from service.settings import ApiSettings
 from trainers.reporting import Reporter
@@ -252,3 +253,89 @@ def test_a_pruned_checkpoint_fails_its_run_naming_it(stores, tmp_path):
     assert "keep_checkpoints" in error["message"]
     events = [f["message"] for _, f in jobs.events("ftjob-p", None, 50)[0]]
     assert any(m.startswith("Eval qa failed at step 2: the checkpoint ftckpt-gone") for m in events)
+
+
+def _job_keeping_one(stores, tmp_path, job_id: str, tenant: str):
+    """A running job with keep_checkpoints 1 and an eval per checkpoint, fed checkpoint
+    reports as the supervisor would; ``checkpoint(step)`` reports one, ``kept()`` is the
+    steps its record keeps and the directories left, ``made`` its runs' ids."""
+    jobs, runs, evals, files = stores
+    ev = evals.create(tenant=tenant, **EVAL)
+    jobs.create(job_id, "{}", JobStatus.running, tenant=tenant, eval_runs_limit=5)
+    out = tmp_path / "jobs" / job_id / "output"
+    spec_eval = {"eval_id": ev["id"], "data_source": data_source()}
+    made: list[str] = []
+
+    def on_checkpoint(meta):
+        new = create_checkpoint_run(
+            jobs, runs, evals, files, tmp_path, job_id, spec_eval, meta, lambda _: None,
+            queue="posttrain.q", keep=1,
+        )  # fmt: skip
+        made.append(new)
+
+    ingest = ReportIngest(
+        jobs, job_id, "tiny", data_dir=tmp_path, keep_checkpoints=1, on_checkpoint=on_checkpoint
+    )
+    rep = Reporter()
+
+    def checkpoint(step: int, final: bool = False) -> None:
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        rep.checkpoint(step, f"jobs/{job_id}/output/checkpoint-{step}", {}, final=final)
+        ingest.handle_line(rep.sent[-1].model_dump_json())
+
+    def kept() -> tuple[list[int], list[str]]:
+        steps = [c["step"] for c in jobs.checkpoints(job_id)]
+        return steps, sorted(p.name for p in out.iterdir())
+
+    return ev, checkpoint, kept, made
+
+
+def test_a_checkpoint_is_not_pruned_while_its_eval_run_is_pending(stores, tmp_path):
+    """keep_checkpoints 1 with an eval per checkpoint: a checkpoint whose run is queued or
+    in progress stays (record and directory) past the newest one; its run's end prunes
+    it, whichever way the run ended."""
+    _, runs, _, files = stores
+    _, checkpoint, kept, made = _job_keeping_one(stores, tmp_path, "ftjob-k", "t1")
+    for step in (1, 2, 3):
+        checkpoint(step)
+    both = ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert kept() == ([1, 2, 3], both)  # runs of 1 and 2 still queued
+    run1, run2, run3 = made
+    assert runs.get(run1)["queue"] == "posttrain.q" and runs.get(run1)["limit"] == 5
+    wsettings = WorkerSettings(redis_url="redis://unused", key_prefix="test:", data_dir=tmp_path)
+
+    def sampler(messages):
+        return {"content": "a" + messages[0]["content"][1:], "usage": {}}
+
+    # run 2 is being graded (in progress): still kept; run 1 completes: pruned
+    assert runs.claim(run2, "w", 30, 0, 3).outcome == "claimed"
+    assert grade_run(run1, runs, files, wsettings, sampler=sampler) == "completed"
+    assert kept() == ([2, 3], ["checkpoint-2", "checkpoint-3"])
+    # a canceled run releases its checkpoint too (when its task next meets it)
+    runs.transition(run2, "canceled", ("in_progress",))
+    assert grade_run(run2, runs, files, wsettings, sampler=sampler) == "canceled"
+    assert kept() == ([3], ["checkpoint-3"])
+    # the final checkpoint is never pruned; the run of step 3 ends: 3 is the newest kept
+    checkpoint(4, final=True)
+    assert kept() == ([3, 4], ["checkpoint-3", "checkpoint-4"])
+    assert grade_run(run3, runs, files, wsettings, sampler=sampler) == "completed"
+    assert kept() == ([3, 4], ["checkpoint-3", "checkpoint-4"])
+    assert [runs.get(r)["status"] for r in made[:3]] == ["completed", "canceled", "completed"]
+    # a checkpoint whose run has ended is pruned as before when a newer one comes
+    checkpoint(5)
+    assert kept() == ([4, 5], ["checkpoint-4", "checkpoint-5"])
+
+
+def test_a_checkpoint_run_canceled_through_the_api_releases_its_checkpoint(
+    client, stores, tmp_path
+):
+    tenant = f"key-{hash_key('k1')[:12]}"  # the API's tenant of the key k1
+    ev, checkpoint, kept, made = _job_keeping_one(stores, tmp_path, "ftjob-c", tenant)
+    for step in (1, 2, 3):
+        checkpoint(step)
+    assert kept()[0] == [1, 2, 3]
+    path = f"/v1/evals/{ev['id']}/runs"
+    assert client.post(f"{path}/{made[0]}/cancel", headers=auth("k1")).status_code == 200
+    assert kept() == ([2, 3], ["checkpoint-2", "checkpoint-3"])
+    assert client.delete(f"{path}/{made[1]}", headers=auth("k1")).status_code == 200
+    assert kept() == ([3], ["checkpoint-3"])

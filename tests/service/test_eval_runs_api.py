@@ -28,6 +28,7 @@ from openai.types.evals.runs import OutputItemListResponse, OutputItemRetrieveRe
 from service.main import create_app
 from service.settings import ApiSettings
 from workers.evaltasks import grade_run, passes
+from workers.recovery import broker_has_message, recover_eval_runs
 
 ITEM_SCHEMA = {
     "type": "object",
@@ -106,6 +107,17 @@ def ev(sdk):
 def grade(app, settings, run_id, **kw) -> str:
     s = app.state
     return grade_run(run_id, s.eval_runs, s.files, settings, **kw)
+
+
+def events(http, eval_id, run_id, key="k1", **params) -> list[dict]:
+    """Every event of the run, newest first (``GET .../events``)."""
+    resp = http.get(
+        f"/v1/evals/{eval_id}/runs/{run_id}/events",
+        params={"limit": 1000, **params},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["data"]
 
 
 def jsonl(content) -> dict:
@@ -359,7 +371,7 @@ def test_file_id_source(sdk, http, app, settings, ev):
 
 
 # ---- crash-safe resume
-def test_a_run_resumed_after_a_crash_never_regrades(sdk, app, settings, ev):
+def test_a_run_resumed_after_a_crash_never_regrades(sdk, http, app, settings, ev):
     run = sdk.evals.runs.create(ev.id, data_source=jsonl(rows(6, wrong={1, 4})))
     assert grade(app, settings, run.id, stop_after=3) == "stopped"  # the worker "dies"
     mid = sdk.evals.runs.retrieve(run.id, eval_id=ev.id)
@@ -376,10 +388,162 @@ def test_a_run_resumed_after_a_crash_never_regrades(sdk, app, settings, ev):
     done = sdk.evals.runs.retrieve(run.id, eval_id=ev.id)
     counts = done.result_counts
     assert (counts.total, counts.passed, counts.failed, counts.errored) == (6, 4, 2, 0)
-    assert store.get(run.id)["progress"] == 6
+    assert store.get(run.id)["progress"] == 6 and store.get(run.id)["regraded"] == 0
+    (resumed,) = [e for e in events(http, ev.id, run.id) if e["type"] == "resumed"]
+    assert resumed["data"]["stored"] == 3 and resumed["data"]["attempt"] == 2
+    assert "3 of 6 rows were graded before" in resumed["message"]
     # storing a row twice changes nothing
     assert store.store_item(run.id, 0, before[0], "passed", {"c0:passed": 1}) == 0
     assert sdk.evals.runs.retrieve(run.id, eval_id=ev.id).result_counts.passed == 4
+
+
+# ---- runs are jobs: events, grading slots per tenant, recovery
+def test_a_run_says_what_became_of_it_in_events(sdk, http, app, settings, ev):
+    run = sdk.evals.runs.create(ev.id, data_source=jsonl(rows(40, wrong={0, 5})))
+    assert grade(app, settings, run.id, worker="w@test") == "completed"
+    said = events(http, ev.id, run.id)
+    kinds = [e["type"] for e in said]
+    assert kinds[0] == "completed" and kinds[-2:] == ["started", "created"], kinds
+    assert said[-2]["message"] == "Grading started on w@test"
+    assert said[-2]["data"] == {"worker": "w@test", "attempt": 1}
+    assert said[-1]["data"]["total"] == 40 and said[-1]["level"] == "info"
+    # a progress event every 5% of the rows (2 here), each with the counts so far
+    progress = [e["data"] for e in reversed(said) if e["type"] == "progress"]
+    assert [p["done"] for p in progress] == list(range(2, 41, 2))
+    assert progress[2] == {"done": 6, "total": 40, "passed": 4, "failed": 2, "errored": 0}
+    assert said[0]["data"] == {
+        "progress": 40, "total": 40, "passed": 38, "failed": 2, "errored": 0, "regraded": 0,
+    }  # fmt: skip
+    assert said[0]["message"] == "Run completed: 40 rows graded, 38 passed, 2 failed, 0 errored"
+    assert all(
+        e["object"] == "eval.run.event" and e["id"].startswith("evalrunevent-") for e in said
+    )
+    # pages: newest first, ``after`` the last id of the previous page
+    paged, after = [], None
+    while True:
+        page_ = http.get(
+            f"/v1/evals/{ev.id}/runs/{run.id}/events",
+            params={"limit": 7, **({"after": after} if after else {})},
+            headers={"Authorization": "Bearer k1"},
+        ).json()
+        paged += page_["data"]
+        if not page_["has_more"]:
+            break
+        after = page_["last_id"]
+    assert paged == said
+    bad = http.get(
+        f"/v1/evals/{ev.id}/runs/{run.id}/events",
+        params={"after": "nope"},
+        headers={"Authorization": "Bearer k1"},
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
+    # a failed run says why; a canceled one how far it got
+    body = json.dumps(rows(1)[0]).encode()
+    f = sdk.files.create(file=("rows.jsonl", body), purpose="evals")
+    gone = sdk.evals.runs.create(
+        ev.id, data_source={"type": "jsonl", "source": {"type": "file_id", "id": f.id}}
+    )
+    sdk.files.delete(f.id)
+    assert grade(app, settings, gone.id) == "failed"
+    last = events(http, ev.id, gone.id)[0]
+    assert last["type"] == "failed" and last["level"] == "error"
+    assert last["data"]["error"]["code"] == "file_not_found"
+    assert last["message"] == f"Run failed: the file {f.id} was deleted"
+    stopped = sdk.evals.runs.create(ev.id, data_source=jsonl(rows(4)))
+    assert grade(app, settings, stopped.id, stop_after=1) == "stopped"
+    sdk.evals.runs.cancel(stopped.id, eval_id=ev.id)
+    last = events(http, ev.id, stopped.id)[0]
+    assert last["type"] == "canceled" and last["data"] == {"progress": 1, "total": 4}
+
+
+def _broker_has(app, settings, run_id) -> bool:
+    """A ``posttrain.run_eval`` message for the run waits in the broker (the test's Redis)."""
+    has = broker_has_message(app.state.redis, settings.queue, settings.broker_key_prefix)
+    return has(run_id)
+
+
+def test_at_most_k_runs_of_a_tenant_grade_at_once(sdk, other, http, app, settings, ev):
+    assert settings.eval_runs_per_tenant == 2
+    store = app.state.eval_runs
+    a, b, c = (sdk.evals.runs.create(ev.id, data_source=jsonl(rows(3))) for _ in range(3))
+    assert store.get(a.id)["limit"] == 2  # the tenant's limit, recorded on the run
+    # two workers grade a and b (their claims hold the tenant's two slots)
+    for run in (a, b):
+        assert store.claim(run.id, f"w-{run.id}", 30, 2, 3).outcome == "claimed"
+    app.state.redis.delete(f"{settings.broker_key_prefix}{settings.queue}")  # sent messages
+    assert grade(app, settings, c.id) == "waiting"
+    assert grade(app, settings, c.id) == "waiting"  # a duplicate message: still waiting
+    assert sdk.evals.runs.retrieve(c.id, eval_id=ev.id).status == "queued"
+    waits = [e for e in events(http, ev.id, c.id) if e["type"] == "waiting"]
+    assert len(waits) == 1 and waits[0]["data"] == {"grading": 2, "slots": 2}, waits
+    # another tenant's runs are not held back
+    ev_b = other.evals.create(name="b", data_source_config=SOURCE, testing_criteria=[CHECK])
+    theirs = other.evals.runs.create(ev_b.id, data_source=jsonl(rows(2)))
+    assert grade(app, settings, theirs.id) == "completed"
+    # a cancel frees a's slot, and c's task is sent again at once
+    assert not _broker_has(app, settings, c.id)
+    sdk.evals.runs.cancel(a.id, eval_id=ev.id)
+    assert _broker_has(app, settings, c.id)
+    assert grade(app, settings, c.id) == "completed"
+    # b's worker is killed: the slot it held frees once its lease has run out
+    d, e = (sdk.evals.runs.create(ev.id, data_source=jsonl(rows(2))) for _ in range(2))
+    assert store.claim(d.id, "w-d", 30, 2, 3).outcome == "claimed"
+    assert grade(app, settings, e.id) == "waiting"
+    store.expire_lease(b.id)  # what b's lease running out amounts to
+    assert grade(app, settings, e.id) == "completed"
+    assert store.get(b.id)["status"] == "in_progress"  # until the reaper requeues it
+    sent: list[str] = []
+    assert recover_eval_runs(store, sent.append, lambda _: False, 60, 2) == [b.id]
+    assert sent == [b.id] and store.get(b.id)["status"] == "queued"
+    (requeued,) = [x for x in events(http, ev.id, b.id) if x["type"] == "requeued"]
+    assert requeued["level"] == "warn" and requeued["data"]["worker"] == f"w-{b.id}"
+    assert grade(app, settings, b.id) == "completed"  # d holds one slot, b takes the other
+    # 0 = no limit
+    unlimited = ApiSettings(**{**settings.model_dump(), "eval_runs_per_tenant": 0})
+    with TestClient(create_app(unlimited)) as c0:
+        many = [
+            c0.post(
+                f"/v1/evals/{ev.id}/runs",
+                json={"data_source": jsonl(rows(1))},
+                headers={"Authorization": "Bearer k1"},
+            ).json()["id"]
+            for _ in range(3)
+        ]
+    assert all(store.get(r)["limit"] == 0 for r in many)
+    assert [store.claim(r, "w", 30, 0, 3).outcome for r in many] == ["claimed"] * 3
+
+
+def test_a_waiting_run_is_never_lost(sdk, app, settings, ev):
+    """The message of a run woken for a freed slot can be lost (a crash between the wake
+    and the send): the reaper sends it again; and one still queued is not sent twice."""
+    store = app.state.eval_runs
+    a, b = (sdk.evals.runs.create(ev.id, data_source=jsonl(rows(2))) for _ in range(2))
+    for run in (a, b):
+        store.claim(run.id, "w", 30, 2, 3)
+    c = sdk.evals.runs.create(ev.id, data_source=jsonl(rows(2)))
+    assert grade(app, settings, c.id) == "waiting"
+    store.transition(a.id, "completed", ("in_progress",))  # a ended; its worker died then
+    sent: list[str] = []
+    assert recover_eval_runs(store, sent.append, lambda _: False, 60, 2) == [c.id]
+    # woken just now: not again within the grace period, nor while its message waits
+    assert recover_eval_runs(store, sent.append, lambda _: False, 60, 2) == []
+    assert recover_eval_runs(store, sent.append, lambda _: True, 0, 2) == []
+    assert recover_eval_runs(store, sent.append, lambda _: False, 0, 2) == [c.id]
+    assert grade(app, settings, c.id) == "completed"
+    assert recover_eval_runs(store, sent.append, lambda _: False, 0, 2) == []
+    assert not store.r.zscore(store.k_queued(), c.id)
+
+
+def test_a_run_claimed_too_often_fails_naming_why(sdk, http, app, settings, ev):
+    run = sdk.evals.runs.create(ev.id, data_source=jsonl(rows(5)))
+    for _ in range(settings.max_attempts):  # each grading process "dies" after one row
+        assert grade(app, settings, run.id, stop_after=1) == "stopped"
+    assert grade(app, settings, run.id) == "failed"
+    failed = sdk.evals.runs.retrieve(run.id, eval_id=ev.id)
+    assert failed.status == "failed" and failed.error.code == "worker_lost"
+    assert "stopped unexpectedly 3 times" in failed.error.message
+    assert failed.result_counts.total == 5 and app.state.eval_runs.get(run.id)["progress"] == 3
+    assert events(http, ev.id, run.id)[0]["type"] == "failed"
 
 
 # ---- completions, with a stand-in for the inference worker

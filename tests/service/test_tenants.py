@@ -42,7 +42,11 @@ def key_file(path: Path, extra: dict | None = None) -> Path:
         "team-a": {"keys": [hash_key(KEYS["a"])]},
         "team-b": {"keys": [hash_key(KEYS["b"])]},
         "ops": {"keys": [hash_key(KEYS["root"])], "admin": True},
-        "small": {"keys": [hash_key(KEYS["q"])], "max_active_jobs": 1},
+        "small": {
+            "keys": [hash_key(KEYS["q"])],
+            "max_active_jobs": 1,
+            "max_concurrent_eval_runs": 1,
+        },
         **(extra or {}),
     }
     path.write_text(json.dumps({"tenants": tenants}))
@@ -428,6 +432,12 @@ def _run_action_404(method, tail=""):
     return check
 
 
+def _run_events(client, app, w):
+    assert client.get(_run_path(w, "/events"), headers=as_("b")).status_code == 404
+    own = client.get(_run_path(w, "/events"), headers=as_("a")).json()["data"]
+    assert own[0]["type"] == "completed"  # A's own events, newest first
+
+
 WALK = {
     ("POST", "/v1/files"): _upload,
     ("GET", "/v1/files"): _list_files,
@@ -469,6 +479,7 @@ WALK = {
     ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"): _get_404(
         lambda w: _run_path(w, f"/output_items/{w.extra['output_item_id']}")
     ),
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}/events"): _run_events,
     ("POST", "/v1/webhooks"): _create_webhook,
     ("GET", "/v1/webhooks"): _list_webhooks,
     ("GET", "/v1/webhooks/{webhook_id}"): _get_404(
@@ -626,6 +637,44 @@ def test_quota_on_concurrent_jobs_is_a_429_until_one_ends(client, app, settings)
     assert again.headers["Idempotent-Replayed"] == "false"
 
 
+def test_a_tenant_s_own_eval_run_limit_overrides_the_setting(client, app, settings):
+    """``max_concurrent_eval_runs`` in the key file: recorded on the tenant's runs (and on
+    its jobs with an eval per checkpoint), and the claim holds the tenant to it."""
+    runs = app.state.eval_runs
+    content = [{"item": {"a": "x"}}]
+    body = {
+        "data_source": {"type": "jsonl", "source": {"type": "file_content", "content": content}}
+    }
+    made = {}
+    for who in ("q", "a"):
+        eid = create_eval(client, who)
+        ids = [
+            client.post(f"/v1/evals/{eid}/runs", json=body, headers=as_(who)).json()["id"]
+            for _ in range(2)
+        ]
+        made[who] = (eid, ids)
+    assert [runs.get(r)["limit"] for r in made["q"][1]] == [1, 1]
+    assert [runs.get(r)["limit"] for r in made["a"][1]] == [2, 2]  # the setting
+    first, second = made["q"][1]
+    assert runs.claim(first, "w", 30, 1, 3).outcome == "claimed"
+    assert grade_run(second, runs, app.state.files, settings) == "waiting"
+    assert [grade_run(r, runs, app.state.files, settings) for r in made["a"][1]] == [
+        "completed",
+        "completed",
+    ]
+    # an admin's run on the tenant's eval gets the tenant's limit, not the admin's
+    eid = made["q"][0]
+    by_admin = client.post(f"/v1/evals/{eid}/runs", json=body, headers=as_("root")).json()["id"]
+    assert runs.get(by_admin)["limit"] == 1 and runs.get(by_admin)["tenant"] == "small"
+    # a job with an eval per checkpoint records the limit for the runs its worker makes
+    ds = {**body["data_source"], "type": "completions", "input_messages": {
+        "type": "template", "template": [{"role": "user", "content": "{{item.a}}"}]}}  # fmt: skip
+    fid = upload(client, "q")
+    job = create_job(client, "q", fid, eval={"eval_id": eid, "data_source": ds})
+    assert job.status_code == 200, job.text
+    assert app.state.jobs.get(job.json()["id"])["eval_runs_limit"] == "1"
+
+
 def test_key_file_holds_hashes_not_keys(tmp_path):
     plain = tmp_path / "plain.toml"
     plain.write_text('[tenants.a]\nkeys = ["my-secret-key"]\n')
@@ -641,7 +690,14 @@ def test_key_file_holds_hashes_not_keys(tmp_path):
 CLI = [sys.executable, "-m", "service.cli"]
 
 
-QUOTA_AND_QUEUES = ["--max-active-jobs", "2", "--queues", "gpu.a, gpu.b"]
+QUOTA_AND_QUEUES = [
+    "--max-active-jobs",
+    "2",
+    "--queues",
+    "gpu.a, gpu.b",
+    "--max-concurrent-eval-runs",
+    "0",
+]
 
 
 def test_keys_add_cli_writes_a_hash_the_api_accepts(tmp_path):
@@ -657,6 +713,7 @@ def test_keys_add_cli_writes_a_hash_the_api_accepts(tmp_path):
     tenant = KeyRing.load("", path).tenant_for(key)
     assert tenant.name == "team-x" and tenant.max_active_jobs == 2
     assert tenant.queues == {"gpu.a", "gpu.b"}
+    assert tenant.max_concurrent_eval_runs == 0 and tenant.eval_run_slots(2) == 0
     bad = subprocess.run(
         [*CLI, "keys", "add", "team-y", "--file", str(path), "--queues", "a:b"],
         capture_output=True,
