@@ -96,7 +96,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: run hash, leased, queued, tenant grading, tenant waiting. ARGV: new status, error
+# KEYS: run hash, leased, queued, tenant grading, tenant waiting, webhook events (a
+# finished run's end is appended there: workers.webhooks). ARGV: new status, error
 # JSON ('' = unchanged), run id, 1 if the new status is a finished one, then the allowed
 # old statuses. The old status if it changed, else false. A finished run leaves every
 # index (its slot frees with the same write).
@@ -110,6 +111,13 @@ for i = 5, #ARGV do
     if ARGV[4] == '1' then
       for k = 2, 5 do redis.call('ZREM', KEYS[k], ARGV[3]) end
       redis.call('HDEL', KEYS[1], 'waiting', 'woken')
+      local kind = ({completed = 'succeeded', failed = 'failed', canceled = 'canceled'})[ARGV[1]]
+      if kind and old ~= ARGV[1] then
+        local t = redis.call('TIME')
+        redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 'type', 'eval.run.' .. kind,
+                   'object', ARGV[3], 'tenant', redis.call('HGET', KEYS[1], 'tenant') or '',
+                   'at', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+      end
     end
     return old
   end
@@ -431,7 +439,8 @@ class EvalRunStore:
         """Set ``status`` if the run is in one of ``allowed``; the old status, else None.
         A finished status takes the run out of every index (its slot frees)."""
         args = [status, json.dumps(error) if error else "", run_id, int(status in FINISHED)]
-        return self._transition(keys=self._state_keys(run_id), args=[*args, *allowed])
+        keys = [*self._state_keys(run_id), f"{self.p}webhooks:events"]  # workers.webhooks
+        return self._transition(keys=keys, args=[*args, *allowed])
 
     def delete(self, run_id: str) -> None:
         rec = self.get(run_id)

@@ -236,3 +236,22 @@ def test_endpoints_are_per_tenant_and_the_secret_is_shown_once(client, receiver)
     resp = client.delete(f"/v1/webhooks/{hook['id']}", headers=as_("a"))
     assert resp.json() == {"id": hook["id"], "object": "webhook_endpoint", "deleted": True}
     assert client.get(f"/v1/webhooks/{hook['id']}", headers=as_("a")).status_code == 404
+
+
+def test_an_eval_run_that_completes_is_announced(client, settings, receiver):
+    from tests.service.test_tenants import create_eval
+    from workers.evaltasks import grade_run
+
+    receiver.plan = []
+    hook = register(client, "a", receiver.url, events=["eval.run.succeeded"])
+    eval_id = create_eval(client, "a")
+    content = [{"item": {"a": "x"}}]
+    source = {"type": "jsonl", "source": {"type": "file_content", "content": content}}
+    resp = client.post(f"/v1/evals/{eval_id}/runs", json={"data_source": source}, headers=as_("a"))
+    run_id = resp.json()["id"]
+    app = client.app
+    assert grade_run(run_id, app.state.eval_runs, app.state.files, settings) == "completed"
+    wait_until(lambda: receiver.got, "the eval run's event")
+    event = json.loads(receiver.got[0][1])
+    assert event["type"] == "eval.run.succeeded" and event["data"] == {"id": run_id}
+    assert log_of(client, "a", hook["id"])[0]["outcome"] == "delivered"
