@@ -5,9 +5,10 @@
                             what the worker needs: criteria, model header, sampling
                             parameters), error (JSON or empty), total (rows), and the counts
                             the worker adds as it stores items: progress, passed, failed,
-                            errored, c{i}:passed / c{i}:failed (criterion i), and the usage
+                            errored, c{i}:passed / c{i}:failed (criterion i), the usage
                             sums invocation_count, prompt_tokens, completion_tokens,
-                            total_tokens, cached_tokens
+                            total_tokens, cached_tokens of the run's model, and the same
+                            sums of each judge model as usage:{model}:{sum}
   evalrun:{id}:items        hash: row index -> the output item (JSON)
   evalrun:{id}:all          sorted set of the stored row indexes (score: the index)
   evalrun:{id}:pass / :fail the same, by the output item's status
@@ -36,6 +37,7 @@ __all__ = [
     "FINISHED",
     "MAX_ITEMS",
     "NO_ERROR",
+    "USAGE",
     "EvalRunNotFound",
     "EvalRunStore",
     "RowError",
@@ -44,6 +46,7 @@ __all__ = [
     "new_run_id",
     "output_item_id",
     "read_rows",
+    "usage_field",
 ]
 
 MAX_ITEMS = 10_000  # rows of one run
@@ -94,6 +97,11 @@ class RowError(ValueError):
     def __init__(self, where: str, message: str, line: int | None = None):
         super().__init__(f"{where}: {message}")
         self.where, self.message, self.line = where, message, line
+
+
+def usage_field(model: str, key: str) -> str:
+    """The run hash's field summing usage ``key`` of judge ``model``'s calls."""
+    return f"usage:{model}:{key}"
 
 
 def new_run_id() -> str:
@@ -287,6 +295,12 @@ def _decode(rec: dict[str, str]) -> dict[str, Any]:
         out[field] = int(rec.get(field) or 0)
     out["created_at"] = int(float(rec.get("created_at") or 0))
     out["tenant"] = rec.get("tenant") or DEFAULT_TENANT
+    judges: dict[str, dict[str, int]] = {}
+    for field, value in rec.items():
+        if field.startswith("usage:"):
+            model, _, key = field.removeprefix("usage:").rpartition(":")
+            judges.setdefault(model, {})[key] = int(value or 0)
+    out["judge_usage"] = judges
     criteria = out["spec"].get("criteria") or []
     out["criteria_counts"] = [
         (int(rec.get(f"c{i}:passed") or 0), int(rec.get(f"c{i}:failed") or 0))
