@@ -52,8 +52,11 @@ def k_bindings(jobs: JobStore, job_id: str) -> str:
     return f"{jobs.k_job(job_id)}:evalruns"
 
 
-def run_spec(spec_eval: dict[str, Any], criteria: list, header: dict) -> dict[str, Any]:
-    """The worker's spec of a completions run (what the API builds for a run it creates)."""
+def run_spec(
+    spec_eval: dict[str, Any], criteria: list, header: dict, grading: list | None = None
+) -> dict[str, Any]:
+    """The worker's spec of a completions run (what the API builds for a run it creates);
+    ``grading``: the eval's, as the API resolved its criteria's models at its creation."""
     ds = spec_eval["data_source"]
     messages = ds["input_messages"]
     if messages.get("type") == "template":
@@ -64,6 +67,7 @@ def run_spec(spec_eval: dict[str, Any], criteria: list, header: dict) -> dict[st
     return {
         "kind": "completions",
         "criteria": criteria,
+        "grading": grading or [None] * len(criteria),
         "model": header,
         "input_messages": spec_messages,
         "sampling": sampling,
@@ -152,7 +156,10 @@ def create_checkpoint_run(
         model=ckpt["id"],
         data_source=ds,
         spec=run_spec(
-            spec_eval, ev["testing_criteria"], model_header(jobs, job_id, data_dir, ckpt)
+            spec_eval,
+            ev["testing_criteria"],
+            model_header(jobs, job_id, data_dir, ckpt),
+            ev.get("grading"),
         ),
         total=_total(ds["source"], files),
         metadata={

@@ -11,9 +11,10 @@
                             regraded (rows graded again after they were stored: a
                             redelivery that should not have happened), and the usage sums
                             invocation_count, prompt_tokens, completion_tokens,
-                            total_tokens, cached_tokens; while it runs: worker, attempt
-                            (claims so far, the fencing token), lease (expiry, Redis
-                            time); while it waits for a slot: waiting, woken
+                            total_tokens, cached_tokens of the run's model, the same sums
+                            of each judge model as usage:{model}:{sum}; while it
+                            runs: worker, attempt (claims so far, the fencing token),
+                            lease (expiry, Redis time); while it waits for a slot: waiting, woken
   evalrun:{id}:items        hash: row index -> the output item (JSON)
   evalrun:{id}:all          sorted set of the stored row indexes (score: the index)
   evalrun:{id}:pass / :fail the same, by the output item's status
@@ -53,6 +54,7 @@ __all__ = [
     "FINISHED",
     "MAX_ITEMS",
     "NO_ERROR",
+    "USAGE",
     "Claim",
     "EvalRunNotFound",
     "EvalRunStore",
@@ -62,6 +64,7 @@ __all__ = [
     "new_run_id",
     "output_item_id",
     "read_rows",
+    "usage_field",
     "wake_waiting",
 ]
 
@@ -272,6 +275,11 @@ class RowError(ValueError):
     def __init__(self, where: str, message: str, line: int | None = None):
         super().__init__(f"{where}: {message}")
         self.where, self.message, self.line = where, message, line
+
+
+def usage_field(model: str, key: str) -> str:
+    """The run hash's field summing usage ``key`` of judge ``model``'s calls."""
+    return f"usage:{model}:{key}"
 
 
 def new_run_id() -> str:
@@ -637,6 +645,12 @@ def _decode(rec: dict[str, str]) -> dict[str, Any]:
     out["created_at"] = int(float(rec.get("created_at") or 0))
     out["tenant"] = rec.get("tenant") or DEFAULT_TENANT
     out["limit"] = int(rec["limit"]) if rec.get("limit") else None
+    judges: dict[str, dict[str, int]] = {}
+    for field, value in rec.items():
+        if field.startswith("usage:"):
+            model, _, key = field.removeprefix("usage:").rpartition(":")
+            judges.setdefault(model, {})[key] = int(value or 0)
+    out["judge_usage"] = judges
     criteria = out["spec"].get("criteria") or []
     out["criteria_counts"] = [
         (int(rec.get(f"c{i}:passed") or 0), int(rec.get(f"c{i}:failed") or 0))

@@ -1,8 +1,10 @@
 """Evals: OpenAI's eval objects (a data source config and testing criteria) in Redis.
 
   eval:{id}                     hash: id, name, metadata (JSON), data_source_config (JSON),
-                                testing_criteria (JSON), created_at (s), updated_at (s,
-                                float), tenant (the owner)
+                                testing_criteria (JSON), grading (JSON: how a worker grades
+                                each criterion, its models resolved for the tenant; never
+                                answered), created_at (s), updated_at (s, float), tenant
+                                (the owner)
   evals                         sorted set of every eval id by creation time (admins list it)
   evals:updated                 the same ids by last update
   evals:tenant:{name}           one tenant's eval ids by creation time
@@ -27,7 +29,7 @@ from workers.store import DEFAULT_TENANT
 __all__ = ["ORDER_BY", "EvalNotFound", "EvalStore", "new_eval_id"]
 
 ORDER_BY = ("created_at", "updated_at")
-_JSON_FIELDS = ("metadata", "data_source_config", "testing_criteria")
+_JSON_FIELDS = ("metadata", "data_source_config", "testing_criteria", "grading")
 
 # KEYS: the eval's hash, the all-evals update index, the tenant's update index.
 # ARGV: eval id, the update time, then field/value pairs. Changes an eval that exists
@@ -76,7 +78,10 @@ class EvalStore:
         testing_criteria: list[dict[str, Any]],
         metadata: dict[str, str] | None = None,
         tenant: str = DEFAULT_TENANT,
+        grading: list[dict[str, Any] | None] | None = None,
     ) -> dict[str, Any]:
+        """``grading``: per criterion, how a worker grades it (``service.routes.evals.
+        grading_plan``); a checkpoint's run, which the worker creates, reads it."""
         eval_id = new_eval_id()
         now = time.time()
         record = {
@@ -85,6 +90,7 @@ class EvalStore:
             "metadata": json.dumps(metadata or {}),
             "data_source_config": json.dumps(data_source_config),
             "testing_criteria": json.dumps(testing_criteria),
+            "grading": json.dumps(grading or []),
             "created_at": str(int(now)),
             "updated_at": repr(now),
             "tenant": tenant,
@@ -189,6 +195,7 @@ def _decode(rec: dict[str, str]) -> dict[str, Any]:
         out[field] = json.loads(rec[field]) if rec.get(field) else None
     out["metadata"] = out["metadata"] or {}
     out["testing_criteria"] = out["testing_criteria"] or []
+    out["grading"] = out["grading"] or []
     out["data_source_config"] = out["data_source_config"] or {}
     out["created_at"] = int(float(rec.get("created_at") or 0))
     out["updated_at"] = float(rec.get("updated_at") or out["created_at"])

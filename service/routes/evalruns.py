@@ -25,8 +25,12 @@ Checks, each a 400 naming the field (a model the caller cannot use: 404
   completions run has none (it samples them);
 * every ``{{item.x}}`` of the input template is declared by ``item_schema``, and an
   ``item_reference`` names a declared field;
-* at most ``MAX_ITEMS`` rows; criteria that load a model (``score_model``,
-  ``text_similarity`` with ``cosine``) are refused for runs (workers never load torch).
+* at most ``MAX_ITEMS`` rows;
+* every model the criteria name is one the eval's tenant may still use, resolved again
+  as at the eval's creation (``service.routes.evals.grading_plan``: a 400
+  ``model_not_found`` naming ``testing_criteria[i].model``); the worker's spec carries
+  how each criterion is graded (``grading``: a judge's inference header, a reward
+  model's directory).
 
 Departures from OpenAI's shapes, all within its SDK's types: ``error`` (of the run and
 of an output item's sample) is an object always, ``{"code": "", "message": ""}`` when
@@ -56,17 +60,19 @@ from service.routes.evals import (
     OwnedEval,
     _check_metadata,
     _undeclared,
+    criterion_spec,
+    grading_plan,
     owned_eval,
 )
 from service.schemas import Page, page
 from service.settings import ApiSettings
-from trainers.contract.graders.spec import needs_model, parse_grader
 from trainers.contract.graders.templates import TemplateError, parse_template
 from workers.celery_app import enqueue_eval_run
 from workers.ckptevals import prune_job_checkpoints
 from workers.evalruns import (
     MAX_ITEMS,
     NO_ERROR,
+    USAGE,
     EvalRunNotFound,
     EvalRunStore,
     RowError,
@@ -181,23 +187,14 @@ class RunCreateRequest(BaseModel):
 
 def run_object(rec: dict[str, Any], request: Request) -> EvalRunObject:
     criteria = rec["spec"].get("criteria") or []
-    usage = []
+    by_model: dict[str, dict[str, int]] = {}
     if rec["invocation_count"]:
-        usage = [
-            {
-                "model_name": rec["model"],
-                **{
-                    k: rec[k]
-                    for k in (
-                        "invocation_count",
-                        "prompt_tokens",
-                        "completion_tokens",
-                        "total_tokens",
-                        "cached_tokens",
-                    )
-                },
-            }
-        ]
+        by_model[rec["model"]] = {k: rec[k] for k in USAGE}
+    for name, counts in rec["judge_usage"].items():  # the judges' calls, by judge model
+        mine = by_model.setdefault(name, dict.fromkeys(USAGE, 0))
+        for k in USAGE:
+            mine[k] += counts.get(k, 0)
+    usage = [{"model_name": name, **counts} for name, counts in by_model.items()]
     path = f"/v1/evals/{rec['eval_id']}/runs/{rec['id']}"
     return EvalRunObject(
         id=rec["id"],
@@ -300,14 +297,10 @@ def check_data_source(
     if not isinstance(ds, dict):
         raise _bad(f"{DS} must be an object", DS)
     criteria = ev["testing_criteria"]
-    for i, criterion in enumerate(criteria):
-        if needs_model(parse_grader({k: v for k, v in criterion.items() if k != "pass_threshold"})):
-            raise _bad(
-                f"testing_criteria[{i}] ({criterion.get('name')}): graders that load a model "
-                "(score_model, text_similarity with cosine) are not available in eval runs yet",
-                f"testing_criteria[{i}]",
-                "unsupported_grader",
-            )
+    graders = [criterion_spec(c, f"testing_criteria[{i}]") for i, c in enumerate(criteria)]
+    plans = [
+        grading_plan(g, f"testing_criteria[{i}]", request, tenant) for i, g in enumerate(graders)
+    ]
     kind = ds.get("type")
     if kind in ("responses",):
         raise _bad(
@@ -337,8 +330,8 @@ def check_data_source(
     schema = ev["data_source_config"]["item_schema"]
     reads_sample = any(
         ref.namespace == "sample"
-        for c in criteria
-        for text in parse_grader({k: v for k, v in c.items() if k != "pass_threshold"}).templates()
+        for g in graders
+        for text in g.templates()
         for ref in parse_template(text)
     )
     for i, row in enumerate(rows):
@@ -356,7 +349,7 @@ def check_data_source(
                 f"{where(i)}.sample: a completions run samples the model; give items only",
                 _param(f"{where(i)}.sample"),
             )
-    spec: dict[str, Any] = {"kind": kind, "criteria": criteria}
+    spec: dict[str, Any] = {"kind": kind, "criteria": criteria, "grading": plans}
     if kind == "completions":
         spec.update(
             _completions(ds, schema, request, tenant, settings.inference_max_tokens, with_model)

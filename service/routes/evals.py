@@ -9,10 +9,17 @@ Departures from OpenAI, each refused with a 400 naming the field:
 * ``data_source_config`` is ``custom`` only: ``logs`` and ``stored_completions`` read
   completions OpenAI stored on its platform, which posttrain has none of.
 * ``testing_criteria`` are posttrain's graders (``trainers.contract.graders.spec``), checked
-  as ``/v1/fine_tuning/alpha/graders/validate`` checks one: ``label_model`` is not available
-  yet (it needs a generative judge), ``python`` never (posttrain runs no user code), and a
-  ``score_model`` is a local reward model the caller may use. posttrain's own grader types
+  as ``/v1/fine_tuning/alpha/graders/validate`` checks one, and ``label_model``;
+  ``python`` never (posttrain runs no user code). posttrain's own grader types
   (``multi``, ``regex``, ``math_verify``, ``length_penalty``) are accepted too.
+* A ``label_model``'s ``model``, and a ``score_model``'s that is no sequence classifier,
+  is a generative judge: any model the caller may use for chat completions (a base model
+  under a model root, its ``ft:`` models and checkpoints), asked through posttrain's
+  inference workers when a run grades (``trainers.contract.graders.judging``). A judge,
+  reward model or encoder the caller may not use, another tenant's included, is a 400
+  ``model_not_found`` naming ``testing_criteria[i].model`` (the field, as for a
+  training grader; the same answer as an unknown model). A ``label_model`` inside a
+  ``multi`` grader is refused, and a ``multi``'s ``score_model`` must be a reward model.
 * Every ``{{item.x}}`` a criterion reads must be a property of ``item_schema`` (nested
   ``{{item.a.b}}``: as deep as the schema declares ``properties``), and ``{{sample.*}}``
   needs ``include_sample_schema``; the ``sample`` fields posttrain fills are
@@ -31,20 +38,25 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from service import inference
 from service.auth import Tenant
 from service.deps import Auth, TenantDep, owned
 from service.errors import APIError, error_responses, not_found
 from service.jobrequest import check_numbers
+from service.modelaccess import NOT_ALLOWED
 from service.schemas import Page, page
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
 from trainers.contract.graders.spec import (
-    GraderSpec,
+    CriterionSpec,
     InvalidGrader,
+    LabelModelGrader,
+    ScoreModelGrader,
     dump_grader,
-    parse_grader,
+    needs_model,
+    parse_criterion,
 )
 from trainers.contract.graders.templates import parse_template
-from trainers.contract.graders.validate import check_grader_models
+from trainers.contract.graders.validate import check_criterion_models, is_judge
 from trainers.contract.modelfiles import ModelFileError
 from trainers.contract.sizes import MAX_DEFINITION_BYTES, MAX_SPEC_BYTES, json_size
 from workers.evalstore import EvalNotFound, EvalStore
@@ -165,7 +177,8 @@ class EvalCreateRequest(BaseModel):
     )
     testing_criteria: list[dict[str, Any]] = Field(
         description="One or more graders (string_check, text_similarity with pass_threshold, "
-        "score_model, multi, math_verify, regex, length_penalty), each with a name."
+        "score_model, label_model, multi, math_verify, regex, length_penalty), each with a "
+        "name."
     )
     name: str | None = Field(None, max_length=MAX_NAME)
     metadata: dict[str, str] | None = Field(
@@ -239,8 +252,7 @@ async def create(
     grader: shape, templates, regexes and models) and store the eval. Runs on the grader
     pool, as /graders/validate does (regexes are compiled in a bounded child)."""
     pool = request.app.state.grader_pool
-    access = request.app.state.model_access
-    rec = await pool.run(tenant, _create, body, access, tenant, evals)
+    rec = await pool.run(tenant, _create, body, request, tenant, evals)
     return eval_object(rec)
 
 
@@ -300,17 +312,18 @@ def delete(rec: OwnedEval, evals: EvalsDep, request: Request) -> EvalDeleted:
 
 
 # ---- checks of a new eval
-def _create(body: EvalCreateRequest, access, tenant: Tenant, evals: EvalStore) -> dict:
+def _create(body: EvalCreateRequest, request: Request, tenant: Tenant, evals: EvalStore) -> dict:
     check_numbers(body.model_dump())
     _check_metadata(body.metadata)
     source = _data_source(body.data_source_config)
-    criteria = _criteria(body.testing_criteria, source, access, tenant)
+    criteria, plans = _criteria(body.testing_criteria, source, request, tenant)
     return evals.create(
         name=body.name or "",
         data_source_config=source,
         testing_criteria=criteria,
         metadata=body.metadata,
         tenant=tenant.name,
+        grading=plans,
     )
 
 
@@ -406,10 +419,10 @@ def _item_schema(schema: Any, where: str) -> dict[str, Any]:
 
 
 def _criteria(
-    raw: list[dict[str, Any]], source: dict[str, Any], access, tenant: Tenant
-) -> list[dict[str, Any]]:
+    raw: list[dict[str, Any]], source: dict[str, Any], request: Request, tenant: Tenant
+) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None]]:
     """Every criterion parsed and checked; as stored (the grader as given, and its
-    ``pass_threshold``)."""
+    ``pass_threshold``), and how a worker grades each (``grading_plan``)."""
     if not raw:
         raise _bad(
             "testing_criteria: at least one criterion (a grader) is required", "testing_criteria"
@@ -420,7 +433,7 @@ def _criteria(
             f"testing_criteria is {size} bytes of JSON; at most {MAX_SPEC_BYTES}",
             "testing_criteria",
         )
-    parsed: list[tuple[str, GraderSpec, dict[str, Any]]] = []
+    parsed: list[tuple[str, CriterionSpec, dict[str, Any]]] = []
     for i, criterion in enumerate(raw):
         where = f"testing_criteria[{i}]"
         grader, extra = _criterion(criterion, where)
@@ -431,27 +444,54 @@ def _criteria(
         check_compiles(found)  # every regex, in one bounded child
     except PatternError as exc:
         raise _bad(str(exc), exc.param or "testing_criteria", "invalid_grader") from None
-    for where, grader, _ in parsed:
-        resolved = access.check_grader(grader, tenant, where)
-        try:
-            check_grader_models(resolved, where)
-        except ModelFileError as exc:
-            raise _bad(f"{exc.param}: {exc}", exc.param, "invalid_grader") from None
-    return [{**dump_grader(grader), **extra} for _, grader, extra in parsed]
+    plans = [grading_plan(grader, where, request, tenant) for where, grader, _ in parsed]
+    return [{**dump_grader(grader), **extra} for _, grader, extra in parsed], plans
 
 
-def _criterion(raw: dict[str, Any], where: str) -> tuple[GraderSpec, dict[str, Any]]:
+def criterion_spec(criterion: dict[str, Any], where: str = "grader") -> CriterionSpec:
+    """A stored criterion as its grader (without the criterion's ``pass_threshold``)."""
+    raw = dict(criterion)
+    if raw.get("type") == "score_model":
+        raw.pop("pass_threshold", None)
+    return parse_criterion(raw, where)
+
+
+def grading_plan(
+    grader: CriterionSpec, where: str, request: Request, tenant: Tenant
+) -> dict[str, Any] | None:
+    """How a worker grades one criterion, its models checked for ``tenant``: None (in a
+    bounded child: the graders that load no model), ``{"how": "local", "grader": ...}``
+    (a reward model or an encoder, its paths resolved: in the run's own process) or
+    ``{"how": "judge", "model": <inference header>}`` (a generative judge). A model the
+    tenant may not use, or one that cannot serve as what it is, is a 400 naming
+    ``<where>.model`` (or the field at fault)."""
+    if not (isinstance(grader, LabelModelGrader) or needs_model(grader)):
+        return None
+    access = request.app.state.model_access
+    resolved = access.check_grader(grader, tenant, where)
+    try:
+        check_criterion_models(resolved, where)
+    except ModelFileError as exc:
+        raise _bad(f"{exc.param}: {exc}", exc.param, "invalid_grader") from None
+    if not is_judge(resolved):
+        return {"how": "local", "grader": resolved.model_dump(mode="json")}
+    judge: LabelModelGrader | ScoreModelGrader = grader  # type: ignore[assignment]
+    bound = request.app.state.settings.inference_max_tokens
+    asked = judge.sampling_params and judge.sampling_params.max_completions_tokens
+    if asked and asked > bound:
+        at = f"{where}.sampling_params.max_completions_tokens"
+        raise _bad(f"{at}: at most {bound} tokens per judge answer on this server", at)
+    try:
+        header = inference.resolve(request, judge.model, tenant)
+    except APIError:  # e.g. a LoRA checkpoint whose base is gone
+        raise _bad(f"{where}.model: {NOT_ALLOWED}", f"{where}.model", "model_not_found") from None
+    return {"how": "judge", "model": header}
+
+
+def _criterion(raw: dict[str, Any], where: str) -> tuple[CriterionSpec, dict[str, Any]]:
     """One criterion as a posttrain grader, and the criterion's fields beyond the grader
     (a score_model's ``pass_threshold``)."""
     kind = raw.get("type")
-    if kind == "label_model":
-        raise _bad(
-            f"{where}: label_model criteria are not available yet: they need a generative "
-            "judge model, which posttrain's evals do not run yet; use string_check, "
-            "text_similarity or score_model (a local reward model)",
-            where,
-            "unsupported_grader",
-        )
     raw, extra = dict(raw), {}
     if kind == "score_model" and "pass_threshold" in raw:
         threshold = raw.pop("pass_threshold")
@@ -465,12 +505,12 @@ def _criterion(raw: dict[str, Any], where: str) -> tuple[GraderSpec, dict[str, A
             f"{where}.pass_threshold",
         )
     try:
-        return parse_grader(raw, where), extra
+        return parse_criterion(raw, where), extra
     except InvalidGrader as exc:
         raise _bad(exc.message, exc.param, "invalid_grader") from None
 
 
-def _check_references(grader: GraderSpec, where: str, source: dict[str, Any]) -> None:
+def _check_references(grader: CriterionSpec, where: str, source: dict[str, Any]) -> None:
     """Every ``{{item.x}}`` names a property of the item schema; ``{{sample.*}}`` only
     where the eval has a sample namespace."""
     schema = source["item_schema"]

@@ -154,9 +154,9 @@ def _run(body: RunRequest) -> RunResponse:
     if needs_model(grader):
         raise APIError(
             400,
-            "score_model graders (and text_similarity with 'cosine') run only during training: "
-            "the API process loads no models. Use /v1/fine_tuning/alpha/graders/validate to "
-            "check the grader's shape.",
+            "score_model graders (and text_similarity with 'cosine') run only during training "
+            "and in eval runs: the API process loads and asks no models. Use "
+            "/v1/fine_tuning/alpha/graders/validate to check the grader's shape.",
             param="grader",
             code="unsupported_grader",
         )

@@ -299,6 +299,121 @@ def test_another_tenants_model_is_a_404_like_an_unknown_one(istack, sdk_a, sdk_b
         assert chat(sdk_a, name).model == name
 
 
+def test_an_eval_run_is_judged_through_the_inference_worker(istack, sdk_a, sdk_b, trained):
+    """label_model and a generative score_model, graded by the Celery worker asking the
+    inference worker: each judge gets its rendered prompt and its usage is counted. The
+    fine-tuned judge answers the demo question as chat completions do ("The sky is ..."),
+    which names the label 'sky'; the random base model's answer names no label, a fail
+    that quotes it."""
+    base, tuned = istack.model_dir.name, trained["full"].fine_tuned_model
+    schema = {"type": "object", "properties": {"question": {"type": "string"}}}
+    source = {"type": "custom", "item_schema": schema, "include_sample_schema": True}
+    criteria = [
+        {
+            "type": "label_model",
+            "name": "sky",
+            "model": tuned,
+            "input": [{"role": "user", "content": "{{item.question}}"}],
+            "labels": ["sky", "xylophone"],
+            "passing_labels": ["sky"],
+            "sampling_params": {"max_completions_tokens": 24},
+        },
+        {
+            "type": "label_model",
+            "name": "gibberish",
+            "model": base,
+            "input": [{"role": "user", "content": "Right? {{sample.output_text}}"}],
+            "labels": ["zyzzyva", "quixotry"],
+            "passing_labels": ["zyzzyva"],
+            "sampling_params": {"max_completions_tokens": 8},
+        },
+        {
+            "type": "score_model",
+            "name": "rating",
+            "model": base,
+            "input": [{"role": "user", "content": "Rate 0-10: {{sample.output_text}}"}],
+            "range": [0, 10],
+            "pass_threshold": 5,
+            "sampling_params": {"max_completions_tokens": 8},
+        },
+    ]
+    # tenant B may not judge with A's model: the answer an unknown model gets
+    for name in (tuned, tuned[:-3] + "zzz"):
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk_b.evals.create(
+                data_source_config=source, testing_criteria=[{**criteria[0], "model": name}]
+            )
+        assert err.value.body["param"] == "testing_criteria[0].model"
+        assert err.value.body["code"] == "model_not_found"
+    ev = sdk_a.evals.create(name="judged", data_source_config=source, testing_criteria=criteria)
+    questions = [QUESTION[0]["content"], "What is 2 + 2?"]
+    run = sdk_a.evals.runs.create(
+        ev.id,
+        data_source={
+            "type": "completions",
+            "model": base,
+            "source": {
+                "type": "file_content",
+                "content": [{"item": {"question": q}} for q in questions],
+            },
+            "input_messages": {
+                "type": "template",
+                "template": [{"role": "user", "content": "{{item.question}}"}],
+            },
+            "sampling_params": {"temperature": 0, "max_completion_tokens": 8},
+        },
+    )
+    done = wait_for(
+        lambda: (
+            (r := sdk_a.evals.runs.retrieve(run.id, eval_id=ev.id)).status
+            in ("completed", "failed")
+            and r
+        ),
+        180,
+        "the judged eval run to finish",
+    )
+    assert done.status == "completed", done.error
+    assert done.result_counts.total == 2 and done.result_counts.errored == 0
+    items = sorted(
+        sdk_a.evals.runs.output_items.list(run.id, eval_id=ev.id),
+        key=lambda i: i.datasource_item_id,
+    )
+    sky, gibberish, rating = items[0].results
+    # the fine-tuned judge was sent the question as written and answered as chat does
+    asked = [{"role": "user", "content": questions[0]}]
+    assert sky.sample["input"] == asked and sky.sample["model"] == tuned
+    said = chat(sdk_a, tuned).choices[0].message.content
+    assert sky.sample["output"] == [{"role": "assistant", "content": said}]
+    assert sky.label == "sky" and sky.score == 1.0 and sky.passed
+    calls = {tuned: 0, base: 2}  # the run's own samples are the base model's
+    for item in items:
+        sampled = item.sample.output[0].content
+        for result in item.results:
+            judged = result.sample
+            assert judged["usage"]["completion_tokens"] > 0 and judged["temperature"] == 0.0
+            calls[judged["model"]] += 1
+        _, gibberish, rating = item.results
+        assert gibberish.sample["input"] == [{"role": "user", "content": f"Right? {sampled}"}]
+        answer = gibberish.sample["output"][0]["content"]
+        assert not gibberish.passed and gibberish.label is None
+        quoted = answer.strip()[:200] + ("..." if len(answer.strip()) > 200 else "")
+        assert gibberish.errors == {  # quoted, cut at 200 characters
+            "model_grader_parse_error": "the judge's answer names none of the labels "
+            f"('zyzzyva', 'quixotry'): {quoted!r}"
+        }
+        assert rating.sample["input"] == [{"role": "user", "content": f"Rate 0-10: {sampled}"}]
+        assert 0 <= rating.score <= 10
+        assert not getattr(rating, "errors", None) or set(rating.errors) == {
+            "model_grader_parse_error"
+        }
+    usage = {u.model_name: u for u in done.per_model_usage}
+    assert {name: u.invocation_count for name, u in usage.items()} == calls == {tuned: 2, base: 6}
+    assert usage[tuned].prompt_tokens == sum(
+        i.results[0].sample["usage"]["prompt_tokens"] for i in items
+    )
+    assert done.per_testing_criteria_results[1].failed == 2
+
+
 def test_a_checkpoint_of_a_running_job_can_be_asked(istack, sdk_a, trained):
     upload_id = trained["full"].training_file
     job = sdk_a.fine_tuning.jobs.create(

@@ -324,16 +324,26 @@ def test_bad_data_sources(sdk, ev):
     assert err["param"] == "data_source.sampling_params.tools"
 
 
-def test_model_graders_are_refused_for_runs(sdk, settings):
+def test_a_runs_spec_says_how_each_criterion_is_graded(sdk, app, settings):
+    """Model graders run (tests/service/test_eval_judges.py grades them): the worker's
+    spec has a reward model's directory, resolved for the tenant, and a judge's header."""
     score = {
         "type": "score_model",
         "name": "rm",
         "model": "reward",
         "input": [{"role": "user", "content": "{{sample.output_text}}"}],
     }
-    ev = sdk.evals.create(name="s", data_source_config=SOURCE, testing_criteria=[CHECK, score])
-    err = refusal(lambda: sdk.evals.runs.create(ev.id, data_source=jsonl(rows(1))))
-    assert err["param"] == "testing_criteria[1]" and err["code"] == "unsupported_grader"
+    judge = {**score, "name": "judge", "model": "tiny"}
+    ev = sdk.evals.create(
+        name="s", data_source_config=SOURCE, testing_criteria=[CHECK, score, judge]
+    )
+    run = sdk.evals.runs.create(ev.id, data_source=jsonl(rows(1)))
+    none, local, asked = app.state.eval_runs.get(run.id)["spec"]["grading"]
+    models = settings.data_dir / "models"
+    assert none is None
+    assert local["how"] == "local" and local["grader"]["model"] == str(models / "reward")
+    header = {"name": "tiny", "path": str(models / "tiny"), "base": None}
+    assert asked == {"how": "judge", "model": header}
 
 
 def test_file_id_source(sdk, http, app, settings, ev):

@@ -410,8 +410,8 @@ BAD = [
                 "passing_labels": ["good"],
             }
         ),
-        "testing_criteria[0]",
-        "label_model criteria are not available yet",
+        "testing_criteria[0].model",
+        "model not found or not allowed",
     ),
     (
         _criteria({"type": "python", "name": "py", "source": "def grade(s, i): return 1"}),

@@ -1,11 +1,14 @@
 """Graders that run a local model: score_model (a reward model) and cosine similarity.
 
-Only the training process calls these; torch and transformers are imported
-inside the functions, so the API can import the grader registry without them.
+The training process calls these, and so does an eval run's own process (a
+reward model or encoder criterion); torch and transformers are imported inside the
+functions, so the API can import the grader registry without them.
 Models are loaded once per process (``lru_cache``) onto the training device.
 
 score_model departs from OpenAI's: OpenAI prompts a hosted chat model to output
-a grade; posttrain runs a sequence-classification reward model with one label
+a grade (posttrain does that in eval runs only, through its inference workers:
+``trainers.contract.graders.judging``); here posttrain runs a sequence-classification
+reward model with one label
 (``AutoModelForSequenceClassification``, as TRL's reward models are) on the
 rendered conversation and takes its logit as the score, mapped into ``range``
 by ``lo + (hi - lo) * sigmoid(s)`` when one is given. The conversation is

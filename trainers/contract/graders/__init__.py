@@ -4,9 +4,11 @@
 checks a job or an API call runs on them; ``scoring`` scores samples with them (the
 API's ``/graders/run`` runs it in a child with a deadline). Nothing here loads torch:
 the graders that run a local model (``score_model``, cosine similarity) score through
-``trainers/graders/model.py``, in the training process only, and a TRL reward function
-is ``trainers/graders/reward.py``.
+``trainers/graders/model.py``, in the training process or an eval run's process, and a
+TRL reward function is ``trainers/graders/reward.py``.
 
 Modules: ``templates`` (``{{item.x}}``, ``{{sample.output_text}}``), ``expr``
-(the multi grader's formula), ``text`` (torch-free metrics).
+(the multi grader's formula), ``text`` (torch-free metrics), ``judging`` (a generative
+judge's prompt and how its answer is read: eval runs only), ``validate`` (the models a
+grader names, checked at creation).
 """

@@ -20,8 +20,11 @@ Callers:
 
 Graders that run a local model (``score_model``, ``text_similarity`` with
 ``cosine``) score through ``trainers/graders/model.py``, which this module names by
-path and imports only when such a grader is scored: in the training process. The
-API refuses to run them (``needs_model``), so it never loads torch.
+path and imports only when such a grader is scored: in the training process, or in an
+eval run's own process (``workers.evaltasks``). The API refuses to run them
+(``needs_model``), so it never loads torch. Generative judges (``label_model``, a
+``score_model`` of a chat model) are not scored here: an eval run asks them through
+the inference workers and reads their answers with ``judging``.
 """
 
 from __future__ import annotations

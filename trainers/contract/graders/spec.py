@@ -1,16 +1,41 @@
 """Grader specifications: one pydantic model per grader type, a union on ``type``.
 
 Shapes follow OpenAI's graders (``string_check``, ``text_similarity``,
-``score_model``, ``multi``; https://platform.openai.com/docs/guides/graders)
-plus posttrain's own ``math_verify``, ``regex`` and ``length_penalty``. The type
-names are ``GRADER_TYPES``; ``python`` is refused with
-``REFUSED_GRADERS``' reason. Torch-free: the API validates graders with these.
+``score_model``, ``multi``, ``label_model``;
+https://platform.openai.com/docs/guides/graders) plus posttrain's own
+``math_verify``, ``regex`` and ``length_penalty``. The types a training job (and
+``/graders``) may use are ``GRADER_TYPES`` (``parse_grader``); an eval's testing
+criteria may also be ``label_model`` (``parse_criterion``); ``python`` is refused
+with ``REFUSED_GRADERS``' reason. Torch-free: the API validates graders with these.
+
+A ``score_model`` is one of two things, told apart by its ``model`` once the API has
+resolved it for the caller (``validate.is_reward_model``):
+
+* a local sequence-classification reward model with one label (its config's
+  ``architectures`` name a ``...ForSequenceClassification``): its logit is the score,
+  or ``lo + (hi - lo) * sigmoid(logit)`` with a ``range``. Training graders and eval
+  runs score it the same way, in the training process or the eval run's own process;
+  its ``sampling_params`` are accepted and ignored (a classifier does not sample);
+* any other model the caller may use (a base model, an ``ft:`` model, a checkpoint):
+  a generative judge, in eval runs only. Its ``input`` is rendered and sent as a chat
+  completion through posttrain's inference workers; the first number in the answer,
+  clamped to ``range`` (default [0, 1]), is the score (``judging.parse_score``). A
+  training job refuses such a model (it is no sequence classifier).
+
+A ``label_model`` (eval runs only) is a generative judge too: its rendered ``input``
+is sent as a chat completion and the answer is read as one of ``labels``
+(``judging.parse_label``); the score is 1 when that label is one of
+``passing_labels``, else 0. Neither judge adds words to the prompt: it is sent as
+written, so it should name the labels, or ask for a number, itself. Judges sample at
+temperature 0 unless ``sampling_params`` (an extension on ``label_model``) says
+otherwise.
 
 Departures from OpenAI, each refused or documented on its field:
 
-* ``score_model.model`` is a local sequence-classification reward model (a path
-  or a name ``from_pretrained`` resolves offline), not a hosted chat model; its
-  ``sampling_params`` are accepted and ignored (a classifier does not sample).
+* ``label_model`` grades only as an eval's testing criterion of its own: a training
+  job, ``/graders`` and a ``multi`` grader refuse it (they have no inference worker
+  to ask), and so does a ``multi`` grader of an eval for a generative ``score_model``
+  (its sub-graders' models must be local reward models).
 * ``text_similarity``: ``meteor`` is refused (NLTK's METEOR needs WordNet, which
   cannot be installed from PyPI); ``cosine`` needs the extension field
   ``embedding_model``, a local encoder.
@@ -52,6 +77,7 @@ __all__ = [
     "dump_grader",
     "missing_item_fields",
     "needs_model",
+    "parse_criterion",
     "parse_grader",
     "template_fields",
 ]
@@ -77,8 +103,13 @@ SIMILARITY_METRICS = (
     "cosine", "fuzzy_match", "bleu", "gleu", "meteor",
     "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l",
 )  # fmt: skip
+# Graders that ask a generative judge through posttrain's inference workers: eval
+# testing criteria only (``parse_criterion``), never a training job's graders.
+EVAL_ONLY_TYPES: tuple[str, ...] = ("label_model",)
 _UNSUPPORTED = {
-    "label_model": "it needs a generative judge; use score_model with a local reward model",
+    "label_model": "it asks a generative judge through posttrain's inference workers, which "
+    "only eval runs do: use it as a testing criterion of an eval (/v1/evals), on its own, "
+    "not in a training job, /graders or a multi grader",
 }
 
 
@@ -214,35 +245,46 @@ class ScoreModelMessage(_Strict):
 
 
 class SamplingParams(_Strict):
-    """OpenAI's sampling parameters: accepted for compatibility, ignored by a reward model."""
+    """OpenAI's sampling parameters of a model grader. A generative judge samples with
+    them (temperature 0 when unset; ``reasoning_effort`` is accepted and ignored); a
+    reward model ignores them all (it does not sample)."""
 
-    max_completions_tokens: int | None = None
+    max_completions_tokens: int | None = Field(
+        None, ge=1, description="The judge's answer is at most this many tokens."
+    )
     reasoning_effort: str | None = None
     seed: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
 
 
 class ScoreModelGrader(_Base):
-    """The scalar output of a local sequence-classification reward model."""
+    """The scalar output of a local reward model, or (eval runs only) the number a
+    generative judge answers (module docstring)."""
 
     type: Literal["score_model"]
     model: str = Field(
         min_length=1,
-        description="Local reward model (AutoModelForSequenceClassification, one label): a "
-        "path, or a name that loads offline. Loaded only in the training process.",
+        description="A local reward model (AutoModelForSequenceClassification, one label: "
+        "loaded in the training process or an eval run's process), or in an eval's criteria "
+        "any chat model the caller may use, asked through posttrain's inference.",
     )
     input: list[ScoreModelMessage] = Field(
         min_length=1,
-        description="The conversation to score, rendered with the model's chat template; "
-        "usually ends with an assistant turn holding '{{sample.output_text}}'.",
+        description="A reward model: the conversation to score, rendered with its chat "
+        "template; usually ends with an assistant turn holding '{{sample.output_text}}'. A "
+        "judge: the chat messages it is sent, which should ask for a number.",
     )
     range: list[float] | None = Field(
         None,
-        description="[lo, hi]: map the raw score s to lo + (hi - lo) * sigmoid(s). Unset: the "
-        "raw score (OpenAI's default is [0, 1], for a judge that outputs a grade).",
+        description="[lo, hi]. A reward model: map its raw score s to lo + (hi - lo) * "
+        "sigmoid(s); unset: the raw score. A judge: the number it answers is clamped to it "
+        "(default [0, 1]).",
     )
-    sampling_params: SamplingParams | None = Field(None, description="Ignored (no sampling).")
+    sampling_params: SamplingParams | None = Field(
+        None,
+        description="A judge's sampling (temperature 0 when unset); a reward model ignores it.",
+    )
 
     def templates(self) -> list[str]:
         return [t for message in self.input for t in message.texts()]
@@ -252,6 +294,80 @@ class ScoreModelGrader(_Base):
     def _range(cls, value: list[float] | None) -> list[float] | None:
         if value is not None and (len(value) != 2 or value[0] >= value[1]):
             raise ValueError(f"range must be [lo, hi] with lo < hi, got {value}")
+        return value
+
+
+def _label(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a label must have text (not only spaces)")
+    return value
+
+
+Label = Annotated[str, AfterValidator(_label)]
+
+
+def label_key(label: str) -> str:
+    """How labels compare: without surrounding spaces, ignoring case."""
+    return label.strip().casefold()
+
+
+class LabelModelGrader(_Base):
+    """A generative judge picks one of ``labels``: 1 if it is one of ``passing_labels``,
+    else 0. An eval's testing criterion only (``parse_criterion``)."""
+
+    type: Literal["label_model"]
+    model: str = Field(
+        min_length=1,
+        description="The judge: a chat model the caller may use (a base model under a model "
+        "root, an ft: model, a checkpoint), asked through posttrain's inference workers.",
+    )
+    input: list[ScoreModelMessage] = Field(
+        min_length=1,
+        description="The chat messages the judge is sent, with {{item.x}} and "
+        "{{sample.output_text}} filled in; sent as written, so they should name the labels.",
+    )
+    labels: list[Label] = Field(
+        min_length=1,
+        description="The answers the judge may give; distinct ignoring case and surrounding "
+        "spaces.",
+    )
+    passing_labels: list[Label] = Field(
+        min_length=1, description="The labels that pass; each one of 'labels'."
+    )
+    sampling_params: SamplingParams | None = Field(
+        None,
+        description="Extension: the judge's sampling parameters (temperature 0 when unset).",
+    )
+
+    def templates(self) -> list[str]:
+        return [t for message in self.input for t in message.texts()]
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        seen: dict[str, str] = {}
+        for label in value:
+            other = seen.setdefault(label_key(label), label)
+            if other is not label:
+                raise ValueError(
+                    f"labels must be distinct ignoring case and surrounding spaces: {other!r} "
+                    f"and {label!r} are the same answer"
+                )
+        return value
+
+    @field_validator("passing_labels")
+    @classmethod
+    def _subset(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        labels = info.data.get("labels")
+        if labels is None:
+            return value  # the labels' own error is reported
+        known = {label_key(label) for label in labels}
+        outside = [p for p in value if label_key(p) not in known]
+        if outside:
+            raise ValueError(
+                f"every passing label must be one of labels ({', '.join(map(repr, labels))}); "
+                f"not: {', '.join(map(repr, outside))}"
+            )
         return value
 
 
@@ -423,6 +539,26 @@ def parse_grader(raw: Any, param: str = "grader") -> GraderSpec:
         raise InvalidGrader(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
 
 
+CriterionSpec = Union[GraderSpec, LabelModelGrader]  # noqa: UP007  (an eval's criterion)
+_LABEL_ADAPTER: TypeAdapter = TypeAdapter(
+    Annotated[
+        LabelModelGrader,
+        BeforeValidator(at_most(MAX_DEFINITION_BYTES, "a grader definition")),
+    ]
+)
+
+
+def parse_criterion(raw: Any, param: str = "grader") -> CriterionSpec:
+    """An eval's testing criterion: any grader ``parse_grader`` accepts, or a
+    ``label_model`` (which only eval runs can grade); ``InvalidGrader`` names the field."""
+    if not (isinstance(raw, dict) and raw.get("type") in EVAL_ONLY_TYPES):
+        return parse_grader(raw, param)
+    try:
+        return _LABEL_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise InvalidGrader(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
+
+
 def describe_errors(
     exc: ValidationError, locate: Callable[[tuple], str], fallback: str
 ) -> tuple[str, str]:
@@ -461,7 +597,8 @@ def reward_range(grader: GraderSpec) -> tuple[float, float] | None:
 
 
 def needs_model(grader: GraderSpec) -> bool:
-    """True if scoring loads a model (score_model, cosine similarity): training only."""
+    """True if the grader scores with a model (score_model: a reward model or a judge;
+    cosine similarity: an encoder): never in the API process, nor in a bounded child."""
     return any(
         isinstance(g, ScoreModelGrader)
         or (isinstance(g, TextSimilarityGrader) and g.evaluation_metric == "cosine")

@@ -1,14 +1,26 @@
 """Creation-time checks of the models a grader names (torch-free; nothing is loaded).
 
-A ``score_model`` grader's ``model`` must be a one-label sequence classifier directory
-with weights and a tokenizer (``trainers.contract.modelfiles``). Job creation runs this
-on every grader of a GRPO-family job, and ``/graders/validate`` runs the same check, so
-the two answer alike.
+A training job's ``score_model`` must be a one-label sequence classifier directory with
+weights and a tokenizer (``trainers.contract.modelfiles``). Job creation runs this on
+every grader of a GRPO-family job, and ``/graders/validate`` runs the same check, so the
+two answer alike. An eval's testing criteria (``check_criterion_models``) may also name
+a generative judge: a ``label_model``'s model, and a ``score_model`` whose model is no
+sequence classifier (``is_reward_model``); those are asked through inference workers and
+need no file check beyond the caller's model access.
 """
 
 from __future__ import annotations
 
-from trainers.contract.graders.spec import GraderSpec, MultiGrader, ScoreModelGrader
+import json
+from pathlib import Path
+
+from trainers.contract.graders.spec import (
+    CriterionSpec,
+    GraderSpec,
+    LabelModelGrader,
+    MultiGrader,
+    ScoreModelGrader,
+)
 from trainers.contract.modelfiles import check_classifier
 
 
@@ -19,3 +31,37 @@ def check_grader_models(grader: GraderSpec, param: str) -> None:
         if isinstance(sub, ScoreModelGrader):
             where = param + (f".graders.{key}" if key else "") + ".model"
             check_classifier(sub.model, (1,), where, "score_model", needs="a reward model has")
+
+
+def is_reward_model(path: str) -> bool:
+    """True if ``path`` (a resolved model reference) is a local directory whose config
+    names a sequence-classification architecture: a ``score_model`` of it is scored by
+    the model itself. Anything else (a causal LM, a LoRA checkpoint, a hub id) is a
+    generative judge in an eval's criteria."""
+    directory = Path(path)
+    if not directory.is_absolute():
+        return False
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(archs, list) and any(
+        str(a).endswith("ForSequenceClassification") for a in archs
+    )
+
+
+def is_judge(criterion: CriterionSpec) -> bool:
+    """True if the (resolved) criterion asks a generative judge: a label_model, or a
+    score_model whose model is no reward model."""
+    if isinstance(criterion, LabelModelGrader):
+        return True
+    return isinstance(criterion, ScoreModelGrader) and not is_reward_model(criterion.model)
+
+
+def check_criterion_models(criterion: CriterionSpec, param: str) -> None:
+    """An eval's criterion, its models resolved: a judge needs nothing more; a reward
+    model (and every score_model inside a multi grader) must serve as a training job's."""
+    if is_judge(criterion):
+        return
+    check_grader_models(criterion, param)  # type: ignore[arg-type]
