@@ -1,6 +1,6 @@
 """Benchmark: items graded per second by a ``completions`` eval run, posttrain vs a script.
 
-    python -m bench.eval_runs                         # ~9 min on 2 cores
+    python -m bench.eval_runs                         # ~10 min on 2 cores
     python -m bench.eval_runs --quick                 # ~1 min: 50 items, 1 round, no what-ifs
     python -m bench.eval_runs --out r.json --md r.md  # keep every number / the tables
 
@@ -39,18 +39,22 @@ Arms, run alternately for ``--rounds`` rounds (order flipped every round):
 Target: posttrain's items/s (server-side) >= 0.8x the plain script's.
 
 Then, unless ``--no-whatif``, where a row's time goes: each what-if grades a copy of the
-last measured run's first ``--whatif-items`` rows (default 100) stored directly in
-Redis, in a process of its own and without Celery: as shipped (``python -m
-workers.evaltasks RUN_ID``, what the Celery task starts), then the same ``grade_run``
-from a ``python -c`` process (a forked grading child re-runs its parent's ``__main__``
-module, which for ``-c`` is nothing), with one bounded child per row for every
-criterion, and with in-process grading (the variants replace ``workers.evaltasks._grade``
-in their own process only). One grade of each criterion is timed in-process, in a
-bounded child, and in a bounded child whose parent's main module is
-``workers.evaltasks``. The machine's runnable task count is sampled throughout, and the
-CPU seconds of the engine, the front, the API and the eval worker's process tree
-(Celery, its grading child, the grader children) are read around every arm.
-``--out`` writes every sample and the summary as JSON; ``--md`` the tables as Markdown.
+last measured run's first ``--whatif-items`` rows (default 100), ``--whatif-rounds``
+times (default 2, order rotated), stored directly in Redis, in a process of its own and
+without Celery: as shipped (``python -m workers.evaltasks RUN_ID``, what the Celery task
+starts), then the same ``grade_run`` from a ``python -c`` process (a forked grading
+child re-runs its parent's ``__main__`` module, which for ``-c`` is nothing), with one
+bounded child per row for every criterion, each of those two with the next row sampled
+while a row is graded (the worker's sampler called one row ahead on a thread), and with
+in-process grading (the variants replace ``workers.evaltasks._grade`` in their own
+process only). The plain script runs the same rows before, between and after the
+rounds, as their baseline. One grade of each criterion is timed in-process, in a bounded
+child, and in a bounded child whose parent's main module is ``workers.evaltasks``.
+
+The machine's runnable task count is sampled throughout, and the CPU seconds of the
+engine, the front, the API and the eval worker's process tree (Celery, its grading
+child, the grader children) are read around every arm. ``--out`` writes every sample
+and the summary as JSON; ``--md`` the tables as Markdown.
 """
 
 from __future__ import annotations
@@ -392,6 +396,8 @@ WHATIFS = {
     "shipped": "as shipped: `python -m workers.evaltasks`, a bounded child per grade",
     "light-main": "the same code, the grading process's main module not re-run per child",
     "per-row": "one bounded child per row grading every criterion",
+    "light-main+ahead": "a child per grade (main not re-run), the next row sampled meanwhile",
+    "per-row+ahead": "one child per row, the next row sampled while this one is graded",
     "in-process": "grades in-process (no child)",
 }
 CHILD = "import sys, bench.eval_runs as b; b.whatif_child(sys.argv[1], sys.argv[2])"
@@ -447,11 +453,14 @@ def whatif_child(mode: str, arg: str) -> None:
         _say(micro(json.loads(Path(arg).read_text())))
         return
     settings, runs, files = evaltasks._context()
-    if mode == "per-row":
+    if mode.startswith("per-row"):
         evaltasks._grade = PerRowChild()
     elif mode == "in-process":
         evaltasks._grade = scoring.grade_report
-    sampler = evaltasks._http_sampler(runs, settings, runs.get(arg)["spec"])
+    rec = runs.get(arg)
+    sampler = evaltasks._http_sampler(runs, settings, rec["spec"])
+    if mode.endswith("+ahead"):
+        sampler = Ahead(sampler, rec, evaltasks.input_messages)
     sample_s: list[float] = []
 
     def timed(messages):
@@ -464,6 +473,36 @@ def whatif_child(mode: str, arg: str) -> None:
     t0 = time.perf_counter()
     outcome = evaltasks.grade_run(arg, runs, files, settings, sampler=timed)
     _say({"outcome": outcome, "seconds": time.perf_counter() - t0, "sample_s": sample_s})
+
+
+class Ahead:
+    """The worker's sampler, one row ahead: asked for row k's answer, it also starts row
+    k+1's request on a thread, so the engine generates it while row k is graded and
+    stored. ``grade_run`` asks for the rows in order; a row asked out of turn (or whose
+    messages differ) is sampled directly. Timed: the wait for an answer."""
+
+    def __init__(self, sampler, rec: dict, render_messages):
+        from concurrent.futures import ThreadPoolExecutor
+
+        spec = rec["spec"]
+        rows = rec["data_source"]["source"]["content"]
+        self.messages = [render_messages(spec["input_messages"], r["item"]) for r in rows]
+        self.sampler, self.next = sampler, 0
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.futures: dict[int, Any] = {}
+
+    def _start(self, k: int) -> None:
+        if k < len(self.messages) and k not in self.futures:
+            self.futures[k] = self.pool.submit(self.sampler, self.messages[k])
+
+    def __call__(self, messages):
+        k = self.next
+        self.next += 1
+        if k >= len(self.messages) or self.messages[k] != messages:
+            return self.sampler(messages)
+        self._start(k)
+        self._start(k + 1)
+        return self.futures.pop(k).result()
 
 
 def micro(pairs: list[list]) -> dict:
@@ -508,9 +547,13 @@ def _child_out(proc: subprocess.CompletedProcess, what: str) -> dict:
     return json.loads(lines[-1][3:])
 
 
-def whatifs(r, prefix: str, penv: dict, measured: dict, eval_id: str, n: int, work: Path) -> dict:
-    """Each ``WHATIFS`` variant grades its own copy of the measured run's first ``n`` rows;
-    items/s from its process start to the run's ``completed``."""
+def whatifs(
+    r, prefix: str, penv: dict, measured: dict, eval_id: str, n: int, work: Path, rounds: int, plain
+) -> dict:
+    """Each ``WHATIFS`` variant grades its own copy of the measured run's first ``n`` rows,
+    once per round (order rotated); items/s from its process start to the run's
+    ``completed``. ``plain()`` (items/s of the plain script on the same rows) runs before
+    every round and after the last."""
     from workers.evalruns import EvalRunStore
 
     runs = EvalRunStore(r, prefix)
@@ -533,43 +576,64 @@ def whatifs(r, prefix: str, penv: dict, measured: dict, eval_id: str, n: int, wo
         text=True,
         timeout=600,
     )
-    out: dict[str, Any] = {"micro": _child_out(proc, "the micro what-if"), "variants": {}}
-    for mode, name in WHATIFS.items():
-        run = runs.create(
-            eval_id=eval_id,
-            name=f"what-if {mode}",
-            model=rec["model"],
-            data_source=ds,
-            spec=rec["spec"],
-            total=n,
-            tenant=rec["tenant"],
-        )
-        if mode == "shipped":
-            argv = [sys.executable, "-m", "workers.evaltasks", run["id"]]
-        else:
-            argv = [sys.executable, "-c", CHILD, mode, run["id"]]
-        t0 = time.time()
-        with RunWatch(r, runs.k_run(run["id"])) as watch:
-            proc = subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BenchError(f"what-if {mode} exited {proc.returncode}: {proc.stderr[-1500:]}")
-        got = runs.get(run["id"])
-        first, last, done = watch.first_row_at(), watch.last_row_at(), watch.status.get("completed")
-        v: dict[str, Any] = {
-            "name": name,
-            "status": got["status"],
-            "seconds": (done or time.time()) - t0,
-            "start_s": (first - t0) if first else None,
-            "per_row_ms": (last - first) / max(n - 1, 1) * 1e3 if first and last else None,
-            "counts": [got["passed"], got["failed"], got["errored"]],
+    out: dict[str, Any] = {"micro": _child_out(proc, "the micro what-if"), "plain_items_s": []}
+    runs_of: dict[str, list[dict]] = {mode: [] for mode in WHATIFS}
+    modes = list(WHATIFS)
+    for i in range(rounds):
+        out["plain_items_s"].append(plain())
+        for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
+            runs_of[mode].append(_whatif(r, runs, rec, ds, mode, n, env, root, eval_id))
+    out["plain_items_s"].append(plain())
+    med = statistics.median
+    out["variants"] = {
+        mode: {
+            "name": WHATIFS[mode],
+            "runs": got,
+            "items_s": med(v["items_s"] for v in got),
+            "start_s": med(v["start_s"] for v in got),
+            "per_row_ms": med(v["per_row_ms"] for v in got),
+            "counts": got[-1]["counts"],
+            **({"sample_ms": med(v["sample_ms"] for v in got)} if mode != "shipped" else {}),
         }
-        v["items_s"] = n / v["seconds"]
-        if mode != "shipped":
-            child = _child_out(proc, f"what-if {mode}")
-            v["sample_ms"] = statistics.mean(child["sample_s"]) * 1e3
-        out["variants"][mode] = v
-        runs.delete(run["id"])
+        for mode, got in runs_of.items()
+    }
     return out
+
+
+def _whatif(r, runs, rec, ds, mode: str, n: int, env: dict, root: str, eval_id: str) -> dict:
+    run = runs.create(
+        eval_id=eval_id,
+        name=f"what-if {mode}",
+        model=rec["model"],
+        data_source=ds,
+        spec=rec["spec"],
+        total=n,
+        tenant=rec["tenant"],
+    )
+    if mode == "shipped":
+        argv = [sys.executable, "-m", "workers.evaltasks", run["id"]]
+    else:
+        argv = [sys.executable, "-c", CHILD, mode, run["id"]]
+    t0 = time.time()
+    with RunWatch(r, runs.k_run(run["id"])) as watch:
+        proc = subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"what-if {mode} exited {proc.returncode}: {proc.stderr[-1500:]}")
+    got = runs.get(run["id"])
+    first, last, done = watch.first_row_at(), watch.last_row_at(), watch.status.get("completed")
+    if got["status"] != "completed" or not (first and last and done):
+        raise BenchError(f"what-if {mode}: the run ended {got['status']}")
+    v: dict[str, Any] = {
+        "seconds": done - t0,
+        "start_s": first - t0,
+        "per_row_ms": (last - first) / max(n - 1, 1) * 1e3,
+        "counts": [got["passed"], got["failed"], got["errored"]],
+    }
+    v["items_s"] = n / v["seconds"]
+    if mode != "shipped":
+        v["sample_ms"] = statistics.mean(_child_out(proc, f"what-if {mode}")["sample_s"]) * 1e3
+    runs.delete(run["id"])
+    return v
 
 
 # --------------------------------------------------------------------------- the bench
@@ -706,11 +770,13 @@ def run(a: argparse.Namespace, work: Path) -> dict:
                 mark = load.mark()
                 n = min(a.whatif_items or 100, a.items)
                 last = res["rounds"][-1]["posttrain"]
-                # the plain script again, before and after: the what-ifs' own baseline
-                before = plain_run(entry["url"], header, items[:n], sampling)
-                res["whatif"] = whatifs(r, prefix, penv, last, ev.id, n, work)
-                after = plain_run(entry["url"], header, items[:n], sampling)
-                res["whatif"]["plain_items_s"] = [n / before["seconds"], n / after["seconds"]]
+
+                def plain(n=n):  # the what-ifs' own baseline, between their rounds
+                    return n / plain_run(entry["url"], header, items[:n], sampling)["seconds"]
+
+                res["whatif"] = whatifs(
+                    r, prefix, penv, last, ev.id, n, work, a.whatif_rounds, plain
+                )
                 res["whatif"]["items"] = n
                 res["whatif"]["runnable"] = load.mean_since(mark)
                 for mode, v in res["whatif"]["variants"].items():
@@ -855,17 +921,18 @@ def tables(res: dict, s: dict, a: argparse.Namespace) -> str:
     if w:
         out += [
             "",
-            f"What-ifs ({w['items']} items each): the worker's own `grade_run` on a run "
-            "stored directly in Redis, in a process of its own (no API, no Celery); items/s "
-            "from that process's start to the run's `completed`; vs plain: vs the plain "
-            f"script on the same rows just before and after them "
+            f"What-ifs ({w['items']} items each, {a.whatif_rounds} round(s), medians): the "
+            "worker's own `grade_run` on a run stored directly in Redis, in a process of its "
+            "own (no API, no Celery); items/s from that process's start to the run's "
+            "`completed`; vs plain: vs the median of the plain script on the same rows "
+            f"before, between and after the rounds "
             f"({fmt(f'{x:.2f}' for x in w['plain_items_s'])} items/s):",
             "",
             "| grading process | items/s | vs plain | start ms | ms per row | "
             "ms per sample | passed/failed/errored |",
             "|---|--:|--:|--:|--:|--:|--:|",
         ]
-        base = statistics.mean(w["plain_items_s"])
+        base = statistics.median(w["plain_items_s"])
         for v in w["variants"].values():
             sample = f"{v['sample_ms']:.1f}" if "sample_ms" in v else "-"
             out.append(
@@ -918,6 +985,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--whatif-items", type=int, default=None, help="rows per what-if run (default 100)"
     )
+    p.add_argument("--whatif-rounds", type=int, default=2, help="runs of each what-if")
     p.add_argument("--out", type=Path, default=None, help="write every sample as JSON here")
     p.add_argument("--md", type=Path, default=None, help="write the tables as Markdown here")
     p.add_argument("--keep", type=Path, default=None, help="work dir to keep (default: temp)")
