@@ -244,7 +244,7 @@ OwnedRun = Annotated[dict, Depends(_run_of_path)]
 
 
 # ---- routes
-@router.post("", response_model=EvalRunObject)
+@router.post("", response_model=EvalRunObject, status_code=201)
 def create(
     body: RunCreateRequest,
     ev: OwnedEval,
@@ -393,7 +393,7 @@ def list_runs(
         recs, more = runs.list(ev["id"], after, limit, order=order, status=status)
     except EvalRunNotFound:
         raise not_found("eval run", after or "", "after") from None
-    return page([run_object(r, request) for r in recs], more)
+    return page([run_object(r, request) for r in recs], more, empty_id="")
 
 
 @router.get("/{run_id}", response_model=EvalRunObject)
@@ -502,7 +502,7 @@ def list_output_items(
         if start is None or runs.item(run["id"], start) is None:
             raise not_found("output item", after, "after")
     items, more = runs.items(run["id"], start, limit, order=order, status=status)
-    return page([OutputItemObject.model_validate(i) for i in items], more)
+    return page([OutputItemObject.model_validate(i) for i in items], more, empty_id="")
 
 
 @router.get("/{run_id}/output_items/{output_item_id}", response_model=OutputItemObject)
@@ -674,6 +674,15 @@ def _sampling(params: Any, max_tokens: int) -> dict[str, Any]:
         return {}
     if not isinstance(params, dict):
         raise _bad(f"{at} must be an object", at)
+    params = dict(params)
+    fmt = params.pop("response_format", None)
+    if fmt is not None and fmt != {"type": "text"}:  # text is what every run answers
+        raise _bad(
+            f"{at}.response_format: only {{'type': 'text'}} is supported (the engines on CPU "
+            "hosts cannot constrain answers to a format)",
+            f"{at}.response_format",
+            "unsupported_parameter",
+        )
     extra = next((k for k in params if k not in SAMPLING), None)
     if extra is not None:
         raise _bad(

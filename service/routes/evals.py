@@ -244,7 +244,7 @@ OwnedEval = Annotated[dict, Depends(_eval_of_path)]
 
 
 # ---- routes
-@router.post("", response_model=EvalObject, responses=error_responses(429))
+@router.post("", response_model=EvalObject, status_code=201, responses=error_responses(429))
 async def create(
     body: EvalCreateRequest, request: Request, tenant: TenantDep, evals: EvalsDep
 ) -> EvalObject:
@@ -277,7 +277,7 @@ def list_evals(
         )
     except EvalNotFound:
         raise not_found("eval", after or "", "after") from None
-    return page([eval_object(r) for r in recs], more)
+    return page([eval_object(r) for r in recs], more, empty_id="")
 
 
 @router.get("/{eval_id}", response_model=EvalObject, responses=error_responses(404))

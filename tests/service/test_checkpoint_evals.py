@@ -92,7 +92,7 @@ def upload(client, key: str, rows: list, purpose: str) -> str:
 
 def new_eval(client, key: str) -> str:
     resp = client.post("/v1/evals", json=EVAL, headers=auth(key))
-    assert resp.status_code == 200, resp.text
+    assert resp.status_code == 201, resp.text
     return resp.json()["id"]
 
 

@@ -225,8 +225,8 @@ def test_list_answers_openai_page(sdk, http):
         "object": "list",
         "data": [],
         "has_more": False,
-        "first_id": None,
-        "last_id": None,
+        "first_id": "",  # strings on an empty page too, as OpenAI's OpenAPI document says
+        "last_id": "",
     }
 
 

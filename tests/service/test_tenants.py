@@ -149,7 +149,7 @@ def build_world(client, app, settings) -> World:
             "data_source": {"type": "jsonl", "source": {"type": "file_content", "content": content}}
         },
     )
-    assert resp.status_code == 200, resp.text
+    assert resp.status_code == 201, resp.text
     world.extra["run_id"] = run_id = resp.json()["id"]
     assert grade_run(run_id, app.state.eval_runs, app.state.files, settings) == "completed"
     world.extra["output_item_id"] = app.state.eval_runs.item(run_id, 0)["id"]
@@ -201,7 +201,7 @@ def create_eval(client, who, name="e") -> str:
             ],
         },
     )
-    assert resp.status_code == 200, resp.text
+    assert resp.status_code == 201, resp.text
     return resp.json()["id"]
 
 
@@ -409,7 +409,7 @@ def _create_run(client, app, w):
     # B's run under B's eval is not reachable through A's eval either
     eid_b = create_eval(client, "b")
     resp = client.post(f"/v1/evals/{eid_b}/runs", json=body, headers=as_("b"))
-    assert resp.status_code == 200, resp.text
+    assert resp.status_code == 201, resp.text
     assert (
         client.get(f"/v1/evals/{eid}/runs/{resp.json()['id']}", headers=as_("a")).status_code == 404
     )
