@@ -79,6 +79,9 @@ class Limits:
         being tokenized: the engines' tokenizers never make more tokens of a text than it
         has bytes (byte-level BPE, or byte fallback). Without ``max_tokens``, a reply may
         use the context that bound leaves (up to the server's bound)."""
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+            # OpenAI's newer name: the same bound (else the context's rest would be set)
+            body = {**body, "max_tokens": body["max_completion_tokens"]}
         tokenizer, context = await self._tokenizer(target.model)
         asked = body.get("max_tokens")
         if context is not None:
