@@ -278,15 +278,6 @@ def test_a_base_model_is_served_by_vllm_with_lora_on_and_answers_in_the_callers_
     assert len(world.starts()) == 1 and len(front.engine.processes()) == 1
 
 
-def test_max_completion_tokens_bounds_the_answer_as_max_tokens_does(world):
-    """OpenAI's newer name for the bound reaches the engine as ``max_tokens``; before, the
-    front set the context's rest as ``max_tokens`` and the caller's bound was dropped."""
-    front = world.front()
-    r = front.post(world.base_ref(), chat(max_completion_tokens=3))
-    assert r.status_code == 200, r.text
-    assert world.events(route="chat/completions")[-1]["body"]["max_tokens"] == 3
-
-
 def test_an_adapter_is_loaded_once_into_its_bases_server(world):
     front = world.front()
     greedy = chat("What is two plus two?", temperature=0, max_tokens=8)
