@@ -75,6 +75,7 @@ RESPONSE_TEMPLATE = {
     "fields": {"content": {"close_pattern": r"<\|end\|>", "content": "text"}},
 }
 
+
 def _corpus_lines() -> list[str]:
     """The bundled tokenizer training text, read as package data."""
     text = resources.files("trainers").joinpath("assets/corpus.txt").read_text(encoding="utf-8")

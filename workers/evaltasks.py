@@ -23,8 +23,9 @@ the reason). The task itself grades in a child process (``run_eval``).
 How a criterion is graded is the run spec's ``grading`` (decided by the API, which
 resolved its models for the tenant):
 
-* graders that load no model: each grade in a bounded child (``run_isolated``: time and
-  memory capped), so a pathological sample costs one errored row, never the worker;
+* graders that load no model: a row's are graded together in one bounded child
+  (``run_isolated_many``: time and memory capped; one process start per row, not per
+  criterion), so a pathological sample costs one errored row, never the worker;
 * ``local``: a reward model (``score_model``) or an encoder (cosine ``text_similarity``),
   loaded once in this run's own process, which has no memory cap (torch needs more than
   a bounded child may have);
@@ -78,7 +79,12 @@ from trainers.contract.graders.judging import (
     parse_label,
     parse_score,
 )
-from trainers.contract.graders.scoring import GradeReport, grade_report, run_isolated
+from trainers.contract.graders.scoring import (
+    GradeReport,
+    grade_report,
+    run_isolated,
+    run_isolated_many,
+)
 from trainers.contract.graders.spec import (
     LabelModelGrader,
     needs_model,
@@ -508,6 +514,12 @@ def _graders(spec: dict[str, Any]) -> list[Criterion]:
     return out
 
 
+def _grade_bounded(criteria: list[Criterion], item: Any, text: str) -> list[GradeReport]:
+    """The criteria that load no model, on one row, in one bounded child (time and memory
+    capped): a pathological sample errs the row's criteria, never the worker."""
+    return run_isolated_many([c.grader for c in criteria], item, text)
+
+
 def _grade(c: Criterion, item: Any, text: str, judge: Judge | None, increments: dict):
     """One criterion on one row: its report and what the result adds (a judge's sample)."""
     if c.how == "judge":
@@ -632,8 +644,14 @@ def _output_item(run, spec, graders, index, row, sampler, judge=None):
     results: list[dict[str, Any]] = []
     errored = text is None
     if not errored:
+        # the criteria that load no model: graded together in one bounded child
+        bounded = [c for c in graders if c.how == "bounded"]
+        reports = dict(zip(map(id, bounded), _grade_bounded(bounded, item, text), strict=True))
         for i, c in enumerate(graders):
-            report, extra = _grade(c, item, text, judge, increments)
+            if c.how == "bounded":
+                report, extra = reports[id(c)], {}
+            else:
+                report, extra = _grade(c, item, text, judge, increments)
             hard = {f: d for f, d in report.errors.items() if f in HARD_FLAGS}
             ok = not hard and passes(c.kind, report.reward, c.threshold)
             errored = errored or bool(hard)

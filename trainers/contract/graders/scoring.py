@@ -252,6 +252,47 @@ _PRELOAD = [
 ]
 
 
+def _grade_each(payloads: list[dict], item: Any, sample_text: str) -> list[GradeReport]:
+    return [grade_report(p, item, sample_text) for p in payloads]
+
+
+def run_isolated_many(
+    graders: list[GraderSpec], item: Any, sample_text: str, timeout_s: float = RUN_TIMEOUT_S
+) -> list[GradeReport]:
+    """``run_isolated`` for several graders of one sample in one child (one process start
+    instead of one per grader: the start costs more than most grades). The child has
+    ``timeout_s`` per grader and the same memory cap; if it times out, runs out of memory
+    or dies, every grader of the call gets that error."""
+    if not graders:
+        return []
+    payloads = [g.model_dump(mode="json") for g in graders]
+    total = timeout_s * len(graders)
+    out = run_bounded(
+        _grade_each,
+        (payloads, item, sample_text),
+        timeout_s=total,
+        memory_bytes=RUN_MEMORY_BYTES,
+        preload=_PRELOAD,
+    )
+    if out.kind == "ok":
+        return out.value
+    return [_failed(out, total)] * len(graders)
+
+
+def _failed(out: Any, timeout_s: float) -> GradeReport:
+    if out.kind == "timeout":
+        detail = f"the grader did not finish within {timeout_s:g}s"
+        flag = "unresponsive_reward_error"
+    elif out.kind == "memory":
+        detail = f"the grader needed more than {RUN_MEMORY_BYTES >> 20} MiB"
+        flag = "other_error"
+    elif out.kind == "error":
+        detail, flag = out.detail, "other_error"
+    else:
+        detail, flag = f"the grader process exited ({out.detail})", "other_error"
+    return GradeReport(reward=0.0, errors={flag: detail}, execution_time=out.seconds)
+
+
 def run_isolated(
     grader: GraderSpec, item: Any, sample_text: str, timeout_s: float = RUN_TIMEOUT_S
 ) -> GradeReport:
@@ -273,14 +314,4 @@ def run_isolated(
     )
     if out.kind == "ok":
         return out.value
-    if out.kind == "timeout":
-        detail = f"the grader did not finish within {timeout_s:g}s"
-        flag = "unresponsive_reward_error"
-    elif out.kind == "memory":
-        detail = f"the grader needed more than {RUN_MEMORY_BYTES >> 20} MiB"
-        flag = "other_error"
-    elif out.kind == "error":
-        detail, flag = out.detail, "other_error"
-    else:
-        detail, flag = f"the grader process exited ({out.detail})", "other_error"
-    return GradeReport(reward=0.0, errors={flag: detail}, execution_time=out.seconds)
+    return _failed(out, timeout_s)
