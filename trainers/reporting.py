@@ -40,9 +40,12 @@ class Reporter:
         self.journal_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def send(self, msg: m.ReportMessage) -> None:
-        self.sent.append(msg)
+        if self.fd is None or msg.type != "samples":  # a long run's samples add up
+            self.sent.append(msg)
         line = m.encode(msg)
-        if self.journal_fd is not None:
+        # samples stay out of the journal: its replay recovers metrics, and sample texts
+        # would make it the largest file of a long run
+        if self.journal_fd is not None and msg.type != "samples":
             _write_all(self.journal_fd, line)
         if self.fd is not None:
             _write_all(self.fd, line)
@@ -72,6 +75,9 @@ class Reporter:
 
     def error(self, code: str, message: str, param: str | None = None) -> None:
         self.send(m.Error(code=code, message=message, param=param))
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.send(m.Samples(step=step, rows=rows))
 
 
 def _write_all(fd: int, data: bytes) -> None:
