@@ -3,7 +3,8 @@
 Every object carries every field the official ``openai`` SDK's model declares
 (``FineTuningJob``, ``FileObject``, ``FineTuningJobEvent``,
 ``FineTuningJobCheckpoint``); posttrain's extensions are extra fields in the
-same objects (``training_type``, ``resources``, ``suffix``, ``attempt``).
+same objects (``training_type``, ``resources``, ``suffix``, ``attempt``), or objects of
+their own (``JobSample``).
 """
 
 from __future__ import annotations
@@ -112,12 +113,35 @@ class JobCheckpoint(BaseModel):
     step_number: int
 
 
+class JobSample(BaseModel):
+    """Extension: one sampled completion of an RL job's rollout batch, with its scores."""
+
+    id: str
+    object: Literal["fine_tuning.job.sample"] = "fine_tuning.job.sample"
+    created_at: int
+    step: int = Field(description="The optimizer step the rollout batch trained.")
+    prompt: str = Field(description="The prompt's tokens as the model saw them, decoded.")
+    completion: str = Field(description="The completion's text as the graders read it.")
+    reward: float | None = Field(description="The graders' rewards, weighted and summed.")
+    rewards: dict[str, float | None] = Field(description="Each grader's reward, by name.")
+    advantage: float | None = Field(description="The advantage the loss used.")
+    group: int | None = Field(None, description="The prompt's group in the rollout batch.")
+    completion_tokens: int | None = None
+    truncated: bool | None = Field(None, description="Cut at max_completion_length.")
+
+
 class Page(BaseModel):
     object: Literal["list"] = "list"
     data: list[Any]
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class SamplePage(Page):
+    """A page of an RL job's samples (extension)."""
+
+    data: list[JobSample]
 
 
 class FilePage(Page):
@@ -220,3 +244,7 @@ def checkpoint_object(job_id: str, meta: dict[str, Any]) -> JobCheckpoint:
         metrics=CheckpointMetrics(**meta["metrics"]),
         step_number=meta["step"],
     )
+
+
+def sample_object(stream_id: str, row: dict[str, Any]) -> JobSample:
+    return JobSample.model_validate({**row, "id": f"ftsample-{stream_id}"})

@@ -8,7 +8,9 @@
    has the head afterwards, refuses LoRA on the LM head, and installs
    ``forbid_full_logits``, so a code path that builds ``[tokens x vocab]`` logits
    with gradients on fails loudly in tests instead of silently costing memory.
-2. Progress reaches the job record only through ``trainers.callbacks.ReportingCallback``.
+2. Progress reaches the job record only through ``trainers.callbacks.ReportingCallback``
+   (and samples of a method's scored rollouts through ``sample_recorder``, a
+   ``trainers.samples.SampleRecorder`` on the same reporter).
 3. State a trainer keeps beside the Trainer's own (BCO's running mean, a rollout
    planner's history, a judge's random state, OREO's value model) is saved into every
    checkpoint and restored on resume through one hook: a trainer names its
@@ -31,6 +33,7 @@ from typing import Any, ClassVar
 from trainers.contract.checkpoints import checkpoint_dir
 from trainers.fused_head import install_fused_head, use_posttrain_kernel
 from trainers.logprobs import TokenLogprobs, causal_lm_logprobs, forbid_full_logits
+from trainers.samples import SampleRecorder
 
 # Inputs a collator may add that the model's forward does not take.
 _NOT_FOR_MODEL = {
@@ -89,6 +92,11 @@ class PosttrainTrainerMixin:
 
     def on_train_start(self) -> None:
         """Runs once per ``train()``, after a resumed run's extra state is loaded."""
+
+    # ------------------------------------------------------------ samples of rollouts
+    # Set by the runner in the reporting process of a job that records samples; a
+    # trainer of such a method hands it the rows of the rollout batches it scores.
+    sample_recorder: SampleRecorder | None = None
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

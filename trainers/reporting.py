@@ -2,8 +2,8 @@
 
 The trainer knows nothing of Redis or Celery. Whoever starts it (the worker's
 supervisor, or a test) passes a writable fd; every message is one of the models
-in ``trainers.contract.messages``, written as one JSON line with a single ``os.write`` so
-lines never interleave.
+in ``trainers.contract.messages``, written whole as one JSON line by the run's one
+reporting process, so lines never interleave.
 
 Control flows the other way as one signal: SIGUSR1 asks the trainer to pause,
 that is, to save a resumable checkpoint at the next step boundary and exit
@@ -40,12 +40,15 @@ class Reporter:
         self.journal_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def send(self, msg: m.ReportMessage) -> None:
-        self.sent.append(msg)
+        if self.fd is None or msg.type != "samples":  # a long run's samples add up
+            self.sent.append(msg)
         line = m.encode(msg)
-        if self.journal_fd is not None:
-            os.write(self.journal_fd, line)
+        # samples stay out of the journal: its replay recovers metrics, and sample texts
+        # would make it the largest file of a long run
+        if self.journal_fd is not None and msg.type != "samples":
+            _write_all(self.journal_fd, line)
         if self.fd is not None:
-            os.write(self.fd, line)
+            _write_all(self.fd, line)
 
     def event(self, message: str, level: str = "info", **data: Any) -> None:
         self.send(m.Event(level=level, message=message, data=data or None))
@@ -72,6 +75,17 @@ class Reporter:
 
     def error(self, code: str, message: str, param: str | None = None) -> None:
         self.send(m.Error(code=code, message=message, param=param))
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.send(m.Samples(step=step, rows=rows))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``: a line longer than the pipe's buffer may be taken in parts
+    (a signal such as the pause request can end a blocked write early)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def main_process() -> bool:

@@ -5,7 +5,8 @@ its row mapping (JSONL rows -> the records its trainer takes) and its trainer
 class (a TRL trainer with ``PosttrainTrainerMixin`` first). Everything else is
 here, once: reading the job's files, the tokenizer and model, the settings every
 method shares (output dir, seed, epochs, batch size, learning rate and schedule,
-logging, checkpoint interval, device), LoRA, the reporting callback, resuming from
+logging, checkpoint interval, device), LoRA, the reporting callback (and the samples
+recorder of a method that records samples), resuming from
 the newest complete checkpoint, pausing at a step boundary, and the typed
 ``RunResult``.
 """
@@ -23,7 +24,8 @@ from trainers.contract.hparams import CommonHyperparameters
 from trainers.contract.plan import RunPlan
 from trainers.models import load_causal_lm, load_tokenizer, lora_config, pick_device_dtype
 from trainers.records import build_dataset, read_rows
-from trainers.reporting import PauseRequest, Reporter
+from trainers.reporting import PauseRequest, Reporter, main_process
+from trainers.samples import SampleRecorder
 
 
 @dataclass
@@ -174,6 +176,9 @@ def run_method(
         callbacks=[callback, diverged],
         **method.trainer_kwargs(plan, model, data),
     )
+    every, rows = spec.sampling()
+    if every and main_process():
+        trainer.sample_recorder = SampleRecorder(reporter, every, rows)
     resume = resumable_checkpoint(plan.output_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if diverged.step is not None:

@@ -4,9 +4,11 @@ The training process writes one typed message per line to a pipe
 (``trainers.contract.messages``, parsed here with the same models). This module is the
 only place those messages meet Redis. A line that is not a valid message ends
 the run as failed with ``invalid_report`` (``RunOutcome.invalid``) rather than
-crashing the supervisor or storing something the API cannot serve. Metrics go
-to the metrics stream and as ``metrics`` events, checkpoints to the checkpoint
-list, progress to the record (trained tokens, estimated end).
+crashing the supervisor or storing something the API cannot serve; an invalid samples
+line is only logged and skipped, since samples are for reading, never for running.
+Metrics go to the metrics stream and as ``metrics`` events, checkpoints to the
+checkpoint list, samples of an RL job's rollouts to its samples stream, progress to the
+record (trained tokens, estimated end).
 
 Checkpoint retention happens here too: a checkpoint report arrives only after its
 save returned and the checkpoint was marked complete, so that is when the older
@@ -19,6 +21,7 @@ gets a run of it per checkpoint (``on_checkpoint``: ``workers.ckptevals``).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -56,8 +59,17 @@ class RunOutcome:
     lines: int = 0
     error: dict[str, Any] | None = None
     invalid: bool = False  # a line was not a valid report message
+    skipped_samples: int = 0  # invalid samples lines, skipped without failing the run
     last_metrics: dict[str, float] = field(default_factory=dict)
     checkpoints: int = 0
+
+
+def _is_samples(line: str) -> bool:
+    """Whether an invalid report line is (or starts as) a samples report."""
+    try:
+        return json.loads(line).get("type") == "samples"
+    except (ValueError, AttributeError, RecursionError):  # not JSON, or cut short
+        return line.lstrip().startswith(('{"type":"samples"', '{"type": "samples"'))
 
 
 def model_label(model: str) -> str:
@@ -89,10 +101,14 @@ class ReportIngest:
         self._first_step: int | None = None
 
     def handle_line(self, line: str) -> None:
-        """Apply one report line; an invalid one marks the run failed (once)."""
+        """Apply one report line; an invalid one marks the run failed (once), except an
+        invalid samples line, which is skipped (``_skip_samples``)."""
         try:
             msg = m.parse_report(line)
         except m.InvalidReport as exc:
+            if _is_samples(line):
+                self._skip_samples(exc)
+                return
             log.warning("job %s: invalid report line: %s", self.job_id, exc)
             if not self.outcome.invalid:
                 self.outcome.invalid = True
@@ -104,6 +120,23 @@ class ReportIngest:
             return
         getattr(self, f"_on_{msg.type}")(msg)
         self.outcome.lines += 1
+
+    def _skip_samples(self, exc: m.InvalidReport) -> None:
+        """Samples are for reading, never for running: a report of them that does not
+        validate is logged and dropped, and the job goes on (its events say so once)."""
+        log.warning("job %s: skipped an invalid samples report: %s", self.job_id, exc)
+        self.outcome.skipped_samples += 1
+        if self.outcome.skipped_samples == 1:
+            self.store.add_event(
+                self.job_id,
+                "A samples report of the training process was invalid and skipped; training "
+                "goes on (the worker's log says why)",
+                level="warn",
+            )
+
+    def _on_samples(self, msg: m.Samples) -> None:
+        rows = [r.model_dump(mode="json") for r in msg.rows]
+        self.store.add_samples(self.job_id, msg.step, rows)
 
     def _on_event(self, msg: m.Event) -> None:
         self.store.add_event(self.job_id, msg.message, level=msg.level, data=msg.data)

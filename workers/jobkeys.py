@@ -6,6 +6,8 @@ Keys (all under the settings' ``key_prefix``):
   job:{id}:events       stream (bounded, MAXLEN ~) of fine_tuning.job.event payloads
   job:{id}:metrics      stream (bounded, MAXLEN ~) of per-step metric dicts; entry id
                         ``{step}-1``, so a step cursor is a stream-id cursor
+  job:{id}:samples      stream (bounded, MAXLEN ~) of sampled rollout rows of an RL job
+                        (prompt, completion, rewards, advantage); entry id ``{step}-{n}``
   job:{id}:checkpoints  list of checkpoint metadata JSON, oldest first (pruned to the
                         job's retention: the newest N plus the final one)
   leased                sorted set of jobs holding a lease, by expiry (the reaper's index)
@@ -20,7 +22,7 @@ Keys (all under the settings' ``key_prefix``):
                         status compare-and-set (``workers.webhooks`` lists its other keys)
 
 ``JobKeys`` holds the client and the prefix; ``workers.jobstate`` (status changes and
-leases) and ``workers.jobstreams`` (events, metrics, checkpoints) build on it, and
+leases) and ``workers.jobstreams`` (events, metrics, samples, checkpoints) build on it, and
 ``workers.store.JobStore`` combines them.
 """
 

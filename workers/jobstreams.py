@@ -1,4 +1,4 @@
-"""A job's events and metrics streams and its checkpoint list in Redis.
+"""A job's events, metrics and samples streams and its checkpoint list in Redis.
 
 Every write is Lua that first checks the job's hash exists, so a late write from a
 worker never recreates a deleted job's keys. Callers use these through
@@ -113,12 +113,40 @@ return 0
 """
 
 
-class JobStreams(JobKeys):
-    """Events (newest first), per-step metrics (a step cursor) and checkpoint metadata."""
+# KEYS: job hash, samples stream. ARGV: step, maxlen, then one row JSON per entry.
+# Entry ids are ``{step}-{n}`` (n from 1, per report), so a row's id is a cursor and a step
+# is an id range. A report at or below the newest step is a resumed attempt re-running
+# steps after its checkpoint: the lost attempt's rows from that step on go first (as
+# _ADD_METRICS does).
+_ADD_SAMPLES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local step = tonumber(ARGV[1])
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if top and tonumber(string.match(top[1], '^(%d+)-')) >= step then
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', '+')) do
+    redis.call('XDEL', KEYS[2], e[1])
+  end
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+  redis.call('XSETID', KEYS[2], last and last[1] or '0-0')
+end
+for i = 3, #ARGV do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], ARGV[1] .. '-' .. (i - 2), 'row', ARGV[i])
+end
+return #ARGV - 2
+"""
 
-    # Stream bounds (XADD MAXLEN ~; settings ``events_maxlen``/``metrics_maxlen`` override).
+_ID_MAX = 2**64 - 1  # the largest sequence number of a stream id
+
+
+class JobStreams(JobKeys):
+    """Events (newest first), per-step metrics (a step cursor), samples of RL rollouts
+    (oldest first, a row cursor) and checkpoint metadata."""
+
+    # Stream bounds (XADD MAXLEN ~; the settings ``events_maxlen``, ``metrics_maxlen`` and
+    # ``samples_maxlen`` override).
     events_maxlen = 10_000
     metrics_maxlen = 100_000
+    samples_maxlen = 2_000
 
     def __init__(
         self,
@@ -127,11 +155,14 @@ class JobStreams(JobKeys):
         *,
         events_maxlen: int | None = None,
         metrics_maxlen: int | None = None,
+        samples_maxlen: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(client, prefix, **kwargs)
         self.events_maxlen = events_maxlen or self.events_maxlen
         self.metrics_maxlen = metrics_maxlen or self.metrics_maxlen
+        self.samples_maxlen = samples_maxlen or self.samples_maxlen
+        self._add_samples = client.register_script(_ADD_SAMPLES)
         self._xadd_live = client.register_script(_XADD_LIVE)
         self._add_metrics = client.register_script(_ADD_METRICS)
         self._add_checkpoint = client.register_script(_ADD_CHECKPOINT)
@@ -208,6 +239,35 @@ class JobStreams(JobKeys):
         rows = self.r.xrevrange(f"{self.k_job(job_id)}:metrics", count=1)
         return int(rows[0][1]["step"]) if rows else 0
 
+    # ---- samples
+    def add_samples(self, job_id: str, step: int, rows: list[dict[str, Any]]) -> int:
+        """Append one report's rows (oldest first); a step reported again (a resumed run)
+        replaces the rows from that step on. Returns how many were written (0 when the
+        job's record is gone)."""
+        if not rows:
+            return 0
+        created = int(time.time())
+        args: list[Any] = [int(step), self.samples_maxlen]
+        args += [json.dumps({"step": int(step), "created_at": created, **r}) for r in rows]
+        written = self._add_samples(
+            keys=[self.k_job(job_id), f"{self.k_job(job_id)}:samples"], args=args
+        )
+        return int(written or 0)
+
+    def samples(
+        self, job_id: str, after: str | None, limit: int, step: int | None = None
+    ) -> tuple[list[tuple[str, dict]], bool]:
+        """Oldest first: (stream id, row) pairs after the stream id ``after``, of ``step``
+        alone when it is given; one XRANGE of ``limit + 1`` entries."""
+        start, end = "-", "+"
+        if step is not None:
+            start, end = f"{step}-0", f"{step}-{_ID_MAX}"
+        if after is not None and (step is None or _id_key(after) >= (step, 0)):
+            start = f"({after}"
+        rows = self.r.xrange(f"{self.k_job(job_id)}:samples", start, end, count=limit + 1)
+        out = [(sid, json.loads(f["row"])) for sid, f in rows]
+        return out[:limit], len(out) > limit
+
     # ---- checkpoints
     def add_checkpoint(self, job_id: str, meta: dict, keep: int = 0) -> list[dict]:
         """Record a complete checkpoint; with ``keep`` > 0, drop every non-final entry
@@ -241,3 +301,8 @@ class JobStreams(JobKeys):
     def checkpoints(self, job_id: str) -> list[dict]:
         """Oldest first."""
         return [json.loads(x) for x in self.r.lrange(f"{self.k_job(job_id)}:checkpoints", 0, -1)]
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -33,6 +33,11 @@ class WorkerSettings(BaseSettings):
     metrics_maxlen: int = Field(
         100_000, ge=100, description="Approximate cap on a job's metrics stream, in steps."
     )
+    samples_maxlen: int = Field(
+        2_000,
+        ge=10,
+        description="Approximate cap on an RL job's samples stream, in rows (oldest dropped).",
+    )
     lease_seconds: float = Field(30.0, gt=1, description="A job's lease lasts this long unrenewed.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the supervisor renews.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed for good.")

@@ -6,7 +6,7 @@
 * ``workers.jobstate``: the status table and the Lua compare-and-set every status change
   goes through, claims with fencing tokens, lease renewal, requeue of expired leases, and
   the queued index;
-* ``workers.jobstreams``: the events and metrics streams and the checkpoint list;
+* ``workers.jobstreams``: the events, metrics and samples streams and the checkpoint list;
 * this module: creating, reading and listing records, the tenants' active counts,
   deleting finished jobs, and Idempotency-Key bindings.
 
@@ -71,7 +71,7 @@ return {1, cur}
 """
 
 # A job's own keys besides its hash: ``job:{id}:<suffix>``. DELETE removes every one.
-JOB_KEY_SUFFIXES = ("events", "metrics", "checkpoints", "evalruns")
+JOB_KEY_SUFFIXES = ("events", "metrics", "samples", "checkpoints", "evalruns")
 
 
 def new_id(prefix: str) -> str:
@@ -88,8 +88,15 @@ class JobStore(JobLifecycle, JobStreams):
         *,
         events_maxlen: int | None = None,
         metrics_maxlen: int | None = None,
+        samples_maxlen: int | None = None,
     ):
-        super().__init__(client, prefix, events_maxlen=events_maxlen, metrics_maxlen=metrics_maxlen)
+        super().__init__(
+            client,
+            prefix,
+            events_maxlen=events_maxlen,
+            metrics_maxlen=metrics_maxlen,
+            samples_maxlen=samples_maxlen,
+        )
         self._delete = client.register_script(_DELETE_JOB)
 
     # ---- records

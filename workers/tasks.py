@@ -33,7 +33,11 @@ def _context() -> tuple[WorkerSettings, JobStore, FileStore]:
     s = WorkerSettings()
     client = make_redis(s)
     store = JobStore(
-        client, s.key_prefix, events_maxlen=s.events_maxlen, metrics_maxlen=s.metrics_maxlen
+        client,
+        s.key_prefix,
+        events_maxlen=s.events_maxlen,
+        metrics_maxlen=s.metrics_maxlen,
+        samples_maxlen=s.samples_maxlen,
     )
     return s, store, FileStore(client, s.data_dir, s.key_prefix)
 

@@ -1,8 +1,9 @@
-"""Fine-tuning jobs API (OpenAI-compatible) plus posttrain's metrics extension."""
+"""Fine-tuning jobs API (OpenAI-compatible) plus posttrain's metrics and samples extensions."""
 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,16 @@ from service.auth import Tenant
 from service.deps import Auth, FilesDep, JobsDep, OwnedJob, SettingsDep, TenantDep, owned_job
 from service.errors import APIError, error_responses, not_found
 from service.routes.evalruns import check_job_eval
-from service.schemas import FineTuningJob, Page, checkpoint_object, event_object, job_object, page
+from service.schemas import (
+    FineTuningJob,
+    Page,
+    SamplePage,
+    checkpoint_object,
+    event_object,
+    job_object,
+    page,
+    sample_object,
+)
 from service.tarstream import tar_stream
 from workers.store import JobNotFound, JobStore
 
@@ -167,6 +177,37 @@ def checkpoint_content(
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{name}.tar"'},
     )
+
+
+# A sample's id is ``ftsample-{step}-{n}``: its entry id in the job's samples stream.
+_SAMPLE_ID = re.compile(r"ftsample-(\d{1,19})-(\d{1,19})")
+
+
+@router.get("/{job_id}/samples", response_model=SamplePage, responses=error_responses(404))
+def samples(
+    job: OwnedJob,
+    jobs: JobsDep,
+    after: str | None = None,
+    step: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict:
+    """Samples of an RL job's rollouts (extension): prompts, completions, each grader's
+    reward and the advantages, oldest first. ``after`` is a sample id (the page starts after
+    it, even once it has been dropped from the bounded stream), ``step`` keeps one step's
+    samples. A job whose method records none answers an empty list."""
+    cursor = None
+    if after is not None:
+        match = _SAMPLE_ID.fullmatch(after)
+        if match is None:
+            raise APIError(
+                400,
+                f"invalid sample cursor '{after}': give a sample's id (ftsample-<step>-<n>)",
+                param="after",
+                code="invalid_value",
+            )
+        cursor = f"{match[1]}-{match[2]}"
+    rows, more = jobs.samples(job["id"], cursor, limit, step)
+    return page([sample_object(sid, row) for sid, row in rows], more)
 
 
 @router.get("/{job_id}/metrics", responses=error_responses(404))

@@ -4,7 +4,9 @@ The toy task is verifiable and reachable for the tiny random model: every prompt
 ``answer`` is "Heidi", a word the base model already emits in about one completion
 in ten, and the grader scores 1 when the completion contains it. Each job's
 per-step mean reward is read from its metrics; the last steps must be clearly
-above the first ones.
+above the first ones. Each job's samples (GET .../samples) hold one sample per generated
+batch, whose rewards are the grader's on the stored completion and whose advantages
+follow the method's rule where that is cheap to check.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tests.e2e.test_sft_job import wait_done
 
 pytestmark = pytest.mark.e2e
 ASSETS = resources.files("trainers") / "assets"
+TRAIN_LINES = (ASSETS / "demo_grpo.jsonl").read_text().splitlines()
 GRADER = {
     "type": "string_check",
     "name": "says_answer",
@@ -50,6 +53,53 @@ def files(sdk):
         with (ASSETS / name).open("rb") as fh:
             out[name] = sdk.files.create(file=(name, fh), purpose="fine-tune").id
     return out
+
+
+def all_samples(stack, job_id: str) -> list[dict]:
+    """Every sample row of the job, oldest first, page by page."""
+    rows: list[dict] = []
+    params: dict = {"limit": 100}
+    while True:
+        url = f"{stack.base_url}/v1/fine_tuning/jobs/{job_id}/samples"
+        page = httpx.get(url, params=params, timeout=30).json()
+        rows += page["data"]
+        if not page["has_more"]:
+            return rows
+        params["after"] = page["last_id"]
+
+
+def check_samples(name: str, samples: list[dict], updates: int, per_batch: int) -> None:
+    """One sample per generated batch (the default: at most every step), ``per_batch`` rows
+    each, scored as the grader defines and with the advantages of the method's rule."""
+    by_step: dict[int, list[dict]] = {}
+    for row in samples:
+        by_step.setdefault(row["step"], []).append(row)
+    assert sorted(by_step) == list(range(1, HP["max_steps"] + 1, updates)), sorted(by_step)
+    assert {len(rows) for rows in by_step.values()} == {per_batch}
+    prompts = {json.loads(line)["messages"][0]["content"] for line in TRAIN_LINES}
+    for row in samples:
+        said = float("Heidi" in row["completion"])  # 'like': the answer occurs, case and all
+        assert row["rewards"] == {"says_answer": said} and row["reward"] == said, row
+        assert row["advantage"] is not None and row["group"] is not None, row
+        assert any(p in row["prompt"] for p in prompts), row["prompt"]
+        assert 1 <= row["completion_tokens"] <= HP["max_completion_length"], row
+        if row["completion_tokens"] < HP["max_completion_length"]:
+            assert not row["truncated"], row  # it ended on its own
+    if name not in ("grpo", "reinforcement"):
+        return  # xrpo's novelty and hapo's estimator shape advantages beyond a cheap check
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for row in samples:
+        groups.setdefault((row["step"], row["group"]), []).append(row)
+    for rows in groups.values():
+        for row in rows:  # z-scored within the group: the sign of reward - group mean
+            assert (row["advantage"] >= -1e-6) if row["reward"] == 1.0 else row["advantage"] <= 1e-6
+        if len(rows) == HP["num_generations"]:  # a whole group: TRL's rule exactly
+            rewards = [r["reward"] for r in rows]
+            mean, std = statistics.mean(rewards), statistics.stdev(rewards)
+            for row in rows:
+                assert row["advantage"] == pytest.approx(
+                    (row["reward"] - mean) / (std + 1e-4), abs=1e-3
+                )
 
 
 def reward_curve(stack, job_id: str) -> list[float]:
@@ -90,6 +140,9 @@ def test_the_variant_learns_the_toy_task_through_the_api(stack, sdk, files, name
         validation_file=files["demo_grpo_validation.jsonl"] if name == "reinforcement" else None,
         seed=5,
         method=METHODS[name],
+        # the grpo job samples whole groups (its advantages are checked exactly), the
+        # others the default 4 rows
+        extra_body={"sample_rows": HP["num_generations"]} if name == "grpo" else None,
     )
     job = wait_done(sdk, job.id)
     assert job.status == "succeeded", job.error
@@ -109,6 +162,8 @@ def test_the_variant_learns_the_toy_task_through_the_api(stack, sdk, files, name
         f"last {k} {last:.2f} ({marks}); {time.monotonic() - t0:.1f} s through the API"
     )
     assert last >= first + 0.2 and last >= 0.7
+    per_batch = HP["num_generations"] if name == "grpo" else 4
+    check_samples(name, all_samples(stack, job.id), updates, per_batch)
     # the newest step that generated carries the rollout metrics; every step the loss's
     newest = next(e for e in events if e.type == "metrics" and "reward" in e.data).data
     assert {"rewards/says_answer/mean", "entropy", "completions/mean_length"} <= set(newest)

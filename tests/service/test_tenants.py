@@ -457,6 +457,7 @@ WALK = {
     ),
     ("GET", JOB + "/checkpoints/{checkpoint_id}/content"): _ckpt_content,
     ("GET", JOB + "/metrics"): _get_404(lambda w: f"/v1/fine_tuning/jobs/{w.job_id}/metrics"),
+    ("GET", JOB + "/samples"): _get_404(lambda w: f"/v1/fine_tuning/jobs/{w.job_id}/samples"),
     ("GET", "/v1/models"): _models_list,
     ("GET", "/v1/models/{model_id:path}"): _model_one("GET"),
     ("DELETE", "/v1/models/{model_id:path}"): _model_one("DELETE"),

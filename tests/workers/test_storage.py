@@ -182,6 +182,7 @@ def test_deleting_a_finished_job_removes_every_key_it_owns(store):
     store.create("ftjob-other", "{}", S.running)
     store.add_event(JOB, "hello")
     store.add_metrics(JOB, 1, {"loss": 1.0})
+    store.add_samples(JOB, 1, [{"prompt": "p", "completion": "c"}])
     store.add_checkpoint(JOB, {"step": 1, "final": True})
     store.transition(JOB, S.failed, error={"code": "x", "message": "y", "param": None})
     store.delete_job(JOB)

@@ -4,7 +4,9 @@ The trainer (``trainers.reporting.Reporter``) builds these models and writes eac
 as one JSON line; the worker (``workers.ingest.ReportIngest``) parses every
 line back with ``parse_report``. A line that is not one of these messages raises
 ``InvalidReport``, and the supervisor fails the job with that reason instead of
-crashing or storing something the API cannot serve. Torch-free.
+crashing or storing something the API cannot serve; an invalid ``samples`` line is the
+one exception (``workers.ingest`` skips it: samples are for reading, not for running).
+Torch-free.
 """
 
 from __future__ import annotations
@@ -104,8 +106,76 @@ class Error(_Message):
     param: str | None = None
 
 
+# Bounds of a samples report (README, "Samples of RL jobs"): rows per report, characters
+# per text. A longer text keeps its start and its end, cut in the middle with a marker.
+MAX_SAMPLE_ROWS = 16
+MAX_PROMPT_CHARS = 2000
+MAX_COMPLETION_CHARS = 4000
+MAX_GRADER_NAME_CHARS = 128
+MAX_GRADERS = 16
+_MARK_ROOM = 40  # the marker's length, with room for the count
+
+
+def cut_middle(text: Any, limit: int) -> Any:
+    """``text`` at most ``limit`` characters: its start and end around a marker saying how
+    many characters were cut (idempotent: a cut text is within ``limit``)."""
+    if not isinstance(text, str) or len(text) <= limit:
+        return text
+    keep = max(0, limit - _MARK_ROOM)
+    head = keep // 2
+    tail = keep - head
+    mark = f" …[{len(text) - keep} characters cut]… "
+    return text[:head] + mark + (text[len(text) - tail :] if tail else "")
+
+
+def _cut(limit: int):
+    return BeforeValidator(lambda v: cut_middle(v, limit))
+
+
+def _grader_rewards(values: Any) -> Any:
+    """Grader names cut to a bound, rewards to numbers or None (NaN: the grader gave none)."""
+    if not isinstance(values, dict):
+        return values
+    return {cut_middle(str(k), MAX_GRADER_NAME_CHARS): finite_or_none(v) for k, v in values.items()}
+
+
+class SampleRow(_Message):
+    """One completion of a rollout: what the model saw, what it wrote, how it was scored."""
+
+    prompt: Annotated[str, _cut(MAX_PROMPT_CHARS)] = Field(
+        description="The prompt's tokens as the model saw them (chat template included), decoded."
+    )
+    completion: Annotated[str, _cut(MAX_COMPLETION_CHARS)] = Field(
+        description="The completion's text as the graders read it."
+    )
+    reward: Annotated[float | None, BeforeValidator(finite_or_none)] = Field(
+        None, description="The total: the graders' rewards weighted and summed."
+    )
+    rewards: Annotated[dict[str, float | None], BeforeValidator(_grader_rewards)] = Field(
+        default_factory=dict, max_length=MAX_GRADERS, description="Each grader's, by its name."
+    )
+    advantage: Annotated[float | None, BeforeValidator(finite_or_none)] = Field(
+        None, description="The advantage the loss used for this completion."
+    )
+    group: int | None = Field(
+        None, ge=0, description="The prompt's group in the rollout batch (siblings share it)."
+    )
+    completion_tokens: int | None = Field(None, ge=0)
+    truncated: bool | None = Field(
+        None, description="Cut at the length limit (no end-of-sequence token)."
+    )
+
+
+class Samples(_Message):
+    """A bounded sample of one rollout batch's completions, at the step it trains."""
+
+    type: Literal["samples"] = "samples"
+    step: int = Field(ge=0)
+    rows: list[SampleRow] = Field(min_length=1, max_length=MAX_SAMPLE_ROWS)
+
+
 ReportMessage = Annotated[
-    Union[Event, Log, Checkpoint, Result, Paused, Error],  # noqa: UP007
+    Union[Event, Log, Checkpoint, Result, Paused, Error, Samples],  # noqa: UP007
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[ReportMessage] = TypeAdapter(ReportMessage)

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainers.contract.hparams import CommonHyperparameters, Strict
 from trainers.contract.jsonnum import NumberError, loads
+from trainers.contract.messages import MAX_SAMPLE_ROWS
 from trainers.contract.methods import (
     DEFAULT_METHOD,
     METHOD_ALIASES,
@@ -37,6 +38,11 @@ from trainers.contract.resources import LoraSettings, Resources
 from trainers.contract.sizes import MAX_SPEC_BYTES, at_most
 
 __all__ = ["PLANNED_METHODS", "SPEC_VERSION", "CheckpointEval", "JobSpec", "read_stored_spec"]
+
+# A job of a method that records samples (``records_samples``) reports this many of a
+# rollout batch's completions at most every this many steps, unless it says otherwise.
+DEFAULT_SAMPLE_EVERY_STEPS = 1
+DEFAULT_SAMPLE_ROWS = 4
 
 # 1: the first release (no spec_version field). 2: shared hyperparameter base, DPO, GRPO.
 # 3: resources.gpus defaults to null (the worker's devices), processes, strategy, queue.
@@ -115,6 +121,21 @@ class JobSpec(Strict):
     eval: CheckpointEval | None = Field(
         None, description="Extension: an eval run on each checkpoint (CheckpointEval)."
     )
+    sample_every_steps: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Extension, methods that sample while training (GRPO family): record a "
+        f"sample of the rollouts at most every N steps; 0 = none; default "
+        f"{DEFAULT_SAMPLE_EVERY_STEPS}.",
+    )
+    sample_rows: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SAMPLE_ROWS,
+        description="Extension: completions per recorded sample (the rollout batch's "
+        f"first ones, so a prompt's completions come together); default {DEFAULT_SAMPLE_ROWS}.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -124,6 +145,26 @@ class JobSpec(Strict):
             data = dict(data)
             data["method"] = normalize_method(data.get("method"))
         return data
+
+    @field_validator("sample_every_steps", "sample_rows")
+    @classmethod
+    def _sampling_method(cls, value: int | None, info: ValidationInfo) -> int | None:
+        method = info.data.get("method")
+        if value is not None and method is not None and not method.records_samples:
+            sampling = ", ".join(m.type_name() for m in METHOD_MODELS if m.records_samples)
+            raise ValueError(
+                f"method '{method.type}' records no samples (only {sampling} jobs do, whose "
+                f"graders score the completions they sample); drop {info.field_name}"
+            )
+        return value
+
+    def sampling(self) -> tuple[int, int]:
+        """(every N steps, rows) of the job's samples; (0, 0) when it records none."""
+        if not self.method.records_samples:
+            return 0, 0
+        every = self.sample_every_steps
+        every = DEFAULT_SAMPLE_EVERY_STEPS if every is None else every
+        return every, (self.sample_rows or DEFAULT_SAMPLE_ROWS) if every else 0
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:

@@ -28,6 +28,7 @@ from trainers import fused_head
 from trainers.algorithms.grpo.method import METHOD
 from trainers.algorithms.grpo.trainer import STATE_FILE, PosttrainGRPOTrainer
 from trainers.contract.errors import JobError
+from trainers.contract.graders.scoring import grade_batch
 from trainers.contract.methods.grpo import PRESETS, resolve, trl_native
 from trainers.contract.plan import RunPlan
 from trainers.contract.spec import JobSpec
@@ -617,6 +618,18 @@ def test_full_training_moves_the_weights(model_dir, tmp_path):
     # rewards are logged on the steps that generate, a loss on every step
     generated = [m.step for m in logs if "reward" in m.metrics and "advantages/std" in m.metrics]
     assert generated == [1, 3] and all("loss" in m.metrics for m in logs)
+    # one sample per generated batch (every step by default): its first 4 rows, one group
+    samples = [m for m in reporter.sent if m.type == "samples"]
+    assert [m.step for m in samples] == [1, 3] and all(len(m.rows) == 4 for m in samples)
+    for row in (r for m in samples for r in m.rows):
+        # the prompt as the model saw it: the tiny model's chat template around the turn
+        assert row.prompt.startswith("<|user|>Count to ") and row.prompt.endswith("<|assistant|>")
+        assert row.group == 0 and 0 < row.completion_tokens <= hp["max_completion_length"]
+        (expected,) = grade_batch(LENGTH, [{}], [row.completion])  # the grader, rerun
+        assert (
+            row.rewards == {"short": pytest.approx(expected)} and row.reward == row.rewards["short"]
+        )
+        assert row.truncated == (row.completion_tokens == hp["max_completion_length"])
 
 
 def _state(plan: RunPlan, step: int) -> dict:
@@ -815,12 +828,21 @@ def test_two_rows_with_the_same_prompt_text_are_two_groups(model_dir, tmp_path):
     group of 8, neither would be zero-variance and the advantages would differ."""
     rows = [{"prompt": "Same?", "answer": "yes"}, {"prompt": "Same?", "answer": "no"}]
     hp = {**RUN_HP, "max_steps": 1, "steps_per_generation": 1}
-    plan = make_plan(tmp_path, "ngrpo", hp, graders=[YES], rows=rows, model=str(model_dir))
+    plan = make_plan(
+        tmp_path, "ngrpo", hp, graders=[YES], rows=rows, model=str(model_dir), sample_rows=8
+    )
     reporter = Reporter()
     run_method(METHOD, plan, reporter)
     (log,) = [m for m in reporter.sent if m.type == "log"]
     assert log.metrics["frac_zero_variance_groups"] == 1.0
     assert log.metrics["advantages/abs_max"] == pytest.approx(5**-0.5, abs=1e-4)
+    # the sample holds both groups, with the advantages the loss was given
+    (sample,) = [m for m in reporter.sent if m.type == "samples"]
+    assert sample.step == 1 and [r.group for r in sample.rows] == [0] * 4 + [1] * 4
+    for group in (sample.rows[:4], sample.rows[4:]):
+        (reward,) = {r.rewards["says_yes"] for r in group}
+        (advantage,) = {round(r.advantage, 4) for r in group}
+        assert advantage == (0.0 if reward == 1.0 else pytest.approx(-(5**-0.5), abs=1e-4))
 
 
 def _ngrpo(graders: list[dict], hp: dict) -> JobSpec:

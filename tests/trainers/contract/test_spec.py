@@ -144,3 +144,39 @@ def test_egpo_refuses_sharded_strategies(strategy):
         JobSpec.model_validate(
             {**BASE, "method": egpo, "resources": {"gpus": 2, "strategy": strategy}}
         )
+
+
+GRADER = {"type": "string_check", "name": "g", "input": "{{sample.output_text}}",
+          "reference": "x", "operation": "eq"}  # fmt: skip
+
+
+def test_samples_default_to_four_rows_every_step_for_the_grpo_family_only():
+    grpo = {"type": "grpo", "grpo": {"graders": [GRADER]}}
+    rft = {"type": "reinforcement", "reinforcement": {"grader": GRADER}}
+    assert JobSpec.model_validate({**BASE, "method": grpo}).sampling() == (1, 4)
+    spec = JobSpec.model_validate(
+        {**BASE, "method": rft, "sample_every_steps": 5, "sample_rows": 16}
+    )
+    assert spec.sampling() == (5, 16)
+    off = JobSpec.model_validate({**BASE, "method": grpo, "sample_every_steps": 0})
+    assert off.sampling() == (0, 0)
+    for method in ({"type": "supervised"}, {"type": "dpo"}, {"type": "oreo"}):
+        assert JobSpec.model_validate({**BASE, "method": method}).sampling() == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"sample_rows": 17}, "less than or equal to 16"),
+        ({"sample_every_steps": -1}, "greater than or equal to 0"),
+        ({"method": {"type": "dpo"}, "sample_every_steps": 2}, "method 'dpo' records no samples"),
+        ({"method": {"type": "sft"}, "sample_rows": 2}, "method 'supervised' records no samples"),
+    ],
+)
+def test_sample_settings_are_refused_naming_the_field(fields, fragment):
+    body = {**BASE, "method": {"type": "grpo", "grpo": {"graders": [GRADER]}}, **fields}
+    with pytest.raises(ValidationError) as exc:
+        JobSpec.model_validate(body)
+    (err,) = exc.value.errors()
+    assert err["loc"] == (next(k for k in fields if k.startswith("sample")),)
+    assert fragment in err["msg"]

@@ -18,6 +18,10 @@ no further:
 
 The planner's history and the temperature rule's entropy statistics are saved
 with every checkpoint (``posttrain_rollout_state.json``) and restored on resume.
+
+Samples (``trainers.samples``): after a training rollout batch is scored and its
+advantages are final (TRL's, or the estimator's above), its first rows are reported with
+the rewards TRL computed, so a sample shows what the loss was given.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from trainers.core import aggregation as agg
 from trainers.core import objectives as obj
 from trainers.core.types import AdvantageInputs, ObjectiveInputs, masked_mean
 from trainers.fused_head import unwrap_model
+from trainers.graders.reward import completion_text
 
 STATE_FILE = "posttrain_rollout_state.json"
 
@@ -53,6 +58,7 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
         self.pt_planner = pieces.get("planner")
         self.pt_temperature = pieces.get("temperature")
         self._pt_rewards: torch.Tensor | None = None
+        self._pt_scored: tuple[list, list] = ([], [])
         self._pt_rollout_s = 0.0
         super().__init__(*args, **kwargs)
         self._check_prompt_lengths()
@@ -84,6 +90,7 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
             inputs, prompts, completions, completion_ids_list
         )
         self._pt_rewards = rewards_per_func  # [N_global, n_graders], gathered by TRL
+        self._pt_scored = (completions, completion_ids_list)  # this process's, for samples
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -93,13 +100,56 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
             self._pt_rollout_s += time.perf_counter() - start
             if self.model.training:
                 self._pt_log(_advantage_stats(out["advantages"]))
+                self._record_samples(out, [i // self.num_generations for i in range(len(inputs))])
             return out
         inputs, groups, originals = self._plan(inputs)
         with self._temperature_rule():
             out = super()._generate_and_score_completions(inputs)
         self._replace_advantages(out, groups, originals)
         self._pt_rollout_s += time.perf_counter() - start
+        self._record_samples(out, groups)
         return out
+
+    def _record_samples(self, out: dict, groups: list[int]) -> None:
+        """The first rows of this rollout batch as a sample (``trainers.samples``): the
+        prompt's tokens decoded as the model saw them, the completion as the graders read
+        it, each grader's reward, their weighted sum and the advantage the loss uses."""
+        recorder, step = self.sample_recorder, self.state.global_step + 1
+        if recorder is None or not recorder.due(step):
+            return
+        completions, completion_ids = self._pt_scored
+        n = min(recorder.rows, len(completions))
+        first = self.accelerator.process_index * out["completion_mask"].shape[0]
+        per_func = self._pt_rewards[first : first + n].float().cpu()
+        weights = self.reward_weights.float().cpu()
+        advantages = out["advantages"][:n].float()
+        if advantages.dim() == 2:  # per token: the completion's mean
+            mask = out["completion_mask"][:n].float()
+            advantages = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
+        advantages = advantages.cpu().tolist()
+        ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        rows = []
+        for i in range(n):
+            scores = per_func[i]
+            prompt = out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist()
+            ids = list(completion_ids[i])
+            rows.append(
+                {
+                    "prompt": self._tokenizer.decode(prompt, skip_special_tokens=False),
+                    "completion": completion_text(completions[i]),
+                    "reward": None
+                    if bool(torch.isnan(scores).all())
+                    else float(torch.nansum(scores * weights)),
+                    "rewards": {
+                        name: float(scores[j]) for j, name in enumerate(self.reward_func_names)
+                    },
+                    "advantage": advantages[i],
+                    "group": groups[i],
+                    "completion_tokens": len(ids),
+                    "truncated": bool(ids) and ids[-1] not in ends,
+                }
+            )
+        recorder.send(step, rows)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """TRL's step, timed: rollout (generation and scoring) and update, in seconds."""

@@ -10,6 +10,7 @@ carries everything else the torch-free layers need to know about the method:
 - ``algorithm``: the module of its torch side (``trainers/algorithms/<name>/``),
   imported only by the training process (``trainers.registry``);
 - ``aliases``: other spellings of its ``type`` a request may use;
+- ``records_samples``: whether its trainer reports samples of its scored completions;
 - hooks the API calls at job creation without knowing which method it holds:
   ``check_job`` (pure checks against the job's resources, run while the spec
   validates),
@@ -37,6 +38,9 @@ class MethodModel(Strict):
     accepted_formats: ClassVar[tuple[RowFormat, ...]]
     algorithm: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
+    # Whether its trainer samples completions and scores them while it trains, and reports
+    # a sample of them (the job's ``samples`` endpoint; ``trainers.samples``).
+    records_samples: ClassVar[bool] = False
 
     type: str
 

@@ -385,6 +385,7 @@ class GradedMethod(MethodModel):
 
     accepted_formats: ClassVar[tuple[RowFormat, ...]] = (RowFormat.prompt_only,)
     algorithm: ClassVar[str] = "trainers.algorithms.grpo.method"
+    records_samples: ClassVar[bool] = True
 
     def item_fields(self) -> set[str]:
         return graders_fields(self.block.grader_list())
