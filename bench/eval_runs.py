@@ -2,7 +2,7 @@
 
     python -m bench.eval_runs                         # ~10 min on 2 cores
     python -m bench.eval_runs --quick                 # ~1 min: 50 items, 1 round, no what-ifs
-    python -m bench.eval_runs --out r.json --md r.md  # keep every number / the tables
+    python -m bench.eval_runs --out FILE --md FILE  # keep every number / the tables
 
 The tiny random chat model (``trainers.tiny_model``, as the demo and the end-to-end tests
 build it) is served by one ``posttrain inference --device cpu`` worker behind the real
@@ -38,7 +38,9 @@ Arms, run alternately for ``--rounds`` rounds (order flipped every round):
 
 Target: posttrain's items/s (server-side) >= 0.8x the plain script's.
 
-Then, unless ``--no-whatif``, where a row's time goes: each what-if grades a copy of the
+With ``--whatif`` (stale: the what-ifs were written against the earlier worker, which
+started a bounded child per criterion; it now grades a row's criteria in one child, what
+the ``PerRowChild`` what-if measured), where a row's time goes: each what-if grades a copy of the
 last measured run's first ``--whatif-items`` rows (default 100), ``--whatif-rounds``
 times (default 2, order rotated), stored directly in Redis, in a process of its own and
 without Celery: as shipped (``python -m workers.evaltasks RUN_ID``, what the Celery task
@@ -981,16 +983,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of every process")
     p.add_argument("--poll", type=float, default=0.25, help="seconds between runs.retrieve")
-    p.add_argument("--no-whatif", action="store_true", help="skip the what-if runs")
+    p.add_argument("--no-whatif", action="store_true", help="skip the what-if runs (default)")
+    p.add_argument(
+        "--whatif",
+        dest="want_whatif",
+        action="store_true",
+        help="the what-if runs: they stand in for the grading of the earlier worker (a child "
+        "per criterion) and no longer measure the shipped one",
+    )
     p.add_argument(
         "--whatif-items", type=int, default=None, help="rows per what-if run (default 100)"
     )
     p.add_argument("--whatif-rounds", type=int, default=2, help="runs of each what-if")
     p.add_argument("--out", type=Path, default=None, help="write every sample as JSON here")
-    p.add_argument("--md", type=Path, default=None, help="write the tables as Markdown here")
+    p.add_argument(
+        "--md", dest="markdown", type=Path, default=None, help="write the tables as Markdown here"
+    )
     p.add_argument("--keep", type=Path, default=None, help="work dir to keep (default: temp)")
     a = p.parse_args(argv)
-    a.whatif = not (a.no_whatif or a.quick)
+    a.whatif = a.want_whatif and not (a.no_whatif or a.quick)
     a.items = a.items or (50 if a.quick else 200)
     a.rounds = a.rounds or (1 if a.quick else 2)
     if a.items < 2 or a.rounds < 1 or a.max_tokens < 1:
@@ -1017,9 +1028,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     wall = time.time() - started
     print(f"\nbench wall time {wall:.0f} s; work dir {work if a.keep else '(temporary, removed)'}")
-    if a.md:
-        a.md.parent.mkdir(parents=True, exist_ok=True)
-        a.md.write_text(text + "\n")
+    if md := a.markdown:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text + "\n")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         for rnd in res["rounds"]:  # timings are kept; prompts, answers and items are not

@@ -1,7 +1,7 @@
 """Conformance: posttrain's Evals API against OpenAI's published OpenAPI document.
 
     python -m bench.evals_conformance --spec openapi.json      # or openapi.yaml; ~30 s
-    python -m bench.evals_conformance --spec openapi.yaml --md report.md --strict-oneof
+    python -m bench.evals_conformance --spec openapi.yaml --md FILE --strict-oneof
 
 The document is OpenAI's (github.com/openai/openai-openapi, MIT); download it yourself,
 this repository does not carry a copy. The script starts the real stack on a throwaway
@@ -789,7 +789,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.evals_conformance", description=__doc__.splitlines()[0]
     )
     p.add_argument("--spec", type=Path, required=True, help="OpenAI's openapi.json or .yaml")
-    p.add_argument("--md", type=Path, default=None, help="write the tables as Markdown here")
+    p.add_argument(
+        "--md", dest="markdown", type=Path, default=None, help="write the tables as Markdown here"
+    )
     p.add_argument("--json", type=Path, default=None, help="write every row (and body) here")
     p.add_argument("--strict-oneof", action="store_true", help="oneOf: exactly one branch")
     p.add_argument("--keep", type=Path, default=None, help="work dir to keep (logs)")
@@ -819,9 +821,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     text = report(ch, a.spec, doc, a.strict_oneof)
     print(text)
-    if a.md:
-        a.md.parent.mkdir(parents=True, exist_ok=True)
-        a.md.write_text(text + "\n")
+    if md := a.markdown:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text + "\n")
     if a.json:
         rows = {"responses": ch.responses, "queries": ch.queries, "requests": ch.requests}
         a.json.write_text(json.dumps(rows, indent=1, default=str))
