@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from workers.fleet import fleet_key, live_workers
+from workers.fleet import fleet_queues, live_workers
 from workers.inference.registry import live_workers as live_inference
 from workers.inference.registry import registry_key
 from workers.jobstate import JobStatus
@@ -113,8 +113,8 @@ class ClusterCollector(Collector):
         try:
             families = [
                 *self._jobs(r),
-                *self._queues(r, prefix),
-                *self._workers(r, prefix),
+                *self._queues(r, served := fleet_queues(r, prefix)),
+                *self._workers(r, prefix, served),
             ]
         except redis.RedisError:
             up.add_metric([], 0)
@@ -189,13 +189,13 @@ class ClusterCollector(Collector):
         return [by_status, step, total, tokens, steps_rate, tokens_rate]
 
     # ---- broker queues
-    def _queues(self, r: redis.Redis, prefix: str) -> list[GaugeMetricFamily]:
+    def _queues(self, r: redis.Redis, served: set[str]) -> list[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "posttrain_queue_messages",
             "Tasks waiting in the broker per queue (jobs and eval runs not yet taken).",
             labels=("queue",),
         )
-        queues = set(self.settings.queue_names()) | _fleet_queues(r, prefix)
+        queues = set(self.settings.queue_names()) | served
         base = self.settings.broker_key_prefix
         for queue in sorted(queues):
             pipe = r.pipeline(transaction=False)
@@ -205,7 +205,7 @@ class ClusterCollector(Collector):
         return [depth]
 
     # ---- workers
-    def _workers(self, r: redis.Redis, prefix: str) -> list[GaugeMetricFamily]:
+    def _workers(self, r: redis.Redis, prefix: str, served: set[str]) -> list[GaugeMetricFamily]:
         count = GaugeMetricFamily(
             "posttrain_workers", "Live training workers per queue.", labels=("queue",)
         )
@@ -214,7 +214,7 @@ class ClusterCollector(Collector):
             "Devices of each live training worker (0 for a CPU-only worker).",
             labels=("queue", "worker", "gpus"),
         )
-        for queue in sorted(_fleet_queues(r, prefix)):
+        for queue in sorted(served):
             live = live_workers(r, prefix, queue)
             count.add_metric([queue], len(live))
             for w in live:
@@ -230,8 +230,3 @@ class ClusterCollector(Collector):
             queue = key[start:]
             infer.add_metric([queue], len(live_inference(r, prefix, queue)))
         return [count, devices, infer]
-
-
-def _fleet_queues(r: redis.Redis, prefix: str) -> set[str]:
-    start = len(fleet_key(prefix, ""))
-    return {key[start:] for key in r.scan_iter(match=fleet_key(prefix, "*"), count=100)}

@@ -48,6 +48,7 @@ from typing import Any
 
 import redis
 
+from workers.jobkeys import webhook_events_key
 from workers.store import DEFAULT_TENANT
 
 __all__ = [
@@ -447,7 +448,7 @@ class EvalRunStore:
         """Set ``status`` if the run is in one of ``allowed``; the old status, else None.
         A finished status takes the run out of every index (its slot frees)."""
         args = [status, json.dumps(error) if error else "", run_id, int(status in FINISHED)]
-        keys = [*self._state_keys(run_id), f"{self.p}webhooks:events"]  # workers.webhooks
+        keys = [*self._state_keys(run_id), webhook_events_key(self.p)]
         return self._transition(keys=keys, args=[*args, *allowed])
 
     def delete(self, run_id: str) -> None:

@@ -82,7 +82,6 @@ from trainers.contract.graders.judging import (
 from trainers.contract.graders.scoring import (
     GradeReport,
     grade_report,
-    run_isolated,
     run_isolated_many,
 )
 from trainers.contract.graders.spec import (
@@ -521,11 +520,10 @@ def _grade_bounded(criteria: list[Criterion], item: Any, text: str) -> list[Grad
 
 
 def _grade(c: Criterion, item: Any, text: str, judge: Judge | None, increments: dict):
-    """One criterion on one row: its report and what the result adds (a judge's sample)."""
+    """One criterion that loads a model (a judge, or ``local``) on one row: its report and
+    what the result adds (a judge's sample). The bounded ones: ``_grade_bounded``."""
     if c.how == "judge":
         return _judged(c, item, text, judge, increments)
-    if c.how == "bounded":
-        return run_isolated(c.grader, item, text), {}
     try:
         return grade_report(c.grader, item, text), {}
     except Exception as exc:  # a model that will not load, ...: this row's error

@@ -84,11 +84,15 @@ def live_workers(client: redis.Redis, prefix: str, queue: str) -> list[dict]:
     return live
 
 
+def fleet_queues(client: redis.Redis, prefix: str) -> set[str]:
+    """The queues with a worker entry, live or not yet pruned."""
+    start = len(fleet_key(prefix, ""))
+    return {key[start:] for key in client.scan_iter(match=fleet_key(prefix, "*"), count=100)}
+
+
 def live_queues(client: redis.Redis, prefix: str) -> set[str]:
     """The queues at least one live worker serves."""
-    start = len(fleet_key(prefix, ""))
-    queues = {key[start:] for key in client.scan_iter(match=fleet_key(prefix, "*"), count=100)}
-    return {q for q in queues if live_workers(client, prefix, q)}
+    return {q for q in fleet_queues(client, prefix) if live_workers(client, prefix, q)}
 
 
 class Advertiser(threading.Thread):

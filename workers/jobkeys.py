@@ -34,6 +34,11 @@ from typing import Any
 import redis
 
 
+def webhook_events_key(prefix: str) -> str:
+    """The stream job and eval-run ends are appended to (``workers.webhooks``)."""
+    return f"{prefix}webhooks:events"
+
+
 def encode(value: Any) -> str:
     """A hash field's value: strings as they are, anything else as JSON."""
     if isinstance(value, str):
@@ -76,7 +81,7 @@ class JobKeys:
         return f"{self.p}fleet:unserved"
 
     def k_webhook_events(self) -> str:
-        return f"{self.p}webhooks:events"
+        return webhook_events_key(self.p)
 
     def server_time(self) -> float:
         """Redis server time in seconds: the one clock leases are measured by."""

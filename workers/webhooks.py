@@ -34,6 +34,7 @@ from typing import Any
 
 import redis
 
+from workers.jobkeys import webhook_events_key
 from workers.store import DEFAULT_TENANT
 
 EVENTS_MAXLEN = 100_000  # the job state machine's Lua trims to the same
@@ -94,7 +95,7 @@ class WebhookStore:
         return f"{self.p}webhooks:tenant:{tenant}"
 
     def k_events(self) -> str:
-        return f"{self.p}webhooks:events"
+        return webhook_events_key(self.p)
 
     def k_delivery(self, delivery_id: str) -> str:
         return f"{self.p}webhook:delivery:{delivery_id}"
@@ -161,11 +162,12 @@ class WebhookStore:
         into deliveries to the endpoints subscribed; the number of deliveries made."""
         key = self.k_events()
         try:
-            self.r.xgroup_create(key, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            _, stale, _ = self.r.xautoclaim(key, GROUP, consumer, stale_ms, count=count)
+        except redis.ResponseError as exc:  # no stream or group yet (or Redis lost them)
+            if "NOGROUP" not in str(exc):
                 raise
-        _, stale, _ = self.r.xautoclaim(key, GROUP, consumer, stale_ms, count=count)
+            self._create_group(key)
+            _, stale, _ = self.r.xautoclaim(key, GROUP, consumer, stale_ms, count=count)
         fresh = self.r.xreadgroup(GROUP, consumer, {key: ">"}, count=count)
         entries = list(stale) + [e for _, batch in fresh for e in batch]
         made = 0
@@ -175,13 +177,21 @@ class WebhookStore:
             self.r.xack(key, GROUP, event_id)
         return made
 
+    def _create_group(self, key: str) -> None:
+        try:
+            self.r.xgroup_create(key, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):  # another deliverer made it first
+                raise
+
     def _deliveries(self, event_id: str, fields: dict[str, str]) -> int:
         made = 0
         at = float(fields.get("at") or time.time())
+        public_id = f"evt_{event_id.replace('-', '_')}"
         payload = json.dumps(
             {
                 "object": "event",
-                "id": f"evt_{event_id.replace('-', '_')}",
+                "id": public_id,
                 "type": fields["type"],
                 "created_at": int(at),
                 "data": {"id": fields["object"]},
@@ -197,7 +207,7 @@ class WebhookStore:
                 args=[
                     delivery_id,
                     endpoint["id"],
-                    f"evt_{event_id.replace('-', '_')}",
+                    public_id,
                     fields["type"],
                     payload,
                     time.time(),
