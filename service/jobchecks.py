@@ -19,6 +19,7 @@ from service.errors import APIError
 from trainers.contract.errors import JobError
 from trainers.contract.formats import DatasetError, iter_rows, read_as
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
+from trainers.contract.integrations import TrackerPolicy
 from trainers.contract.spec import JobSpec
 from workers.filestore import FileStore
 from workers.fleet import live_queues, live_workers
@@ -35,6 +36,15 @@ def check_method(spec: JobSpec) -> None:
     cannot take): a 400 naming the field."""
     try:
         spec.method.check_request(validation_file=spec.validation_file)
+    except JobError as exc:
+        raise _refusal(exc) from None
+
+
+def check_integrations(spec: JobSpec, policy: TrackerPolicy) -> None:
+    """The job's trackers against what the server runs (W&B's mode, the MLflow tracking
+    URIs it allows): a 400 naming the field."""
+    try:
+        policy.check(spec.integrations)
     except JobError as exc:
         raise _refusal(exc) from None
 

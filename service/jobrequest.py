@@ -1,10 +1,10 @@
 """The job-creation request body read into a ``JobSpec``, with a 400 naming the field.
 
 ``parse_spec`` walks the raw body first (``check_numbers``: NaN, Infinity, integers
-past ±(2**63 - 1), NUL characters), maps OpenAI's legacy fields, refuses integrations,
-a client-set ``spec_version`` and an unknown or planned method, then validates the body
-in pydantic's strict mode and turns its first error into an ``APIError`` whose
-``param`` is the user's field path (``_user_loc``).
+past ±(2**63 - 1), NUL characters), maps OpenAI's legacy fields, refuses a client-set
+``spec_version`` and an unknown or planned method, then validates the body in pydantic's
+strict mode (``integrations`` included) and turns its first error into an ``APIError``
+whose ``param`` is the user's field path (``_user_loc``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from service.errors import APIError, loc_to_param
 from trainers.contract.formats import LONE_SURROGATE, lone_surrogate
 from trainers.contract.graders.spec import GRADER_TYPES
+from trainers.contract.integrations import INTEGRATION_TYPES
 from trainers.contract.judges.spec import JUDGE_TYPES
 from trainers.contract.methods import METHODS, PLANNED_METHODS
 from trainers.contract.spec import JobSpec, legacy_method, normalize_method
@@ -26,14 +27,6 @@ from trainers.contract.spec import JobSpec, legacy_method, normalize_method
 def parse_spec(body: dict[str, Any]) -> JobSpec:
     check_numbers(body)
     body = dict(body)
-    if body.get("integrations"):
-        raise APIError(
-            400,
-            "integrations are not supported by posttrain yet; drop 'integrations'",
-            param="integrations",
-            code="unsupported_parameter",
-        )
-    body.pop("integrations", None)
     if "spec_version" in body:
         raise APIError(
             400, "spec_version is set by the server", param="spec_version", code="invalid_value"
@@ -55,7 +48,10 @@ def parse_spec(body: dict[str, Any]) -> JobSpec:
         return JobSpec.model_validate_json(json.dumps(body), strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = loc_to_param(_user_loc(err["loc"]))
+        loc = _user_loc(err["loc"])
+        if err["type"].startswith("union_tag") and loc[:1] == ("integrations",):
+            loc = (*loc, "type")  # an integration of no or an unknown type
+        param = loc_to_param(loc)
         raise APIError(
             400,
             f"{param or 'body'}: {err['msg'].removeprefix('Value error, ')}",
@@ -168,7 +164,8 @@ def _user_loc(loc: tuple) -> tuple:
     if len(out) > 2 and out[0] == "method" and out[1] == out[2]:
         del out[1]  # method.<tag>.<tag>.x -> method.<tag>.x
     # judge.<type>.x -> judge.x, grader.<type>.x -> grader.x, and a grader in a list or
-    # map of graders: graders[0].<type>.x -> graders[0].x, graders.<key>.<type>.x -> ...
+    # map of graders: graders[0].<type>.x -> graders[0].x, graders.<key>.<type>.x -> ...;
+    # integrations[0].<type>.<type>.x -> integrations[0].<type>.x
     tags = {"judge": JUDGE_TYPES, "grader": GRADER_TYPES}
     kept = []
     for i, p in enumerate(out):
@@ -176,7 +173,11 @@ def _user_loc(loc: tuple) -> tuple:
         if (
             isinstance(p, str)
             and i
-            and (p in tags.get(prev, ()) or (before == "graders" and p in GRADER_TYPES))
+            and (
+                p in tags.get(prev, ())
+                or (before == "graders" and p in GRADER_TYPES)
+                or (before == "integrations" and p in INTEGRATION_TYPES)  # integrations[0].<type>
+            )
         ):
             continue
         kept.append(p)

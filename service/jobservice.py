@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -26,6 +27,7 @@ from service.errors import APIError, not_found
 from service.graderpool import GraderPool
 from service.jobchecks import (
     check_files,
+    check_integrations,
     check_method,
     check_patterns,
     check_queue,
@@ -34,6 +36,9 @@ from service.jobchecks import (
 from service.jobrequest import parse_spec
 from service.modelaccess import ModelAccess
 from service.settings import ApiSettings
+from trainers.contract.integrations import INTEGRATION_TYPES
+from trainers.contract.jobdir import JobDir
+from trainers.contract.spec import stored_spec_view
 from workers.celery_app import enqueue
 from workers.filestore import FileStore
 from workers.fleet import job_queue
@@ -71,6 +76,7 @@ def create_job(
     spec = parse_spec(body)
     models = access.check_spec(spec, tenant) if access is not None else None
     check_method(spec)
+    check_integrations(spec, settings.tracker_policy())
     check_patterns(spec, None if graders is None else functools.partial(graders.call, tenant))
     check_files(spec, files, tenant)
     if spec.eval is not None and check_eval is not None:
@@ -261,3 +267,32 @@ def resume_job(rec: dict, jobs: JobStore, celery: Celery, queue: str) -> dict:
             level="warn",
         )
     return written
+
+
+def integration_dir(job: dict[str, str], kind: str, data_dir: Path) -> Path:
+    """The directory the job's tracker ``kind`` writes (``trainers.contract.integrations``);
+    a 404 naming what is missing: the type, the job's integration, or its run so far."""
+    if kind not in INTEGRATION_TYPES:
+        raise APIError(
+            404,
+            f"no integration type '{kind}'; types: {', '.join(INTEGRATION_TYPES)}",
+            param="type",
+            code="not_found",
+        )
+    kinds = [i.get("type") for i in stored_spec_view(job["spec"]).get("integrations") or ()]
+    if kind not in kinds:
+        raise APIError(
+            404,
+            f"fine-tuning job {job['id']} has no {kind} integration",
+            param="type",
+            code="not_found",
+        )
+    path = JobDir(data_dir, job["id"]).tracker(kind)
+    if not path.is_dir() or path.is_symlink():
+        raise APIError(
+            404,
+            f"fine-tuning job {job['id']} has no {kind} run yet (its tracker starts with training)",
+            param="type",
+            code="not_found",
+        )
+    return path

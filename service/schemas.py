@@ -199,7 +199,7 @@ def job_object(rec: dict[str, str], organization_id: str) -> FineTuningJob:
         training_file=spec["training_file"],
         validation_file=spec["validation_file"],
         estimated_finish=_int(rec.get("estimated_finish")) if status == "running" else None,
-        integrations=[],
+        integrations=spec.get("integrations") or [],
         metadata=spec["metadata"],
         method=method,
         suffix=spec["suffix"],

@@ -76,8 +76,11 @@ class Reporter:
     def error(self, code: str, message: str, param: str | None = None) -> None:
         self.send(m.Error(code=code, message=message, param=param))
 
-    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        self.send(m.Samples(step=step, rows=rows))
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> m.Samples:
+        """Send one step's samples; returns the message (its rows validated and cut)."""
+        msg = m.Samples(step=step, rows=rows)
+        self.send(msg)
+        return msg
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -6,7 +6,8 @@ class (a TRL trainer with ``PosttrainTrainerMixin`` first). Everything else is
 here, once: reading the job's files, the tokenizer and model, the settings every
 method shares (output dir, seed, epochs, batch size, learning rate and schedule,
 logging, checkpoint interval, device), LoRA, the reporting callback (and the samples
-recorder of a method that records samples), resuming from
+recorder of a method that records samples), the job's trackers (``trainers.trackers``:
+W&B, TensorBoard, MLflow, added here rather than through ``report_to``), resuming from
 the newest complete checkpoint, pausing at a step boundary, and the typed
 ``RunResult``.
 """
@@ -26,6 +27,7 @@ from trainers.models import load_causal_lm, load_tokenizer, lora_config, pick_de
 from trainers.records import build_dataset, read_rows
 from trainers.reporting import PauseRequest, Reporter, main_process
 from trainers.samples import SampleRecorder
+from trainers.trackers import build_trackers
 
 
 @dataclass
@@ -136,7 +138,7 @@ def common_config(plan: RunPlan, hp: CommonHyperparameters, data: TrainData) -> 
         "eval_strategy": "steps" if has_eval else "no",
         "eval_steps": every if has_eval else None,
         "include_num_input_tokens_seen": "non_padding",
-        "report_to": "none",
+        "report_to": "none",  # the job's trackers are added guarded (trainers.trackers)
         "disable_tqdm": True,
         "use_cpu": device == "cpu",
         "bf16": str(dtype) == "torch.bfloat16",
@@ -166,6 +168,7 @@ def run_method(
     )
     callback = ReportingCallback(plan, reporter, pause)
     diverged = NonFiniteCallback()
+    trackers = build_trackers(plan, reporter)
     trainer = method.trainer_class(
         model=model,
         args=args,
@@ -173,12 +176,12 @@ def run_method(
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(spec.lora) if spec.training_type == "lora" else None,
-        callbacks=[callback, diverged],
+        callbacks=[callback, diverged, *trackers],
         **method.trainer_kwargs(plan, model, data),
     )
     every, rows = spec.sampling()
     if every and main_process():
-        trainer.sample_recorder = SampleRecorder(reporter, every, rows)
+        trainer.sample_recorder = SampleRecorder(reporter, every, rows, trackers)
     resume = resumable_checkpoint(plan.output_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if diverged.step is not None:

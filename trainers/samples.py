@@ -7,18 +7,28 @@ advantage; ``trainers.contract.messages.SampleRow``) and hands them to the run's
 ``sample_every_steps``/``sample_rows`` in the reporting process only. A batch is sampled
 when at least ``every`` steps have passed since the last sample, so a method that
 generates once for several optimizer steps reports once per generated batch at most.
+The same rows (validated and cut as the job stores them) go to the tables of the job's
+trackers (``trainers.trackers``), each of which guards itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from trainers.reporting import Reporter
 
 
+class SampleTable(Protocol):
+    def samples(self, step: int, rows: list) -> None: ...
+
+
 class SampleRecorder:
-    def __init__(self, reporter: Reporter, every: int, rows: int):
+    def __init__(
+        self, reporter: Reporter, every: int, rows: int, tables: Sequence[SampleTable] = ()
+    ):
         self.reporter, self.every, self.rows = reporter, every, rows
+        self.tables = tables
         self.last: int | None = None
 
     def due(self, step: int) -> bool:
@@ -28,5 +38,7 @@ class SampleRecorder:
     def send(self, step: int, rows: list[dict[str, Any]]) -> None:
         rows = rows[: self.rows]
         if rows:
-            self.reporter.samples(step, rows)
+            sent = self.reporter.samples(step, rows)
+            for table in self.tables:
+                table.samples(step, sent.rows)
         self.last = step

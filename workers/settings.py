@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainers.contract.integrations import TrackerPolicy, parse_uri_list
 from trainers.contract.resources import check_queue_name
 
 
@@ -91,6 +93,18 @@ class WorkerSettings(BaseSettings):
     vllm_start_timeout: float = Field(
         600.0, gt=0, description="Seconds a starting vLLM server may take to answer /health."
     )
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline",
+        description="How a job's wandb integration runs: 'offline' writes the run directory "
+        "into the job's output (downloadable; no network needed), 'online' sends it to W&B "
+        "with the worker's own credentials (WANDB_API_KEY), 'disabled' refuses the "
+        "integration.",
+    )
+    mlflow_tracking_uris: str = Field(
+        "",
+        description="Comma-separated MLflow tracking URIs a job's mlflow integration may "
+        "name (exact match); empty = jobs log only to their own file store.",
+    )
 
     # Inference (``posttrain inference`` and the API's chat/completions routes).
     inference_queue: str = Field(
@@ -115,6 +129,21 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _queue_name(cls, value: str) -> str:
         return check_queue_name(value)
+
+    @field_validator("mlflow_tracking_uris")
+    @classmethod
+    def _uri_list(cls, value: str) -> str:
+        for uri in parse_uri_list(value):
+            if "://" not in uri:
+                raise ValueError(f"'{uri}' is not a URI (scheme://...)")
+        return value
+
+    def tracker_policy(self) -> TrackerPolicy:
+        """What the server lets a job's trackers do (``trainers.contract.integrations``)."""
+        return TrackerPolicy(
+            wandb_mode=self.wandb_mode,
+            mlflow_tracking_uris=parse_uri_list(self.mlflow_tracking_uris),
+        )
 
     @property
     def broker_key_prefix(self) -> str:

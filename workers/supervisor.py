@@ -116,6 +116,7 @@ class Supervisor:
             fence=self.fence,
             fence_file=jd.fence if self.fence is not None else None,
             report_journal=jd.journal(self.fence, attempt),
+            trackers=self.s.tracker_policy(),
         )
         jd.plan(attempt).write_text(plan.model_dump_json(indent=2))
         return plan

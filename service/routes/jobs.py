@@ -179,6 +179,21 @@ def checkpoint_content(
     )
 
 
+@router.get("/{job_id}/integrations/{kind}/content", responses=error_responses(404))
+def integration_content(job: OwnedJob, kind: str, settings: SettingsDep) -> StreamingResponse:
+    """A tar of the run directory one of the job's trackers wrote (extension): W&B's offline
+    run directories (``wandb sync`` them later), TensorBoard's event files, the MLflow
+    store (or, with a remote tracking server, the id of the job's run there)."""
+    job_id = job["id"]
+    path = jobservice.integration_dir(job, kind, settings.data_dir)
+    name = f"{job_id}-{kind}"
+    return StreamingResponse(
+        tar_stream(path, name),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{name}.tar"'},
+    )
+
+
 # A sample's id is ``ftsample-{step}-{n}``: its entry id in the job's samples stream.
 _SAMPLE_ID = re.compile(r"ftsample-(\d{1,19})-(\d{1,19})")
 

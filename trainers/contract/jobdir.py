@@ -5,6 +5,8 @@ file store, the report journals and the API's model access alike):
 
     inputs/{file_id}.jsonl        the job's own links to its files, made at first start
     output/checkpoint-{step}/     checkpoints (``trainers.contract.checkpoints``)
+    output/trackers/{type}/       the job's W&B, TensorBoard and MLflow runs
+                                  (``trainers.contract.integrations``)
     plan-{attempt}.json           the run plan of each attempt
     accelerate-{attempt}.json     the launcher's config of a multi-process attempt
     fence                         the fencing token of the claim that owns the job
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from trainers.contract.integrations import tracker_dir
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class JobDir:
     def output(self) -> Path:
         """The run's output directory: its checkpoints."""
         return self.root / "output"
+
+    def tracker(self, kind: str) -> Path:
+        """Where the job's tracker of ``kind`` (an integration type) writes."""
+        return tracker_dir(self.output, kind)
 
     def plan(self, attempt: int) -> Path:
         return self.root / f"plan-{attempt}.json"

@@ -2,16 +2,17 @@
 
 The job spec names files by id; the plan resolves them to paths on the data
 volume and adds the worker's settings for this run (threads, checkpoint
-interval, attempt number). Written as JSON by ``workers.supervisor``, read by
-``trainers.run``.
+interval, attempt number, what the job's trackers may do). Written as JSON by
+``workers.supervisor``, read by ``trainers.run``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from trainers.contract.integrations import TrackerPolicy
 from trainers.contract.spec import JobSpec
 
 
@@ -33,6 +34,8 @@ class RunPlan(BaseModel):
     processes: int = 1  # training processes (ranks) of this run; threads is per process
     pause_path: Path | None = None  # a file whose existence asks every rank to pause
     model_name: str | None = None  # the model as the job named it (spec.model is its path)
+    # how the job's integrations run: the worker's W&B mode and allowed MLflow servers
+    trackers: TrackerPolicy = Field(default_factory=TrackerPolicy)
 
     def relative(self, path: Path) -> str:
         """A path as stored in records: relative to the data dir, so volumes can move."""

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainers.contract.hparams import CommonHyperparameters, Strict
+from trainers.contract.integrations import MAX_INTEGRATIONS, Integration, check_unique
 from trainers.contract.jsonnum import NumberError, loads
 from trainers.contract.messages import MAX_SAMPLE_ROWS
 from trainers.contract.methods import (
@@ -137,6 +138,13 @@ class JobSpec(Strict):
         f"first ones, so a prompt's completions come together); default {DEFAULT_SAMPLE_ROWS}.",
     )
 
+    integrations: list[Integration] | None = Field(
+        None,
+        max_length=MAX_INTEGRATIONS,
+        description="Trackers the run reports to: OpenAI's wandb object, and the extensions "
+        "tensorboard and mlflow (trainers.contract.integrations).",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
@@ -145,6 +153,12 @@ class JobSpec(Strict):
             data = dict(data)
             data["method"] = normalize_method(data.get("method"))
         return data
+
+    @field_validator("integrations")
+    @classmethod
+    def _one_run_per_tracker(cls, value: list | None) -> list | None:
+        check_unique(value)
+        return value
 
     @field_validator("sample_every_steps", "sample_rows")
     @classmethod
@@ -238,6 +252,7 @@ def stored_spec_view(text: str) -> dict[str, Any]:
     raw = raw if isinstance(raw, dict) else {}
     method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
     metadata = raw.get("metadata")
+    integrations = raw.get("integrations")
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         metadata = None
     return {
@@ -250,6 +265,7 @@ def stored_spec_view(text: str) -> dict[str, Any]:
         "training_type": str(raw.get("training_type", "full")),
         "resources": raw.get("resources") if isinstance(raw.get("resources"), dict) else {},
         "metadata": metadata,
+        "integrations": integrations if isinstance(integrations, list) else None,
     }
 
 
