@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= api,train,dev
+EXTRAS ?= api,train,trackers,dev
 REDIS_URL ?= redis://127.0.0.1:6379/0
 
 .PHONY: install demo test test-fast lint redis clean gpu-wheels

@@ -13,7 +13,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY workers ./workers
 COPY trainers ./trainers
-RUN pip install torch==2.13.0 && pip install '.[api,train,gpu]'
+RUN pip install torch==2.13.0 && pip install '.[api,train,gpu,trackers]'
 ENV POSTTRAIN_DATA_DIR=/data
 # One worker per GPU; the worker's main process never touches CUDA.
 CMD ["posttrain", "worker"]

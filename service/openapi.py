@@ -32,8 +32,8 @@ _SPEC_PREFIX = "spec."
 
 def _job_body(components: dict[str, Any]) -> dict[str, Any]:
     """JobSpec's schema as a request body: what a caller may send (``spec_version`` is the
-    server's; ``method`` defaults to supervised; OpenAI's ``hyperparameters`` and
-    ``integrations`` fields are accepted as the API accepts them)."""
+    server's; ``method`` defaults to supervised; OpenAI's deprecated ``hyperparameters``
+    field is accepted as the API accepts it)."""
     schema = JobSpec.model_json_schema(
         ref_template=f"#/components/schemas/{_SPEC_PREFIX}{{model}}", mode="validation"
     )
@@ -50,10 +50,6 @@ def _job_body(components: dict[str, Any]) -> dict[str, Any]:
         "deprecated": True,
         "description": f"OpenAI's deprecated top-level field: the {DEFAULT_METHOD} method's "
         "hyperparameters, used when 'method' is not given.",
-    }
-    schema["properties"]["integrations"] = {
-        "anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],
-        "description": "Not supported by posttrain: empty or null.",
     }
     schema["title"] = "JobCreateRequest"
     components["JobCreateRequest"] = schema

@@ -163,7 +163,7 @@ def test_idempotency_key_replays_the_same_job(client, redis_client):
         ),
         ({"training_file": "file-missing"}, 404, "training_file", "No such file"),
         ({"training_type": "qlora"}, 400, "training_type", ""),
-        ({"integrations": [{"type": "wandb"}]}, 400, "integrations", "not supported"),
+        ({"integrations": [{"type": "wandb"}]}, 400, "integrations[0].wandb", "Field required"),
         (  # the deprecated top-level field beside method was silently dropped
             {"hyperparameters": {"n_epochs": 1000}, "method": {"type": "supervised"}},
             400,

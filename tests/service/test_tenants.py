@@ -111,10 +111,14 @@ class World:
 def build_world(client, app, settings) -> World:
     jobs = app.state.jobs
     fid = upload(client, "a")
-    resp = create_job(client, "a", fid)
+    resp = create_job(client, "a", fid, integrations=[{"type": "tensorboard"}])
     assert resp.status_code == 200, resp.text
     job_id = resp.json()["id"]
-    # what a worker would have written: a running job with metrics and a checkpoint
+    # what a worker would have written: a running job with metrics, its tracker's run and a
+    # checkpoint
+    tracker = Path(settings.data_dir) / "jobs" / job_id / "output" / "trackers" / "tensorboard"
+    tracker.mkdir(parents=True)
+    (tracker / "events.out.tfevents.1.host").write_bytes(b"\0")
     jobs.set_fields(job_id, status=str(JobStatus.running))
     jobs.add_metrics(job_id, 1, {"loss": 1.5})
     ckpt_dir = Path(settings.data_dir) / "jobs" / job_id / "output" / "checkpoint-1"
@@ -458,6 +462,9 @@ WALK = {
     ("GET", JOB + "/checkpoints/{checkpoint_id}/content"): _ckpt_content,
     ("GET", JOB + "/metrics"): _get_404(lambda w: f"/v1/fine_tuning/jobs/{w.job_id}/metrics"),
     ("GET", JOB + "/samples"): _get_404(lambda w: f"/v1/fine_tuning/jobs/{w.job_id}/samples"),
+    ("GET", JOB + "/integrations/{kind}/content"): _get_404(
+        lambda w: f"/v1/fine_tuning/jobs/{w.job_id}/integrations/tensorboard/content"
+    ),
     ("GET", "/v1/models"): _models_list,
     ("GET", "/v1/models/{model_id:path}"): _model_one("GET"),
     ("DELETE", "/v1/models/{model_id:path}"): _model_one("DELETE"),
@@ -535,6 +542,7 @@ def test_every_route_refuses_without_a_key(client, app):
             file_id="file-x",
             job_id="ftjob-x",
             checkpoint_id="c",
+            kind="tensorboard",
             eval_id="eval_x",
             run_id="evalrun_x",
             output_item_id="outputitem_x",
