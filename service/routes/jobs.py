@@ -188,7 +188,7 @@ def integration_content(job: OwnedJob, kind: str, settings: SettingsDep) -> Stre
     path = jobservice.integration_dir(job, kind, settings.data_dir)
     name = f"{job_id}-{kind}"
     return StreamingResponse(
-        tar_stream(path, name),
+        tar_stream(path, name, empty_dirs=True),
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{name}.tar"'},
     )

@@ -155,10 +155,12 @@ def test_a_trackers_run_directory_downloads_as_a_tar(client, settings):
     (run / "events.out.tfevents.1.host.1.0").write_bytes(b"event bytes")
     (run / "sub" / "events.out.tfevents.2.host.1.0").write_bytes(b"more")
     (run / "escape").symlink_to(Path(settings.data_dir) / "files")  # never followed
+    (run / "empty").mkdir()  # kept: an MLflow store's runs need their empty artifacts/
     resp = client.get(f"{url}/tensorboard/content")
     assert resp.status_code == 200 and resp.headers["content-type"] == "application/x-tar"
     assert f'filename="{job}-tensorboard.tar"' in resp.headers["content-disposition"]
     assert _tar_names(resp) == [
+        f"{job}-tensorboard/empty",
         f"{job}-tensorboard/events.out.tfevents.1.host.1.0",
         f"{job}-tensorboard/sub/events.out.tfevents.2.host.1.0",
     ]
