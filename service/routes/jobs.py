@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service import joblist, jobservice
@@ -179,8 +180,10 @@ def checkpoint_content(
     )
 
 
-@router.get("/{job_id}/integrations/{kind}/content", responses=error_responses(404))
-def integration_content(job: OwnedJob, kind: str, settings: SettingsDep) -> StreamingResponse:
+@router.get("/{job_id}/integrations/{type}/content", responses=error_responses(404))
+def integration_content(
+    job: OwnedJob, kind: Annotated[str, PathParam(alias="type")], settings: SettingsDep
+) -> StreamingResponse:
     """A tar of the run directory one of the job's trackers wrote (extension): W&B's offline
     run directories (``wandb sync`` them later), TensorBoard's event files, the MLflow
     store (or, with a remote tracking server, the id of the job's run there)."""

@@ -164,3 +164,16 @@ def test_a_trackers_run_directory_downloads_as_a_tar(client, settings):
         f"{job}-tensorboard/events.out.tfevents.1.host.1.0",
         f"{job}-tensorboard/sub/events.out.tfevents.2.host.1.0",
     ]
+
+
+def test_the_servers_tracker_settings_become_the_policy_a_run_gets(tmp_path):
+    policy = ApiSettings(
+        data_dir=tmp_path, wandb_mode="online", mlflow_tracking_uris=" http://a:5000/ ,https://b"
+    ).tracker_policy()
+    assert policy.wandb_mode == "online"
+    assert policy.mlflow_allowed("http://a:5000") and policy.mlflow_allowed("https://b/")
+    assert not policy.mlflow_allowed("http://a:5001")
+    with pytest.raises(ValueError, match="not a URI"):
+        ApiSettings(data_dir=tmp_path, mlflow_tracking_uris="mlflow.internal")
+    with pytest.raises(ValueError, match="wandb_mode"):
+        ApiSettings(data_dir=tmp_path, wandb_mode="loud")

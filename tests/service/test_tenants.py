@@ -462,7 +462,7 @@ WALK = {
     ("GET", JOB + "/checkpoints/{checkpoint_id}/content"): _ckpt_content,
     ("GET", JOB + "/metrics"): _get_404(lambda w: f"/v1/fine_tuning/jobs/{w.job_id}/metrics"),
     ("GET", JOB + "/samples"): _get_404(lambda w: f"/v1/fine_tuning/jobs/{w.job_id}/samples"),
-    ("GET", JOB + "/integrations/{kind}/content"): _get_404(
+    ("GET", JOB + "/integrations/{type}/content"): _get_404(
         lambda w: f"/v1/fine_tuning/jobs/{w.job_id}/integrations/tensorboard/content"
     ),
     ("GET", "/v1/models"): _models_list,
@@ -542,7 +542,7 @@ def test_every_route_refuses_without_a_key(client, app):
             file_id="file-x",
             job_id="ftjob-x",
             checkpoint_id="c",
-            kind="tensorboard",
+            type="tensorboard",
             eval_id="eval_x",
             run_id="evalrun_x",
             output_item_id="outputitem_x",
