@@ -95,7 +95,9 @@ def artifacts_dir(tmp_path_factory) -> Path:
 
 def screenshot(driver, directory: Path, name: str) -> Path:
     """The whole page as a PNG (the window grown to the page's height first)."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
+    height = driver.execute_script(
+        "window.scrollTo(0, 0); return document.documentElement.scrollHeight"
+    )
     driver.set_window_size(1400, max(1000, min(int(height) + 40, 6000)))
     path = directory / f"{name}.png"
     assert driver.save_screenshot(str(path)), path
