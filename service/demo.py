@@ -181,7 +181,7 @@ def run_demo(keep_running: bool = False) -> int:
                 },
             },
         ).json()
-        print(f"created job {job['id']}")
+        print(f"created job {job['id']} (watch it at {url}/dashboard/#/jobs/{job['id']})")
         job = _follow(c, job["id"])
         if job["status"] != "succeeded":
             print(f"job {job['status']}: {json.dumps(job.get('error'))}")

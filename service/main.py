@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator
 import httpx
 import redis
 from fastapi import Depends, FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import errors, openapi
+from service import errors, openapi, swaggerui
 from service.auth import KeyRing, bind_refusal
 from service.bodylimit import BodyLimit
 from service.deps import Auth, TenantDep, valid_path_ids
@@ -27,6 +26,7 @@ from service.graderpool import GraderPool
 from service.metrics import HttpMetrics, Metrics
 from service.modelaccess import ModelAccess
 from service.routes import (
+    dashboard,
     evalruns,
     evals,
     files,
@@ -100,7 +100,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         BodyLimit, limit=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")})
     )
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # outermost: sees every answer
-    for module in (health, files, jobs, graders, models, inference, evals, evalruns, webhooks):
+    routers = (health, files, jobs, graders, models, inference, evals, evalruns, webhooks)
+    for module in (*routers, dashboard):
         app.include_router(module.router)
     openapi.install(app)
     _docs(app, settings.docs_access)
@@ -137,10 +138,15 @@ def _metrics(app: FastAPI, access: str) -> None:
 
 
 def _docs(app: FastAPI, access: str) -> None:
-    """/openapi.json and /docs: behind the API key ("auth"), open ("public") or absent."""
+    """/openapi.json and /docs: behind the API key ("auth"), open ("public") or absent.
+    Swagger UI's own files (``service.swaggerui``) are public whenever /docs is served."""
     if access == "off":
         return
     deps = [Auth] if access == "auth" else []
+
+    @app.get(swaggerui.ASSET_PATH + "/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> Response:
+        return swaggerui.asset(name)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=deps)
     def openapi_json() -> JSONResponse:
@@ -148,7 +154,7 @@ def _docs(app: FastAPI, access: str) -> None:
 
     @app.get("/docs", include_in_schema=False, dependencies=deps)
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="posttrain API")
+        return swaggerui.page("posttrain API")
 
 
 log = logging.getLogger("posttrain.api")

@@ -53,6 +53,10 @@ class FineTuningJob(BaseModel):
     training_type: str
     resources: dict[str, Any]
     attempt: int = 0
+    step: int | None = Field(
+        None, description="The newest training step the job reported (null before the first)."
+    )
+    total_steps: int | None = Field(None, description="The steps the job's run will train.")
 
 
 class FileObject(BaseModel):
@@ -206,6 +210,8 @@ def job_object(rec: dict[str, str], organization_id: str) -> FineTuningJob:
         training_type=spec["training_type"],
         resources=_resources(spec["resources"], rec.get("placement")),
         attempt=_int(rec.get("attempt")) or 0,
+        step=_int(rec.get("step")),
+        total_steps=_int(rec.get("total_steps")),
     )
 
 
