@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= api,train,trackers,dev
 REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install demo test test-fast lint redis clean gpu-wheels
+.PHONY: install demo test test-fast lint redis clean gpu-wheels deploy-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,14 @@ test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not e2e"
 
 lint: install
-	$(VENV)/bin/ruff check service workers trainers tests bench
+	$(VENV)/bin/ruff check service workers trainers tests bench deploy docker
+
+# Builds the images and runs compose.yaml for real (README, "Development"): needs root (or
+# the docker group), dockerd and mmdebstrap; not part of `make test`. DEPLOY_TEST_ARGS are
+# passed on (python -m deploy --help).
+deploy-test: install
+	$(PY) -m pip install -q -e '.[deploy]'
+	$(PY) -m deploy $(DEPLOY_TEST_ARGS)
 
 # Wheels the GPU host lacks (README, "The GPU suite"): for CPython 3.12 on manylinux, no
 # dependencies resolved (the host has torch, transformers, accelerate, peft, numpy...).

@@ -167,10 +167,12 @@ def read_key_file(path: Path) -> _KeyFile:
         text = path.read_text()
     except OSError as exc:
         raise KeyFileError(f"API key file {path} cannot be read: {exc.strerror}") from None
+    # by its suffix; a file with neither (a Docker secret has none) by its first character
+    is_json = path.suffix == ".json" or (path.suffix != ".toml" and text.lstrip().startswith("{"))
     try:
-        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        raw = json.loads(text) if is_json else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        kind = "JSON" if path.suffix == ".json" else "TOML"
+        kind = "JSON" if is_json else "TOML"
         raise KeyFileError(f"API key file {path} is not valid {kind}: {exc}") from None
     try:
         parsed = _KeyFile.model_validate(raw)

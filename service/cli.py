@@ -194,6 +194,12 @@ def _keys_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _healthcheck(args: argparse.Namespace) -> int:
+    from service.healthcheck import run
+
+    return run(args.service)
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     """Built by ``python -m trainers.tiny_model`` in a child: this process never loads torch."""
     cmd = [sys.executable, "-m", "trainers.tiny_model", str(args.dir), "--seed", str(args.seed)]
@@ -259,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--name", help="worker name in the registry")
     inf.add_argument("--log-level", default="info")
     inf.set_defaults(func=_inference)
+    health = sub.add_parser(
+        "healthcheck", help="probe the api, worker or inference service of this host (exit 0: ok)"
+    )
+    health.add_argument("service", choices=["api", "worker", "inference"])
+    health.set_defaults(func=_healthcheck)
     tiny = sub.add_parser("tiny-model", help="write a tiny offline model for tests and demos")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,9 @@ Unit tests use its database 14, the end-to-end tests 15 and 13.
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import redis
 
@@ -50,3 +53,28 @@ def store(redis_client) -> JobStore:
 @pytest.fixture
 def file_store(redis_client, tmp_path) -> FileStore:
     return FileStore(redis_client, tmp_path, "test:")
+
+
+@pytest.fixture
+def frozen():
+    """``frozen(path)`` makes ``path`` impossible to remove, and a directory impossible to
+    write into, until the test ends or the returned function is called: the immutable
+    flag as root (whom permissions do not stop), a read-only directory otherwise."""
+    undo = []
+
+    def freeze(path):
+        if os.geteuid() == 0:
+            if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+                pytest.skip("this filesystem has no immutable flag")
+            cmd = ["chattr", "-i", str(path)]
+            undo.append(lambda: path.exists() and subprocess.run(cmd, check=True))
+        else:
+            folder = path if path.is_dir() else path.parent
+            mode = folder.stat().st_mode
+            folder.chmod(0o555)
+            undo.append(lambda: folder.exists() and folder.chmod(mode))
+        return undo[-1]
+
+    yield freeze
+    for thaw in undo:
+        thaw()

@@ -77,6 +77,10 @@ def remove_tree(path: Path, data_dir: Path, what: str, attempts: int = 3) -> Non
         if not failures and not os.path.lexists(path):
             return
         if attempt + 1 < attempts:
+            log.info(
+                "Removal of %s failed (attempt %d of %d: %s); retrying",
+                what, attempt + 1, attempts, failures[0] if failures else "still present",
+            )  # fmt: skip
             time.sleep(0.1 * (attempt + 1))
     if not failures:  # rmtree reported nothing, yet the path is still there
         failures.append((_relative(path, data_dir), "still present after removal"))

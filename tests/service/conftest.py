@@ -9,8 +9,6 @@ just what job creation checks: a directory whose config.json names a model_type.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 
@@ -34,28 +32,3 @@ def reward_model_entry(tmp_path):
     (model / "model.safetensors").write_bytes(b"")
     (model / "tokenizer.json").write_text("{}")
     return model
-
-
-@pytest.fixture
-def frozen():
-    """``frozen(path)`` makes ``path`` impossible to remove, and a directory impossible to
-    write into, until the test ends or the returned function is called: the immutable
-    flag as root (whom permissions do not stop), a read-only directory otherwise."""
-    undo = []
-
-    def freeze(path):
-        if os.geteuid() == 0:
-            if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-                pytest.skip("this filesystem has no immutable flag")
-            cmd = ["chattr", "-i", str(path)]
-            undo.append(lambda: path.exists() and subprocess.run(cmd, check=True))
-        else:
-            folder = path if path.is_dir() else path.parent
-            mode = folder.stat().st_mode
-            folder.chmod(0o555)
-            undo.append(lambda: folder.exists() and folder.chmod(mode))
-        return undo[-1]
-
-    yield freeze
-    for thaw in undo:
-        thaw()

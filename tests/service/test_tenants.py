@@ -24,7 +24,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from service.auth import KeyRing, hash_key, read_key_file
+from service.auth import KeyRing, Tenant, hash_key, read_key_file
 from service.main import create_app
 from service.settings import ApiSettings
 from tests import redis_server
@@ -698,6 +698,23 @@ def test_key_file_holds_hashes_not_keys(tmp_path):
     ring = KeyRing.load("", toml)
     assert ring.tenant_for("k").name == "a" and ring.tenant_for("k").max_active_jobs == 3
     assert ring.tenant_for("K") is None and ring.tenant_for("") is None
+
+
+def test_a_key_file_without_a_suffix_is_read_as_json_or_toml(tmp_path):
+    """A Docker secret is mounted without a suffix: its first character tells JSON from
+    TOML, and a broken one is refused naming the format it was read as."""
+    digest = hash_key("k")
+    as_json = tmp_path / "json" / "posttrain_api_keys"
+    as_toml = tmp_path / "toml" / "posttrain_api_keys"
+    as_json.parent.mkdir()
+    as_toml.parent.mkdir()
+    as_json.write_text(json.dumps({"tenants": {"a": {"keys": [digest], "admin": True}}}))
+    as_toml.write_text(f'[tenants.b]\nkeys = ["{digest}"]\n')
+    assert KeyRing.load("", as_json).tenant_for("k") == Tenant("a", admin=True)
+    assert KeyRing.load("", as_toml).tenant_for("k").name == "b"
+    as_json.write_text('{"tenants": ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_key_file(as_json)
 
 
 CLI = [sys.executable, "-m", "service.cli"]
