@@ -28,10 +28,10 @@ from service.graderpool import GraderPool
 from service.jobchecks import (
     check_files,
     check_integrations,
-    check_tools,
     check_method,
     check_patterns,
     check_queue,
+    check_tools,
     check_workers,
 )
 from service.jobrequest import parse_spec
@@ -139,7 +139,9 @@ def _without_secrets(spec: JobSpec) -> tuple[JobSpec, dict[str, Any] | None]:
     if not getattr(block, "tools", None):
         return spec, None
     tools, secrets = split_secrets(block.tools)
-    method = spec.method.model_copy(update={spec.method.type: block.model_copy(update={"tools": tools})})
+    method = spec.method.model_copy(
+        update={spec.method.type: block.model_copy(update={"tools": tools})}
+    )
     return spec.model_copy(update={"method": method}), {"tool_headers": secrets}
 
 

@@ -185,7 +185,11 @@ class HttpTool(dict):
                 for chunk in resp.iter_raw():
                     data += chunk
                     if len(data) > self.reply_cap:
-                        return None, f"the tool's reply is longer than {self.reply_cap} bytes", False
+                        return (
+                            None,
+                            f"the tool's reply is longer than {self.reply_cap} bytes",
+                            False,
+                        )
                     if time.monotonic() > deadline:
                         return None, f"the tool took longer than {timeout:g} s", True
         except httpx.TimeoutException:

@@ -30,8 +30,8 @@ import redis
 from trainers.contract import fencing
 from trainers.contract.jobdir import JobDir
 from trainers.contract.plan import RunPlan
-from trainers.contract.tools import SECRETS_ENV
 from trainers.contract.spec import JobSpec, StoredSpecError, read_stored_spec
+from trainers.contract.tools import SECRETS_ENV
 from workers import launch
 from workers.ckptevals import create_checkpoint_run
 from workers.evalruns import EvalRunStore

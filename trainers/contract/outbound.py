@@ -81,7 +81,8 @@ class ToolPolicy(BaseModel):
     applies the same at creation). Handed to the training process in its run plan."""
 
     allowed_networks: str = Field(
-        "", description="Comma-separated CIDR networks tool hosts may resolve to besides public ones."
+        "",
+        description="Comma-separated CIDR networks tool hosts may resolve to besides public ones.",
     )
     url_prefixes: list[str] = Field(
         default_factory=list,

@@ -119,7 +119,9 @@ def split_secrets(tools: list[Tool]) -> tuple[list[Tool], dict[str, dict[str, st
         headers = tool.endpoint.headers
         if headers:
             secrets[tool.function.name] = dict(headers)
-            endpoint = tool.endpoint.model_copy(update={"headers": dict.fromkeys(headers, REDACTED)})
+            endpoint = tool.endpoint.model_copy(
+                update={"headers": dict.fromkeys(headers, REDACTED)}
+            )
             tool = tool.model_copy(update={"endpoint": endpoint})
         redacted.append(tool)
     return redacted, secrets
@@ -133,7 +135,9 @@ def merge_secrets(tools: list[Tool], secrets: dict[str, dict[str, str]]) -> list
         headers = tool.endpoint.headers or {}
         given = secrets.get(tool.function.name, {})
         real = {k: given[k] for k in headers if k in given}
-        out.append(tool.model_copy(update={"endpoint": tool.endpoint.model_copy(update={"headers": real})}))
+        out.append(
+            tool.model_copy(update={"endpoint": tool.endpoint.model_copy(update={"headers": real})})
+        )
     return out
 
 
