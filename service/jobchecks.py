@@ -20,6 +20,7 @@ from trainers.contract.errors import JobError
 from trainers.contract.formats import DatasetError, iter_rows, read_as
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
 from trainers.contract.integrations import TrackerPolicy
+from trainers.contract.outbound import AddressRefused, ToolPolicy
 from trainers.contract.spec import JobSpec
 from workers.filestore import FileStore
 from workers.fleet import live_queues, live_workers
@@ -47,6 +48,19 @@ def check_integrations(spec: JobSpec, policy: TrackerPolicy) -> None:
         policy.check(spec.integrations)
     except JobError as exc:
         raise _refusal(exc) from None
+
+
+def check_tools(spec: JobSpec, policy: ToolPolicy) -> None:
+    """Every tool endpoint of an RL job against the server's outbound policy (its
+    allow-list of URL prefixes, and no loopback, private or link-local address unless
+    the server allows that network): a 400 naming the tool's ``url``."""
+    tools = getattr(spec.method.block, "tools", None) or []
+    for i, tool in enumerate(tools):
+        try:
+            policy.check(tool.endpoint.url)
+        except AddressRefused as exc:
+            param = f"method.{spec.method.type}.tools[{i}].endpoint.url"
+            raise APIError(400, f"{param}: {exc}", param=param, code="invalid_url") from None
 
 
 def check_patterns(spec: JobSpec, run: Callable[..., Any] | None = None) -> None:

@@ -31,6 +31,7 @@ from service.jobchecks import (
     check_method,
     check_patterns,
     check_queue,
+    check_tools,
     check_workers,
 )
 from service.jobrequest import parse_spec
@@ -38,7 +39,8 @@ from service.modelaccess import ModelAccess
 from service.settings import ApiSettings
 from trainers.contract.integrations import INTEGRATION_TYPES
 from trainers.contract.jobdir import JobDir
-from trainers.contract.spec import stored_spec_view
+from trainers.contract.spec import JobSpec, stored_spec_view
+from trainers.contract.tools import split_secrets
 from workers.celery_app import enqueue
 from workers.filestore import FileStore
 from workers.fleet import job_queue
@@ -77,6 +79,7 @@ def create_job(
     models = access.check_spec(spec, tenant) if access is not None else None
     check_method(spec)
     check_integrations(spec, settings.tracker_policy())
+    check_tools(spec, settings.tool_policy())
     check_patterns(spec, None if graders is None else functools.partial(graders.call, tenant))
     check_files(spec, files, tenant)
     if spec.eval is not None and check_eval is not None:
@@ -103,8 +106,9 @@ def create_job(
         record["idempotency_key"] = idempotency_key
     if spec.eval is not None:  # its checkpoint runs get the tenant's grading slots
         record["eval_runs_limit"] = tenant.eval_run_slots(settings.eval_runs_per_tenant)
+    spec, secrets = _without_secrets(spec)
     with _quota_slot(jobs, tenant, job_id, idempotency_key, live):
-        jobs.create(job_id, spec.model_dump_json(), JobStatus.queued, **record)
+        jobs.create(job_id, spec.model_dump_json(), JobStatus.queued, secrets=secrets, **record)
     jobs.add_event(job_id, f"Created fine-tuning job: {job_id}")
     try:
         enqueue(celery, job_id, queue)
@@ -126,6 +130,19 @@ def create_job(
     if waiting:
         jobs.add_event(job_id, waiting, level="warn")
     return job_id, True
+
+
+def _without_secrets(spec: JobSpec) -> tuple[JobSpec, dict[str, Any] | None]:
+    """The spec as stored (its tools' header values replaced by ``[redacted]``) and those
+    values, kept in the job's own secrets key (``JobStore.create``)."""
+    block = spec.method.block
+    if not getattr(block, "tools", None):
+        return spec, None
+    tools, secrets = split_secrets(block.tools)
+    method = spec.method.model_copy(
+        update={spec.method.type: block.model_copy(update={"tools": tools})}
+    )
+    return spec.model_copy(update={"method": method}), {"tool_headers": secrets}
 
 
 @contextmanager

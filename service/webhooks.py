@@ -12,66 +12,36 @@ the address policy refuses) is retried after ``retry_seconds * 2**(attempt-1)`` 
 at an hour) until ``max_age_seconds`` after the event, then marked failed. Redirects are
 not followed.
 
-Address policy: an endpoint's host must resolve only to public addresses (not loopback,
-private, link-local, multicast, reserved or unspecified), unless an address lies in
-``webhook_allowed_networks``. It is checked when an endpoint is registered and again
-before every try (a name can change what it resolves to).
+Address policy (``trainers.contract.outbound``, shared with RL jobs' tools): an endpoint's
+host must resolve only to public addresses (not loopback, private, link-local, multicast,
+reserved or unspecified), unless an address lies in ``webhook_allowed_networks``. It is
+checked when an endpoint is registered and again before every try (a name can change what
+it resolves to).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import logging
-import socket
 import uuid
-from urllib.parse import urlsplit
 
 import httpx
 import redis
 from standardwebhooks.webhooks import Webhook
 
+from trainers.contract.outbound import (
+    AddressRefused,
+    allowed_networks,
+    check_addresses,
+    check_url,
+)
 from workers.webhooks import WebhookStore
+
+__all__ = ["AddressRefused", "Deliverer", "allowed_networks", "check_addresses", "check_url"]
 
 log = logging.getLogger("posttrain.webhooks")
 MAX_BACKOFF = 3600.0
-
-
-class AddressRefused(ValueError):
-    pass
-
-
-def allowed_networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(x.strip(), strict=False) for x in spec.split(",") if x.strip()]
-
-
-def check_url(url: str) -> tuple[str, int]:
-    """The URL's host and port; ``AddressRefused`` unless it is an http(s) URL with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise AddressRefused("the url must be an http:// or https:// URL with a host")
-    if parts.username or parts.password:
-        raise AddressRefused("the url may not carry credentials; the signature authenticates")
-    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-
-
-def check_addresses(host: str, port: int, allowed: list) -> None:
-    """``AddressRefused`` naming the address when ``host`` resolves to a non-public one
-    outside ``allowed`` (or does not resolve)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise AddressRefused(f"the host '{host}' does not resolve: {exc}") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
-        if any(addr in net for net in allowed):
-            continue
-        if not addr.is_global or addr.is_multicast:
-            raise AddressRefused(
-                f"the host '{host}' resolves to {addr}, a non-public address; an operator "
-                "may allow its network with POSTTRAIN_WEBHOOK_ALLOWED_NETWORKS"
-            )
 
 
 def backoff(attempt: int, base: float) -> float:

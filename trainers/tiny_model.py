@@ -42,22 +42,47 @@ SPECIAL_TOKENS = [PAD_TOKEN, EOS_TOKEN, *ROLE_TOKENS.values()]
 
 # Each turn is "<|role|>content<|end|>", with no newlines, so a rendered prompt is
 # always a token-exact prefix of the rendered prompt+reply (TRL checks this for
-# prompt/completion data). The assistant's content *and* its <|end|> sit inside
-# {% generation %}: the model is trained to stop, and TRL does not warn that the
-# end-of-turn token is left out of the loss mask.
+# prompt/completion data, and for the turns of a tool-calling episode). The assistant's
+# content *and* its <|end|> sit inside {% generation %}: the model is trained to stop,
+# and TRL does not warn that the end-of-turn token is left out of the loss mask.
+#
+# Tools (TRL's tool loop, RL jobs' ``tools``): with ``tools`` the conversation opens with
+# a short system turn "tools: name(arg,arg) ..." (names and argument names only: the
+# model is tiny and so is its context); an assistant's tool call is
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call> after its content, and a tool
+# result is a system turn "tool: <result>". No new special tokens: the vocabulary, and
+# with it every seed's weights, stay what they were.
+_TOOLS_TURN = (
+    "{%- if tools -%}{{- '<|system|>tools:' -}}"
+    "{%- for tool in tools -%}{%- set fn = tool.function if tool.function is defined else tool -%}"
+    "{%- set props = fn.parameters.properties if fn.parameters is defined"
+    " and fn.parameters.properties is defined else {} -%}"
+    "{{- ' ' + fn.name + '(' + (props | join(',')) + ')' -}}"
+    "{%- endfor -%}{{- '<|end|>' -}}{%- endif -%}"
+)
+_TOOL_CALLS = (
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- set fn = call.function if call.function is defined else call -%}"
+    "{%- set args = fn.arguments if fn.arguments is string else (fn.arguments | tojson) -%}"
+    "{{- '<tool_call>{\"name\": ' + (fn.name | tojson) + ', \"arguments\": ' + args"
+    " + '}</tool_call>' -}}"
+    "{%- endfor -%}"
+)
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    _TOOLS_TURN + "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
     "{{- raise_exception('unsupported role: ' + message['role']) -}}"
     "{%- endif -%}"
     "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- elif message['content'] is none -%}{%- set text = '' -%}"
     "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
     " | map(attribute='text') | join('') -%}"
     "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>' -}}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- text + '<|end|>' -}}{%- endgeneration -%}"
-    "{%- else -%}{{- text + '<|end|>' -}}"
+    "{{- '<|assistant|>' -}}"
+    "{%- generation -%}{{- text -}}" + _TOOL_CALLS + "{{- '<|end|>' -}}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'tool' -%}{{- '<|system|>tool: ' + text + '<|end|>' -}}"
+    "{%- else -%}{{- '<|' + message['role'] + '|>' + text + '<|end|>' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
@@ -65,14 +90,24 @@ CHAT_TEMPLATE = (
 
 
 # How a reply of this chat format is parsed back into a message: what follows the
-# generation prompt, up to ``<|end|>``, is the content. ``transformers serve`` reads
-# it from the tokenizer; without it, it falls back by model type (``qwen2``) to
-# Qwen's ``<|im_start|>`` markers, finds no anchor, and hands the prompt back as
-# part of the reply.
+# generation prompt, up to ``<|end|>``, is the content, and each <tool_call>...</tool_call>
+# a tool call (TRL's tool loop and ``transformers serve`` both read it from the
+# tokenizer). Without it, ``transformers serve`` falls back by model type (``qwen2``) to
+# Qwen's ``<|im_start|>`` markers, finds no anchor, and hands the prompt back as part of
+# the reply.
 RESPONSE_TEMPLATE = {
     "defaults": {"role": "assistant"},
     "start_anchor": "<|assistant|>",
-    "fields": {"content": {"close_pattern": r"<\|end\|>", "content": "text"}},
+    "fields": {
+        "tool_calls": {
+            "open": "<tool_call>",
+            "close_pattern": r"</tool_call>\s*",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close_pattern": r"<\|end\|>", "content": "text"},
+    },
 }
 
 

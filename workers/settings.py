@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainers.contract.integrations import TrackerPolicy, parse_uri_list
+from trainers.contract.outbound import ToolPolicy, allowed_networks
 from trainers.contract.resources import check_queue_name
 
 
@@ -106,6 +107,22 @@ class WorkerSettings(BaseSettings):
         "name (exact match); empty = jobs log only to their own file store.",
     )
 
+    # RL jobs' tools (trainers.contract.tools): who may be called, and how much is read.
+    tool_allowed_networks: str = Field(
+        "",
+        description="Comma-separated networks (CIDR) tool endpoints may resolve to besides "
+        "public addresses, e.g. 10.0.0.0/8; loopback, private and link-local are refused "
+        "otherwise.",
+    )
+    tool_url_prefixes: str = Field(
+        "",
+        description="Comma-separated URL prefixes every tool endpoint must start with "
+        "(e.g. https://tools.example.com/); empty = any URL the address rule allows.",
+    )
+    tool_max_reply_bytes: int = Field(
+        65536, ge=16, description="Largest tool reply a rollout reads, whatever the job asks."
+    )
+
     # Inference (``posttrain inference`` and the API's chat/completions routes).
     inference_queue: str = Field(
         "posttrain.inference",
@@ -143,6 +160,20 @@ class WorkerSettings(BaseSettings):
         return TrackerPolicy(
             wandb_mode=self.wandb_mode,
             mlflow_tracking_uris=parse_uri_list(self.mlflow_tracking_uris),
+        )
+
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        allowed_networks(value)  # a ValueError names the bad entry
+        return value
+
+    def tool_policy(self) -> ToolPolicy:
+        """What the server lets an RL job's tools call (``trainers.contract.outbound``)."""
+        return ToolPolicy(
+            allowed_networks=self.tool_allowed_networks,
+            url_prefixes=[p.strip() for p in self.tool_url_prefixes.split(",") if p.strip()],
+            max_reply_bytes=self.tool_max_reply_bytes,
         )
 
     @property

@@ -16,6 +16,7 @@ Callers import ``JobStore`` and the state machine's names (``JobStatus``, ``TERM
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Container
@@ -71,7 +72,7 @@ return {1, cur}
 """
 
 # A job's own keys besides its hash: ``job:{id}:<suffix>``. DELETE removes every one.
-JOB_KEY_SUFFIXES = ("events", "metrics", "samples", "checkpoints", "evalruns")
+JOB_KEY_SUFFIXES = ("events", "metrics", "samples", "checkpoints", "evalruns", "secrets")
 
 
 def new_id(prefix: str) -> str:
@@ -101,8 +102,18 @@ class JobStore(JobLifecycle, JobStreams):
 
     # ---- records
     def create(
-        self, job_id: str, spec_json: str, status: JobStatus = S.queued, **fields: Any
+        self,
+        job_id: str,
+        spec_json: str,
+        status: JobStatus = S.queued,
+        *,
+        secrets: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> dict:
+        """Write a new job's record. ``secrets`` (its tools' header values) go to their own
+        key, ``job:{id}:secrets``, in the same transaction: no route reads that key, so
+        nothing that shows a job (GET, lists, events, the dashboard) can show them; the
+        worker reads it when it starts a run (``tool_secrets``)."""
         now = time.time()
         record = {
             "id": job_id,
@@ -115,6 +126,8 @@ class JobStore(JobLifecycle, JobStreams):
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k_job(job_id), mapping={k: encode(v) for k, v in record.items()})
+        if secrets:
+            pipe.set(self.k_secrets(job_id), json.dumps(secrets))
         pipe.zadd(self.k_jobs(), {job_id: now})
         if record.get("tenant"):
             pipe.sadd(self.k_active(record["tenant"]), job_id)
@@ -122,6 +135,14 @@ class JobStore(JobLifecycle, JobStreams):
             pipe.zadd(self.k_queued(), {job_id: self.server_time()})
         pipe.execute()
         return self.get(job_id)
+
+    def k_secrets(self, job_id: str) -> str:
+        return f"{self.k_job(job_id)}:secrets"
+
+    def tool_secrets(self, job_id: str) -> dict[str, dict[str, str]]:
+        """The header values of the job's tools, by tool name (for the worker only)."""
+        raw = self.r.get(self.k_secrets(job_id))
+        return json.loads(raw) if raw else {}
 
     def get(self, job_id: str) -> dict[str, str]:
         rec = self.r.hgetall(self.k_job(job_id))

@@ -31,6 +31,7 @@ from trainers.contract import fencing
 from trainers.contract.jobdir import JobDir
 from trainers.contract.plan import RunPlan
 from trainers.contract.spec import JobSpec, StoredSpecError, read_stored_spec
+from trainers.contract.tools import SECRETS_ENV
 from workers import launch
 from workers.ckptevals import create_checkpoint_run
 from workers.evalruns import EvalRunStore
@@ -117,6 +118,7 @@ class Supervisor:
             fence_file=jd.fence if self.fence is not None else None,
             report_journal=jd.journal(self.fence, attempt),
             trackers=self.s.tracker_policy(),
+            tools=self.s.tool_policy(),
         )
         jd.plan(attempt).write_text(plan.model_dump_json(indent=2))
         return plan
@@ -156,6 +158,10 @@ class Supervisor:
         channel = launch.ReportChannel(placement.launched)
         if plan.pause_path is not None:  # a flag left by an earlier run of this attempt number
             plan.pause_path.unlink(missing_ok=True)
+        env = launch.training_env(dict(os.environ), placement, plan.threads)
+        headers = self.store.tool_secrets(job_id).get("tool_headers")
+        if headers:  # the tools' header values: in the environment, never in the plan file
+            env[SECRETS_ENV] = json.dumps(headers)
         logf = open(jd.train_log, "ab")
         try:
             proc = subprocess.Popen(
@@ -166,7 +172,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
-                env=launch.training_env(dict(os.environ), placement, plan.threads),
+                env=env,
             )
         finally:
             channel.started()

@@ -117,7 +117,7 @@ def test_assistant_mask_on_demo_rows(tokenizer, row):
 
 def test_unknown_role_is_rejected(tokenizer):
     with pytest.raises(Exception, match="unsupported role"):
-        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+        tokenizer.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
 
 
 def test_demo_dataset_shape():

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from trainers.contract.integrations import TrackerPolicy
+from trainers.contract.outbound import ToolPolicy
 from trainers.contract.spec import JobSpec
 
 
@@ -36,6 +37,9 @@ class RunPlan(BaseModel):
     model_name: str | None = None  # the model as the job named it (spec.model is its path)
     # how the job's integrations run: the worker's W&B mode and allowed MLflow servers
     trackers: TrackerPolicy = Field(default_factory=TrackerPolicy)
+    # what the job's tools may call (the worker's outbound policy); header values are not
+    # here: they reach the process in its environment (trainers.contract.tools)
+    tools: ToolPolicy = Field(default_factory=ToolPolicy)
 
     def relative(self, path: Path) -> str:
         """A path as stored in records: relative to the data dir, so volumes can move."""

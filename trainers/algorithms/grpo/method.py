@@ -18,6 +18,12 @@ rule's per-token temperature around ``temperature`` and training log-probs are
 taken at temperature 1 (the untempered policy is what is trained).
 OpenAI's ``reasoning_effort`` is passed to the chat template as a keyword
 (templates that do not read it ignore it).
+
+Tools (``method.<type>.tools``): TRL's own tool loop (``tools=``,
+``max_tool_calling_iterations`` = ``max_turns``) runs the job's HTTP tools
+(``trainers.tools``) on either rollout engine: it calls the engine once per turn, so on
+vLLM each turn is a vLLM generation and the tools run in the training process between
+turns.
 """
 
 from __future__ import annotations
@@ -95,6 +101,8 @@ def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> di
         "include_num_input_tokens_seen": "no",
         "chat_template_kwargs": s.chat_template_kwargs(),
     }
+    if method_tools(plan):
+        fields["max_tool_calling_iterations"] = s.max_turns
     if vllm:
         fields["vllm_mode"] = s.vllm_mode
         if s.vllm_mode == "server":  # the worker started it and says where (see supervisor)
@@ -104,17 +112,41 @@ def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> di
     return fields
 
 
+def method_tools(plan: RunPlan) -> list:
+    return getattr(plan.spec.method.block, "tools", None) or []
+
+
 def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
     from trainers.algorithms.grpo.pieces import build_pieces
     from trainers.graders.reward import build_reward_function
 
     method = plan.spec.method
     settings = method.settings()
-    return {
+    kwargs = {
         "reward_funcs": [build_reward_function(g) for g in method.block.grader_list()],
         "settings": settings,
         "pieces": build_pieces(settings),
     }
+    if method_tools(plan):
+        kwargs["tools"], kwargs["pieces"]["tools"] = _tools(plan, settings)
+    return kwargs
+
+
+def _tools(plan: RunPlan, s: GRPOHyperparameters) -> tuple[list, dict[str, Any]]:
+    """The job's tools as TRL callables (header values from the worker, not the plan)."""
+    from trainers.contract.tools import merge_secrets, pop_secrets_from_env
+    from trainers.tools import ToolLimits, build_tools
+
+    limits = ToolLimits(
+        timeout=s.tool_timeout_seconds,
+        retries=s.tool_retries,
+        max_reply_bytes=s.tool_max_reply_bytes,
+        max_calls=s.max_tool_calls,
+        episode_seconds=s.episode_tool_seconds,
+    )
+    tools = merge_secrets(method_tools(plan), pop_secrets_from_env())
+    callables, stats = build_tools(tools, plan.tools, limits)
+    return callables, {"limits": limits, "stats": stats}
 
 
 METHOD = MethodDef(

@@ -22,6 +22,9 @@ with every checkpoint (``posttrain_rollout_state.json``) and restored on resume.
 Samples (``trainers.samples``): after a training rollout batch is scored and its
 advantages are final (TRL's, or the estimator's above), its first rows are reported with
 the rewards TRL computed, so a sample shows what the loss was given.
+
+Tools (a job that lists them): TRL's own tool loop runs them (``toolloop.py`` adds the
+per-episode budgets and the tool metrics).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from transformers import LogitsProcessorList
 from trl import GRPOTrainer
 
+from trainers.algorithms.grpo.toolloop import ToolEpisodesMixin
 from trainers.algorithms.tokens import prompt_ids
 from trainers.base import PosttrainTrainerMixin
 from trainers.contract.errors import JobError
@@ -49,7 +53,7 @@ from trainers.graders.reward import completion_text
 STATE_FILE = "posttrain_rollout_state.json"
 
 
-class PosttrainGRPOTrainer(PosttrainTrainerMixin, GRPOTrainer):
+class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer):
     """GRPO on posttrain's kernel; see the module docstring for what it overrides."""
 
     def __init__(self, *args, settings: GRPOHyperparameters, pieces: dict[str, Any], **kwargs):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trainers.contract.errors import JobError
 from trainers.contract.graders.spec import Grader, reward_range, template_fields
@@ -41,6 +41,7 @@ from trainers.contract.methods.base import MethodModel
 from trainers.contract.modelfiles import ModelFileError
 from trainers.contract.resources import Resources
 from trainers.contract.rows import RowFormat
+from trainers.contract.tools import MAX_TOOLS, Tool, check_unique
 
 # The pieces' names: the keys of the trainers/core registries (a test checks they agree).
 # Advantage estimators: a base normaliser per group.
@@ -142,6 +143,37 @@ class GRPOHyperparameters(CommonHyperparameters, RolloutEngine):
     hapo_raw_z: bool = Field(
         False,
         description="HAPO: adaptive temperature from the paper's raw z instead of the code's h̃.",
+    )
+    # Tools (when the block lists ``tools``; trainers/contract/tools.py).
+    max_turns: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Tools: model turns per episode that may end in tool calls (TRL's "
+        "max_tool_calling_iterations); the turn after the last of them is the final answer.",
+    )
+    max_tool_calls: int = Field(
+        8, ge=1, le=256, description="Tools: calls per episode; later ones get an error result."
+    )
+    tool_timeout_seconds: float = Field(
+        10.0, gt=0.0, le=300.0, description="Tools: how long one try of a call may take."
+    )
+    tool_retries: int = Field(
+        1, ge=0, le=5, description="Tools: retries of a call after a timeout, 5xx or no connection."
+    )
+    episode_tool_seconds: float = Field(
+        120.0,
+        gt=0.0,
+        le=3600.0,
+        description="Tools: time all of an episode's calls may take together; later calls get "
+        "an error result.",
+    )
+    tool_max_reply_bytes: int = Field(
+        8192,
+        ge=16,
+        le=1 << 20,
+        description="Tools: longest reply read (the server's cap applies too); a longer one is "
+        "a tool error the model sees.",
     )
 
     def chat_template_kwargs(self) -> dict[str, Any] | None:
@@ -353,7 +385,18 @@ def graders_fields(graders: list) -> set[str]:
 
 
 class GradedBlock(Strict):
-    """A GRPO-family block: graders, a variant and GRPO hyperparameters."""
+    """A GRPO-family block: graders, a variant, GRPO hyperparameters, and the tools the
+    model may call during its rollouts (extension)."""
+
+    tools: list[Tool] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TOOLS,
+        description="Extension: OpenAI function tools, each bound to an HTTP endpoint "
+        "(trainers.contract.tools); rollouts become multi-turn episodes.",
+    )
+
+    _unique_tools = field_validator("tools")(classmethod(lambda cls, v: check_unique(v)))
 
     @model_validator(mode="after")
     def _check(self) -> GradedBlock:
