@@ -132,6 +132,11 @@ class JobSample(BaseModel):
     group: int | None = Field(None, description="The prompt's group in the rollout batch.")
     completion_tokens: int | None = None
     truncated: bool | None = Field(None, description="Cut at max_completion_length.")
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None,
+        description="A job with tools: the episode's calls in order, each {name, arguments, "
+        "result}, result being the text the model read back.",
+    )
 
 
 class Page(BaseModel):

@@ -74,6 +74,7 @@ def test_samples_page_oldest_first_by_cursor_and_step(client):
         "created_at": one["created_at"],
         "step": 1,
         **_row(1),
+        "tool_calls": None,  # a job without tools
     }
     rest = client.get(url, params={"after": first["last_id"]}).json()
     assert _ids(rest) == ["ftsample-2-2", "ftsample-3-1", "ftsample-3-2"] and not rest["has_more"]

@@ -11,6 +11,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -113,6 +114,8 @@ MAX_PROMPT_CHARS = 2000
 MAX_COMPLETION_CHARS = 4000
 MAX_GRADER_NAME_CHARS = 128
 MAX_GRADERS = 16
+MAX_SAMPLE_TOOL_CALLS = 16
+MAX_TOOL_TEXT_CHARS = 1000
 _MARK_ROOM = 40  # the marker's length, with room for the count
 
 
@@ -139,6 +142,28 @@ def _grader_rewards(values: Any) -> Any:
     return {cut_middle(str(k), MAX_GRADER_NAME_CHARS): finite_or_none(v) for k, v in values.items()}
 
 
+def _arguments(value: Any) -> Any:
+    """A call's arguments as stored: the object, or its JSON text cut to a bound when long."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) <= MAX_TOOL_TEXT_CHARS:
+        return value
+    return cut_middle(text, MAX_TOOL_TEXT_CHARS)
+
+
+class SampleToolCall(_Message):
+    """One tool call of a sampled episode and the text the model read back."""
+
+    name: Annotated[str | None, _cut(128)] = None
+    arguments: Annotated[Any, BeforeValidator(_arguments)] = None
+    result: Annotated[str | None, _cut(MAX_TOOL_TEXT_CHARS)] = Field(
+        None, description="The tool message that answered it (``error: ...`` when it failed)."
+    )
+
+
+def _first_calls(values: Any) -> Any:
+    return values[:MAX_SAMPLE_TOOL_CALLS] if isinstance(values, list) else values
+
+
 class SampleRow(_Message):
     """One completion of a rollout: what the model saw, what it wrote, how it was scored."""
 
@@ -163,6 +188,11 @@ class SampleRow(_Message):
     completion_tokens: int | None = Field(None, ge=0)
     truncated: bool | None = Field(
         None, description="Cut at the length limit (no end-of-sequence token)."
+    )
+    tool_calls: Annotated[list[SampleToolCall] | None, BeforeValidator(_first_calls)] = Field(
+        None,
+        description="The episode's tool calls in order, each with its result (a job with "
+        "tools; the first 16).",
     )
 
 

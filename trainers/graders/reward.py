@@ -8,7 +8,7 @@ from typing import Any
 from trainers.contract.errors import JobError
 from trainers.contract.graders.scoring import SCORERS, multi_scores, spec_of
 from trainers.contract.graders.spec import GraderSpec, MultiGrader
-from trainers.contract.graders.templates import GraderError
+from trainers.contract.graders.templates import EpisodeText, GraderError
 
 # Keyword arguments TRL's GRPOTrainer passes that are not dataset columns.
 _TRL_KWARGS = frozenset(
@@ -32,6 +32,15 @@ def completion_text(completion: Any) -> str:
     return "".join(out)
 
 
+def episode_sample(completion: Any) -> str:
+    """What a grader reads of a TRL completion: its text, carrying the messages (tool
+    calls and results included) when the completion is a conversation."""
+    text = completion_text(completion)
+    if isinstance(completion, list):
+        return EpisodeText(text, completion)
+    return text
+
+
 class RewardFunction:
     """A grader as a TRL reward function: ``f(prompts, completions, **columns) -> list[float]``.
 
@@ -48,7 +57,7 @@ class RewardFunction:
         self.__name__ = self.grader.name
 
     def __call__(self, prompts: Any = None, completions: Any = (), **kwargs: Any) -> list[float]:
-        samples = [completion_text(c) for c in completions]
+        samples = [episode_sample(c) for c in completions]
         columns = {k: v for k, v in kwargs.items() if k not in _TRL_KWARGS and isinstance(v, list)}
         items = [{k: v[row] for k, v in columns.items()} for row in range(len(samples))]
         notes: list[GraderError] = []

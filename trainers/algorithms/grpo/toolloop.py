@@ -14,10 +14,15 @@ the loop. This mixin swaps each rollout's callables for the same tools bound to 
 TRL itself adds ``tools/call_frequency`` and ``tools/failure_frequency`` (calls it could
 not make: an unknown tool name, arguments that are not an object). The tool results'
 tokens are masked out of the loss by TRL (``tool_mask``); nothing here changes that.
+
+A sampled rollout's row (``trainers.samples``) carries the episode's calls and their
+results (``_episode_calls``), the same view graders read as ``sample.tool_calls``.
 """
 
 from __future__ import annotations
 
+from trainers.contract.graders.templates import episode_messages, tool_calls
+from trainers.graders.reward import episode_sample
 from trainers.tools import Episode, HttpTool
 
 
@@ -56,3 +61,9 @@ class ToolEpisodesMixin:
         for name, seconds in batch.by_tool.items():
             metrics[f"tools/{name}/latency_s"] = sum(seconds) / len(seconds)
         self._pt_log(metrics)
+
+    def _episode_calls(self, completion) -> list[dict] | None:
+        """A job with tools: the episode's calls and their results, as graders see them."""
+        if self.pt_pieces.get("tools") is None:
+            return None
+        return tool_calls(episode_messages(episode_sample(completion)))

@@ -151,6 +151,7 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
                     "group": groups[i],
                     "completion_tokens": len(ids),
                     "truncated": bool(ids) and ids[-1] not in ends,
+                    "tool_calls": self._episode_calls(completions[i]),
                 }
             )
         recorder.send(step, rows)

@@ -10,10 +10,25 @@ exist:
 * ``sample``: the model's output. posttrain fills ``output_text`` (the completion
   as text) and ``output_json`` (the completion parsed as JSON, which may be
   followed by a path, e.g. ``{{ sample.output_json.name }}``).
+* the episode of an RL job with tools (the trajectory; a sample without tools is one
+  assistant message and no calls):
+
+  - ``sample.messages``: the completion's messages in order, as JSON: assistant
+    turns (``content`` and any ``tool_calls``, each ``{"name", "arguments"}``) and
+    ``tool`` turns (``name``, ``content``: the text the model read back);
+  - ``sample.tool_calls``: one ``{"name", "arguments", "result"}`` per call the model
+    wrote, in order, ``result`` being the tool message that answered it (an ``error:``
+    text when the call failed; null when the episode ended before it was run: its
+    last turn, or the length limit);
+  - ``sample.tool_call_count``: how many calls the model wrote (an integer).
+
+  A path may follow the first two (``{{ sample.tool_calls.0.result }}``); a path the
+  episode does not have (no call was made, or none answered) is the sample's fault and
+  scores 0.
 
 Departures from OpenAI: ``sample.output_tools``, ``sample.choices`` and
-``sample.output_audio`` are rejected when the grader is validated (a training
-rollout here produces text only). Any other namespace, or a ``{{ }}`` that does
+``sample.output_audio`` are rejected when the grader is validated (an RL job's
+tool calls are ``sample.tool_calls`` above). Any other namespace, or a ``{{ }}`` that does
 not hold ``namespace.variable``, is rejected the same way. Rendering is one
 pass: text substituted from a row is never itself re-read as a template.
 
@@ -28,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "EpisodeText",
     "GraderError",
     "Ref",
     "SampleParseError",
@@ -38,7 +54,7 @@ __all__ = [
 ]
 
 # Fields of the sample namespace posttrain can fill, and those it refuses.
-SAMPLE_FIELDS = ("output_text", "output_json")
+SAMPLE_FIELDS = ("output_text", "output_json", "messages", "tool_calls", "tool_call_count")
 _SAMPLE_REFUSED = ("output_tools", "choices", "output_audio")
 
 _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
@@ -102,10 +118,13 @@ def _ref(inner: str) -> Ref:
         head = path[0] if path else ""
         if head in _SAMPLE_REFUSED:
             raise TemplateError(
-                f"'sample.{head}' is not available in posttrain: rollouts produce text only; "
+                f"'sample.{head}' is not available in posttrain (an RL job's tool calls are "
+                "sample.tool_calls); "
                 f"use one of {', '.join('sample.' + f for f in SAMPLE_FIELDS)}"
             )
-        if head not in SAMPLE_FIELDS or (head == "output_text" and len(path) > 1):
+        if head not in SAMPLE_FIELDS or (
+            head in ("output_text", "tool_call_count") and len(path) > 1
+        ):
             raise TemplateError(
                 f"unknown sample variable '{'.'.join(path) or '(none)'}'; "
                 f"use one of {', '.join('sample.' + f for f in SAMPLE_FIELDS)}"
@@ -135,9 +154,84 @@ def resolve_path(value: Any, path: tuple[str, ...], where: str) -> Any:
     return value
 
 
+class EpisodeText(str):
+    """A sample's text that also carries its episode's messages (an RL rollout with
+    tools): what ``sample.messages`` and ``sample.tool_calls`` read. A plain ``str``
+    sample is one assistant message."""
+
+    messages: list[dict[str, Any]]
+
+    def __new__(cls, text: str, messages: list[dict[str, Any]]):
+        out = super().__new__(cls, text)
+        out.messages = messages
+        return out
+
+
+def episode_messages(sample: str) -> list[dict[str, Any]]:
+    """The episode's messages, normalised: role, content, and the calls' name and
+    arguments (assistant) or the tool's name (tool)."""
+    raw = getattr(sample, "messages", None)
+    if raw is None:
+        return [{"role": "assistant", "content": str(sample)}]
+    out = []
+    for m in raw:
+        msg = {"role": m.get("role", "assistant"), "content": _content(m.get("content"))}
+        if m.get("role") == "tool":
+            msg["name"] = m.get("name")
+        calls = [_call(c) for c in m.get("tool_calls") or ()]
+        if calls:
+            msg["tool_calls"] = calls
+        out.append(msg)
+    return out
+
+
+def _content(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def _call(call: dict[str, Any]) -> dict[str, Any]:
+    fn = call.get("function", call)
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            pass
+    return {"name": fn.get("name"), "arguments": args}
+
+
+def tool_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``{name, arguments, result}`` per call; the tool messages that follow an
+    assistant turn answer its calls in order."""
+    calls: list[dict[str, Any]] = []
+    waiting: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "assistant":
+            waiting = [{**c, "result": None} for c in m.get("tool_calls", ())]
+            calls += waiting
+        elif m["role"] == "tool" and waiting:
+            waiting.pop(0)["result"] = m["content"]
+    return calls
+
+
 def _sample_value(ref: Ref, sample_text: str) -> Any:
-    if ref.path[0] == "output_text":
+    head = ref.path[0]
+    if head == "output_text":
         return sample_text
+    if head in ("messages", "tool_calls", "tool_call_count"):
+        messages = episode_messages(sample_text)
+        value: Any = messages if head == "messages" else tool_calls(messages)
+        if head == "tool_call_count":
+            return len(value)
+        try:
+            value = resolve_path(value, ref.path[1:], f"sample.{head}")
+        except TemplateError as exc:  # a call the episode did not make: the sample's fault
+            raise SampleParseError(str(exc)) from None
+        if value is None:  # a call the episode ended before answering
+            raise SampleParseError(f"sample.{ref.dotted} is empty (the call was not answered)")
+        return value
     try:
         parsed = json.loads(sample_text)
     except ValueError:
