@@ -19,6 +19,7 @@ from service.errors import APIError
 from trainers.contract.errors import JobError
 from trainers.contract.formats import DatasetError, iter_rows, read_as
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
+from trainers.contract.graders.remote import endpoint_urls
 from trainers.contract.integrations import TrackerPolicy
 from trainers.contract.outbound import AddressRefused, ToolPolicy
 from trainers.contract.spec import JobSpec
@@ -51,15 +52,22 @@ def check_integrations(spec: JobSpec, policy: TrackerPolicy) -> None:
 
 
 def check_tools(spec: JobSpec, policy: ToolPolicy) -> None:
-    """Every tool endpoint of an RL job against the server's outbound policy (its
-    allow-list of URL prefixes, and no loopback, private or link-local address unless
-    the server allows that network): a 400 naming the tool's ``url``."""
-    tools = getattr(spec.method.block, "tools", None) or []
-    for i, tool in enumerate(tools):
+    """Every tool endpoint and endpoint grader of an RL job against the server's outbound
+    policy (its allow-list of URL prefixes, and no loopback, private or link-local address
+    unless the server allows that network): a 400 naming the ``url``."""
+    block = spec.method.block
+    base = f"method.{spec.method.type}"
+    urls = [
+        (tool.endpoint.url, f"{base}.tools[{i}].endpoint.url")
+        for i, tool in enumerate(getattr(block, "tools", None) or [])
+    ]
+    if hasattr(block, "graders_with_params"):
+        graders, params = zip(*block.graders_with_params(base), strict=True)
+        urls += endpoint_urls(list(graders), list(params))
+    for url, param in urls:
         try:
-            policy.check(tool.endpoint.url)
+            policy.check(url)
         except AddressRefused as exc:
-            param = f"method.{spec.method.type}.tools[{i}].endpoint.url"
             raise APIError(400, f"{param}: {exc}", param=param, code="invalid_url") from None
 
 

@@ -37,6 +37,7 @@ from service.jobchecks import (
 from service.jobrequest import parse_spec
 from service.modelaccess import ModelAccess
 from service.settings import ApiSettings
+from trainers.contract.graders.remote import split_grader_secrets
 from trainers.contract.integrations import INTEGRATION_TYPES
 from trainers.contract.jobdir import JobDir
 from trainers.contract.spec import JobSpec, stored_spec_view
@@ -133,16 +134,23 @@ def create_job(
 
 
 def _without_secrets(spec: JobSpec) -> tuple[JobSpec, dict[str, Any] | None]:
-    """The spec as stored (its tools' header values replaced by ``[redacted]``) and those
-    values, kept in the job's own secrets key (``JobStore.create``)."""
+    """The spec as stored (the header values of its tools and endpoint graders replaced
+    by ``[redacted]``) and those values, kept in the job's own secrets key
+    (``JobStore.create``)."""
     block = spec.method.block
-    if not getattr(block, "tools", None):
+    update: dict[str, Any] = {}
+    secrets: dict[str, Any] = {}
+    if getattr(block, "tools", None):
+        update["tools"], secrets["tool_headers"] = split_secrets(block.tools)
+    graders = block.grader_list() if hasattr(block, "grader_list") else []
+    stored, grader_headers = split_grader_secrets(graders)
+    if grader_headers:
+        secrets["grader_headers"] = grader_headers
+        update.update(block.with_graders(stored))
+    if not update:
         return spec, None
-    tools, secrets = split_secrets(block.tools)
-    method = spec.method.model_copy(
-        update={spec.method.type: block.model_copy(update={"tools": tools})}
-    )
-    return spec.model_copy(update={"method": method}), {"tool_headers": secrets}
+    method = spec.method.model_copy(update={spec.method.type: block.model_copy(update=update)})
+    return spec.model_copy(update={"method": method}), secrets or None
 
 
 @contextmanager

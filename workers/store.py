@@ -110,10 +110,11 @@ class JobStore(JobLifecycle, JobStreams):
         secrets: dict[str, Any] | None = None,
         **fields: Any,
     ) -> dict:
-        """Write a new job's record. ``secrets`` (its tools' header values) go to their own
-        key, ``job:{id}:secrets``, in the same transaction: no route reads that key, so
-        nothing that shows a job (GET, lists, events, the dashboard) can show them; the
-        worker reads it when it starts a run (``tool_secrets``)."""
+        """Write a new job's record. ``secrets`` (the header values of its tools and
+        endpoint graders) go to their own key, ``job:{id}:secrets``, in the same
+        transaction: no route reads that key, so nothing that shows a job (GET, lists,
+        events, the dashboard) can show them; the worker reads it when it starts a run
+        (``tool_secrets``)."""
         now = time.time()
         record = {
             "id": job_id,
@@ -140,7 +141,8 @@ class JobStore(JobLifecycle, JobStreams):
         return f"{self.k_job(job_id)}:secrets"
 
     def tool_secrets(self, job_id: str) -> dict[str, dict[str, str]]:
-        """The header values of the job's tools, by tool name (for the worker only)."""
+        """The job's secrets (``tool_headers`` by tool name, ``grader_headers`` by grader
+        position), for the worker only."""
         raw = self.r.get(self.k_secrets(job_id))
         return json.loads(raw) if raw else {}
 

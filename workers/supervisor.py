@@ -159,9 +159,9 @@ class Supervisor:
         if plan.pause_path is not None:  # a flag left by an earlier run of this attempt number
             plan.pause_path.unlink(missing_ok=True)
         env = launch.training_env(dict(os.environ), placement, plan.threads)
-        headers = self.store.tool_secrets(job_id).get("tool_headers")
-        if headers:  # the tools' header values: in the environment, never in the plan file
-            env[SECRETS_ENV] = json.dumps(headers)
+        secrets = self.store.tool_secrets(job_id)
+        if secrets:  # tools' and endpoint graders' headers: in the env, never in the plan file
+            env[SECRETS_ENV] = json.dumps(secrets)
         logf = open(jd.train_log, "ab")
         try:
             proc = subprocess.Popen(

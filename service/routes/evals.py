@@ -46,6 +46,7 @@ from service.jobrequest import check_numbers
 from service.modelaccess import NOT_ALLOWED
 from service.schemas import Page, page
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
+from trainers.contract.graders.remote import calls_out
 from trainers.contract.graders.spec import (
     CriterionSpec,
     InvalidGrader,
@@ -505,9 +506,17 @@ def _criterion(raw: dict[str, Any], where: str) -> tuple[CriterionSpec, dict[str
             f"{where}.pass_threshold",
         )
     try:
-        return parse_criterion(raw, where), extra
+        grader = parse_criterion(raw, where)
     except InvalidGrader as exc:
         raise _bad(exc.message, exc.param, "invalid_grader") from None
+    if calls_out(grader):  # an eval's criteria are shown as stored: no place for secrets
+        raise _bad(
+            f"{where}: an endpoint grader grades grpo and reinforcement jobs (and "
+            "/v1/fine_tuning/alpha/graders/run), not an eval's testing criteria",
+            where,
+            "unsupported_grader",
+        )
+    return grader, extra
 
 
 def _check_references(grader: CriterionSpec, where: str, source: dict[str, Any]) -> None:

@@ -5,7 +5,10 @@ grades one ``model_sample`` against one ``item`` and answers OpenAI's
 ``GraderRunResponse``. Grading runs in a child process with a deadline
 (``trainers.contract.graders.scoring.run_isolated``). Graders that load a model
 (``score_model``, ``text_similarity`` with ``cosine``) validate here but run
-only in the training process: this process never imports torch.
+only in the training process: this process never imports torch. An ``endpoint``
+grader's URL must pass the server's outbound policy (the tools' settings: a 400 naming
+``grader.url``); ``run`` calls it from the bounded child, and ``validate`` echoes its
+header values as ``[redacted]``.
 
 Extension: ``metadata.errors.details`` maps each raised error flag to a
 sentence saying what went wrong (OpenAI's flags alone do not say which
@@ -23,6 +26,7 @@ from service.deps import Auth, TenantDep
 from service.errors import APIError, error_responses
 from service.jobrequest import check_numbers
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
+from trainers.contract.graders.remote import endpoint_urls, split_grader_secrets
 from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import (
     GRADER_TYPES,
@@ -35,6 +39,7 @@ from trainers.contract.graders.spec import (
 )
 from trainers.contract.graders.validate import check_grader_models
 from trainers.contract.modelfiles import ModelFileError
+from trainers.contract.outbound import AddressRefused, ToolPolicy
 
 router = APIRouter(
     prefix="/v1/fine_tuning/alpha/graders",
@@ -100,8 +105,9 @@ class ValidateResponse(BaseModel):
     grader: dict[str, Any]
 
 
-def _parse(raw: dict[str, Any]) -> GraderSpec:
-    """The grader, its shape checked and its regexes compiled in a bounded child."""
+def _parse(raw: dict[str, Any], policy: ToolPolicy) -> GraderSpec:
+    """The grader, its shape checked, its regexes compiled in a bounded child and its
+    endpoint URLs (an endpoint grader's) allowed by the server's outbound policy."""
     try:
         grader = parse_grader(raw)
     except InvalidGrader as exc:
@@ -110,6 +116,11 @@ def _parse(raw: dict[str, Any]) -> GraderSpec:
         check_compiles(patterns_in(grader.model_dump(mode="json"), "grader"))
     except PatternError as exc:
         raise APIError(400, str(exc), param=exc.param, code="invalid_grader") from None
+    for url, param in endpoint_urls([grader], ["grader"]):
+        try:
+            policy.check(url)
+        except AddressRefused as exc:
+            raise APIError(400, f"{param}: {exc}", param=param, code="invalid_url") from None
     return grader
 
 
@@ -140,7 +151,8 @@ async def run(body: RunRequest, request: Request, tenant: TenantDep) -> RunRespo
     kind = kind if kind in GRADER_TYPES else "other"  # bounded label values
     runs = request.app.state.metrics.grader_runs
     try:
-        answer = await request.app.state.grader_pool.run(tenant, _run, body)
+        policy = request.app.state.settings.tool_policy()
+        answer = await request.app.state.grader_pool.run(tenant, _run, body, policy)
     except APIError:
         runs.labels(kind, "refused").inc()
         raise
@@ -148,9 +160,9 @@ async def run(body: RunRequest, request: Request, tenant: TenantDep) -> RunRespo
     return answer
 
 
-def _run(body: RunRequest) -> RunResponse:
+def _run(body: RunRequest, policy: ToolPolicy) -> RunResponse:
     check_numbers(body.model_dump())
-    grader = _parse(body.grader)
+    grader = _parse(body.grader, policy)
     if needs_model(grader):
         raise APIError(
             400,
@@ -160,7 +172,8 @@ def _run(body: RunRequest) -> RunResponse:
             param="grader",
             code="unsupported_grader",
         )
-    return _response(grader, run_isolated(grader, body.item, body.model_sample))
+    report = run_isolated(grader, body.item, body.model_sample, policy=policy)
+    return _response(grader, report)
 
 
 @router.post("/validate", response_model=ValidateResponse, responses=error_responses(429))
@@ -169,15 +182,18 @@ async def validate(body: ValidateRequest, request: Request, tenant: TenantDep) -
     every model it names (the caller's model access, and a score_model must be a one-label
     sequence classifier); echo it back. Runs on the grader pool, as ``run`` does."""
     pool = request.app.state.grader_pool
-    return await pool.run(tenant, _validate, body, request.app.state.model_access, tenant)
+    state = request.app.state
+    policy = state.settings.tool_policy()
+    return await pool.run(tenant, _validate, body, state.model_access, tenant, policy)
 
 
-def _validate(body: ValidateRequest, access, tenant) -> ValidateResponse:
+def _validate(body: ValidateRequest, access, tenant, policy: ToolPolicy) -> ValidateResponse:
     check_numbers(body.model_dump())
-    grader = _parse(body.grader)
+    grader = _parse(body.grader, policy)
     resolved = access.check_grader(grader, tenant)
     try:
         check_grader_models(resolved, "grader")
     except ModelFileError as exc:
         raise APIError(400, f"{exc.param}: {exc}", param=exc.param, code="invalid_grader") from None
-    return ValidateResponse(grader=dump_grader(grader))
+    shown = split_grader_secrets([grader])[0][0]  # an endpoint's header values: redacted
+    return ValidateResponse(grader=dump_grader(shown))

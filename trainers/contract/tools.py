@@ -32,12 +32,31 @@ from trainers.contract.hparams import Strict
 
 REDACTED = "[redacted]"
 MAX_TOOLS = 32
-# The environment variable the worker passes a run's tool header values in (JSON:
-# {tool name: {header: value}}); the training process reads it and removes it.
+# The environment variable the worker passes a run's secrets in (JSON, the job's secrets
+# key: {"tool_headers": {tool: {header: value}}, "grader_headers": {position: {...}}});
+# the training process reads it and removes it.
 SECRETS_ENV = "POSTTRAIN_TOOL_SECRETS"
 _HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$"
 # Headers posttrain sets itself (or that would change how the body is framed).
 _RESERVED_HEADERS = {"content-length", "content-type", "host", "transfer-encoding", "connection"}
+
+
+def check_headers(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Headers sent to a user's endpoint (a tool's, an endpoint grader's): at most 16
+    valid names, none that posttrain sets itself, values on one line. The messages never
+    quote a value."""
+    if value is None:
+        return None
+    if len(value) > 16:
+        raise ValueError("headers holds at most 16 entries")
+    for name, text in value.items():
+        if re.fullmatch(_HEADER_NAME, name) is None:
+            raise ValueError(f"header name '{name[:64]}' is not a valid HTTP header name")
+        if name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"header '{name}' is set by posttrain; drop it")
+        if len(text) > 4096 or any(c in text for c in "\r\n\0"):
+            raise ValueError(f"header '{name}': at most 4096 characters, no line breaks")
+    return value
 
 
 class FunctionDef(Strict):
@@ -73,21 +92,7 @@ class ToolEndpoint(Strict):
         None, description="Sent with every call (e.g. authorization); values are kept secret."
     )
 
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if len(value) > 16:
-            raise ValueError("headers holds at most 16 entries")
-        for name, text in value.items():
-            if re.fullmatch(_HEADER_NAME, name) is None:
-                raise ValueError(f"header name '{name[:64]}' is not a valid HTTP header name")
-            if name.lower() in _RESERVED_HEADERS:
-                raise ValueError(f"header '{name}' is set by posttrain; drop it")
-            if len(text) > 4096 or any(c in text for c in "\r\n\0"):
-                raise ValueError(f"header '{name}': at most 4096 characters, no line breaks")
-        return value
+    _headers = field_validator("headers")(classmethod(lambda cls, v: check_headers(v)))
 
 
 class Tool(Strict):
@@ -141,9 +146,11 @@ def merge_secrets(tools: list[Tool], secrets: dict[str, dict[str, str]]) -> list
     return out
 
 
-def pop_secrets_from_env() -> dict[str, dict[str, str]]:
-    """The header values the worker passed this process (and remove them from the
-    environment, so nothing this process starts inherits them)."""
+def pop_secrets_from_env() -> dict[str, Any]:
+    """The job's secrets the worker passed this process, as the job's secrets key holds
+    them (``tool_headers``: by tool name; ``grader_headers``: by grader position, see
+    ``trainers.contract.graders.remote``), and remove them from the environment, so
+    nothing this process starts inherits them."""
     raw = os.environ.pop(SECRETS_ENV, "")
     try:
         value = json.loads(raw) if raw else {}

@@ -6,9 +6,11 @@ import math
 from typing import Any
 
 from trainers.contract.errors import JobError
+from trainers.contract.graders.remote import EndpointError, configure, endpoint_names
 from trainers.contract.graders.scoring import SCORERS, multi_scores, spec_of
 from trainers.contract.graders.spec import GraderSpec, MultiGrader
 from trainers.contract.graders.templates import EpisodeText, GraderError
+from trainers.contract.outbound import ToolPolicy
 
 # Keyword arguments TRL's GRPOTrainer passes that are not dataset columns.
 _TRL_KWARGS = frozenset(
@@ -49,22 +51,30 @@ class RewardFunction:
     the templates read. TRL names the reward after ``__name__`` (the grader's
     name). A multi grader also logs each sub-grader's mean through TRL's
     ``log_metric`` hook, and every grader its sample-dependent errors (each
-    scored 0) per sample.
+    scored 0) per sample. An endpoint grader logs its calls of the batch (each try),
+    the failed ones and their mean latency; one whose ``on_error`` is 'error' and that
+    could not score a sample fails the job (``grader_failed``).
     """
 
-    def __init__(self, grader: GraderSpec | dict[str, Any]):
+    def __init__(self, grader: GraderSpec | dict[str, Any], policy: ToolPolicy | None = None):
         self.grader = spec_of(grader)
         self.__name__ = self.grader.name
+        self.stats = configure(policy)
 
     def __call__(self, prompts: Any = None, completions: Any = (), **kwargs: Any) -> list[float]:
         samples = [episode_sample(c) for c in completions]
         columns = {k: v for k, v in kwargs.items() if k not in _TRL_KWARGS and isinstance(v, list)}
         items = [{k: v[row] for k, v in columns.items()} for row in range(len(samples))]
         notes: list[GraderError] = []
-        if isinstance(self.grader, MultiGrader):
-            rewards, subs = multi_scores(self.grader, items, samples, notes)
-        else:
-            rewards, subs = SCORERS[self.grader.type](self.grader, items, samples, notes), {}
+        for name in endpoint_names(self.grader):
+            self.stats.take(name)  # counts of this batch only
+        try:
+            if isinstance(self.grader, MultiGrader):
+                rewards, subs = multi_scores(self.grader, items, samples, notes)
+            else:
+                rewards, subs = SCORERS[self.grader.type](self.grader, items, samples, notes), {}
+        except EndpointError as exc:
+            raise JobError("grader_failed", str(exc), "graders") from None
         bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
         if bad:  # never counted as 0: a reward that is not a number is the grader's failure
             raise JobError(
@@ -79,9 +89,20 @@ class RewardFunction:
             for key, scores in subs.items():
                 log(f"graders/{self.__name__}/{key}", sum(scores) / len(scores))
             log(f"graders/{self.__name__}/sample_errors", len(notes) / len(samples))
+            self._log_endpoints(log)
         return rewards
 
+    def _log_endpoints(self, log: Any) -> None:
+        for name in endpoint_names(self.grader):
+            calls, errors, seconds = self.stats.take(name)
+            log(f"graders/{name}/endpoint_calls", float(calls))
+            log(f"graders/{name}/endpoint_errors", float(errors))
+            log(f"graders/{name}/endpoint_latency_s", seconds / calls if calls else 0.0)
 
-def build_reward_function(grader: GraderSpec | dict[str, Any]) -> RewardFunction:
-    """The TRL reward function for ``grader`` (a parsed spec or its JSON)."""
-    return RewardFunction(grader)
+
+def build_reward_function(
+    grader: GraderSpec | dict[str, Any], policy: ToolPolicy | None = None
+) -> RewardFunction:
+    """The TRL reward function for ``grader`` (a parsed spec or its JSON); ``policy`` is
+    the server's outbound policy its endpoint graders call under (the run plan's)."""
+    return RewardFunction(grader, policy)

@@ -169,7 +169,7 @@ def test_rollouts_call_the_tool_and_its_results_are_not_trained_on(
     stored, secrets = split_secrets(spec.method.block.tools)
     assert stored[0].endpoint.headers == {"Authorization": REDACTED}
     spec.method.block.tools = stored
-    monkeypatch.setenv(SECRETS_ENV, json.dumps(secrets))
+    monkeypatch.setenv(SECRETS_ENV, json.dumps({"tool_headers": secrets}))
     plan = RunPlan(
         job_id="g",
         spec=spec,

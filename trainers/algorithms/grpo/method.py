@@ -24,6 +24,10 @@ Tools (``method.<type>.tools``): TRL's own tool loop (``tools=``,
 (``trainers.tools``) on either rollout engine: it calls the engine once per turn, so on
 vLLM each turn is a vLLM generation and the tools run in the training process between
 turns.
+
+Endpoint graders (``trainers.contract.graders.remote``) call under the same outbound
+policy as the tools (``plan.tools``), their header values coming from the worker
+beside the tools'.
 """
 
 from __future__ import annotations
@@ -118,23 +122,31 @@ def method_tools(plan: RunPlan) -> list:
 
 def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
     from trainers.algorithms.grpo.pieces import build_pieces
+    from trainers.contract.graders.remote import merge_grader_secrets
+    from trainers.contract.tools import pop_secrets_from_env
     from trainers.graders.reward import build_reward_function
 
     method = plan.spec.method
     settings = method.settings()
+    secrets = pop_secrets_from_env()  # header values from the worker, never in the plan
+    graders = merge_grader_secrets(method.block.grader_list(), secrets.get("grader_headers") or {})
     kwargs = {
-        "reward_funcs": [build_reward_function(g) for g in method.block.grader_list()],
+        "reward_funcs": [build_reward_function(g, plan.tools) for g in graders],
         "settings": settings,
         "pieces": build_pieces(settings),
     }
     if method_tools(plan):
-        kwargs["tools"], kwargs["pieces"]["tools"] = _tools(plan, settings)
+        kwargs["tools"], kwargs["pieces"]["tools"] = _tools(
+            plan, settings, secrets.get("tool_headers") or {}
+        )
     return kwargs
 
 
-def _tools(plan: RunPlan, s: GRPOHyperparameters) -> tuple[list, dict[str, Any]]:
+def _tools(
+    plan: RunPlan, s: GRPOHyperparameters, secrets: dict[str, dict[str, str]]
+) -> tuple[list, dict[str, Any]]:
     """The job's tools as TRL callables (header values from the worker, not the plan)."""
-    from trainers.contract.tools import merge_secrets, pop_secrets_from_env
+    from trainers.contract.tools import merge_secrets
     from trainers.tools import ToolLimits, build_tools
 
     limits = ToolLimits(
@@ -144,7 +156,7 @@ def _tools(plan: RunPlan, s: GRPOHyperparameters) -> tuple[list, dict[str, Any]]
         max_calls=s.max_tool_calls,
         episode_seconds=s.episode_tool_seconds,
     )
-    tools = merge_secrets(method_tools(plan), pop_secrets_from_env())
+    tools = merge_secrets(method_tools(plan), secrets)
     callables, stats = build_tools(tools, plan.tools, limits)
     return callables, {"limits": limits, "stats": stats}
 

@@ -10,5 +10,6 @@ TRL reward function is ``trainers/graders/reward.py``.
 Modules: ``templates`` (``{{item.x}}``, ``{{sample.output_text}}``), ``expr``
 (the multi grader's formula), ``text`` (torch-free metrics), ``judging`` (a generative
 judge's prompt and how its answer is read: eval runs only), ``validate`` (the models a
-grader names, checked at creation).
+grader names, checked at creation), ``remote`` (the ``endpoint`` grader: the user's HTTP
+service scores each sample).
 """

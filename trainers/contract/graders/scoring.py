@@ -40,9 +40,11 @@ from pydantic import BaseModel
 
 from trainers.contract.graders import text
 from trainers.contract.graders.expr import compile_formula
+from trainers.contract.graders.remote import configure, score_endpoint
 from trainers.contract.graders.spec import GraderSpec, MultiGrader, parse_grader
 from trainers.contract.graders.templates import GraderError, render
 from trainers.contract.isolation import run_bounded
+from trainers.contract.outbound import ToolPolicy
 
 __all__ = [
     "SCORERS",
@@ -173,6 +175,9 @@ def _length_penalty(g, item, sample):
     return text.length_penalty(render(g.input, item, sample), g.max_length, g.target, g.unit)
 
 
+register("endpoint")(score_endpoint)  # the user's HTTP service (``remote``)
+
+
 def multi_scores(
     g: MultiGrader, items: list[Any], samples: list[str], notes: list[GraderError]
 ) -> tuple[list[float], dict[str, list[float]]]:
@@ -293,8 +298,18 @@ def _failed(out: Any, timeout_s: float) -> GradeReport:
     return GradeReport(reward=0.0, errors={flag: detail}, execution_time=out.seconds)
 
 
+def _grade_under(policy: dict | None, payload: dict, item: Any, sample_text: str) -> GradeReport:
+    if policy is not None:
+        configure(ToolPolicy.model_validate(policy))
+    return grade_report(payload, item, sample_text)
+
+
 def run_isolated(
-    grader: GraderSpec, item: Any, sample_text: str, timeout_s: float = RUN_TIMEOUT_S
+    grader: GraderSpec,
+    item: Any,
+    sample_text: str,
+    timeout_s: float = RUN_TIMEOUT_S,
+    policy: ToolPolicy | None = None,
 ) -> GradeReport:
     """``grade_report`` in a child process killed after ``timeout_s`` and capped at
     ``RUN_MEMORY_BYTES`` (``trainers.contract.isolation``): a pathological sample (a regex
@@ -302,12 +317,13 @@ def run_isolated(
 
     A child that does not answer in time is reported as OpenAI's
     ``unresponsive_reward_error`` with reward 0; one over its memory, or that failed or
-    died, as ``other_error``.
+    died, as ``other_error``. An endpoint grader calls under ``policy`` (the server's
+    outbound policy; None: public addresses only).
     """
     payload = grader.model_dump(mode="json")
     out = run_bounded(
-        grade_report,
-        (payload, item, sample_text),
+        _grade_under,
+        (policy and policy.model_dump(), payload, item, sample_text),
         timeout_s=timeout_s,
         memory_bytes=RUN_MEMORY_BYTES,
         preload=_PRELOAD,

@@ -3,7 +3,8 @@
 Shapes follow OpenAI's graders (``string_check``, ``text_similarity``,
 ``score_model``, ``multi``, ``label_model``;
 https://platform.openai.com/docs/guides/graders) plus posttrain's own
-``math_verify``, ``regex`` and ``length_penalty``. The types a training job (and
+``math_verify``, ``regex``, ``length_penalty`` and ``endpoint`` (the user's HTTP service
+scores each sample: ``remote``). The types a training job (and
 ``/graders``) may use are ``GRADER_TYPES`` (``parse_grader``); an eval's testing
 criteria may also be ``label_model`` (``parse_criterion``); ``python`` is refused
 with ``REFUSED_GRADERS``' reason. Torch-free: the API validates graders with these.
@@ -39,6 +40,9 @@ Departures from OpenAI, each refused or documented on its field:
 * ``text_similarity``: ``meteor`` is refused (NLTK's METEOR needs WordNet, which
   cannot be installed from PyPI); ``cosine`` needs the extension field
   ``embedding_model``, a local encoder.
+* ``endpoint`` (``remote``) grades in training jobs, ``multi`` graders and the API's
+  grader routes; an eval's criteria and a ``grader`` judge refuse it (their records
+  keep no secrets, and its header values are).
 * ``multi.graders`` is OpenAI's ``{key: grader}`` map (the keys are the names
   ``calculate_output`` reads); a single grader object, as OpenAI's SDK types
   spell it, is accepted as ``{grader.name: grader}``. Sub-graders cannot be
@@ -66,6 +70,7 @@ from pydantic import (
 
 from trainers.contract.graders.expr import FUNCTIONS, compile_formula
 from trainers.contract.graders.patterns import check_shape
+from trainers.contract.graders.remote import EndpointGrader
 from trainers.contract.graders.templates import TemplateError, parse_template, resolve_path
 from trainers.contract.sizes import MAX_DEFINITION_BYTES, at_most
 
@@ -92,10 +97,12 @@ GRADER_TYPES: tuple[str, ...] = (
     "math_verify",
     "regex",
     "length_penalty",
+    "endpoint",
 )
 REFUSED_GRADERS: dict[str, str] = {
     "python": "posttrain never runs user code; use string_check, text_similarity, score_model, "
-    "multi, math_verify, regex or length_penalty",
+    "multi, math_verify, regex, length_penalty, or an endpoint grader calling your own "
+    "scoring service",
 }
 
 # OpenAI's text_similarity metrics, in its order.
@@ -454,6 +461,7 @@ _LEAVES = Union[  # noqa: UP007
     MathVerifyGrader,
     RegexGrader,
     LengthPenaltyGrader,
+    EndpointGrader,
 ]
 SubGrader = Annotated[_LEAVES, Field(discriminator="type"), BeforeValidator(_type_check(False))]
 
@@ -591,7 +599,7 @@ def reward_range(grader: GraderSpec) -> tuple[float, float] | None:
         return (-1.0, 1.0)
     if isinstance(grader, ScoreModelGrader):
         return tuple(grader.range) if grader.range else None
-    if isinstance(grader, MultiGrader):
+    if isinstance(grader, MultiGrader | EndpointGrader):
         return None
     return (0.0, 1.0)  # string_check, text_similarity, math_verify, regex
 

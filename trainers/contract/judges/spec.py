@@ -34,6 +34,7 @@ from pydantic import (
     field_validator,
 )
 
+from trainers.contract.graders.remote import calls_out
 from trainers.contract.graders.spec import Grader, RegexPattern, describe_errors, template_fields
 from trainers.contract.graders.spec import _param as grader_param
 from trainers.contract.sizes import MAX_DEFINITION_BYTES, at_most
@@ -168,6 +169,16 @@ class GraderJudge(_Base):
     scale: float = Field(
         1.0, gt=0, description="pointwise only: the score difference that makes odds e:1."
     )
+
+    @field_validator("grader")
+    @classmethod
+    def _local(cls, value: Any) -> Any:
+        if calls_out(value):
+            raise ValueError(
+                "an endpoint grader grades only grpo and reinforcement jobs (its header "
+                "secrets are kept for those); use it there, or a grader posttrain runs itself"
+            )
+        return value
 
     @field_validator("mode")
     @classmethod

@@ -413,6 +413,10 @@ class GradedBlock(Strict):
         """(grader, its request path) of every grader of the block."""
         return [(g, f"{base}.graders[{i}]") for i, g in enumerate(self.grader_list())]
 
+    def with_graders(self, graders: list) -> dict[str, Any]:
+        """The update that puts ``graders`` (as ``grader_list`` gives them) in the block."""
+        return {"graders": graders}
+
 
 class GRPOBlock(GradedBlock):
     variant: GRPOVariant = Field("grpo", description="Preset over the pieces; see the README.")

@@ -66,6 +66,9 @@ class ReinforcementBlock(GradedBlock):
     def graders_with_params(self, base: str) -> list[tuple[Any, str]]:
         return [(self.grader, f"{base}.grader")]
 
+    def with_graders(self, graders: list) -> dict[str, Any]:
+        return {"grader": graders[0]}
+
 
 class ReinforcementMethod(GradedMethod):
     """OpenAI's reinforcement fine-tuning, run as GRPO with the request's grader."""
