@@ -222,3 +222,73 @@ def test_fence_file_refuses_a_superseded_run(tmp_path):
     with pytest.raises(fencing.StaleFence):
         fencing.write_fence(path, 6)  # an older claim can never move it back
     assert fencing.read_fence(path) == 7
+
+
+def test_an_endpoint_graders_header_reaches_the_trainer_from_the_secrets_key(
+    store, file_store, tmp_path, tiny_model
+):
+    """The stored spec holds ``[redacted]``; the run's trainer, started by ``spawn``, calls
+    the loopback grader with the value the job's secrets key holds (passed in its
+    environment, never in the plan file)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Scorer(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            seen.append(self.headers.get("authorization"))
+            reply = b'{"score": 0.5}'
+            self.send_response(200)
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Scorer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        staged = file_store.staging_path()
+        staged.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+        rec = file_store.commit(
+            staged, filename="p.jsonl", purpose="fine-tune", formats=["prompt_only"], rows=1
+        )
+        grader = {
+            "type": "endpoint",
+            "name": "remote",
+            "url": f"http://127.0.0.1:{srv.server_port}/score",
+            "headers": {"Authorization": "[redacted]"},
+        }
+        hp = {"num_generations": 2, "batch_size": 2, "max_completion_length": 4, "max_steps": 1}
+        spec = JobSpec.model_validate(
+            {
+                "model": str(tiny_model),
+                "training_file": rec["id"],
+                "method": {"type": "grpo", "grpo": {"graders": [grader], "hyperparameters": hp}},
+            }
+        )
+        secrets = {"grader_headers": {"0": {"Authorization": "Bearer from-the-key"}}}
+        store.create("ftjob-e", spec.model_dump_json(), JobStatus.queued, secrets=secrets)
+        settings = WorkerSettings(
+            data_dir=tmp_path,
+            train_threads=1,
+            key_prefix="test:",
+            tool_allowed_networks="127.0.0.0/8",
+        )
+        attempt = store.claim("ftjob-e", "w1", 30, 3).attempt
+        sup = Supervisor(settings, store, file_store, "w1")
+        assert sup._pin_files("ftjob-e", spec) is None
+        plan = sup.write_plan("ftjob-e", spec, attempt)
+        assert "from-the-key" not in sup.dir("ftjob-e").plan(attempt).read_text()
+        run = sup.spawn("ftjob-e", plan)
+        try:
+            assert run.proc.wait(timeout=240) == 0
+        finally:
+            run.channel.close()
+        assert seen and set(seen) == {"Bearer from-the-key"}
+    finally:
+        srv.shutdown()
+        srv.server_close()
