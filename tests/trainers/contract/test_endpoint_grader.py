@@ -55,7 +55,10 @@ class _Scorer(BaseHTTPRequestHandler):
             self.send_header("location", "/score")
         self.send_header("content-length", str(len(reply)))
         self.end_headers()
-        self.wfile.write(reply)
+        try:
+            self.wfile.write(reply)
+        except OSError:  # the grader stopped reading (an oversized reply, a timeout)
+            pass
 
     def log_message(self, *args):
         pass
@@ -210,3 +213,10 @@ def test_header_values_are_split_out_and_merged_back_by_position():
     assert back[0].headers == {"Authorization": SECRET}
     assert back[1].graders["r"].headers == {"X-Key": "k2"}
     assert merge_grader_secrets(stored, {})[0].headers is None  # never sends "[redacted]"
+
+
+def test_a_grader_judge_refuses_an_endpoint_grader():
+    from trainers.contract.judges.spec import parse_judge
+
+    with pytest.raises(ValueError, match="endpoint grader grades only grpo and reinforcement"):
+        parse_judge({"type": "grader", "grader": grader("http://scores.example.com/")})
