@@ -226,7 +226,7 @@ class TransformersEngine(Engine):
             self._ready.clear()
             self.forget()
             await asyncio.to_thread(self.proc.stop, 2.0)
-            self.proc.start()
+            await asyncio.to_thread(self.proc.start)
             await self.proc.wait_ready(self.client)
             self._ready.set()
 
@@ -422,7 +422,7 @@ class VllmEngine(Engine):
         )
         server = _VllmServer(base, proc, served)
         self.servers[base] = server
-        proc.start()
+        await asyncio.to_thread(proc.start)  # off the loop: a fork may wait
         server.starting = asyncio.ensure_future(proc.wait_ready(self.client))
         server.starting.add_done_callback(lambda t: t.cancelled() or t.exception())
         return server

@@ -31,11 +31,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def _prctl():
+    """libc's ``prctl``, looked up in the parent (None off Linux). The child between fork
+    and exec must not load a library: with other threads running at the fork (the event
+    loop's executor, httpx), the loader's lock can be held by a thread that does not exist
+    in the child, which then hangs before exec, and so does ``Popen`` in the parent."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(prctl) -> None:  # pragma: no cover - runs in the child before exec
     """Linux: the engine gets SIGTERM when the worker that started it dies, even by
     SIGKILL, so no engine outlives its worker holding memory and a port."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EngineProcess:
@@ -64,7 +75,10 @@ class EngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
+        """Start the engine. It blocks until the child has exec'd: async callers run it in
+        a thread (``asyncio.to_thread``), never on their event loop."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        prctl = _prctl()
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -73,7 +87,7 @@ class EngineProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=lambda: _die_with_parent(prctl),
             )
         self.starts += 1
         log.info("started engine %s (pid %s): %s", self.name, self.proc.pid, " ".join(self.argv))
