@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import httpx
@@ -31,6 +29,7 @@ from tests import redis_server
 from tests.e2e.conftest import start_stack
 from tests.e2e.test_grpo_job import all_samples, reward_curve
 from tests.e2e.test_sft_job import wait_done
+from tests.loopback import Handler, serving
 
 pytestmark = pytest.mark.e2e
 TOOLS_DB = 8
@@ -62,29 +61,20 @@ RL_HP = {
 }
 
 
-class _Lookup(BaseHTTPRequestHandler):
+class _Lookup(Handler):
     keys: ClassVar[list[str]] = []
 
     def do_POST(self):
         args = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.keys.append(str(args.get("key")))
         reply = VALUES.get(str(args.get("key")), "").encode()
-        self.send_response(200 if reply else 404)
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200 if reply else 404, reply)
 
 
 @pytest.fixture(scope="module")
 def lookup_url():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Lookup)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}/lookup"
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Lookup) as url:
+        yield url + "/lookup"
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,13 @@ reads its score; an eval's criteria refuse it."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.main import create_app
+from tests.loopback import Handler, serving
 from tests.service.test_api import create_job, error_of, upload
 from tests.service.test_tools_api import settings_for
 from workers.store import JobStore
@@ -25,7 +24,7 @@ RUN = "/v1/fine_tuning/alpha/graders/run"
 VALIDATE = "/v1/fine_tuning/alpha/graders/validate"
 
 
-class _Scorer(BaseHTTPRequestHandler):
+class _Scorer(Handler):
     auth: ClassVar[list[str]] = []
 
     def do_POST(self):
@@ -36,22 +35,13 @@ class _Scorer(BaseHTTPRequestHandler):
         else:
             right = body["sample"]["output_text"].strip() == body["item"]["answer"]
             status, reply = 200, json.dumps({"score": 1.0 if right else 0.1}).encode()
-        self.send_response(status)
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
+        self.reply(status, reply)
 
 
 @pytest.fixture(scope="module")
 def scorer():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Scorer)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Scorer) as url:
+        yield url
 
 
 def endpoint(url: str, **fields) -> dict:

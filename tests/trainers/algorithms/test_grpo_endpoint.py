@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
 import torch
 
+from tests.loopback import Handler, serving
 from trainers import registry
 from trainers.algorithms.grpo.trainer import PosttrainGRPOTrainer
 from trainers.contract.errors import JobError
@@ -37,7 +36,7 @@ def score_of(text: str) -> float:
     return sum(text.encode()) % 97 / 97
 
 
-class _Scorer(BaseHTTPRequestHandler):
+class _Scorer(Handler):
     auth: ClassVar[list[str]] = []
 
     def do_POST(self):
@@ -48,22 +47,13 @@ class _Scorer(BaseHTTPRequestHandler):
         else:
             reply, status = json.dumps({"score": score_of(body["sample"]["output_text"])}), 200
             reply = reply.encode()
-        self.send_response(status)
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
+        self.reply(status, reply)
 
 
 @pytest.fixture(scope="module")
 def scorer():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Scorer)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Scorer) as url:
+        yield url
 
 
 @pytest.fixture

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
 import torch
 
+from tests.loopback import Handler, serving
 from trainers import registry
 from trainers.algorithms.grpo.trainer import PosttrainGRPOTrainer
 from trainers.contract.outbound import ToolPolicy
@@ -37,7 +36,7 @@ def value(key: str) -> str:
     return str((int(key) * 7 + 3) % 10)
 
 
-class _Lookup(BaseHTTPRequestHandler):
+class _Lookup(Handler):
     auth: ClassVar[list[str]] = []
 
     def do_POST(self):
@@ -45,22 +44,13 @@ class _Lookup(BaseHTTPRequestHandler):
         self.auth.append(self.headers["authorization"])
         key = str(args.get("key", ""))
         reply = value(key).encode() if key.isdigit() else b""
-        self.send_response(200 if reply else 400)
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200 if reply else 400, reply)
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Lookup)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}/lookup"
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Lookup) as url:
+        yield url + "/lookup"
 
 
 def call_text(key: str) -> str:
