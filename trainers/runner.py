@@ -142,7 +142,7 @@ def common_config(plan: RunPlan, hp: CommonHyperparameters, data: TrainData) -> 
         "disable_tqdm": True,
         "use_cpu": device == "cpu",
         "bf16": str(dtype) == "torch.bfloat16",
-        "gradient_checkpointing": device == "cuda",
+        "gradient_checkpointing": hp.resolved_gradient_checkpointing(device),
         "dataloader_num_workers": 0,
     }
 

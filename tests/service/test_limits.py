@@ -178,6 +178,11 @@ def test_non_finite_numbers_anywhere_in_the_body_are_400(
             {},
             "method.supervised.hyperparameters.gradient_accumulation_steps",
         ),
+        (
+            {"gradient_checkpointing": "sometimes"},
+            {},
+            "method.supervised.hyperparameters.gradient_checkpointing",
+        ),
         ({}, {"checkpoint_every_steps": 1_000_001}, "checkpoint_every_steps"),
         ({}, {"resources": {"cpu_threads": 513}}, "resources.cpu_threads"),
     ],

@@ -80,12 +80,23 @@ class CommonHyperparameters(Strict):
     max_seq_length: int = Field(
         1024, ge=8, le=131072, description="Tokens per row (prompt + answer); longer rows are cut."
     )
+    gradient_checkpointing: bool | Auto = Field(
+        "auto",
+        description="Keep only each layer's inputs in the forward and recompute the rest in "
+        "the backward: less activation memory for about one more forward per step; the "
+        "result is the same. auto = on when the job trains on GPUs, off on CPU.",
+    )
 
     def resolved_epochs(self) -> int:
         return 3 if self.n_epochs == "auto" else self.n_epochs
 
     def resolved_batch_size(self, rows: int) -> int:
         return max(1, min(8, rows)) if self.batch_size == "auto" else self.batch_size
+
+    def resolved_gradient_checkpointing(self, device: str) -> bool:
+        if self.gradient_checkpointing == "auto":
+            return device == "cuda"
+        return self.gradient_checkpointing
 
     def resolved_learning_rate(self, lora: bool) -> float:
         if self.learning_rate is not None:

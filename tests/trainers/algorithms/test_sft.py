@@ -183,3 +183,15 @@ def test_logged_metrics_match_trls_own_sft(setup, tmp_path):
         for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5), key
     assert any(0 < e["mean_token_accuracy"] for e in ours)
+
+
+def test_gradient_checkpointing_trains_the_same(setup, tmp_path):
+    """The switch costs a recomputed forward, not a different result (the kernel's
+    backward runs under recomputation too)."""
+    logs = {}
+    for on in (False, True):
+        logs[on], _ = _run(
+            PosttrainSFTTrainer, setup, tmp_path / str(on), steps=3, gradient_checkpointing=on
+        )
+    assert [h["loss"] for h in logs[True]] == pytest.approx([h["loss"] for h in logs[False]])
+    assert logs[True][-1]["loss"] < logs[True][0]["loss"]

@@ -29,3 +29,17 @@ def test_oreo_variant_names_are_its_registry_keys():
     from trainers.core.oreo import OREO_VARIANTS as REGISTRY
 
     assert tuple(REGISTRY) == OREO_VARIANTS
+
+
+def test_gradient_checkpointing_auto_follows_the_device_and_a_choice_wins():
+    from trainers.contract.methods.sft import SupervisedHyperparameters as SFTHyperparameters
+
+    auto = SFTHyperparameters()
+    assert (
+        auto.resolved_gradient_checkpointing("cuda"),
+        auto.resolved_gradient_checkpointing("cpu"),
+    ) == (True, False)
+    for choice in (True, False):
+        hp = SFTHyperparameters(gradient_checkpointing=choice)
+        assert hp.resolved_gradient_checkpointing("cuda") is choice
+        assert hp.resolved_gradient_checkpointing("cpu") is choice
