@@ -876,3 +876,17 @@ def test_hapos_literal_code_sign_and_raw_z_reach_the_pieces():
     assert pieces["objective"]["literal_code_sign"] is True
     rule = pieces["temperature"]
     assert (rule.use_raw_z, rule.literal_code_sign) == (True, True)
+
+
+def test_gradient_checkpointing_can_be_switched_on_for_a_cpu_job(model_dir, tmp_path):
+    """auto keeps it off on CPU; asked for, the GRPO step runs under recomputation and
+    still trains (TRL's generation turns the model's cache off around it)."""
+    hp = {**RUN_HP, "max_steps": 2, "mask_truncated_completions": False}
+    plan = make_plan(tmp_path, "dapo", {**hp, "gradient_checkpointing": True}, model=str(model_dir))
+    assert config_for(plan).gradient_checkpointing is True
+    assert config_for(make_plan(tmp_path / "auto", "dapo", hp)).gradient_checkpointing is False
+    result = run_method(METHOD, plan, Reporter())
+    assert result.step == 2
+    before = _weights(model_dir / "model.safetensors")
+    after = _weights(tmp_path / result.checkpoint / "model.safetensors")
+    assert all(not torch.equal(before[k], after[k]) for k in before)
