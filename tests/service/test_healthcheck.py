@@ -3,14 +3,14 @@ and real HTTP servers on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from service import healthcheck
+from tests.loopback import Handler, serving
 from workers.fleet import advertise, withdraw
 
 
@@ -54,30 +54,18 @@ def test_a_worker_whose_redis_cannot_be_reached_is_unhealthy(monkeypatch, tmp_pa
 def answering(monkeypatch):
     """``answering(status, body)``: a loopback HTTP server that answers every GET so, its
     port set as both POSTTRAIN_PORT and POSTTRAIN_INFERENCE_PORT."""
-    servers = []
+    with contextlib.ExitStack() as stack:
 
-    def serve(status: int, body: dict):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        def serve(status: int, body: dict):
+            class Answer(Handler):
+                def do_GET(self):
+                    self.reply(status, json.dumps(body).encode())
 
-            def log_message(self, *args):
-                pass
+            port = stack.enter_context(serving(Answer)).rsplit(":", 1)[1]
+            for name in ("POSTTRAIN_PORT", "POSTTRAIN_INFERENCE_PORT"):
+                monkeypatch.setenv(name, port)
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        for name in ("POSTTRAIN_PORT", "POSTTRAIN_INFERENCE_PORT"):
-            monkeypatch.setenv(name, str(server.server_address[1]))
-
-    yield serve
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield serve
 
 
 def test_the_api_is_healthy_only_when_ready(answering):

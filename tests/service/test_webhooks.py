@@ -7,9 +7,7 @@ store as a worker ends it."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,6 +15,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from service.main import create_app
 from service.settings import ApiSettings
+from tests.loopback import Handler, serving
 from tests.service.test_tenants import as_, create_job, key_file, upload
 from workers.store import JobStatus
 
@@ -29,25 +28,17 @@ class Receiver:
         self.plan, self.got = list(plan), []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Hook(Handler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"]))
                 outer.got.append((dict(self.headers), body))
-                code = outer.plan.pop(0) if outer.plan else 200
-                self.send_response(code)
-                self.send_header("content-length", "0")
-                self.end_headers()
+                self.reply(outer.plan.pop(0) if outer.plan else 200, b"")
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._serving = serving(Hook)
+        self.url = self._serving.__enter__() + "/hook"
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self._serving.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -230,27 +230,17 @@ def test_an_endpoint_graders_header_reaches_the_trainer_from_the_secrets_key(
     """The stored spec holds ``[redacted]``; the run's trainer, started by ``spawn``, calls
     the loopback grader with the value the job's secrets key holds (passed in its
     environment, never in the plan file)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from tests.loopback import Handler, serving
 
     seen: list[str] = []
 
-    class Scorer(BaseHTTPRequestHandler):
+    class Scorer(Handler):
         def do_POST(self):
             self.rfile.read(int(self.headers["content-length"]))
             seen.append(self.headers.get("authorization"))
-            reply = b'{"score": 0.5}'
-            self.send_response(200)
-            self.send_header("content-length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+            self.reply(200, b'{"score": 0.5}')
 
-        def log_message(self, *args):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Scorer)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serving(Scorer) as base:
         staged = file_store.staging_path()
         staged.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
         rec = file_store.commit(
@@ -259,7 +249,7 @@ def test_an_endpoint_graders_header_reaches_the_trainer_from_the_secrets_key(
         grader = {
             "type": "endpoint",
             "name": "remote",
-            "url": f"http://127.0.0.1:{srv.server_port}/score",
+            "url": f"{base}/score",
             "headers": {"Authorization": "[redacted]"},
         }
         hp = {"num_generations": 2, "batch_size": 2, "max_completion_length": 4, "max_steps": 1}
@@ -289,6 +279,3 @@ def test_an_endpoint_graders_header_reaches_the_trainer_from_the_secrets_key(
         finally:
             run.channel.close()
         assert seen and set(seen) == {"Bearer from-the-key"}
-    finally:
-        srv.shutdown()
-        srv.server_close()
