@@ -15,7 +15,7 @@ from service import joblist, jobservice
 from service.auth import Tenant
 from service.deps import Auth, FilesDep, JobsDep, OwnedJob, SettingsDep, TenantDep, owned_job
 from service.errors import APIError, error_responses, not_found
-from service.routes.evalruns import check_job_eval
+from service.evalsources import check_job_eval
 from service.schemas import (
     FineTuningJob,
     Page,
