@@ -10,12 +10,10 @@ Everything lives under ``POSTTRAIN_DATA_DIR`` (default ./posttrain-data).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -24,6 +22,7 @@ import httpx
 from tqdm import tqdm
 
 from service import stack
+from service.client import JOB_ENDS, Client, Config
 from service.settings import ApiSettings
 
 # Tuned for a randomly initialised 0.1M-parameter model: it needs a high learning rate.
@@ -81,43 +80,25 @@ def _inference_up(s: ApiSettings) -> bool:
     return bool(live_workers(make_redis(s), s.key_prefix, s.inference_queue))
 
 
-def _latest_step(c: httpx.Client, job_id: str) -> dict | None:
-    events = c.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 10}).json()["data"]
-    return next((e["data"] for e in events if e["type"] == "metrics" and e["data"]), None)
-
-
-def _follow(c: httpx.Client, job_id: str) -> dict:
-    """Poll the job, drawing a progress bar from its metrics events, until it ends."""
+def _follow(c: Client, job_id: str) -> dict:
+    """Poll the job, drawing a progress bar from its step and newest loss, until it ends."""
     bar = tqdm(total=1, desc="queued", unit="step", dynamic_ncols=True, mininterval=0.5)
-    status = "queued"
+    last = None
     while True:
-        job = c.get(f"/fine_tuning/jobs/{job_id}").json()
-        step = _latest_step(c, job_id)
-        if step and step["step"] != bar.n:
-            bar.total = step.get("total_steps") or bar.total
-            bar.update(step["step"] - bar.n)
-            if "loss" in step:
-                bar.set_postfix(loss=f"{step['loss']:.3f}", refresh=False)
-        if job["status"] != status:
-            status = job["status"]
-            bar.set_description(status)
-        if status in ("succeeded", "failed", "cancelled"):
+        job = c.job(job_id)
+        rows = c.metrics_since(job_id, last)
+        if rows:
+            last = rows[-1]["step"]
+            if "loss" in rows[-1]:
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", refresh=False)
+        bar.total = job.get("total_steps") or bar.total
+        if job.get("step"):
+            bar.update(job["step"] - bar.n)
+        bar.set_description(job["status"])
+        if job["status"] in JOB_ENDS:
             bar.close()
             return job
         time.sleep(0.5)
-
-
-def _download(c: httpx.Client, job_id: str, dest: Path) -> Path:
-    ckpt = c.get(f"/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 1}).json()["data"][0]
-    blob = c.get(f"/fine_tuning/jobs/{job_id}/checkpoints/{ckpt['id']}/content").content
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        top = tar.getnames()[0].split("/")[0]
-        tar.extractall(dest, filter="data")
-    print(
-        f"downloaded checkpoint {ckpt['id']} (step {ckpt['step_number']}, "
-        f"{len(blob) / 1e6:.1f} MB) to {dest / top}"
-    )
-    return dest / top
 
 
 def _samples(path) -> list[list[dict]]:
@@ -162,14 +143,12 @@ def run_demo(keep_running: bool = False) -> int:
         # under <data_dir>/models, the default model root (POSTTRAIN_MODEL_ROOTS)
         model_dir = _build_tiny_model(data / "models" / "tiny-model")
         print(f"built the tiny model at {model_dir}")
-        c = httpx.Client(base_url=f"{url}/v1", timeout=60)
-        demo = resources.files("trainers") / "assets" / "demo_sft.jsonl"
-        with demo.open("rb") as fh:
-            f = c.post(
-                "/files", files={"file": ("demo_sft.jsonl", fh)}, data={"purpose": "fine-tune"}
-            ).json()
+        c = Client(Config(base_url=url, api_key=None))
+        demo = Path(str(resources.files("trainers") / "assets" / "demo_sft.jsonl"))
+        f = c.upload(demo, "fine-tune")
         print(f"uploaded {f['filename']}: {f['rows']} rows, {f['format']} format -> {f['id']}")
-        job = c.post(
+        job = c.request(
+            "POST",
             "/fine_tuning/jobs",
             json={
                 "model": str(model_dir),
@@ -180,14 +159,16 @@ def run_demo(keep_running: bool = False) -> int:
                     "supervised": {"hyperparameters": DEMO_HYPERPARAMETERS},
                 },
             },
-        ).json()
+        )
         print(f"created job {job['id']} (watch it at {url}/dashboard/#/jobs/{job['id']})")
         job = _follow(c, job["id"])
         if job["status"] != "succeeded":
             print(f"job {job['status']}: {json.dumps(job.get('error'))}")
             return 1
         print(f"job succeeded: {job['fine_tuned_model']} ({job['trained_tokens']} tokens)")
-        _download(c, job["id"], data / "downloads")
+        _, ckpt = c.checkpoint_of(job["id"])
+        path = c.download(job["id"], ckpt, data / "downloads")
+        print(f"downloaded checkpoint {ckpt['id']} (step {ckpt['step_number']}) to {path}")
         prompts = _samples(demo)
         tuned_name = job["fine_tuned_model"]
         print(f"\nasking {model_dir.name} and {tuned_name} (client.chat.completions.create):")
