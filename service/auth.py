@@ -36,8 +36,16 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from trainers.contract.outbound import TenantOutbound, ToolPolicy
 from trainers.contract.resources import check_queue_name
 from workers.store import DEFAULT_TENANT
 
@@ -57,6 +65,19 @@ class Tenant:
     max_active_jobs: int | None = None
     queues: frozenset[str] | None = None  # None: every queue the server offers
     max_concurrent_eval_runs: int | None = None  # None: the server's setting; 0: no limit
+    # Its own rules for the URLs its jobs call (trainers.contract.outbound.TenantOutbound).
+    tool_allowed_networks: tuple[str, ...] = ()
+    tool_url_prefixes: tuple[str, ...] = ()
+
+    def outbound(self) -> TenantOutbound:
+        return TenantOutbound(
+            allowed_networks=list(self.tool_allowed_networks),
+            url_prefixes=list(self.tool_url_prefixes),
+        )
+
+    def tool_policy(self, server: ToolPolicy) -> ToolPolicy:
+        """The server's outbound policy with this tenant's own rules on top."""
+        return server.for_tenant(self.outbound())
 
     def eval_run_slots(self, default: int) -> int:
         """How many of the tenant's eval runs may be graded at once (0 = no limit)."""
@@ -88,6 +109,23 @@ class _TenantEntry(BaseModel):
     queues: list[str] | None = Field(
         None, min_length=1, description="Worker queues the tenant's jobs may use; unset = all."
     )
+    tool_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Non-public CIDR networks this tenant's tools, environments and endpoint "
+        "graders may reach, besides the server's POSTTRAIN_TOOL_ALLOWED_NETWORKS.",
+    )
+    tool_url_prefixes: list[str] = Field(
+        default_factory=list,
+        description="This tenant's tool, environment and endpoint-grader URLs must start "
+        "with one of these (and with one of POSTTRAIN_TOOL_URL_PREFIXES, if set).",
+    )
+
+    @model_validator(mode="after")
+    def _outbound(self) -> _TenantEntry:
+        TenantOutbound(
+            allowed_networks=self.tool_allowed_networks, url_prefixes=self.tool_url_prefixes
+        )
+        return self
 
     @field_validator("queues")
     @classmethod
@@ -156,6 +194,8 @@ class KeyRing:
                     entry.max_active_jobs,
                     queues,
                     max_concurrent_eval_runs=entry.max_concurrent_eval_runs,
+                    tool_allowed_networks=tuple(entry.tool_allowed_networks),
+                    tool_url_prefixes=tuple(entry.tool_url_prefixes),
                 )
                 for digest in entry.keys:
                     add(digest, tenant, str(keys_file))

@@ -80,7 +80,7 @@ def create_job(
     models = access.check_spec(spec, tenant) if access is not None else None
     check_method(spec)
     check_integrations(spec, settings.tracker_policy())
-    check_tools(spec, settings.tool_policy())
+    check_tools(spec, tenant.tool_policy(settings.tool_policy()))
     check_patterns(spec, None if graders is None else functools.partial(graders.call, tenant))
     check_files(spec, files, tenant)
     if spec.eval is not None and check_eval is not None:
@@ -105,6 +105,9 @@ def create_job(
     record = {"tenant": tenant.name, "queue": queue, **(models.record_fields() if models else {})}
     if idempotency_key:  # DELETE of the job releases the key (JobStore.delete_job)
         record["idempotency_key"] = idempotency_key
+    outbound = tenant.outbound()
+    if not outbound.empty:  # the worker puts the tenant's rules in the run plan
+        record["outbound"] = outbound.model_dump()
     if spec.eval is not None:  # its checkpoint runs get the tenant's grading slots
         record["eval_runs_limit"] = tenant.eval_run_slots(settings.eval_runs_per_tenant)
     spec, secrets = _without_secrets(spec)

@@ -140,6 +140,12 @@ class JobStore(JobLifecycle, JobStreams):
     def k_secrets(self, job_id: str) -> str:
         return f"{self.k_job(job_id)}:secrets"
 
+    def outbound_rules(self, job_id: str) -> dict[str, Any] | None:
+        """The job's tenant's own rules for the URLs it calls (``TenantOutbound``), as the
+        API recorded them at creation; None when the tenant has none."""
+        raw = self.r.hget(self.k_job(job_id), "outbound")
+        return json.loads(raw) if raw else None
+
     def tool_secrets(self, job_id: str) -> dict[str, dict[str, str]]:
         """The job's secrets (``tool_headers`` by tool name, ``grader_headers`` by grader
         position), for the worker only."""

@@ -29,6 +29,7 @@ import redis
 
 from trainers.contract import fencing
 from trainers.contract.jobdir import JobDir
+from trainers.contract.outbound import TenantOutbound
 from trainers.contract.plan import RunPlan
 from trainers.contract.spec import JobSpec, StoredSpecError, read_stored_spec
 from trainers.contract.tools import SECRETS_ENV
@@ -118,10 +119,15 @@ class Supervisor:
             fence_file=jd.fence if self.fence is not None else None,
             report_journal=jd.journal(self.fence, attempt),
             trackers=self.s.tracker_policy(),
-            tools=self.s.tool_policy(),
+            tools=self.s.tool_policy().for_tenant(self._tenant_outbound(job_id)),
         )
         jd.plan(attempt).write_text(plan.model_dump_json(indent=2))
         return plan
+
+    def _tenant_outbound(self, job_id: str) -> TenantOutbound | None:
+        """The job's tenant's own outbound rules, recorded by the API at creation."""
+        rules = self.store.outbound_rules(job_id)
+        return TenantOutbound.model_validate(rules) if rules else None
 
     def _pin_files(self, job_id: str, spec: JobSpec) -> str | None:
         """Link the job's files into its directory when it first starts (a copy if the

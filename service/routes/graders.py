@@ -151,7 +151,7 @@ async def run(body: RunRequest, request: Request, tenant: TenantDep) -> RunRespo
     kind = kind if kind in GRADER_TYPES else "other"  # bounded label values
     runs = request.app.state.metrics.grader_runs
     try:
-        policy = request.app.state.settings.tool_policy()
+        policy = tenant.tool_policy(request.app.state.settings.tool_policy())
         answer = await request.app.state.grader_pool.run(tenant, _run, body, policy)
     except APIError:
         runs.labels(kind, "refused").inc()
@@ -183,7 +183,7 @@ async def validate(body: ValidateRequest, request: Request, tenant: TenantDep) -
     sequence classifier); echo it back. Runs on the grader pool, as ``run`` does."""
     pool = request.app.state.grader_pool
     state = request.app.state
-    policy = state.settings.tool_policy()
+    policy = tenant.tool_policy(state.settings.tool_policy())
     return await pool.run(tenant, _validate, body, state.model_access, tenant, policy)
 
 

@@ -9,6 +9,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from service.auth import KeyFileError, KeyRing, hash_key
 from service.main import create_app
 from service.settings import ApiSettings
 from tests.service.test_api import create_job, error_of, upload
@@ -107,6 +108,67 @@ def test_a_url_outside_the_allowed_prefixes_is_refused(tmp_path, redis_client, u
         assert resp.status_code == 400
         assert error_of(resp)["param"] == "method.grpo.tools[0].endpoint.url"
         assert "POSTTRAIN_TOOL_URL_PREFIXES" in error_of(resp)["message"]
+
+
+def test_a_tenants_own_rules_widen_its_networks_and_narrow_its_prefixes(
+    tmp_path, redis_client, unit_redis_url
+):
+    """The key file gives team "lab" its own network (loopback here, which the server
+    refuses everyone else) and its own URL prefix; "other" has neither. The API applies
+    both at creation and records lab's rules for the worker's run plan."""
+    hashed = {who: hash_key(f"key-of-{who}") for who in ("lab", "other")}
+    keys = tmp_path / "keys.json"
+    keys.write_text(
+        json.dumps(
+            {
+                "tenants": {
+                    "lab": {
+                        "keys": [hashed["lab"]],
+                        "tool_allowed_networks": ["127.0.0.0/8"],
+                        "tool_url_prefixes": ["http://127.0.0.1:8123/lab/"],
+                    },
+                    "other": {"keys": [hashed["other"]]},
+                }
+            }
+        )
+    )
+    settings = settings_for(tmp_path, unit_redis_url, api_keys_file=keys)
+    with TestClient(create_app(settings)) as c:
+
+        def job(who: str, url: str):
+            auth = {"Authorization": f"Bearer key-of-{who}"}
+            body = b'{"messages": [{"role": "user", "content": "key 3"}], "answer": "7"}'
+            fid = c.post(
+                "/v1/files",
+                files={"file": ("p.jsonl", body)},
+                data={"purpose": "fine-tune"},
+                headers=auth,
+            ).json()["id"]
+            return create_job(c, fid, headers=auth, method=grpo(tool(url)))
+
+        ok = job("lab", "http://127.0.0.1:8123/lab/lookup")
+        assert ok.status_code == 200, ok.text
+        rules = JobStore(redis_client, "test:").outbound_rules(ok.json()["id"])
+        assert rules == {
+            "allowed_networks": ["127.0.0.0/8"],
+            "url_prefixes": ["http://127.0.0.1:8123/lab/"],
+        }
+        outside = job("lab", "http://127.0.0.1:8123/elsewhere")
+        assert outside.status_code == 400
+        assert "tool_url_prefixes" in error_of(outside)["message"]
+        refused = job("other", "http://127.0.0.1:8123/lab/lookup")
+        assert refused.status_code == 400
+        err = error_of(refused)
+        assert err["param"] == "method.grpo.tools[0].endpoint.url"
+        assert "tool_allowed_networks" in err["message"]
+
+
+def test_a_key_file_with_a_bad_tenant_network_is_refused(tmp_path):
+    keys = tmp_path / "keys.json"
+    entry = {"keys": [hash_key("k")], "tool_allowed_networks": ["10.0.0.0/33"]}
+    keys.write_text(json.dumps({"tenants": {"lab": entry}}))
+    with pytest.raises(KeyFileError, match="10.0.0.0/33"):
+        KeyRing.load(keys_file=keys)
 
 
 @pytest.mark.parametrize(

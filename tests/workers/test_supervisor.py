@@ -279,3 +279,25 @@ def test_an_endpoint_graders_header_reaches_the_trainer_from_the_secrets_key(
         finally:
             run.channel.close()
         assert seen and set(seen) == {"Bearer from-the-key"}
+
+
+def test_the_run_plan_carries_the_tenants_outbound_rules(store, file_store, tmp_path, tiny_model):
+    """The API records a tenant's own rules on its job; the plan the training process
+    reads holds them beside the server's, and the policy it builds applies both."""
+    from trainers.contract.outbound import AddressRefused
+
+    sup, attempt, _ = _setup(store, file_store, tmp_path, str(tiny_model), [json.dumps(CHAT)])
+    spec = JobSpec.model_validate_json(store.get("ftjob-s")["spec"])
+    assert sup.write_plan("ftjob-s", spec, attempt).tools.tenant is None
+    rules = {"allowed_networks": ["127.0.0.0/8"], "url_prefixes": ["http://127.0.0.1:9/lab/"]}
+    store.set_fields("ftjob-s", outbound=rules)
+    sup.write_plan("ftjob-s", spec, attempt)
+    from trainers.contract.plan import RunPlan
+
+    plan = RunPlan.model_validate_json(sup.dir("ftjob-s").plan(attempt).read_text())
+    assert plan.tools.tenant.model_dump() == rules
+    plan.tools.check("http://127.0.0.1:9/lab/tool")  # the tenant's network, its prefix
+    with pytest.raises(AddressRefused, match="tool_url_prefixes"):
+        plan.tools.check("http://127.0.0.1:9/other")
+    with pytest.raises(AddressRefused, match="non-public"):
+        sup.s.tool_policy().check("http://127.0.0.1:9/lab/tool")  # the server alone refuses

@@ -12,6 +12,13 @@ goes through the same policy, so one rule protects the server's own network:
 - for tools, the URL also starts with one of the operator's allowed prefixes when
   ``POSTTRAIN_TOOL_URL_PREFIXES`` names any.
 
+A tenant's entry in the API key file may add its own rules for the URLs its jobs call
+(tools, environments, endpoint graders): ``tool_url_prefixes`` (the URL must also start
+with one of these) and ``tool_allowed_networks`` (non-public networks this tenant's
+calls may reach besides the server's, e.g. the tenant's own subnet). The API applies
+them at creation and records them on the job (``outbound``); the worker puts them in
+the run plan's ``ToolPolicy``, so the training process applies them before every call.
+
 The check runs when the URL is registered (a 400 naming the field) and again before
 every call, since a name can change what it resolves to. Torch-free: the API, the
 workers and the training process all import it.
@@ -23,7 +30,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -76,6 +83,42 @@ def check_addresses(
             )
 
 
+class TenantOutbound(BaseModel):
+    """One tenant's rules for the URLs its jobs call, from its API key-file entry."""
+
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDR networks this tenant's calls may reach besides public addresses "
+        "and the server's allowed networks.",
+    )
+    url_prefixes: list[str] = Field(
+        default_factory=list,
+        description="This tenant's URLs must start with one of these (as well as with one "
+        "of the server's, when it names any); empty = no rule of its own.",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"'{net}' is not a CIDR network (like 10.1.0.0/16)") from None
+        return [n.strip() for n in value]
+
+    @field_validator("url_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            check_url(prefix, "a prefix names no credentials")
+        return value
+
+    @property
+    def empty(self) -> bool:
+        return not self.allowed_networks and not self.url_prefixes
+
+
 class ToolPolicy(BaseModel):
     """What the server lets an RL job's tools call (from the worker's settings; the API
     applies the same at creation). Handed to the training process in its run plan."""
@@ -92,6 +135,13 @@ class ToolPolicy(BaseModel):
     max_reply_bytes: int = Field(
         65536, ge=1, description="The largest tool reply the server reads (a job may ask less)."
     )
+    tenant: TenantOutbound | None = Field(
+        None, description="The job's tenant's own rules (its key-file entry), if it has any."
+    )
+
+    def for_tenant(self, rules: TenantOutbound | None) -> ToolPolicy:
+        """This server policy with a tenant's rules on top (None or empty: unchanged)."""
+        return self.model_copy(update={"tenant": rules if rules and not rules.empty else None})
 
     def check(self, url: str) -> None:
         """``AddressRefused`` unless ``url`` may be called now (resolves its host)."""
@@ -102,6 +152,19 @@ class ToolPolicy(BaseModel):
                 f"({', '.join(self.url_prefixes)}); an operator sets them with "
                 "POSTTRAIN_TOOL_URL_PREFIXES"
             )
+        tenant = self.tenant or TenantOutbound()
+        if tenant.url_prefixes and not any(url.startswith(p) for p in tenant.url_prefixes):
+            raise AddressRefused(
+                "the url starts with none of the prefixes your tenant may call "
+                f"({', '.join(tenant.url_prefixes)}); an operator sets them with "
+                "tool_url_prefixes in the tenant's entry of the API key file"
+            )
+        networks = allowed_networks(self.allowed_networks)
+        networks += [ipaddress.ip_network(n, strict=False) for n in tenant.allowed_networks]
+        setting = "POSTTRAIN_TOOL_ALLOWED_NETWORKS (all tenants)"
         check_addresses(
-            host, port, allowed_networks(self.allowed_networks), "POSTTRAIN_TOOL_ALLOWED_NETWORKS"
+            host,
+            port,
+            networks,
+            f"{setting} or tool_allowed_networks (one tenant's key-file entry)",
         )
