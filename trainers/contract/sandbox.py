@@ -10,15 +10,15 @@ its stdout as lines, and kills it when it overruns a limit. What the child gets:
   ``/tmp`` (tmpfs) and a minimal ``/dev``, under a read-only root; nothing else of the
   host: no ``/etc``, no home, no data directory, so no job's files;
 * ``--die-with-parent`` and ``--new-session`` (no signals to our terminal);
-* resource limits set before ``bwrap`` runs (address space, CPU seconds, file size, open
-  files, no core files) and, by the child itself once inside its user namespace, a
-  process count (``RLIMIT_NPROC`` counts per user namespace there, so other sandboxes
-  and the worker's own threads do not share it);
+* resource limits (address space, CPU seconds, file size, open files, processes, no
+  core files), set by the sandboxed Python itself before the code runs (``limited``):
+  inside its user namespace ``RLIMIT_NPROC`` counts only the sandbox's processes, not
+  the other sandboxes' nor the worker's own threads;
 * a wall-clock deadline, after which the process group is killed, and a cap on the
   bytes read from stdout and from stderr (over it: killed).
 
-Root is not bounded by ``RLIMIT_NPROC``, so a worker running as root starts the sandbox
-as ``nobody`` (uid/gid 65534); ``bwrap`` then needs unprivileged user namespaces, as it
+Root is not bound by ``RLIMIT_NPROC``, so a worker running as root starts ``bwrap`` as
+``nobody`` (uid/gid 65534); ``bwrap`` then needs unprivileged user namespaces, as it
 does for any non-root worker (the docker images run as uid 10001).
 
 ``probe`` runs ``true``-like Python once per policy and process and says whether the
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -100,8 +99,8 @@ def _binds(python: str) -> list[str]:
     return args
 
 
-def command(policy: SandboxPolicy, argv: list[str]) -> list[str]:
-    """The bwrap command line running ``argv`` (argv[0] is replaced by the interpreter)."""
+def command(policy: SandboxPolicy, code: str) -> list[str]:
+    """The bwrap command line running ``code`` under the sandbox's Python."""
     bwrap = shutil.which(BWRAP)
     if bwrap is None:
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed on this host")
@@ -120,27 +119,36 @@ def command(policy: SandboxPolicy, argv: list[str]) -> list[str]:
         "--tmpfs", "/tmp",
         "--remount-ro", "/",
         "--chdir", "/tmp",
-        python, *argv[1:],
+        python, "-I", "-S", "-c", limited(policy, code),
     ]  # fmt: skip
 
 
-def _limits(policy: SandboxPolicy) -> None:
-    """In the child before exec: our own process group, the limits, and not root."""
-    memory = policy.memory_mb << 20
-    for kind, value in (
-        (resource.RLIMIT_AS, memory),
-        (resource.RLIMIT_CPU, policy.cpu_seconds),
-        (resource.RLIMIT_FSIZE, policy.output_bytes),
-        (resource.RLIMIT_NOFILE, MAX_OPEN_FILES),
-        (resource.RLIMIT_CORE, 0),
-    ):
-        hard = resource.getrlimit(kind)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(kind, (value, value))
-    if os.getuid() == 0:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+# Set by the sandboxed Python itself before anything else runs: inside its user
+# namespace, where RLIMIT_NPROC counts only the sandbox's processes (set before bwrap,
+# it would count every process of the worker's uid), and with no preexec_fn in the
+# worker (unsafe in a process with threads). Soft = hard, so the code cannot raise them,
+# but for the CPU: SIGXCPU at the limit, SIGKILL a second later if that is caught.
+_LIMITS = """import resource as _r
+for _k, _v in ((_r.RLIMIT_NPROC, {processes}), (_r.RLIMIT_AS, {memory}),
+               (_r.RLIMIT_CPU, {cpu}), (_r.RLIMIT_FSIZE, {fsize}),
+               (_r.RLIMIT_NOFILE, {files}), (_r.RLIMIT_CORE, 0)):
+    _h = _r.getrlimit(_k)[1]
+    _v = _v if _h == _r.RLIM_INFINITY else min(_v, _h)
+    _r.setrlimit(_k, (_v, _v + 1 if _k == _r.RLIMIT_CPU and _v != _h else _v))
+del _r, _k, _v, _h
+"""
+
+
+def limited(policy: SandboxPolicy, code: str) -> str:
+    """``code`` behind the prologue that sets the policy's limits."""
+    prologue = _LIMITS.format(
+        processes=policy.processes,
+        memory=policy.memory_mb << 20,
+        cpu=policy.cpu_seconds,
+        fsize=policy.output_bytes,
+        files=MAX_OPEN_FILES,
+    )
+    return prologue + code
 
 
 class _Reader(threading.Thread):
@@ -179,18 +187,21 @@ def _feed(proc: subprocess.Popen, data: bytes) -> None:
         pass  # the child died or stopped reading: its end is reported by the readers
 
 
-def run(policy: SandboxPolicy, argv: list[str], stdin: bytes) -> SandboxResult:
-    """Run ``argv`` (a Python command line: ``["python3", "-c", ...]``) in the sandbox."""
+def run(policy: SandboxPolicy, code: str, stdin: bytes) -> SandboxResult:
+    """Run the Python ``code`` in the sandbox (``python3 -I -S -c``), under the limits."""
     if policy.mode != "bwrap":
         raise SandboxUnavailable("the python grader is off on this server")
-    cmd = command(policy, argv)
+    cmd = command(policy, code)
+    root = os.getuid() == 0  # root is not bound by RLIMIT_NPROC: run as nobody
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=functools.partial(_limits, policy),
+        user=NOBODY if root else None,
+        group=NOBODY if root else None,
+        extra_groups=[] if root else None,
         close_fds=True,
     )
     over: list[str] = []
@@ -217,11 +228,10 @@ def run(policy: SandboxPolicy, argv: list[str], stdin: bytes) -> SandboxResult:
     code = proc.returncode
     if not killed and over:
         killed = over[0]
-    elif not killed and code in {-signal.SIGXCPU, -signal.SIGKILL} | {
-        128 + signal.SIGXCPU,
-        128 + signal.SIGKILL,  # bwrap's status for a child killed by that signal
-    }:
+    elif not killed and code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap: 128 + sig
         killed = f"used more than {policy.cpu_seconds} s of CPU"
+    elif not killed and code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        killed = f"was killed (past its {policy.cpu_seconds} s of CPU, or by the host)"
     text = out.data.decode("utf-8", "replace")
     lines = text.split("\n")[:-1]  # a last line without its newline is incomplete
     return SandboxResult(lines, code, killed, err.data[:4096].decode("utf-8", "replace"))
@@ -234,7 +244,7 @@ _PROBE = "import sys; sys.stdout.write('ok\\n')"
 def _probe(policy_json: str) -> str:
     policy = SandboxPolicy.model_validate_json(policy_json)
     try:
-        result = run(policy, ["python3", "-I", "-S", "-c", _PROBE], b"")
+        result = run(policy, _PROBE, b"")
     except (SandboxUnavailable, OSError) as exc:
         return str(exc)
     if result.lines == ["ok"]:

@@ -22,7 +22,7 @@ from trainers.contract.sandbox import SandboxPolicy, probe, run
 POLICY = SandboxPolicy(mode="bwrap", memory_mb=256, cpu_seconds=2, wall_seconds=30)
 WHY = probe(POLICY)
 pytestmark = pytest.mark.skipif(bool(WHY), reason=f"no working bubblewrap sandbox: {WHY}")
-RUNNER_MARK = "resource.RLIMIT_NPROC"  # in the runner's command line, and only there
+RUNNER_MARK = "_r.RLIMIT_NPROC"  # in a sandboxed command line, and only there
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def scores(source: str, items=None, on_error="zero") -> tuple[list[float], list[
 
 
 def sandboxed_processes() -> list[int]:
-    """PIDs of every runner process still alive on this host."""
+    """PIDs of every sandboxed process still alive on this host."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -144,6 +144,15 @@ def test_a_cpu_spin_is_killed_at_the_cpu_limit_and_the_next_rows_still_grade():
     got, errors = scores(source, [{"spin": False}, {"spin": True}, {"spin": False}])
     assert got == [1.0, 0.0, 1.0]
     assert len(errors) == 1 and "more than 2 s of CPU" in errors[0]
+    stubborn = (
+        "import signal\n"
+        "def grade(sample, item):\n"
+        "    signal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+        "    while True:\n"
+        "        pass\n"
+    )
+    got, errors = scores(stubborn)
+    assert got == [0.0] and "was killed (past its 2 s of CPU" in errors[0]
 
 
 def test_a_sleeper_is_killed_at_the_wall_clock_limit():
@@ -174,7 +183,7 @@ def test_only_tmp_is_writable(tmp_path):
 def test_output_past_the_cap_stops_the_sandbox():
     policy = POLICY.model_copy(update={"output_bytes": 4096})
     flood = "import sys\nsys.stdout.write('x' * (64 << 20))\nsys.stdout.flush()\n"
-    result = run(policy, ["python3", "-I", "-S", "-c", flood], b"")
+    result = run(policy, flood, b"")
     assert result.killed == "wrote more than 4096 bytes to stdout" and result.lines == []
     configure(policy)
     source = "def grade(sample, item):\n    print('y' * (64 << 20))\n    return 1.0\n"

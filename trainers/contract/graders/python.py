@@ -127,11 +127,9 @@ def configure(policy: SandboxPolicy | None) -> None:
         _RUNTIME.policy = policy
 
 
-# Runs inside the sandbox (python3 -I -S -c _RUNNER <nproc>); stdlib only.
+# Runs inside the sandbox, behind its limits (sandbox.limited); stdlib only.
 _RUNNER = r"""
-import json, math, os, resource, sys
-n = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+import json, math, os, sys
 out = os.fdopen(os.dup(1), "w", encoding="utf-8")
 os.dup2(2, 1)  # the grader's own prints go to stderr
 job = json.loads(sys.stdin.buffer.read())
@@ -186,7 +184,7 @@ def _batch(g: PythonGrader, policy: SandboxPolicy, rows: list[dict]) -> list[flo
     died) the error of the row it was grading. Shorter than ``rows`` when it stopped."""
     data = json.dumps({"source": g.source, "rows": rows}, ensure_ascii=False).encode()
     try:
-        res = run(policy, ["python3", "-I", "-S", "-c", _RUNNER, str(policy.processes)], data)
+        res = run(policy, _RUNNER, data)
     except (SandboxUnavailable, OSError) as exc:
         raise PythonError(f"python grader '{g.name}' cannot run: {exc}", server=True) from None
     if res.lines[:1] and res.lines[0].startswith('{"fatal"'):
