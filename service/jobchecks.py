@@ -19,9 +19,11 @@ from service.errors import APIError
 from trainers.contract.errors import JobError
 from trainers.contract.formats import DatasetError, iter_rows, read_as
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
+from trainers.contract.graders.python import python_params, refusal
 from trainers.contract.graders.remote import endpoint_urls
 from trainers.contract.integrations import TrackerPolicy
 from trainers.contract.outbound import AddressRefused, ToolPolicy
+from trainers.contract.sandbox import SandboxPolicy
 from trainers.contract.spec import JobSpec
 from workers.filestore import FileStore
 from workers.fleet import live_queues, live_workers
@@ -69,6 +71,19 @@ def check_tools(spec: JobSpec, policy: ToolPolicy) -> None:
             policy.check(url)
         except AddressRefused as exc:
             raise APIError(400, f"{param}: {exc}", param=param, code="invalid_url") from None
+
+
+def check_python(spec: JobSpec, sandbox: SandboxPolicy) -> None:
+    """A python grader of an RL job, on a server whose python grader is off: a 400 naming
+    the grader. (Where it is on, the trainer probes the sandbox before grading.)"""
+    block = spec.method.block
+    if not hasattr(block, "graders_with_params"):
+        return
+    graders, params = zip(*block.graders_with_params(f"method.{spec.method.type}"), strict=True)
+    found = python_params(list(graders), list(params))
+    why = refusal(sandbox)
+    if found and why:
+        raise APIError(400, f"{found[0]}: {why}", param=found[0], code="unsupported_grader")
 
 
 def check_patterns(spec: JobSpec, run: Callable[..., Any] | None = None) -> None:

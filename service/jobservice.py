@@ -30,6 +30,7 @@ from service.jobchecks import (
     check_integrations,
     check_method,
     check_patterns,
+    check_python,
     check_queue,
     check_tools,
     check_workers,
@@ -81,6 +82,7 @@ def create_job(
     check_method(spec)
     check_integrations(spec, settings.tracker_policy())
     check_tools(spec, tenant.tool_policy(settings.tool_policy()))
+    check_python(spec, settings.sandbox_policy())
     check_patterns(spec, None if graders is None else functools.partial(graders.call, tenant))
     check_files(spec, files, tenant)
     if spec.eval is not None and check_eval is not None:

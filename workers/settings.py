@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from trainers.contract.integrations import TrackerPolicy, parse_uri_list
 from trainers.contract.outbound import ToolPolicy, allowed_networks
 from trainers.contract.resources import check_queue_name
+from trainers.contract.sandbox import SandboxPolicy
 
 
 class WorkerSettings(BaseSettings):
@@ -123,6 +124,28 @@ class WorkerSettings(BaseSettings):
         65536, ge=16, description="Largest tool reply a rollout reads, whatever the job asks."
     )
 
+    # OpenAI's python grader (trainers.contract.graders.python), run in bubblewrap.
+    python_grader: Literal["off", "bwrap"] = Field(
+        "off",
+        description="'bwrap': python graders are accepted and run in a bubblewrap sandbox "
+        "(the workers, and the API for /graders/run, need bwrap and user namespaces); "
+        "'off': they are refused at creation.",
+    )
+    python_grader_memory_mb: int = Field(
+        512, ge=32, description="Address space of one python grader sandbox, in MiB."
+    )
+    python_grader_cpu_seconds: int = Field(
+        10, ge=1, description="CPU seconds of one python grader sandbox (one batch of rows)."
+    )
+    python_grader_wall_seconds: float = Field(
+        20.0, gt=0, description="Wall-clock seconds of one python grader sandbox."
+    )
+    python_grader_interpreter: str = Field(
+        "",
+        description="The Python run in the sandbox (its prefix is bound read-only); empty = "
+        "/usr/bin/python3 where it exists, else the worker's own interpreter.",
+    )
+
     # Inference (``posttrain inference`` and the API's chat/completions routes).
     inference_queue: str = Field(
         "posttrain.inference",
@@ -174,6 +197,16 @@ class WorkerSettings(BaseSettings):
             allowed_networks=self.tool_allowed_networks,
             url_prefixes=[p.strip() for p in self.tool_url_prefixes.split(",") if p.strip()],
             max_reply_bytes=self.tool_max_reply_bytes,
+        )
+
+    def sandbox_policy(self) -> SandboxPolicy:
+        """How python graders run here (``trainers.contract.sandbox``)."""
+        return SandboxPolicy(
+            mode=self.python_grader,
+            memory_mb=self.python_grader_memory_mb,
+            cpu_seconds=self.python_grader_cpu_seconds,
+            wall_seconds=self.python_grader_wall_seconds,
+            interpreter=self.python_grader_interpreter,
         )
 
     @property

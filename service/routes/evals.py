@@ -46,6 +46,7 @@ from service.jobrequest import check_numbers
 from service.modelaccess import NOT_ALLOWED
 from service.schemas import Page, page
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
+from trainers.contract.graders.python import runs_code
 from trainers.contract.graders.remote import calls_out
 from trainers.contract.graders.spec import (
     CriterionSpec,
@@ -512,6 +513,13 @@ def _criterion(raw: dict[str, Any], where: str) -> tuple[CriterionSpec, dict[str
     if calls_out(grader):  # an eval's criteria are shown as stored: no place for secrets
         raise _bad(
             f"{where}: an endpoint grader grades grpo and reinforcement jobs (and "
+            "/v1/fine_tuning/alpha/graders/run), not an eval's testing criteria",
+            where,
+            "unsupported_grader",
+        )
+    if runs_code(grader):  # an eval run's process is not given the sandbox settings
+        raise _bad(
+            f"{where}: a python grader grades grpo and reinforcement jobs (and "
             "/v1/fine_tuning/alpha/graders/run), not an eval's testing criteria",
             where,
             "unsupported_grader",

@@ -8,7 +8,10 @@ grades one ``model_sample`` against one ``item`` and answers OpenAI's
 only in the training process: this process never imports torch. An ``endpoint``
 grader's URL must pass the server's outbound policy (the tools' settings: a 400 naming
 ``grader.url``); ``run`` calls it from the bounded child, and ``validate`` echoes its
-header values as ``[redacted]``.
+header values as ``[redacted]``. A ``python`` grader is a 400 on a server whose
+``POSTTRAIN_PYTHON_GRADER`` is off; elsewhere ``run`` starts its sandbox from the bounded
+child (so this host needs bwrap too; without it the run reports
+``python_grader_server_error``).
 
 Extension: ``metadata.errors.details`` maps each raised error flag to a
 sentence saying what went wrong (OpenAI's flags alone do not say which
@@ -26,6 +29,7 @@ from service.deps import Auth, TenantDep
 from service.errors import APIError, error_responses
 from service.jobrequest import check_numbers
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
+from trainers.contract.graders.python import python_params, refusal
 from trainers.contract.graders.remote import endpoint_urls, split_grader_secrets
 from trainers.contract.graders.scoring import GradeReport, run_isolated
 from trainers.contract.graders.spec import (
@@ -40,6 +44,7 @@ from trainers.contract.graders.spec import (
 from trainers.contract.graders.validate import check_grader_models
 from trainers.contract.modelfiles import ModelFileError
 from trainers.contract.outbound import AddressRefused, ToolPolicy
+from trainers.contract.sandbox import SandboxPolicy
 
 router = APIRouter(
     prefix="/v1/fine_tuning/alpha/graders",
@@ -105,9 +110,10 @@ class ValidateResponse(BaseModel):
     grader: dict[str, Any]
 
 
-def _parse(raw: dict[str, Any], policy: ToolPolicy) -> GraderSpec:
-    """The grader, its shape checked, its regexes compiled in a bounded child and its
-    endpoint URLs (an endpoint grader's) allowed by the server's outbound policy."""
+def _parse(raw: dict[str, Any], policy: ToolPolicy, sandbox: SandboxPolicy) -> GraderSpec:
+    """The grader, its shape checked, its regexes compiled in a bounded child, its
+    endpoint URLs (an endpoint grader's) allowed by the server's outbound policy and a
+    python grader allowed by its sandbox setting."""
     try:
         grader = parse_grader(raw)
     except InvalidGrader as exc:
@@ -121,6 +127,9 @@ def _parse(raw: dict[str, Any], policy: ToolPolicy) -> GraderSpec:
             policy.check(url)
         except AddressRefused as exc:
             raise APIError(400, f"{param}: {exc}", param=param, code="invalid_url") from None
+    found, why = python_params([grader], ["grader"]), refusal(sandbox)
+    if found and why:
+        raise APIError(400, f"{found[0]}: {why}", param=found[0], code="unsupported_grader")
     return grader
 
 
@@ -151,8 +160,11 @@ async def run(body: RunRequest, request: Request, tenant: TenantDep) -> RunRespo
     kind = kind if kind in GRADER_TYPES else "other"  # bounded label values
     runs = request.app.state.metrics.grader_runs
     try:
-        policy = tenant.tool_policy(request.app.state.settings.tool_policy())
-        answer = await request.app.state.grader_pool.run(tenant, _run, body, policy)
+        settings = request.app.state.settings
+        policy = tenant.tool_policy(settings.tool_policy())
+        answer = await request.app.state.grader_pool.run(
+            tenant, _run, body, policy, settings.sandbox_policy()
+        )
     except APIError:
         runs.labels(kind, "refused").inc()
         raise
@@ -160,9 +172,9 @@ async def run(body: RunRequest, request: Request, tenant: TenantDep) -> RunRespo
     return answer
 
 
-def _run(body: RunRequest, policy: ToolPolicy) -> RunResponse:
+def _run(body: RunRequest, policy: ToolPolicy, sandbox: SandboxPolicy) -> RunResponse:
     check_numbers(body.model_dump())
-    grader = _parse(body.grader, policy)
+    grader = _parse(body.grader, policy, sandbox)
     if needs_model(grader):
         raise APIError(
             400,
@@ -172,7 +184,7 @@ def _run(body: RunRequest, policy: ToolPolicy) -> RunResponse:
             param="grader",
             code="unsupported_grader",
         )
-    report = run_isolated(grader, body.item, body.model_sample, policy=policy)
+    report = run_isolated(grader, body.item, body.model_sample, policy=policy, sandbox=sandbox)
     return _response(grader, report)
 
 
@@ -184,12 +196,15 @@ async def validate(body: ValidateRequest, request: Request, tenant: TenantDep) -
     pool = request.app.state.grader_pool
     state = request.app.state
     policy = tenant.tool_policy(state.settings.tool_policy())
-    return await pool.run(tenant, _validate, body, state.model_access, tenant, policy)
+    sandbox = state.settings.sandbox_policy()
+    return await pool.run(tenant, _validate, body, state.model_access, tenant, policy, sandbox)
 
 
-def _validate(body: ValidateRequest, access, tenant, policy: ToolPolicy) -> ValidateResponse:
+def _validate(
+    body: ValidateRequest, access, tenant, policy: ToolPolicy, sandbox: SandboxPolicy
+) -> ValidateResponse:
     check_numbers(body.model_dump())
-    grader = _parse(body.grader, policy)
+    grader = _parse(body.grader, policy, sandbox)
     resolved = access.check_grader(grader, tenant)
     try:
         check_grader_models(resolved, "grader")

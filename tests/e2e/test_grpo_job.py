@@ -200,9 +200,11 @@ BAD = [
     (
         {
             "type": "reinforcement",
-            "reinforcement": {"grader": {"type": "python", "name": "p", "source": "x"}},
+            "reinforcement": {
+                "grader": {"type": "python", "name": "p", "source": "def grade(s, i): return 1"}
+            },
         },
-        "never runs user code",
+        "POSTTRAIN_PYTHON_GRADER=off",
     ),
 ]
 

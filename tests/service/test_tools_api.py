@@ -167,7 +167,7 @@ def test_a_key_file_with_a_bad_tenant_network_is_refused(tmp_path):
     keys = tmp_path / "keys.json"
     entry = {"keys": [hash_key("k")], "tool_allowed_networks": ["10.0.0.0/33"]}
     keys.write_text(json.dumps({"tenants": {"lab": entry}}))
-    with pytest.raises(KeyFileError, match="10.0.0.0/33"):
+    with pytest.raises(KeyFileError, match=r"10\.0\.0\.0/33"):
         KeyRing.load(keys_file=keys)
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from trainers.contract.integrations import TrackerPolicy
 from trainers.contract.outbound import ToolPolicy
+from trainers.contract.sandbox import SandboxPolicy
 from trainers.contract.spec import JobSpec
 
 
@@ -40,6 +41,8 @@ class RunPlan(BaseModel):
     # what the job's tools may call (the worker's outbound policy); header values are not
     # here: they reach the process in its environment (trainers.contract.tools)
     tools: ToolPolicy = Field(default_factory=ToolPolicy)
+    # how the job's python graders run (the worker's sandbox settings; default: off)
+    python_graders: SandboxPolicy = Field(default_factory=SandboxPolicy)
 
     def relative(self, path: Path) -> str:
         """A path as stored in records: relative to the data dir, so volumes can move."""

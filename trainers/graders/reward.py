@@ -6,11 +6,14 @@ import math
 from typing import Any
 
 from trainers.contract.errors import JobError
+from trainers.contract.graders.python import PythonError
+from trainers.contract.graders.python import configure as configure_python
 from trainers.contract.graders.remote import EndpointError, configure, endpoint_names
 from trainers.contract.graders.scoring import SCORERS, multi_scores, spec_of
 from trainers.contract.graders.spec import GraderSpec, MultiGrader
 from trainers.contract.graders.templates import EpisodeText, GraderError
 from trainers.contract.outbound import ToolPolicy
+from trainers.contract.sandbox import SandboxPolicy
 
 # Keyword arguments TRL's GRPOTrainer passes that are not dataset columns.
 _TRL_KWARGS = frozenset(
@@ -53,13 +56,21 @@ class RewardFunction:
     ``log_metric`` hook, and every grader its sample-dependent errors (each
     scored 0) per sample. An endpoint grader logs its calls of the batch (each try),
     the failed ones and their mean latency; one whose ``on_error`` is 'error' and that
-    could not score a sample fails the job (``grader_failed``).
+    could not score a sample fails the job (``grader_failed``); so does a python grader
+    that cannot run (no sandbox here), or that could not score a sample under
+    ``on_error: "error"``.
     """
 
-    def __init__(self, grader: GraderSpec | dict[str, Any], policy: ToolPolicy | None = None):
+    def __init__(
+        self,
+        grader: GraderSpec | dict[str, Any],
+        policy: ToolPolicy | None = None,
+        sandbox: SandboxPolicy | None = None,
+    ):
         self.grader = spec_of(grader)
         self.__name__ = self.grader.name
         self.stats = configure(policy)
+        configure_python(sandbox)
 
     def __call__(self, prompts: Any = None, completions: Any = (), **kwargs: Any) -> list[float]:
         samples = [episode_sample(c) for c in completions]
@@ -73,7 +84,7 @@ class RewardFunction:
                 rewards, subs = multi_scores(self.grader, items, samples, notes)
             else:
                 rewards, subs = SCORERS[self.grader.type](self.grader, items, samples, notes), {}
-        except EndpointError as exc:
+        except (EndpointError, PythonError) as exc:
             raise JobError("grader_failed", str(exc), "graders") from None
         bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
         if bad:  # never counted as 0: a reward that is not a number is the grader's failure
@@ -101,8 +112,11 @@ class RewardFunction:
 
 
 def build_reward_function(
-    grader: GraderSpec | dict[str, Any], policy: ToolPolicy | None = None
+    grader: GraderSpec | dict[str, Any],
+    policy: ToolPolicy | None = None,
+    sandbox: SandboxPolicy | None = None,
 ) -> RewardFunction:
     """The TRL reward function for ``grader`` (a parsed spec or its JSON); ``policy`` is
-    the server's outbound policy its endpoint graders call under (the run plan's)."""
-    return RewardFunction(grader, policy)
+    the server's outbound policy its endpoint graders call under, ``sandbox`` how its
+    python graders run (both the run plan's)."""
+    return RewardFunction(grader, policy, sandbox)

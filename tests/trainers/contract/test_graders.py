@@ -340,9 +340,9 @@ def test_multi_validation_names_the_field_at_fault():
     with pytest.raises(InvalidGrader, match="cannot be multi graders"):
         parse_grader(nested)
     python = multi("exact") | {"graders": {"exact": {"type": "python", "name": "p", "source": ""}}}
-    with pytest.raises(InvalidGrader, match="never runs user code") as err:
+    with pytest.raises(InvalidGrader, match="must define 'def grade") as err:
         parse_grader(python)
-    assert err.value.param == "grader.graders.exact"
+    assert err.value.param == "grader.graders.exact.source"
     with pytest.raises(InvalidGrader, match="identifiers"):
         parse_grader(multi("x") | {"graders": {"max": check("a", "eq")}})
 
@@ -353,9 +353,7 @@ def test_multi_accepts_one_grader_object_as_the_sdk_types_spell_it():
     assert grade(grader, {"answer": "x"}, "x") == 2.0
 
 
-def test_refused_and_unknown_types_list_what_is_supported():
-    with pytest.raises(InvalidGrader, match="grader type 'python' is not supported"):
-        parse_grader({"type": "python", "name": "p", "source": "def grade(s, i): return 1"})
+def test_unknown_types_list_what_is_supported():
     with pytest.raises(
         InvalidGrader, match="unknown grader type 'nope'; expected one of: string_check"
     ):

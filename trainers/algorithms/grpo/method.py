@@ -131,7 +131,9 @@ def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
     secrets = pop_secrets_from_env()  # header values from the worker, never in the plan
     graders = merge_grader_secrets(method.block.grader_list(), secrets.get("grader_headers") or {})
     kwargs = {
-        "reward_funcs": [build_reward_function(g, plan.tools) for g in graders],
+        "reward_funcs": [
+            build_reward_function(g, plan.tools, plan.python_graders) for g in graders
+        ],
         "settings": settings,
         "pieces": build_pieces(settings),
     }

@@ -143,19 +143,24 @@ def _client() -> httpx.Client:
     return _RUNTIME.client
 
 
-def request_body(item: Any, sample: str) -> bytes:
-    """What the endpoint is sent for one sample (module docstring)."""
+def sample_view(sample: str) -> dict[str, Any]:
+    """What a grader that sees the whole sample gets of it (this one, ``python``)."""
     try:
         parsed = json.loads(sample)
     except (ValueError, RecursionError):
         parsed = None
     messages = episode_messages(sample)
-    view = {
+    return {
         "output_text": str(sample),
         "output_json": parsed,
         "messages": messages,
         "tool_calls": tool_calls(messages),
     }
+
+
+def request_body(item: Any, sample: str) -> bytes:
+    """What the endpoint is sent for one sample (module docstring)."""
+    view = sample_view(sample)
     return json.dumps({"item": item, "sample": view}, ensure_ascii=False).encode()
 
 

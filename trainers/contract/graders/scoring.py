@@ -40,11 +40,14 @@ from pydantic import BaseModel
 
 from trainers.contract.graders import text
 from trainers.contract.graders.expr import compile_formula
+from trainers.contract.graders.python import configure as configure_python
+from trainers.contract.graders.python import score_python
 from trainers.contract.graders.remote import configure, score_endpoint
 from trainers.contract.graders.spec import GraderSpec, MultiGrader, parse_grader
 from trainers.contract.graders.templates import GraderError, render
 from trainers.contract.isolation import run_bounded
 from trainers.contract.outbound import ToolPolicy
+from trainers.contract.sandbox import SandboxPolicy
 
 __all__ = [
     "SCORERS",
@@ -176,6 +179,7 @@ def _length_penalty(g, item, sample):
 
 
 register("endpoint")(score_endpoint)  # the user's HTTP service (``remote``)
+register("python")(score_python)  # the user's grade(), sandboxed (``python``)
 
 
 def multi_scores(
@@ -298,9 +302,13 @@ def _failed(out: Any, timeout_s: float) -> GradeReport:
     return GradeReport(reward=0.0, errors={flag: detail}, execution_time=out.seconds)
 
 
-def _grade_under(policy: dict | None, payload: dict, item: Any, sample_text: str) -> GradeReport:
+def _grade_under(
+    policy: dict | None, sandbox: dict | None, payload: dict, item: Any, sample_text: str
+) -> GradeReport:
     if policy is not None:
         configure(ToolPolicy.model_validate(policy))
+    if sandbox is not None:
+        configure_python(SandboxPolicy.model_validate(sandbox))
     return grade_report(payload, item, sample_text)
 
 
@@ -310,6 +318,7 @@ def run_isolated(
     sample_text: str,
     timeout_s: float = RUN_TIMEOUT_S,
     policy: ToolPolicy | None = None,
+    sandbox: SandboxPolicy | None = None,
 ) -> GradeReport:
     """``grade_report`` in a child process killed after ``timeout_s`` and capped at
     ``RUN_MEMORY_BYTES`` (``trainers.contract.isolation``): a pathological sample (a regex
@@ -318,12 +327,22 @@ def run_isolated(
     A child that does not answer in time is reported as OpenAI's
     ``unresponsive_reward_error`` with reward 0; one over its memory, or that failed or
     died, as ``other_error``. An endpoint grader calls under ``policy`` (the server's
-    outbound policy; None: public addresses only).
+    outbound policy; None: public addresses only); a python grader runs under ``sandbox``
+    (None: off), its sandbox inside the child, whose deadline then also covers the
+    sandbox's wall clock.
     """
     payload = grader.model_dump(mode="json")
+    if sandbox is not None:
+        timeout_s = max(timeout_s, sandbox.wall_seconds + 5.0)
     out = run_bounded(
         _grade_under,
-        (policy and policy.model_dump(), payload, item, sample_text),
+        (
+            policy and policy.model_dump(),
+            sandbox and sandbox.model_dump(),
+            payload,
+            item,
+            sample_text,
+        ),
         timeout_s=timeout_s,
         memory_bytes=RUN_MEMORY_BYTES,
         preload=_PRELOAD,

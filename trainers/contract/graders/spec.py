@@ -6,8 +6,10 @@ https://platform.openai.com/docs/guides/graders) plus posttrain's own
 ``math_verify``, ``regex``, ``length_penalty`` and ``endpoint`` (the user's HTTP service
 scores each sample: ``remote``). The types a training job (and
 ``/graders``) may use are ``GRADER_TYPES`` (``parse_grader``); an eval's testing
-criteria may also be ``label_model`` (``parse_criterion``); ``python`` is refused
-with ``REFUSED_GRADERS``' reason. Torch-free: the API validates graders with these.
+criteria may also be ``label_model`` (``parse_criterion``). OpenAI's ``python`` grader
+parses everywhere, and runs in a bubblewrap sandbox where the server enables it
+(``python``; the API refuses it at creation elsewhere). Torch-free: the API validates
+graders with these.
 
 A ``score_model`` is one of two things, told apart by its ``model`` once the API has
 resolved it for the caller (``validate.is_reward_model``):
@@ -43,6 +45,10 @@ Departures from OpenAI, each refused or documented on its field:
 * ``endpoint`` (``remote``) grades in training jobs, ``multi`` graders and the API's
   grader routes; an eval's criteria and a ``grader`` judge refuse it (their records
   keep no secrets, and its header values are).
+* ``python`` grades in training jobs, ``multi`` graders and the API's grader routes,
+  on a server with ``POSTTRAIN_PYTHON_GRADER=bwrap``; an eval's criteria and a
+  ``grader`` judge refuse it. ``image_tag`` is accepted and ignored; ``on_error`` is an
+  extension, as the endpoint grader's.
 * ``multi.graders`` is OpenAI's ``{key: grader}`` map (the keys are the names
   ``calculate_output`` reads); a single grader object, as OpenAI's SDK types
   spell it, is accepted as ``{grader.name: grader}``. Sub-graders cannot be
@@ -70,6 +76,7 @@ from pydantic import (
 
 from trainers.contract.graders.expr import FUNCTIONS, compile_formula
 from trainers.contract.graders.patterns import check_shape
+from trainers.contract.graders.python import PythonGrader
 from trainers.contract.graders.remote import EndpointGrader
 from trainers.contract.graders.templates import TemplateError, parse_template, resolve_path
 from trainers.contract.sizes import MAX_DEFINITION_BYTES, at_most
@@ -87,8 +94,8 @@ __all__ = [
     "template_fields",
 ]
 
-# OpenAI grader types posttrain runs, plus its own; "python" is refused by name. The
-# scoring registry (``trainers.contract.graders.scoring.SCORERS``) has one entry each.
+# OpenAI grader types posttrain runs, plus its own. The scoring registry
+# (``trainers.contract.graders.scoring.SCORERS``) has one entry each.
 GRADER_TYPES: tuple[str, ...] = (
     "string_check",
     "text_similarity",
@@ -98,12 +105,8 @@ GRADER_TYPES: tuple[str, ...] = (
     "regex",
     "length_penalty",
     "endpoint",
+    "python",
 )
-REFUSED_GRADERS: dict[str, str] = {
-    "python": "posttrain never runs user code; use string_check, text_similarity, score_model, "
-    "multi, math_verify, regex, length_penalty, or an endpoint grader calling your own "
-    "scoring service",
-}
 
 # OpenAI's text_similarity metrics, in its order.
 SIMILARITY_METRICS = (
@@ -439,8 +442,6 @@ def _type_check(allow_multi: bool):
         kind = value.get("type")
         if not isinstance(kind, str):
             return value  # the union names the bad type
-        if kind in REFUSED_GRADERS:
-            raise ValueError(f"grader type '{kind}' is not supported: {REFUSED_GRADERS[kind]}")
         if kind == "multi" and not allow_multi:
             raise ValueError("a multi grader's sub-graders cannot be multi graders")
         if kind in _UNSUPPORTED:
@@ -462,6 +463,7 @@ _LEAVES = Union[  # noqa: UP007
     RegexGrader,
     LengthPenaltyGrader,
     EndpointGrader,
+    PythonGrader,
 ]
 SubGrader = Annotated[_LEAVES, Field(discriminator="type"), BeforeValidator(_type_check(False))]
 
@@ -599,7 +601,7 @@ def reward_range(grader: GraderSpec) -> tuple[float, float] | None:
         return (-1.0, 1.0)
     if isinstance(grader, ScoreModelGrader):
         return tuple(grader.range) if grader.range else None
-    if isinstance(grader, MultiGrader | EndpointGrader):
+    if isinstance(grader, MultiGrader | EndpointGrader | PythonGrader):
         return None
     return (0.0, 1.0)  # string_check, text_similarity, math_verify, regex
 
