@@ -101,6 +101,31 @@ class EnvironmentSpec(Strict):
         ]
 
 
+def check_names(env: EnvironmentSpec | None, tools: list | None) -> EnvironmentSpec | None:
+    """The environment, unless one of its actions has the name of one of the job's tools."""
+    mine = {t.function.name for t in tools or ()}
+    for i, fn in enumerate(env.tools if env is not None else ()):
+        if fn.name in mine:
+            raise ValueError(
+                f"tools[{i}].name: '{fn.name}' is also one of the job's tools; tool names "
+                "must be unique across tools and the environment"
+            )
+    return env
+
+
+def check_reward_sources(env: EnvironmentSpec | None, graders: list) -> None:
+    """A job needs a reward: a grader, or an environment that scores; and no grader may
+    take the environment's reward name."""
+    scores = env is not None and env.reward
+    if not graders and not scores:
+        raise ValueError("graders: give at least one grader, or an environment with reward true")
+    if scores and REWARD_NAME in {getattr(g, "name", None) for g in graders}:
+        raise ValueError(
+            f"graders: the name '{REWARD_NAME}' is the environment's reward source; "
+            "rename the grader"
+        )
+
+
 def split_environment_secrets(
     env: EnvironmentSpec,
 ) -> tuple[EnvironmentSpec, dict[str, str] | None]:

@@ -27,7 +27,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from trainers.contract.environments import REWARD_NAME, EnvironmentSpec
+from trainers.contract.environments import (
+    EnvironmentSpec,
+    check_names,
+    check_reward_sources,
+)
 from trainers.contract.errors import JobError
 from trainers.contract.graders.spec import Grader, reward_range, template_fields
 from trainers.contract.graders.validate import check_grader_models
@@ -409,14 +413,7 @@ class GradedBlock(Strict):
     @field_validator("environment")
     @classmethod
     def _own_names(cls, value: EnvironmentSpec | None, info: ValidationInfo):
-        mine = {t.function.name for t in info.data.get("tools") or ()}
-        for i, fn in enumerate(value.tools if value is not None else ()):
-            if fn.name in mine:
-                raise ValueError(
-                    f"tools[{i}].name: '{fn.name}' is also one of the job's tools; tool names "
-                    "must be unique across tools and the environment"
-                )
-        return value
+        return check_names(value, info.data.get("tools"))
 
     @model_validator(mode="after")
     def _check(self) -> GradedBlock:
@@ -432,17 +429,7 @@ class GradedBlock(Strict):
         return self.environment is not None and self.environment.reward
 
     def _check_environment(self) -> None:
-        graders = self.grader_list()
-        if not graders and not self.environment_reward():
-            raise ValueError(
-                "graders: give at least one grader, or an environment with reward true"
-            )
-        named = {getattr(g, "name", None) for g in graders}
-        if self.environment_reward() and REWARD_NAME in named:
-            raise ValueError(
-                f"graders: the name '{REWARD_NAME}' is the environment's reward source; "
-                "rename the grader"
-            )
+        check_reward_sources(self.environment, self.grader_list())
 
     def grader_list(self) -> list:
         raise NotImplementedError
