@@ -19,8 +19,9 @@ request a JSON ``POST`` below ``url``:
 - ``{url}/close`` with ``{"episode": id}`` when posttrain is done with the episode (its
   next reset or the end of training); best effort, the reply is ignored.
 
-Episode ids are unique per rollout (the job id, the process rank and a counter), so
-concurrent rollouts never share a session. ``tools`` are OpenAI function definitions
+Episode ids are unique per rollout (the job id, the process rank, a token drawn when the
+training process starts, and a counter), so concurrent rollouts never share a session
+and a resumed job never reuses an id. ``tools`` are OpenAI function definitions
 (``FunctionDef``); the model sees them beside the job's own ``tools``, and arguments are
 checked against their schema before a step is sent.
 

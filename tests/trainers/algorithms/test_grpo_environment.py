@@ -114,6 +114,7 @@ def test_each_rollout_is_an_episode_reset_from_its_row_and_scored_by_the_environ
     assert len(resets) == 16  # 2 steps x 8 rollouts
     ids = [r["episode"] for r in resets]
     assert len(set(ids)) == 16 and all(i.startswith("ftjob-env-0-") for i in ids)
+    assert len({i.rsplit("-", 1)[0] for i in ids}) == 1  # one process: one run token
     assert {r["row"]["target"] for r in resets} == {"1", "2"}
     assert all(r["row"]["prompt"][-1]["role"] == "user" for r in resets)
     rewarded = [b["episode"] for p, b, _ in _Env.calls if p == "/env/reward"]

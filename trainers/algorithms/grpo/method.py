@@ -38,6 +38,7 @@ beside the tools'.
 from __future__ import annotations
 
 import os
+from secrets import token_hex
 from typing import Any
 
 from trl import GRPOConfig
@@ -182,7 +183,8 @@ def _tools(
         spec = merge_environment_secrets(spec, secrets.get("environment_headers") or {})
         env_stats = EnvStats()
         env = EnvironmentClient(spec, plan.tools, limits, client, env_stats)
-        prefix = f"{plan.job_id}-{os.environ.get('RANK', '0')}"
+        # a token per process start: a resumed run never reuses an earlier run's ids
+        prefix = f"{plan.job_id}-{os.environ.get('RANK', '0')}-{token_hex(3)}"
         pieces["environment"] = {
             "factory": environment_class(env, limits, stats, prefix),
             "schemas": spec.schemas(),
