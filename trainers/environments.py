@@ -39,6 +39,7 @@ import httpx
 
 from trainers.contract.environments import REWARD_NAME, EnvironmentSpec
 from trainers.contract.outbound import ToolPolicy
+from trainers.contract.tools import FunctionDef
 from trainers.tools import Episode, Target, ToolCall, ToolLimits, ToolStats, send
 
 
@@ -160,7 +161,9 @@ def reward_of(text: str) -> float | None:
 class EnvironmentTool(ToolCall):
     """One of the environment's actions: a step of the episode's session."""
 
-    def __init__(self, function, env: EnvironmentClient, limits: ToolLimits, stats: ToolStats):
+    def __init__(
+        self, function: FunctionDef, env: EnvironmentClient, limits: ToolLimits, stats: ToolStats
+    ):
         super().__init__(function, limits, stats)
         self.env = env
 
