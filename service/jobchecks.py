@@ -54,18 +54,20 @@ def check_integrations(spec: JobSpec, policy: TrackerPolicy) -> None:
 
 
 def check_tools(spec: JobSpec, policy: ToolPolicy) -> None:
-    """Every tool endpoint and endpoint grader of an RL job against the server's outbound
-    policy (its allow-list of URL prefixes, and no loopback, private or link-local address
-    unless the server allows that network): a 400 naming the ``url``."""
+    """Every tool endpoint, environment and endpoint grader of an RL job against the
+    server's outbound policy (its allow-list of URL prefixes, and no loopback, private or
+    link-local address unless the server allows that network): a 400 naming the ``url``."""
     block = spec.method.block
     base = f"method.{spec.method.type}"
     urls = [
         (tool.endpoint.url, f"{base}.tools[{i}].endpoint.url")
         for i, tool in enumerate(getattr(block, "tools", None) or [])
     ]
+    if getattr(block, "environment", None) is not None:
+        urls.append((block.environment.url, f"{base}.environment.url"))
     if hasattr(block, "graders_with_params"):
-        graders, params = zip(*block.graders_with_params(base), strict=True)
-        urls += endpoint_urls(list(graders), list(params))
+        pairs = block.graders_with_params(base)  # none when the environment scores alone
+        urls += endpoint_urls([g for g, _ in pairs], [p for _, p in pairs])
     for url, param in urls:
         try:
             policy.check(url)

@@ -38,6 +38,7 @@ from service.jobchecks import (
 from service.jobrequest import parse_spec
 from service.modelaccess import ModelAccess
 from service.settings import ApiSettings
+from trainers.contract.environments import split_environment_secrets
 from trainers.contract.graders.remote import split_grader_secrets
 from trainers.contract.integrations import INTEGRATION_TYPES
 from trainers.contract.jobdir import JobDir
@@ -139,14 +140,18 @@ def create_job(
 
 
 def _without_secrets(spec: JobSpec) -> tuple[JobSpec, dict[str, Any] | None]:
-    """The spec as stored (the header values of its tools and endpoint graders replaced
-    by ``[redacted]``) and those values, kept in the job's own secrets key
-    (``JobStore.create``)."""
+    """The spec as stored (the header values of its tools, environment and endpoint
+    graders replaced by ``[redacted]``) and those values, kept in the job's own secrets
+    key (``JobStore.create``)."""
     block = spec.method.block
     update: dict[str, Any] = {}
     secrets: dict[str, Any] = {}
     if getattr(block, "tools", None):
         update["tools"], secrets["tool_headers"] = split_secrets(block.tools)
+    if getattr(block, "environment", None) is not None:
+        update["environment"], env_headers = split_environment_secrets(block.environment)
+        if env_headers:
+            secrets["environment_headers"] = env_headers
     graders = block.grader_list() if hasattr(block, "grader_list") else []
     stored, grader_headers = split_grader_secrets(graders)
     if grader_headers:

@@ -5,7 +5,9 @@
 tool by its ``__name__`` with the call's arguments; the reply becomes a ``tool`` message,
 whose tokens TRL leaves out of the loss (``tool_mask``). ``HttpTool`` is both at once: a
 dict holding the OpenAI definition (what the template renders; the endpoint and its
-headers are never in it) that is also callable (what the loop runs).
+headers are never in it) that is also callable (what the loop runs). ``ToolCall`` is
+the part shared with a stateful environment's actions (``trainers.environments``), and
+``send`` the one request function both use.
 
 A call is never an exception to TRL: every failure is a string starting ``error:`` that
 the model reads as the tool's answer, and a count in ``ToolStats``:
@@ -36,7 +38,7 @@ import httpx
 from jsonschema import Draft202012Validator
 
 from trainers.contract.outbound import AddressRefused, ToolPolicy
-from trainers.contract.tools import Tool
+from trainers.contract.tools import FunctionDef, Tool
 
 ERROR = "error: "
 
@@ -78,10 +80,12 @@ class ToolStats:
 
 
 class Episode:
-    """One rollout's budget of calls and of time spent in them."""
+    """One rollout's budget of calls and of time spent in them; ``id`` names the session
+    of a stateful environment (``trainers.environments``), None without one."""
 
-    def __init__(self, limits: ToolLimits):
+    def __init__(self, limits: ToolLimits, id: str | None = None):
         self.limits = limits
+        self.id = id
         self.calls = 0
         self.spent = 0.0
 
@@ -94,23 +98,99 @@ class Episode:
         return None
 
 
-class HttpTool(dict):
-    """An OpenAI tool definition (the dict) whose call POSTs to the user's endpoint."""
+@dataclass
+class Target:
+    """Where a request goes: its URL, HTTP method and headers (secrets; never in errors)."""
 
-    def __init__(
-        self,
-        tool: Tool,
-        policy: ToolPolicy,
-        limits: ToolLimits,
-        stats: ToolStats,
-        client: httpx.Client,
-    ):
-        super().__init__(tool.schema())
-        self.__name__ = tool.function.name
-        self.endpoint = tool.endpoint
-        self.policy, self.limits, self.stats, self.client = policy, limits, stats, client
-        self.validator = Draft202012Validator(tool.function.parameters)
-        self.reply_cap = min(limits.max_reply_bytes, policy.max_reply_bytes)
+    url: str
+    method: str = "POST"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def send(
+    client: httpx.Client,
+    policy: ToolPolicy,
+    target: Target,
+    body: str,
+    *,
+    timeout: float,
+    retries: int,
+    reply_cap: int,
+    budget: float = float("inf"),
+    what: str = "tool",
+) -> tuple[str | None, str]:
+    """One JSON request to a user's endpoint: (the reply's text, "") or (None, why not).
+
+    The URL is checked against the outbound policy before every try; a timeout, a refused
+    connection or a 5xx is retried ``retries`` times while ``budget`` seconds last;
+    another non-2xx status fails at once; redirects are not followed; at most
+    ``reply_cap`` bytes are read within ``timeout``, and the reply must be UTF-8. ``what``
+    names the endpoint in the error (never its URL, whose query may hold a key)."""
+    error = "no try was made"
+    start = time.monotonic()
+    for attempt in range(retries + 1):
+        left = budget - (time.monotonic() - start)
+        if attempt and left <= 0:
+            break
+        try:
+            policy.check(target.url)
+        except AddressRefused as exc:
+            return None, f"the {what}'s endpoint is not allowed: {exc}"
+        text, error, retry = _try(
+            client, target, body, min(timeout, max(left, 0.001)), reply_cap, what
+        )
+        if text is not None:
+            return text, ""
+        if not retry:
+            break
+    return None, error
+
+
+def _try(
+    client: httpx.Client, target: Target, body: str, timeout: float, cap: int, what: str
+) -> tuple[str | None, str, bool]:
+    """(the reply's text or None, the error, whether a retry may help)."""
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "posttrain-tools",
+        "accept-encoding": "identity",  # the cap counts the bytes the model would read
+        **target.headers,
+    }
+    deadline = time.monotonic() + timeout
+    try:
+        with client.stream(
+            target.method, target.url, content=body, headers=headers, timeout=timeout
+        ) as resp:
+            if resp.status_code >= 500:
+                return None, f"the {what} answered {resp.status_code}", True
+            if not 200 <= resp.status_code < 300:
+                return None, f"the {what} answered {resp.status_code}", False
+            data = bytearray()
+            for chunk in resp.iter_raw():
+                data += chunk
+                if len(data) > cap:
+                    return None, f"the {what}'s reply is longer than {cap} bytes", False
+                if time.monotonic() > deadline:
+                    return None, f"the {what} took longer than {timeout:g} s", True
+    except httpx.TimeoutException:
+        return None, f"the {what} took longer than {timeout:g} s", True
+    except httpx.HTTPError as exc:
+        return None, f"the {what} could not be reached ({type(exc).__name__})", True
+    try:
+        return bytes(data).decode("utf-8"), "", False
+    except UnicodeDecodeError:
+        return None, f"the {what}'s reply is not UTF-8 text", False
+
+
+class ToolCall(dict):
+    """An OpenAI tool definition (the dict) whose call is checked against its schema,
+    charged to an ``Episode`` and counted in ``ToolStats``; ``_send`` makes the call."""
+
+    def __init__(self, function: FunctionDef, limits: ToolLimits, stats: ToolStats):
+        super().__init__({"type": "function", "function": function.model_dump(exclude_none=True)})
+        self.__name__ = function.name
+        self.limits, self.stats = limits, stats
+        self.validator = Draft202012Validator(function.parameters)
 
     def __call__(self, **arguments: Any) -> str:
         return self.run(arguments, Episode(self.limits))
@@ -143,63 +223,45 @@ class HttpTool(dict):
         if problems:
             where = "/".join(str(p) for p in problems[0].path) or "arguments"
             return f"{ERROR}invalid arguments ({where}): {problems[0].message}"[:500], True
-        body = json.dumps(arguments)
-        error = "no try was made"
-        for attempt in range(self.limits.retries + 1):
-            left = self.limits.episode_seconds - episode.spent
-            if attempt and left <= 0:
-                break
-            try:
-                self.policy.check(self.endpoint.url)
-            except AddressRefused as exc:
-                return f"{ERROR}the tool's endpoint is not allowed: {exc}", True
-            text, error, retry = self._try(body, min(self.limits.timeout, max(left, 0.001)))
-            if text is not None:
-                return text, False
-            if not retry:
-                break
-        return f"{ERROR}{error}", True
+        text, error = self._send(arguments, episode, self.limits.episode_seconds - episode.spent)
+        return (text, False) if text is not None else (f"{ERROR}{error}", True)
 
-    def _try(self, body: str, timeout: float) -> tuple[str | None, str, bool]:
-        """(the reply's text or None, the error, whether a retry may help)."""
-        headers = {
-            "content-type": "application/json",
-            "user-agent": "posttrain-tools",
-            "accept-encoding": "identity",  # the cap counts the bytes the model would read
-            **(self.endpoint.headers or {}),
-        }
-        deadline = time.monotonic() + timeout
-        try:
-            with self.client.stream(
-                self.endpoint.method,
-                self.endpoint.url,
-                content=body,
-                headers=headers,
-                timeout=timeout,
-            ) as resp:
-                if resp.status_code >= 500:
-                    return None, f"the tool answered {resp.status_code}", True
-                if not 200 <= resp.status_code < 300:
-                    return None, f"the tool answered {resp.status_code}", False
-                data = bytearray()
-                for chunk in resp.iter_raw():
-                    data += chunk
-                    if len(data) > self.reply_cap:
-                        return (
-                            None,
-                            f"the tool's reply is longer than {self.reply_cap} bytes",
-                            False,
-                        )
-                    if time.monotonic() > deadline:
-                        return None, f"the tool took longer than {timeout:g} s", True
-        except httpx.TimeoutException:
-            return None, f"the tool took longer than {timeout:g} s", True
-        except httpx.HTTPError as exc:
-            return None, f"the tool could not be reached ({type(exc).__name__})", True
-        try:
-            return bytes(data).decode("utf-8"), "", False
-        except UnicodeDecodeError:
-            return None, "the tool's reply is not UTF-8 text", False
+    def _send(
+        self, arguments: dict[str, Any], episode: Episode, budget: float
+    ) -> tuple[str | None, str]:
+        raise NotImplementedError
+
+
+class HttpTool(ToolCall):
+    """A job's tool: its arguments are POSTed (or PUT) as JSON to the user's endpoint."""
+
+    def __init__(
+        self,
+        tool: Tool,
+        policy: ToolPolicy,
+        limits: ToolLimits,
+        stats: ToolStats,
+        client: httpx.Client,
+    ):
+        super().__init__(tool.function, limits, stats)
+        self.endpoint = tool.endpoint
+        self.policy, self.client = policy, client
+        self.reply_cap = min(limits.max_reply_bytes, policy.max_reply_bytes)
+
+    def _send(
+        self, arguments: dict[str, Any], episode: Episode, budget: float
+    ) -> tuple[str | None, str]:
+        target = Target(self.endpoint.url, self.endpoint.method, self.endpoint.headers or {})
+        return send(
+            self.client,
+            self.policy,
+            target,
+            json.dumps(arguments),
+            timeout=self.limits.timeout,
+            retries=self.limits.retries,
+            reply_cap=self.reply_cap,
+            budget=budget,
+        )
 
 
 def build_tools(

@@ -148,7 +148,7 @@ class JobStore(JobLifecycle, JobStreams):
 
     def tool_secrets(self, job_id: str) -> dict[str, dict[str, str]]:
         """The job's secrets (``tool_headers`` by tool name, ``grader_headers`` by grader
-        position), for the worker only."""
+        position, ``environment_headers``), for the worker only."""
         raw = self.r.get(self.k_secrets(job_id))
         return json.loads(raw) if raw else {}
 

@@ -33,7 +33,8 @@ from trainers.contract.hparams import Strict
 REDACTED = "[redacted]"
 MAX_TOOLS = 32
 # The environment variable the worker passes a run's secrets in (JSON, the job's secrets
-# key: {"tool_headers": {tool: {header: value}}, "grader_headers": {position: {...}}});
+# key: {"tool_headers": {tool: {header: value}}, "grader_headers": {position: {...}},
+# "environment_headers": {header: value}});
 # the training process reads it and removes it.
 SECRETS_ENV = "POSTTRAIN_TOOL_SECRETS"
 _HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$"
@@ -149,7 +150,8 @@ def merge_secrets(tools: list[Tool], secrets: dict[str, dict[str, str]]) -> list
 def pop_secrets_from_env() -> dict[str, Any]:
     """The job's secrets the worker passed this process, as the job's secrets key holds
     them (``tool_headers``: by tool name; ``grader_headers``: by grader position, see
-    ``trainers.contract.graders.remote``), and remove them from the environment, so
+    ``trainers.contract.graders.remote``; ``environment_headers``, see
+    ``trainers.contract.environments``), and remove them from the environment, so
     nothing this process starts inherits them."""
     raw = os.environ.pop(SECRETS_ENV, "")
     try:

@@ -25,6 +25,11 @@ Tools (``method.<type>.tools``): TRL's own tool loop (``tools=``,
 vLLM each turn is a vLLM generation and the tools run in the training process between
 turns.
 
+Environments (``method.<type>.environment``): the job's stateful HTTP environment
+(``trainers.environments``) is TRL's ``environment_factory``; its actions join the tools
+in the same loop, and its reward, when the job uses it, is one more reward source (weight
+1, named ``environment``) after the graders.
+
 Endpoint graders (``trainers.contract.graders.remote``) call under the same outbound
 policy as the tools (``plan.tools``), their header values coming from the worker
 beside the tools'.
@@ -32,6 +37,8 @@ beside the tools'.
 
 from __future__ import annotations
 
+import os
+from secrets import token_hex
 from typing import Any
 
 from trl import GRPOConfig
@@ -105,7 +112,7 @@ def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> di
         "include_num_input_tokens_seen": "no",
         "chat_template_kwargs": s.chat_template_kwargs(),
     }
-    if method_tools(plan):
+    if method_tools(plan) or method_environment(plan) is not None:
         fields["max_tool_calling_iterations"] = s.max_turns
     if vllm:
         fields["vllm_mode"] = s.vllm_mode
@@ -118,6 +125,10 @@ def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> di
 
 def method_tools(plan: RunPlan) -> list:
     return getattr(plan.spec.method.block, "tools", None) or []
+
+
+def method_environment(plan: RunPlan):
+    return getattr(plan.spec.method.block, "environment", None)
 
 
 def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
@@ -137,19 +148,25 @@ def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
         "settings": settings,
         "pieces": build_pieces(settings),
     }
-    if method_tools(plan):
-        kwargs["tools"], kwargs["pieces"]["tools"] = _tools(
-            plan, settings, secrets.get("tool_headers") or {}
-        )
+    if method_tools(plan) or method_environment(plan) is not None:
+        kwargs["tools"], kwargs["pieces"]["tools"] = _tools(plan, settings, secrets)
+        env = kwargs["pieces"]["tools"].get("environment")
+        if env is not None:
+            kwargs["environment_factory"] = env["factory"]
     return kwargs
 
 
 def _tools(
-    plan: RunPlan, s: GRPOHyperparameters, secrets: dict[str, dict[str, str]]
+    plan: RunPlan, s: GRPOHyperparameters, secrets: dict[str, Any]
 ) -> tuple[list, dict[str, Any]]:
-    """The job's tools as TRL callables (header values from the worker, not the plan)."""
+    """The job's tools as TRL callables and its environment as TRL's factory (header
+    values from the worker, not the plan), sharing one client, budgets and counts."""
+    import httpx
+
+    from trainers.contract.environments import merge_environment_secrets
     from trainers.contract.tools import merge_secrets
-    from trainers.tools import ToolLimits, build_tools
+    from trainers.environments import EnvironmentClient, EnvStats, environment_class
+    from trainers.tools import HttpTool, ToolLimits, ToolStats
 
     limits = ToolLimits(
         timeout=s.tool_timeout_seconds,
@@ -158,9 +175,24 @@ def _tools(
         max_calls=s.max_tool_calls,
         episode_seconds=s.episode_tool_seconds,
     )
-    tools = merge_secrets(method_tools(plan), secrets)
-    callables, stats = build_tools(tools, plan.tools, limits)
-    return callables, {"limits": limits, "stats": stats}
+    stats = ToolStats()
+    client = httpx.Client(follow_redirects=False, trust_env=False)
+    tools = merge_secrets(method_tools(plan), secrets.get("tool_headers") or {})
+    callables = [HttpTool(t, plan.tools, limits, stats, client) for t in tools]
+    pieces: dict[str, Any] = {"limits": limits, "stats": stats}
+    spec = method_environment(plan)
+    if spec is not None:
+        spec = merge_environment_secrets(spec, secrets.get("environment_headers") or {})
+        env_stats = EnvStats()
+        env = EnvironmentClient(spec, plan.tools, limits, client, env_stats)
+        # a token per process start: a resumed run never reuses an earlier run's ids
+        prefix = f"{plan.job_id}-{os.environ.get('RANK', '0')}-{token_hex(3)}"
+        pieces["environment"] = {
+            "factory": environment_class(env, limits, stats, prefix),
+            "schemas": spec.schemas(),
+            "stats": env_stats,
+        }
+    return callables, pieces
 
 
 METHOD = MethodDef(

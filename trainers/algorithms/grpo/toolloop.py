@@ -15,6 +15,13 @@ TRL itself adds ``tools/call_frequency`` and ``tools/failure_frequency`` (calls 
 not make: an unknown tool name, arguments that are not an object). The tool results'
 tokens are masked out of the loss by TRL (``tool_mask``); nothing here changes that.
 
+Environments (``trainers.environments``): each rollout's instance started its
+``Episode`` at reset, so the job's tools are charged to that episode too; the
+environment's actions are counted with the tools (``tools/*``), and failed resets and
+rewards of the batch are logged as ``env/reset_errors`` and ``env/reward_errors``. The
+rendered definitions of its actions are the job's declared ones
+(``_use_environment_schemas``), and its open sessions are closed when training ends.
+
 A sampled rollout's row (``trainers.samples``) carries the episode's calls and their
 results (``_episode_calls``), the same view graders read as ``sample.tool_calls``.
 """
@@ -35,7 +42,10 @@ class ToolEpisodesMixin:
             return super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, *args)
         limits, stats = tools["limits"], tools["stats"]
         stats.take()  # counts of this batch only
-        episodes = [Episode(limits) for _ in completion_ids]
+        # a rollout with an environment has its episode already (started by its reset):
+        # the job's tools are charged to the same budget as the environment's actions
+        envs = self.environments or [None] * len(completion_ids)
+        episodes = [env._pt_episode if env is not None else Episode(limits) for env in envs]
         self._sync_tool_dicts = [
             {
                 name: tool.bound(episode) if isinstance(tool, HttpTool) else tool
@@ -46,6 +56,28 @@ class ToolEpisodesMixin:
         out = super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, *args)
         self._log_tools(stats.take(), out[1], len(episodes))
         return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        out = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        env = (self.pt_pieces.get("tools") or {}).get("environment")
+        if env is not None:  # this batch's failed resets and rewards
+            self._pt_log(env["stats"].take())
+        return out
+
+    def _use_environment_schemas(self) -> None:
+        """Render the environment's declared definitions (TRL would derive them from the
+        generated methods' signatures and docstrings, which know nothing of the schemas)."""
+        env = (self.pt_pieces.get("tools") or {}).get("environment")
+        if env is not None:
+            self._env_tools = {None: list(self._standalone_tools) + env["schemas"]}
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # close the sessions the last batch left open
+            for pool in (getattr(self, "_environment_pool", None) or {}).values():
+                for instance in pool:
+                    instance._pt_close()
 
     def _log_tools(self, batch, completions: list, rollouts: int) -> None:
         metrics = {

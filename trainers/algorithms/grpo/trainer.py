@@ -65,6 +65,7 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
         self._pt_scored: tuple[list, list] = ([], [])
         self._pt_rollout_s = 0.0
         super().__init__(*args, **kwargs)
+        self._use_environment_schemas()
         self._check_prompt_lengths()
 
     def _check_prompt_lengths(self) -> None:

@@ -25,8 +25,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from trainers.contract.environments import (
+    EnvironmentSpec,
+    check_names,
+    check_reward_sources,
+)
 from trainers.contract.errors import JobError
 from trainers.contract.graders.spec import Grader, reward_range, template_fields
 from trainers.contract.graders.validate import check_grader_models
@@ -417,15 +422,35 @@ class GradedBlock(Strict):
         "(trainers.contract.tools); rollouts become multi-turn episodes.",
     )
 
+    environment: EnvironmentSpec | None = Field(
+        None,
+        description="Extension: a stateful HTTP environment, one session per rollout "
+        "(trainers.contract.environments); its tools join the job's tools and its reward, "
+        "when asked for, the graders.",
+    )
+
     _unique_tools = field_validator("tools")(classmethod(lambda cls, v: check_unique(v)))
+
+    @field_validator("environment")
+    @classmethod
+    def _own_names(cls, value: EnvironmentSpec | None, info: ValidationInfo):
+        return check_names(value, info.data.get("tools"))
 
     @model_validator(mode="after")
     def _check(self) -> GradedBlock:
+        self._check_environment()
         settings = resolve(self.variant, self.hyperparameters)
         check_weights(self.hyperparameters, len(self.grader_list()))
-        if settings.advantage_estimator == "ngrpo":
+        if settings.advantage_estimator == "ngrpo" and not self.environment_reward():
             _check_virtual_reward(settings, self.grader_list())
         return self
+
+    def environment_reward(self) -> bool:
+        """Whether the environment's reward is a reward source of this job."""
+        return self.environment is not None and self.environment.reward
+
+    def _check_environment(self) -> None:
+        check_reward_sources(self.environment, self.grader_list())
 
     def grader_list(self) -> list:
         raise NotImplementedError
@@ -441,7 +466,11 @@ class GradedBlock(Strict):
 
 class GRPOBlock(GradedBlock):
     variant: GRPOVariant = Field("grpo", description="Preset over the pieces; see the README.")
-    graders: list[Grader] = Field(min_length=1, max_length=16, description="Reward sources.")
+    graders: list[Grader] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Reward sources; may be empty when the environment gives the reward.",
+    )
     hyperparameters: GRPOHyperparameters = Field(default_factory=GRPOHyperparameters)
 
     def grader_list(self) -> list:
