@@ -81,8 +81,8 @@ def check_python(spec: JobSpec, sandbox: SandboxPolicy) -> None:
     block = spec.method.block
     if not hasattr(block, "graders_with_params"):
         return
-    graders, params = zip(*block.graders_with_params(f"method.{spec.method.type}"), strict=True)
-    found = python_params(list(graders), list(params))
+    pairs = block.graders_with_params(f"method.{spec.method.type}")  # none: environment only
+    found = python_params([g for g, _ in pairs], [p for _, p in pairs])
     why = refusal(sandbox)
     if found and why:
         raise APIError(400, f"{found[0]}: {why}", param=found[0], code="unsupported_grader")
