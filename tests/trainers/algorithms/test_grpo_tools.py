@@ -178,6 +178,13 @@ def test_rollouts_call_the_tool_and_its_results_are_not_trained_on(
     calls = sum(float(m["tools/calls_per_episode"]) for m in steps)
     assert calls > 0 and _Lookup.auth and set(_Lookup.auth) == {SECRET}
     assert all(float(m["tools/turns_per_episode"]) >= 1 for m in steps)
+    # an episode is the model's tokens plus the results': TRL's mean_length is the former
+    for m in steps:
+        model_tokens = float(m["completions/mean_length"])
+        assert float(m["tools/episode_tokens"]) == pytest.approx(
+            model_tokens + float(m["tools/result_tokens"]), rel=1e-6
+        )
+    assert any(float(m["tools/result_tokens"]) > 0 for m in steps)
     # a rollout that called the tool has masked (0) tokens: the tool result's
     assert any(mask is not None and (mask == 0).any() for mask in masks)
     assert SECRETS_ENV not in os.environ  # read once, not left for children to inherit

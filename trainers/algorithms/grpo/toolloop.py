@@ -9,7 +9,10 @@ the loop. This mixin swaps each rollout's callables for the same tools bound to 
 - ``tools/calls_per_episode``, ``tools/errors`` (calls whose result was an ``error:``
   text), ``tools/error_rate``, ``tools/latency_s`` (mean per call) and
   ``tools/<name>/latency_s``;
-- ``tools/turns_per_episode``: the model's turns (assistant messages) per rollout.
+- ``tools/turns_per_episode``: the model's turns (assistant messages) per rollout;
+- ``tools/episode_tokens``: an episode's length in tokens, the model's turns and the
+  tool results together, and ``tools/result_tokens``: the tool results' part (TRL's
+  ``completions/mean_length`` counts the model's tokens only).
 
 TRL itself adds ``tools/call_frequency`` and ``tools/failure_frequency`` (calls it could
 not make: an unknown tool name, arguments that are not an object). The tool results'
@@ -54,7 +57,7 @@ class ToolEpisodesMixin:
             for calls, episode in zip(self._sync_tool_dicts, episodes, strict=True)
         ]
         out = super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, *args)
-        self._log_tools(stats.take(), out[1], len(episodes))
+        self._log_tools(stats.take(), out[1], out[0], len(episodes))
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -79,8 +82,13 @@ class ToolEpisodesMixin:
                 for instance in pool:
                     instance._pt_close()
 
-    def _log_tools(self, batch, completions: list, rollouts: int) -> None:
+    def _log_tools(self, batch, completions: list, tool_masks: list, rollouts: int) -> None:
+        """``tool_masks``: per rollout, 1 for each token the model wrote and 0 for each
+        token of a tool's result, over the whole episode (TRL's ``tool_mask``)."""
+        result_tokens = sum(len(m) - sum(m) for m in tool_masks)
         metrics = {
+            "tools/episode_tokens": sum(len(m) for m in tool_masks) / max(1, rollouts),
+            "tools/result_tokens": result_tokens / max(1, rollouts),
             "tools/calls_per_episode": batch.calls / max(1, rollouts),
             "tools/errors": float(batch.errors),
             "tools/error_rate": batch.errors / batch.calls if batch.calls else 0.0,
