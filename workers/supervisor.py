@@ -119,6 +119,7 @@ class Supervisor:
             report_journal=jd.journal(self.fence, attempt),
             trackers=self.s.tracker_policy(),
             tools=self.s.tool_policy(),
+            judges=self.s.judges(),
         )
         jd.plan(attempt).write_text(plan.model_dump_json(indent=2))
         return plan

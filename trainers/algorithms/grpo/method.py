@@ -27,7 +27,8 @@ turns.
 
 Endpoint graders (``trainers.contract.graders.remote``) call under the same outbound
 policy as the tools (``plan.tools``), their header values coming from the worker
-beside the tools'.
+beside the tools'. Remote judges (``trainers.contract.graders.judgeendpoints``) ask the
+judge endpoints of the run plan (``plan.judges``).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
     secrets = pop_secrets_from_env()  # header values from the worker, never in the plan
     graders = merge_grader_secrets(method.block.grader_list(), secrets.get("grader_headers") or {})
     kwargs = {
-        "reward_funcs": [build_reward_function(g, plan.tools) for g in graders],
+        "reward_funcs": [build_reward_function(g, plan.tools, plan.judges) for g in graders],
         "settings": settings,
         "pieces": build_pieces(settings),
     }

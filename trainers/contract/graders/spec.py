@@ -94,6 +94,7 @@ GRADER_TYPES: tuple[str, ...] = (
     "text_similarity",
     "score_model",
     "multi",
+    "label_model",
     "math_verify",
     "regex",
     "length_penalty",
@@ -101,8 +102,8 @@ GRADER_TYPES: tuple[str, ...] = (
 )
 REFUSED_GRADERS: dict[str, str] = {
     "python": "posttrain never runs user code; use string_check, text_similarity, score_model, "
-    "multi, math_verify, regex, length_penalty, or an endpoint grader calling your own "
-    "scoring service",
+    "label_model, multi, math_verify, regex, length_penalty, or an endpoint grader calling "
+    "your own scoring service",
 }
 
 # OpenAI's text_similarity metrics, in its order.
@@ -110,14 +111,6 @@ SIMILARITY_METRICS = (
     "cosine", "fuzzy_match", "bleu", "gleu", "meteor",
     "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l",
 )  # fmt: skip
-# Graders that ask a generative judge through posttrain's inference workers: eval
-# testing criteria only (``parse_criterion``), never a training job's graders.
-EVAL_ONLY_TYPES: tuple[str, ...] = ("label_model",)
-_UNSUPPORTED = {
-    "label_model": "it asks a generative judge through posttrain's inference workers, which "
-    "only eval runs do: use it as a testing criterion of an eval (/v1/evals), on its own, "
-    "not in a training job, /graders or a multi grader",
-}
 
 
 def _template(text: str) -> str:
@@ -443,8 +436,6 @@ def _type_check(allow_multi: bool):
             raise ValueError(f"grader type '{kind}' is not supported: {REFUSED_GRADERS[kind]}")
         if kind == "multi" and not allow_multi:
             raise ValueError("a multi grader's sub-graders cannot be multi graders")
-        if kind in _UNSUPPORTED:
-            raise ValueError(f"grader type '{kind}' is not supported: {_UNSUPPORTED[kind]}")
         if kind not in GRADER_TYPES:
             raise ValueError(
                 f"unknown grader type {kind!r}; expected one of: {', '.join(GRADER_TYPES)}"
@@ -458,6 +449,7 @@ _LEAVES = Union[  # noqa: UP007
     StringCheckGrader,
     TextSimilarityGrader,
     ScoreModelGrader,
+    LabelModelGrader,
     MathVerifyGrader,
     RegexGrader,
     LengthPenaltyGrader,
@@ -547,24 +539,14 @@ def parse_grader(raw: Any, param: str = "grader") -> GraderSpec:
         raise InvalidGrader(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
 
 
-CriterionSpec = Union[GraderSpec, LabelModelGrader]  # noqa: UP007  (an eval's criterion)
-_LABEL_ADAPTER: TypeAdapter = TypeAdapter(
-    Annotated[
-        LabelModelGrader,
-        BeforeValidator(at_most(MAX_DEFINITION_BYTES, "a grader definition")),
-    ]
-)
+CriterionSpec = GraderSpec  # an eval's testing criterion: any grader
 
 
 def parse_criterion(raw: Any, param: str = "grader") -> CriterionSpec:
-    """An eval's testing criterion: any grader ``parse_grader`` accepts, or a
-    ``label_model`` (which only eval runs can grade); ``InvalidGrader`` names the field."""
-    if not (isinstance(raw, dict) and raw.get("type") in EVAL_ONLY_TYPES):
-        return parse_grader(raw, param)
-    try:
-        return _LABEL_ADAPTER.validate_python(raw)
-    except ValidationError as exc:
-        raise InvalidGrader(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
+    """An eval's testing criterion: any grader ``parse_grader`` accepts (a label_model and a
+    generative score_model are asked through inference workers there); ``InvalidGrader``
+    names the field."""
+    return parse_grader(raw, param)
 
 
 def describe_errors(
@@ -599,6 +581,8 @@ def reward_range(grader: GraderSpec) -> tuple[float, float] | None:
         return (-1.0, 1.0)
     if isinstance(grader, ScoreModelGrader):
         return tuple(grader.range) if grader.range else None
+    if isinstance(grader, LabelModelGrader):
+        return (0.0, 1.0)
     if isinstance(grader, MultiGrader | EndpointGrader):
         return None
     return (0.0, 1.0)  # string_check, text_similarity, math_verify, regex
@@ -606,9 +590,10 @@ def reward_range(grader: GraderSpec) -> tuple[float, float] | None:
 
 def needs_model(grader: GraderSpec) -> bool:
     """True if the grader scores with a model (score_model: a reward model or a judge;
-    cosine similarity: an encoder): never in the API process, nor in a bounded child."""
+    label_model: a judge; cosine similarity: an encoder): never in the API process, nor in
+    a bounded child."""
     return any(
-        isinstance(g, ScoreModelGrader)
+        isinstance(g, ScoreModelGrader | LabelModelGrader)
         or (isinstance(g, TextSimilarityGrader) and g.evaluation_metric == "cosine")
         for g in _walk(grader)
     )
