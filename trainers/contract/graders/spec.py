@@ -4,13 +4,21 @@ Shapes follow OpenAI's graders (``string_check``, ``text_similarity``,
 ``score_model``, ``multi``, ``label_model``;
 https://platform.openai.com/docs/guides/graders) plus posttrain's own
 ``math_verify``, ``regex``, ``length_penalty`` and ``endpoint`` (the user's HTTP service
-scores each sample: ``remote``). The types a training job (and
-``/graders``) may use are ``GRADER_TYPES`` (``parse_grader``); an eval's testing
-criteria may also be ``label_model`` (``parse_criterion``); ``python`` is refused
-with ``REFUSED_GRADERS``' reason. Torch-free: the API validates graders with these.
+scores each sample: ``remote``). Every type is ``GRADER_TYPES`` (``parse_grader``; an
+eval's testing criterion is parsed the same way, ``parse_criterion``); ``python`` is
+refused with ``REFUSED_GRADERS``' reason. Which models a grader may name depends on
+where it grades, which the API checks with the server's settings
+(``validate.check_grader_models``). Torch-free: the API validates graders with these.
 
-A ``score_model`` is one of two things, told apart by its ``model`` once the API has
-resolved it for the caller (``validate.is_reward_model``):
+A ``score_model`` is one of three things:
+
+* in a training job (and ``/graders/validate``), a *remote judge* when one of the
+  server's judge endpoints (``POSTTRAIN_JUDGE_ENDPOINTS``, ``judgeendpoints``) serves its
+  ``model``: the training process sends its rendered ``input`` to that endpoint's chat
+  completions and reads the answer as an eval's judge's (below).
+
+Otherwise it is told apart by its ``model`` once the API has resolved it for the caller
+(``validate.is_reward_model``):
 
 * a local sequence-classification reward model with one label (its config's
   ``architectures`` name a ``...ForSequenceClassification``): its logit is the score,
@@ -21,9 +29,12 @@ resolved it for the caller (``validate.is_reward_model``):
   a generative judge, in eval runs only. Its ``input`` is rendered and sent as a chat
   completion through posttrain's inference workers; the first number in the answer,
   clamped to ``range`` (default [0, 1]), is the score (``judging.parse_score``). A
-  training job refuses such a model (it is no sequence classifier).
+  training job refuses such a model (it is no sequence classifier) unless a judge
+  endpoint serves it.
 
-A ``label_model`` (eval runs only) is a generative judge too: its rendered ``input``
+A ``label_model`` is a generative judge too, asked through the inference workers as an
+eval's criterion of its own, and through a judge endpoint in a training job (and
+``/graders/validate``), which refuse one no endpoint serves: its rendered ``input``
 is sent as a chat completion and the answer is read as one of ``labels``
 (``judging.parse_label``); the score is 1 when that label is one of
 ``passing_labels``, else 0. Neither judge adds words to the prompt: it is sent as
@@ -33,10 +44,10 @@ otherwise.
 
 Departures from OpenAI, each refused or documented on its field:
 
-* ``label_model`` grades only as an eval's testing criterion of its own: a training
-  job, ``/graders`` and a ``multi`` grader refuse it (they have no inference worker
-  to ask), and so does a ``multi`` grader of an eval for a generative ``score_model``
-  (its sub-graders' models must be local reward models).
+* an eval's ``multi`` grader refuses a ``label_model`` and a generative ``score_model``
+  (its sub-graders' models must be local reward models); a training job's ``multi``
+  grader takes remote judges, scored like any sub-grader in the training process.
+  ``/graders/run`` runs no model grader (the API process asks no model).
 * ``text_similarity``: ``meteor`` is refused (NLTK's METEOR needs WordNet, which
   cannot be installed from PyPI); ``cosine`` needs the extension field
   ``embedding_model``, a local encoder.
@@ -259,15 +270,17 @@ class SamplingParams(_Strict):
 
 
 class ScoreModelGrader(_Base):
-    """The scalar output of a local reward model, or (eval runs only) the number a
-    generative judge answers (module docstring)."""
+    """The scalar output of a local reward model, or the number a generative judge answers
+    (a remote judge in training jobs, any chat model in evals; module docstring)."""
 
     type: Literal["score_model"]
     model: str = Field(
         min_length=1,
         description="A local reward model (AutoModelForSequenceClassification, one label: "
-        "loaded in the training process or an eval run's process), or in an eval's criteria "
-        "any chat model the caller may use, asked through posttrain's inference.",
+        "loaded in the training process or an eval run's process); a model a judge endpoint "
+        "of the server serves (POSTTRAIN_JUDGE_ENDPOINTS: asked from the training process); "
+        "or in an eval's criteria any chat model the caller may use, asked through "
+        "posttrain's inference.",
     )
     input: list[ScoreModelMessage] = Field(
         min_length=1,
@@ -313,13 +326,16 @@ def label_key(label: str) -> str:
 
 class LabelModelGrader(_Base):
     """A generative judge picks one of ``labels``: 1 if it is one of ``passing_labels``,
-    else 0. An eval's testing criterion only (``parse_criterion``)."""
+    else 0. An eval's criterion of its own, or a training job's grader served by a judge
+    endpoint (module docstring)."""
 
     type: Literal["label_model"]
     model: str = Field(
         min_length=1,
-        description="The judge: a chat model the caller may use (a base model under a model "
-        "root, an ft: model, a checkpoint), asked through posttrain's inference workers.",
+        description="The judge: in an eval, a chat model the caller may use (a base model "
+        "under a model root, an ft: model, a checkpoint), asked through posttrain's "
+        "inference workers; in a training job, a model a judge endpoint of the server serves "
+        "(POSTTRAIN_JUDGE_ENDPOINTS).",
     )
     input: list[ScoreModelMessage] = Field(
         min_length=1,
