@@ -182,8 +182,9 @@ class ModelAccess:
         and its directory is returned for the record."""
         hub: list[str] = []
         top = self._one(spec.model, tenant, "model", hub)
+        graders = _training_graders(spec)
         for owner, attr, param in _nested_refs(spec):
-            if self.is_remote_judge(owner, attr):
+            if id(owner) in graders and self.is_remote_judge(owner, attr):
                 continue
             resolved = self._one(getattr(owner, attr), tenant, param, hub)
             if resolved.path is not None:
@@ -222,6 +223,19 @@ class ModelAccess:
         if resolved.source == "hub":
             hub.append(name)
         return resolved
+
+
+def _training_graders(spec: BaseModel) -> set[int]:
+    """The ids of the graders (a multi grader's subs included) a GRPO-family job trains
+    with: the only ones a judge endpoint may serve (an EGPO grader judge is not one)."""
+    block = getattr(getattr(spec, "method", None), "block", None)
+    if not hasattr(block, "graders_with_params"):
+        return set()
+    out: set[int] = set()
+    for grader, _ in block.graders_with_params(""):
+        subs = getattr(grader, "graders", None)
+        out.update(id(g) for g in [grader, *(subs.values() if isinstance(subs, dict) else [])])
+    return out
 
 
 def _nested_refs(spec: BaseModel, prefix: str = "") -> list[tuple[BaseModel, str, str]]:

@@ -115,3 +115,25 @@ def test_a_bad_setting_names_itself_and_the_field(tmp_path):
     bad = {"own": {**ENDPOINTS["own"], "base_url": "ftp://x"}}
     with pytest.raises(ValueError, match=r"POSTTRAIN_JUDGE_ENDPOINTS\.own\.base_url"):
         ApiSettings(data_dir=tmp_path, judge_endpoints=json.dumps(bad))
+
+
+def test_an_egpo_grader_judge_asks_no_judge_endpoint(http):
+    """EGPO's grader judge scores pairs in its own way and never asks an endpoint: its
+    score_model is resolved as a local model, so an endpoint's model name is unknown."""
+    fid = http.post(
+        "/v1/files",
+        files={"file": ("p.jsonl", b'{"prompt": "q"}\n')},
+        data={"purpose": "fine-tune"},
+        headers=HEADERS,
+    ).json()["id"]
+    judge = {"type": "grader", "grader": SCORE}
+    body = {
+        "model": "tiny",
+        "training_file": fid,
+        "method": {"type": "egpo", "egpo": {"hyperparameters": {"judge": judge}}},
+    }
+    resp = http.post("/v1/fine_tuning/jobs", json=body, headers=HEADERS)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == "method.egpo.hyperparameters.judge.grader.model"
+    assert "model not found or not allowed" in err["message"]

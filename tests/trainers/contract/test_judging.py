@@ -133,4 +133,6 @@ def test_label_model_grades_training_only_through_a_judge_endpoint():
             check_grader_models(grader, "g")
         assert info.value.param == param
         assert "POSTTRAIN_JUDGE_ENDPOINTS" in str(info.value)
+        with pytest.raises(ModelFileError, match="served by none this server names"):
+            check_grader_models(grader, "g", judges={"another"})  # a training job's check
         check_grader_models(grader, "g", judges={LABEL["model"]})  # a remote judge: accepted

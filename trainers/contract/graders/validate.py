@@ -29,32 +29,46 @@ from trainers.contract.graders.spec import (
 from trainers.contract.modelfiles import ModelFileError, check_classifier
 
 
-def check_grader_models(grader: GraderSpec, param: str, judges: Collection[str] = ()) -> None:
+def check_grader_models(
+    grader: GraderSpec, param: str, judges: Collection[str] | None = None
+) -> None:
     """``ModelFileError`` naming the field of the first score_model or label_model that
-    cannot serve a training job; ``judges`` are the models the server's judge endpoints
-    serve (the grader's ``model`` as the caller wrote it, never a resolved path)."""
+    cannot serve. ``judges``: for a grpo or reinforcement job's graders (and
+    ``/graders/validate``), the models the server's judge endpoints serve (the grader's
+    ``model`` as the caller wrote it, never a resolved path); None where no judge endpoint
+    is asked (an EGPO grader judge, an eval's multi grader)."""
     subs = grader.graders.items() if isinstance(grader, MultiGrader) else [("", grader)]
     for key, sub in subs:
         where = param + (f".graders.{key}" if key else "") + ".model"
-        if isinstance(sub, ScoreModelGrader | LabelModelGrader) and sub.model in judges:
+        if isinstance(sub, ScoreModelGrader | LabelModelGrader) and sub.model in (judges or ()):
             continue
         if isinstance(sub, LabelModelGrader):
-            raise ModelFileError(
-                f"label_model grades a training job, /graders or a multi grader only through "
-                f"a judge endpoint, and the model is served by none this server names in "
-                f"{SETTING}; without one, use it as a testing criterion of an eval "
-                "(/v1/evals), on its own",
-                where,
-            )
+            raise ModelFileError(_label_refusal(judges), where)
         if isinstance(sub, ScoreModelGrader):
             try:
                 check_classifier(sub.model, (1,), where, "score_model", needs="a reward model has")
             except ModelFileError as exc:
+                if judges is None:
+                    raise
                 raise ModelFileError(
                     f"{exc}; a score_model is either a local reward model or a model served by "
                     f"a judge endpoint this server names in {SETTING}",
                     exc.param,
                 ) from None
+
+
+def _label_refusal(judges: Collection[str] | None) -> str:
+    if judges is None:
+        return (
+            "label_model cannot grade here: use it as a testing criterion of an eval "
+            "(/v1/evals), on its own, or as a grpo or reinforcement job's grader served by a "
+            f"judge endpoint ({SETTING})"
+        )
+    return (
+        "label_model grades a training job, /graders or a multi grader only through a judge "
+        f"endpoint, and the model is served by none this server names in {SETTING}; without "
+        "one, use it as a testing criterion of an eval (/v1/evals), on its own"
+    )
 
 
 def is_reward_model(path: str) -> bool:
