@@ -1,5 +1,6 @@
 """A GRPO job graded by remote judges (a ``score_model`` and a ``label_model`` whose model a
-judge endpoint of the run plan serves), through the shared runner. The endpoint is a
+judge endpoint of the run plan serves, alone and as a multi grader's sub-graders), through
+the shared runner. The endpoint is a
 loopback OpenAI-compatible chat completions service written here: it stands in for the
 user's external judge (the real posttrain inference engine is asked in
 tests/e2e/test_judge_inference.py, which is too slow to start inside a training test).
@@ -112,6 +113,13 @@ def test_the_rewards_are_the_judges_parsed_answers(tmp_path, rewards, monkeypatc
             "sampling_params": {"temperature": 0.5, "max_completions_tokens": 8},
         },
     ]
+    subs = {
+        "r": {**graders[0], "name": "sub_rating"},
+        "v": {**graders[1], "name": "sub_verdict"},
+    }
+    graders.append(
+        {"type": "multi", "name": "both", "graders": subs, "calculate_output": "r / 10 + v"}
+    )
     hp = {"num_generations": 4, "batch_size": 8, "max_completion_length": 12, "max_steps": 2}
     spec = JobSpec.model_validate(
         {
@@ -143,10 +151,13 @@ def test_the_rewards_are_the_judges_parsed_answers(tmp_path, rewards, monkeypatc
         texts = [completion_text(c) for c in completions]
         assert per_grader[:, 0].tolist() == pytest.approx([expected_rating(t) for t in texts])
         labels = [parse_label(verdict(t), ["good", "bad"]) for t in texts]
-        assert per_grader[:, 1].tolist() == [1.0 if lab == "good" else 0.0 for lab in labels]
+        passed = [1.0 if lab == "good" else 0.0 for lab in labels]
+        assert per_grader[:, 1].tolist() == passed
+        both = [expected_rating(t) / 10 + p for t, p in zip(texts, passed, strict=True)]
+        assert per_grader[:, 2].tolist() == pytest.approx(both)
         parse_errors += sum(sum(t.encode()) % 5 == 0 for t in texts)
     n = sum(len(c) for c, _ in rewards)
-    assert len(_Judge.asked) == 2 * n and set(_Judge.auth) == {f"Bearer {KEY}"}
+    assert len(_Judge.asked) == 4 * n and set(_Judge.auth) == {f"Bearer {KEY}"}
     rated = [b for b in _Judge.asked if b["messages"][-1]["content"].startswith(RATE)]
     assert {b["temperature"] for b in rated} == {0.0} and {b["model"] for b in rated} == {
         "judge-chat"
@@ -154,8 +165,11 @@ def test_the_rewards_are_the_judges_parsed_answers(tmp_path, rewards, monkeypatc
     judged = [b for b in _Judge.asked if b not in rated]
     assert all(b["temperature"] == 0.5 and b["max_completion_tokens"] == 8 for b in judged)
     logs = [m.model_dump()["metrics"] for m in reporter.sent if m.type == "log"]
-    calls = [m["graders/rating/judge_calls"] for m in logs if "graders/rating/judge_calls" in m]
-    assert calls and max(calls) > 0
+    for name in ("rating", "verdict", "sub_rating", "sub_verdict"):
+        calls = [
+            m[f"graders/{name}/judge_calls"] for m in logs if f"graders/{name}/judge_calls" in m
+        ]
+        assert calls and max(calls) > 0, name
     logged_parse = [
         m["graders/rating/judge_parse_errors"]
         for m in logs
