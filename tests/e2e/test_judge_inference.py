@@ -1,7 +1,8 @@
 """Remote judges against posttrain's own inference: the real API (``/v1``, with a
 tenant's key) in front of ``posttrain inference`` serving the tiny model is the judge
 endpoint a training process asks (``trainers.contract.graders.judgeendpoints``), set up
-as an operator would (README, "Judges in training jobs").
+as an operator would (README, "Judges in training jobs"): first the judge client on its
+own, then a grpo job through the API and a Celery worker whose setting names the API.
 
 The tiny model answers near-random text, so the test asserts consistency rather than
 particular scores: each score is what parsing the engine's answer to the same request
@@ -14,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 
+import httpx
 import pytest
 from openai import OpenAI
 
 from service import stack as local_stack
 from tests import redis_server
 from tests.e2e.conftest import _free_port
+from tests.e2e.test_sft_job import wait_done
 from trainers.contract.graders import judgeendpoints as je
 from trainers.contract.graders.judging import (
     JudgeParseError,
@@ -91,12 +94,18 @@ def api(tmp_path_factory):
         "OMP_NUM_THREADS": "1",
     }
     port = _free_port()
-    api_proc = inference = None
+    # the operator's setting, given to the API and the worker alike: the API itself
+    setting = {"own": {"base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": KEY_ENV}}
+    setting["own"]["models"] = ["tiny-model"]
+    env.update({"POSTTRAIN_JUDGE_ENDPOINTS": json.dumps(setting), KEY_ENV: KEY})
+    api_proc = inference = worker = None
     try:
         api_proc = local_stack.start_api(env, port, root / "api.log")
         inference = local_stack.start_inference(env, root / "inference.log", _free_port())
+        worker = local_stack.start_worker(env, root / "worker.log", name="judge")
         yield f"http://127.0.0.1:{port}"
     finally:
+        local_stack.stop(worker)
         local_stack.stop(inference)
         local_stack.stop(api_proc)
         redis.Redis.from_url(url).flushdb()
@@ -120,8 +129,9 @@ def judges(api, monkeypatch):
     je.configure_judges(je.JudgeEndpoints({}))
 
 
-def _answers(api: str, grader) -> list[str]:
-    """The engine's answers to the requests the judge client sends, asked with the SDK."""
+def _answers(api: str, grader, rows=None) -> list[str]:
+    """The engine's answers to the requests the judge client sends for ``rows`` ((item,
+    sample) pairs; default the module's), asked with the SDK."""
     sdk = OpenAI(base_url=f"{api}/v1", api_key=KEY, max_retries=0, timeout=300)
     return [
         sdk.chat.completions.create(
@@ -131,7 +141,7 @@ def _answers(api: str, grader) -> list[str]:
         )
         .choices[0]
         .message.content
-        for item, sample in zip(ITEMS, SAMPLES, strict=True)
+        for item, sample in rows or zip(ITEMS, SAMPLES, strict=True)
     ]
 
 
@@ -178,3 +188,51 @@ def test_a_wrong_key_is_an_endpoint_failure_that_names_no_key(api, judges, monke
     with pytest.raises(je.JudgeEndpointError) as info:
         SCORERS["score_model"](SCORE, ITEMS[:1], SAMPLES[:1], [])
     assert "answered 401" in str(info.value) and "not-a-tenant-key" not in str(info.value)
+
+
+JOB_JUDGE = {
+    "type": "score_model",
+    "name": "rating",
+    "model": "tiny-model",
+    "input": [{"role": "user", "content": "Rate 0-10: {{sample.output_text}}"}],
+    "range": [0, 10],
+    "sampling_params": {"max_completions_tokens": 16},
+}
+
+
+def test_a_grpo_job_is_rewarded_by_posttrains_own_inference(api):
+    """The worker hands the setting to the training process (its run plan) and the key in
+    its environment; the rewards the job recorded are the judge's parsed answers."""
+    sdk = OpenAI(base_url=f"{api}/v1", api_key=KEY, max_retries=0, timeout=300)
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}."}]} for i in range(4)]
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    fid = sdk.files.create(file=("p.jsonl", data), purpose="fine-tune").id
+    hp = {"num_generations": 2, "batch_size": 4, "max_completion_length": 8, "max_steps": 2}
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny-model",
+        training_file=fid,
+        method={"type": "grpo", "grpo": {"graders": [JOB_JUDGE], "hyperparameters": hp}},
+        extra_body={"sample_rows": 4},
+    )
+    job = wait_done(sdk, job.id, timeout=480)
+    assert job.status == "succeeded", job.error
+    stored = job.to_dict()["method"]["grpo"]["graders"][0]
+    assert stored["model"] == "tiny-model"  # kept as written: the endpoint's name
+    samples = httpx.get(
+        f"{api}/v1/fine_tuning/jobs/{job.id}/samples",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    ).json()["data"]
+    assert samples
+    grader = parse_grader(JOB_JUDGE)
+    for row in samples:
+        (answer,) = _answers(api, grader, [({}, row["completion"])])
+        expected, _ = _expected([answer], lambda a: parse_score(a, grader.range))
+        assert row["rewards"]["rating"] == pytest.approx(expected[0], abs=1e-6), (row, answer)
+    metrics = httpx.get(
+        f"{api}/v1/fine_tuning/jobs/{job.id}/metrics",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    ).json()["data"]
+    calls = [m["graders/rating/judge_calls"] for m in metrics if "graders/rating/judge_calls" in m]
+    assert calls and max(calls) > 0

@@ -61,10 +61,12 @@ __all__ = [
     "JudgeEndpoint",
     "JudgeEndpointError",
     "JudgeEndpoints",
+    "ask",
     "configure_judges",
     "is_remote_judge",
     "judge_metrics",
     "parse_endpoints",
+    "read_answer",
     "score_judge",
 ]
 

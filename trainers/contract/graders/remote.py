@@ -51,6 +51,7 @@ __all__ = [
     "calls_out",
     "configure",
     "merge_grader_secrets",
+    "post",
     "score_endpoint",
     "split_grader_secrets",
 ]
