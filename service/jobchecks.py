@@ -10,7 +10,7 @@ Nothing here knows which method a job holds: each method's contract model
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from service.auth import DEFAULT, Tenant
@@ -35,11 +35,12 @@ def _refusal(exc: JobError) -> APIError:
     return APIError(400, exc.message, param=exc.param, code=exc.code)
 
 
-def check_method(spec: JobSpec) -> None:
+def check_method(spec: JobSpec, judges: Collection[str] = ()) -> None:
     """The method's own creation-time checks (a judge's model directory, a field it
-    cannot take): a 400 naming the field."""
+    cannot take; ``judges``: the models the server's judge endpoints serve): a 400 naming
+    the field."""
     try:
-        spec.method.check_request(validation_file=spec.validation_file)
+        spec.method.check_request(validation_file=spec.validation_file, judges=judges)
     except JobError as exc:
         raise _refusal(exc) from None
 

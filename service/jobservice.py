@@ -80,7 +80,7 @@ def create_job(
     the spec's eval per checkpoint (``service.routes.evalruns.check_job_eval``)."""
     spec = parse_spec(body)
     models = access.check_spec(spec, tenant) if access is not None else None
-    check_method(spec)
+    check_method(spec, settings.judges().models())
     check_integrations(spec, settings.tracker_policy())
     check_tools(spec, tenant.tool_policy(settings.tool_policy()))
     check_python(spec, settings.sandbox_policy())

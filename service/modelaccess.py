@@ -17,6 +17,11 @@ and judge models, BCO's UDM embedding model) is one of:
 
 Everything else is refused with one message, whatever the reason, so the answer
 never tells a caller which files exist on the host.
+
+One exception: a ``score_model`` or ``label_model`` grader of a training job (and of
+``/graders/validate``) whose ``model`` a judge endpoint of the server serves
+(``POSTTRAIN_JUDGE_ENDPOINTS``) is a remote judge: its name is kept as written, since the
+training process asks that endpoint for it and loads nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pydantic import BaseModel
 from service.auth import Tenant
 from service.errors import APIError
 from service.settings import ApiSettings
+from trainers.contract.graders.spec import LabelModelGrader, ScoreModelGrader
 from trainers.contract.jobdir import JobDir
 from workers.store import JobNotFound, JobStore
 
@@ -77,6 +83,7 @@ class ModelAccess:
         # Job outputs and uploads are reached only through ft: names and checkpoint ids,
         # even if an operator lists the data directory itself as a model root.
         self.private = [self.data_dir / "jobs", self.data_dir / "files"]
+        self.judge_models = settings.judges().models()
 
     def roots(self) -> list[Path]:
         return [r.resolve() for r in self.settings.model_root_dirs() if r.is_dir()]
@@ -175,21 +182,37 @@ class ModelAccess:
         and its directory is returned for the record."""
         hub: list[str] = []
         top = self._one(spec.model, tenant, "model", hub)
+        graders = _training_graders(spec)
         for owner, attr, param in _nested_refs(spec):
+            if id(owner) in graders and self.is_remote_judge(owner, attr):
+                continue
             resolved = self._one(getattr(owner, attr), tenant, param, hub)
             if resolved.path is not None:
                 setattr(owner, attr, str(resolved.path))
         return SpecModels(top, hub)
 
-    def check_grader(self, grader: BaseModel, tenant: Tenant, param: str = "grader") -> BaseModel:
+    def check_grader(
+        self, grader: BaseModel, tenant: Tenant, param: str = "grader", *, training: bool = False
+    ) -> BaseModel:
         """A copy of ``grader`` with every model it names resolved as a job's would be (the
-        same 400 for a model the caller may not use)."""
+        same 400 for a model the caller may not use); ``training``: as a training job's
+        grader, whose remote judges keep their names (an eval's criteria have none)."""
         grader = grader.model_copy(deep=True)
         for owner, attr, where in _nested_refs(grader, param):
+            if training and self.is_remote_judge(owner, attr):
+                continue
             resolved = self._one(getattr(owner, attr), tenant, where, [])
             if resolved.path is not None:
                 setattr(owner, attr, str(resolved.path))
         return grader
+
+    def is_remote_judge(self, owner: BaseModel, attr: str) -> bool:
+        """True if ``owner.attr`` is a model grader's model a judge endpoint serves."""
+        return (
+            isinstance(owner, ScoreModelGrader | LabelModelGrader)
+            and attr == "model"
+            and owner.model in self.judge_models
+        )
 
     def _one(self, name: str, tenant: Tenant, param: str, hub: list[str]) -> ResolvedModel:
         try:
@@ -200,6 +223,19 @@ class ModelAccess:
         if resolved.source == "hub":
             hub.append(name)
         return resolved
+
+
+def _training_graders(spec: BaseModel) -> set[int]:
+    """The ids of the graders (a multi grader's subs included) a GRPO-family job trains
+    with: the only ones a judge endpoint may serve (an EGPO grader judge is not one)."""
+    block = getattr(getattr(spec, "method", None), "block", None)
+    if not hasattr(block, "graders_with_params"):
+        return set()
+    out: set[int] = set()
+    for grader, _ in block.graders_with_params(""):
+        subs = getattr(grader, "graders", None)
+        out.update(id(g) for g in [grader, *(subs.values() if isinstance(subs, dict) else [])])
+    return out
 
 
 def _nested_refs(spec: BaseModel, prefix: str = "") -> list[tuple[BaseModel, str, str]]:

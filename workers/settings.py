@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trainers.contract.graders.judgeendpoints import JudgeEndpoints, parse_endpoints
 from trainers.contract.integrations import TrackerPolicy, parse_uri_list
 from trainers.contract.outbound import ToolPolicy, allowed_networks
 from trainers.contract.resources import check_queue_name
@@ -123,6 +124,12 @@ class WorkerSettings(BaseSettings):
     tool_max_reply_bytes: int = Field(
         65536, ge=16, description="Largest tool reply a rollout reads, whatever the job asks."
     )
+    judge_endpoints: str = Field(
+        "",
+        description="JSON {name: {base_url, api_key_env, models, ...}}: OpenAI-compatible "
+        "endpoints a training job's score_model / label_model may ask as judges (README, "
+        "'Judges in training jobs'); empty = none.",
+    )
 
     # OpenAI's python grader (trainers.contract.graders.python), run in bubblewrap.
     python_grader: Literal["off", "bwrap"] = Field(
@@ -190,6 +197,16 @@ class WorkerSettings(BaseSettings):
     def _networks(cls, value: str) -> str:
         allowed_networks(value)  # a ValueError names the bad entry
         return value
+
+    @field_validator("judge_endpoints")
+    @classmethod
+    def _judges(cls, value: str) -> str:
+        parse_endpoints(value)  # a ValueError names the setting and the field
+        return value
+
+    def judges(self) -> JudgeEndpoints:
+        """The judge endpoints (``trainers.contract.graders.judgeendpoints``)."""
+        return parse_endpoints(self.judge_endpoints)
 
     def tool_policy(self) -> ToolPolicy:
         """What the server lets an RL job's tools call (``trainers.contract.outbound``)."""

@@ -121,6 +121,7 @@ class Supervisor:
             trackers=self.s.tracker_policy(),
             tools=self.s.tool_policy().for_tenant(self._tenant_outbound(job_id)),
             python_graders=self.s.sandbox_policy(),
+            judges=self.s.judges(),
         )
         jd.plan(attempt).write_text(plan.model_dump_json(indent=2))
         return plan

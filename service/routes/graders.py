@@ -178,8 +178,8 @@ def _run(body: RunRequest, policy: ToolPolicy, sandbox: SandboxPolicy) -> RunRes
     if needs_model(grader):
         raise APIError(
             400,
-            "score_model graders (and text_similarity with 'cosine') run only during training "
-            "and in eval runs: the API process loads and asks no models. Use "
+            "score_model graders (label_model, and text_similarity with 'cosine', too) run only "
+            "during training and in eval runs: the API process loads and asks no models. Use "
             "/v1/fine_tuning/alpha/graders/validate to check the grader's shape.",
             param="grader",
             code="unsupported_grader",
@@ -205,9 +205,9 @@ def _validate(
 ) -> ValidateResponse:
     check_numbers(body.model_dump())
     grader = _parse(body.grader, policy, sandbox)
-    resolved = access.check_grader(grader, tenant)
+    resolved = access.check_grader(grader, tenant, training=True)
     try:
-        check_grader_models(resolved, "grader")
+        check_grader_models(resolved, "grader", access.judge_models)
     except ModelFileError as exc:
         raise APIError(400, f"{exc.param}: {exc}", param=exc.param, code="invalid_grader") from None
     shown = split_grader_secrets([grader])[0][0]  # an endpoint's header values: redacted

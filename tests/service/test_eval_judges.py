@@ -139,7 +139,7 @@ def test_judge_criteria_need_the_sample_namespace_and_stay_out_of_multi(sdk):
         "calculate_output": "v",
     }
     err = refusal(lambda: create(sdk, multi))
-    assert err["param"] == "testing_criteria[0].graders.v" and "on its own" in err["message"]
+    assert err["param"] == "testing_criteria[0].graders.v.model" and "on its own" in err["message"]
     judge_in_multi = {
         **multi,
         "graders": {"v": {k: v for k, v in SCORE.items() if k != "pass_threshold"}},
@@ -159,16 +159,22 @@ def test_label_model_and_both_score_models_are_accepted_as_given(sdk):
     assert "grading" not in body  # the resolved models are never answered
 
 
-def test_label_model_stays_refused_for_training_and_graders_run(sdk, app):
+def test_label_model_without_a_judge_endpoint_stays_refused_for_training_and_graders(sdk, app):
+    """This server names no judge endpoints (tests/service/test_judge_endpoints_api.py
+    has one that does)."""
     with TestClient(app) as http:
         headers = {"Authorization": "Bearer k1"}
-        for path, body in (
-            ("/v1/fine_tuning/alpha/graders/validate", {"grader": LABEL}),
-            ("/v1/fine_tuning/alpha/graders/run", {"grader": LABEL, "model_sample": "x"}),
+        for path, body, words in (
+            ("/v1/fine_tuning/alpha/graders/validate", {"grader": LABEL}, "testing criterion"),
+            (
+                "/v1/fine_tuning/alpha/graders/run",
+                {"grader": LABEL, "model_sample": "x"},
+                "only during training",
+            ),
         ):
             resp = http.post(path, json=body, headers=headers)
             assert resp.status_code == 400
-            assert "testing criterion of an eval" in resp.json()["error"]["message"]
+            assert words in resp.json()["error"]["message"]
         fid = http.post(
             "/v1/files",
             files={"file": ("p.jsonl", b'{"prompt": "q", "question": "q", "answer": "a"}\n')},

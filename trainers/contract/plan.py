@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from trainers.contract.graders.judgeendpoints import JudgeEndpoints
 from trainers.contract.integrations import TrackerPolicy
 from trainers.contract.outbound import ToolPolicy
 from trainers.contract.sandbox import SandboxPolicy
@@ -43,6 +44,10 @@ class RunPlan(BaseModel):
     tools: ToolPolicy = Field(default_factory=ToolPolicy)
     # how the job's python graders run (the worker's sandbox settings; default: off)
     python_graders: SandboxPolicy = Field(default_factory=SandboxPolicy)
+    # the OpenAI-compatible endpoints score_model / label_model graders may ask (the
+    # worker's POSTTRAIN_JUDGE_ENDPOINTS); their keys are not here: each endpoint names
+    # the environment variable holding its key, which the process inherits
+    judges: JudgeEndpoints = Field(default_factory=lambda: JudgeEndpoints({}))
 
     def relative(self, path: Path) -> str:
         """A path as stored in records: relative to the data dir, so volumes can move."""

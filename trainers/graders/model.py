@@ -6,8 +6,9 @@ functions, so the API can import the grader registry without them.
 Models are loaded once per process (``lru_cache``) onto the training device.
 
 score_model departs from OpenAI's: OpenAI prompts a hosted chat model to output
-a grade (posttrain does that in eval runs only, through its inference workers:
-``trainers.contract.graders.judging``); here posttrain runs a sequence-classification
+a grade (posttrain does that in eval runs, through its inference workers, and in
+training jobs through a judge endpoint: ``trainers.contract.graders.judgeendpoints``);
+here posttrain runs a sequence-classification
 reward model with one label
 (``AutoModelForSequenceClassification``, as TRL's reward models are) on the
 rendered conversation and takes its logit as the score, mapped into ``range``

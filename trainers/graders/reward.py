@@ -6,6 +6,13 @@ import math
 from typing import Any
 
 from trainers.contract.errors import JobError
+from trainers.contract.graders.judgeendpoints import (
+    JudgeEndpointError,
+    JudgeEndpoints,
+    configure_judges,
+    is_remote_judge,
+    judge_metrics,
+)
 from trainers.contract.graders.python import PythonError
 from trainers.contract.graders.python import configure as configure_python
 from trainers.contract.graders.remote import EndpointError, configure, endpoint_names
@@ -58,7 +65,10 @@ class RewardFunction:
     the failed ones and their mean latency; one whose ``on_error`` is 'error' and that
     could not score a sample fails the job (``grader_failed``); so does a python grader
     that cannot run (no sandbox here), or that could not score a sample under
-    ``on_error: "error"``.
+    ``on_error: "error"``. A remote judge (a score_model or label_model one of ``judges``
+    serves) logs its calls, failed calls, mean latency and parse errors alike
+    (``judgeendpoints.judge_metrics``), and fails the job the same way when its endpoint
+    cannot answer under ``on_error`` 'error'.
     """
 
     def __init__(
@@ -66,11 +76,13 @@ class RewardFunction:
         grader: GraderSpec | dict[str, Any],
         policy: ToolPolicy | None = None,
         sandbox: SandboxPolicy | None = None,
+        judges: JudgeEndpoints | None = None,
     ):
         self.grader = spec_of(grader)
         self.__name__ = self.grader.name
         self.stats = configure(policy)
         configure_python(sandbox)
+        configure_judges(judges)
 
     def __call__(self, prompts: Any = None, completions: Any = (), **kwargs: Any) -> list[float]:
         samples = [episode_sample(c) for c in completions]
@@ -79,12 +91,14 @@ class RewardFunction:
         notes: list[GraderError] = []
         for name in endpoint_names(self.grader):
             self.stats.take(name)  # counts of this batch only
+        for name in self._judge_names():
+            judge_metrics(name)
         try:
             if isinstance(self.grader, MultiGrader):
                 rewards, subs = multi_scores(self.grader, items, samples, notes)
             else:
                 rewards, subs = SCORERS[self.grader.type](self.grader, items, samples, notes), {}
-        except (EndpointError, PythonError) as exc:
+        except (EndpointError, PythonError, JudgeEndpointError) as exc:
             raise JobError("grader_failed", str(exc), "graders") from None
         bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
         if bad:  # never counted as 0: a reward that is not a number is the grader's failure
@@ -109,14 +123,23 @@ class RewardFunction:
             log(f"graders/{name}/endpoint_calls", float(calls))
             log(f"graders/{name}/endpoint_errors", float(errors))
             log(f"graders/{name}/endpoint_latency_s", seconds / calls if calls else 0.0)
+        for name in self._judge_names():
+            for key, value in judge_metrics(name).items():
+                log(f"graders/{name}/{key}", value)
+
+    def _judge_names(self) -> list[str]:
+        subs = self.grader.graders.values() if isinstance(self.grader, MultiGrader) else []
+        return [g.name for g in [self.grader, *subs] if is_remote_judge(g)]
 
 
 def build_reward_function(
     grader: GraderSpec | dict[str, Any],
     policy: ToolPolicy | None = None,
     sandbox: SandboxPolicy | None = None,
+    judges: JudgeEndpoints | None = None,
 ) -> RewardFunction:
     """The TRL reward function for ``grader`` (a parsed spec or its JSON); ``policy`` is
     the server's outbound policy its endpoint graders call under, ``sandbox`` how its
-    python graders run (both the run plan's)."""
-    return RewardFunction(grader, policy, sandbox)
+    python graders run, ``judges`` the judge endpoints its score_model and label_model
+    graders may ask (all the run plan's)."""
+    return RewardFunction(grader, policy, sandbox, judges)

@@ -1,5 +1,6 @@
 """Generative judges' prompts and answers (``trainers.contract.graders.judging``) and the
-``label_model`` spec (``parse_criterion``): pure functions, no model."""
+``label_model`` spec (``parse_criterion``, ``validate.check_grader_models``): pure
+functions, no model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from trainers.contract.graders.judging import (
     parse_score,
 )
 from trainers.contract.graders.spec import InvalidGrader, parse_criterion, parse_grader
+from trainers.contract.graders.validate import check_grader_models
+from trainers.contract.modelfiles import ModelFileError
 
 LABEL = {
     "type": "label_model",
@@ -122,9 +125,14 @@ def test_a_bad_label_model_names_its_field(change, param):
     assert info.value.param == param, info.value.message
 
 
-def test_label_model_is_no_training_grader():
-    with pytest.raises(InvalidGrader, match="testing criterion of an eval"):
-        parse_grader(LABEL)
+def test_label_model_grades_training_only_through_a_judge_endpoint():
     multi = {"type": "multi", "name": "m", "graders": {"v": LABEL}, "calculate_output": "v"}
-    with pytest.raises(InvalidGrader, match="not in a training job, /graders or a multi"):
-        parse_criterion(multi)
+    for raw, param in ((LABEL, "g.model"), (multi, "g.graders.v.model")):
+        grader = parse_grader(raw)
+        with pytest.raises(ModelFileError, match="testing criterion of an eval") as info:
+            check_grader_models(grader, "g")
+        assert info.value.param == param
+        assert "POSTTRAIN_JUDGE_ENDPOINTS" in str(info.value)
+        with pytest.raises(ModelFileError, match="served by none this server names"):
+            check_grader_models(grader, "g", judges={"another"})  # a training job's check
+        check_grader_models(grader, "g", judges={LABEL["model"]})  # a remote judge: accepted

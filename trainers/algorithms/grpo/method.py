@@ -32,7 +32,8 @@ in the same loop, and its reward, when the job uses it, is one more reward sourc
 
 Endpoint graders (``trainers.contract.graders.remote``) call under the same outbound
 policy as the tools (``plan.tools``), their header values coming from the worker
-beside the tools'.
+beside the tools'. Remote judges (``trainers.contract.graders.judgeendpoints``) ask the
+judge endpoints of the run plan (``plan.judges``).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def trainer_kwargs(plan: RunPlan, model, data: TrainData) -> dict[str, Any]:
     graders = merge_grader_secrets(method.block.grader_list(), secrets.get("grader_headers") or {})
     kwargs = {
         "reward_funcs": [
-            build_reward_function(g, plan.tools, plan.python_graders) for g in graders
+            build_reward_function(g, plan.tools, plan.python_graders, plan.judges) for g in graders
         ],
         "settings": settings,
         "pieces": build_pieces(settings),

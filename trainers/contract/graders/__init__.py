@@ -9,8 +9,10 @@ TRL reward function is ``trainers/graders/reward.py``.
 
 Modules: ``templates`` (``{{item.x}}``, ``{{sample.output_text}}``), ``expr``
 (the multi grader's formula), ``text`` (torch-free metrics), ``judging`` (a generative
-judge's prompt and how its answer is read: eval runs only), ``validate`` (the models a
-grader names, checked at creation), ``remote`` (the ``endpoint`` grader: the user's HTTP
-service scores each sample), ``python`` (OpenAI's ``python`` grader: the user's
-``grade(sample, item)``, in the bubblewrap sandbox of ``trainers.contract.sandbox``).
+judge's prompt and how its answer is read), ``validate`` (the models a grader names,
+checked at creation), ``remote`` (the ``endpoint`` grader: the user's HTTP service scores
+each sample), ``judgeendpoints`` (the server's OpenAI-compatible judge endpoints and the
+training-side client that asks them for a ``score_model`` or ``label_model``),
+``python`` (OpenAI's ``python`` grader: the user's ``grade(sample, item)``, in the
+bubblewrap sandbox of ``trainers.contract.sandbox``).
 """

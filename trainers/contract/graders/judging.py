@@ -1,7 +1,8 @@
-"""Generative judges in eval runs: the prompt they are sent and how their answer is read.
+"""Generative judges: the prompt they are sent and how their answer is read.
 
-Two criteria ask a chat model through posttrain's inference workers (the asking is
-``workers.evaltasks``'; this module is pure and torch-free):
+Two graders ask a chat model: in eval runs through posttrain's inference workers (the
+asking is ``workers.evaltasks``'), in training jobs through a judge endpoint the server
+names (``judgeendpoints``); this module is pure and torch-free:
 
 * ``label_model``: the answer is read as one of the grader's ``labels`` by
   ``parse_label``: the whole answer, trimmed, equal to a label ignoring case; else the

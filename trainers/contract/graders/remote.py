@@ -51,6 +51,7 @@ __all__ = [
     "calls_out",
     "configure",
     "merge_grader_secrets",
+    "post",
     "score_endpoint",
     "split_grader_secrets",
 ]
@@ -182,35 +183,46 @@ def read_score(data: bytes) -> float:
     return value
 
 
-def _try(g: EndpointGrader, body: bytes, cap: int) -> tuple[float | None, str, bool]:
-    """(the score or None, the error, whether a retry may help)."""
+def post(
+    url: str, body: bytes, headers: dict[str, str], timeout: float, cap: int, who: str
+) -> tuple[bytes | None, str, bool]:
+    """One POST of ``body``: (the body of a 2xx reply or None, the error naming ``who``
+    and never the URL, whether a retry may help). Redirects are not followed; at most
+    ``cap`` bytes are read; ``timeout`` bounds the try, reply included."""
     headers = {
         "content-type": "application/json",
         "user-agent": "posttrain-graders",
         "accept-encoding": "identity",  # the cap counts the bytes read
-        **(g.headers or {}),
+        **headers,
     }
-    deadline = time.monotonic() + g.timeout_seconds
-    timeout = g.timeout_seconds
+    deadline = time.monotonic() + timeout
     try:
-        with _client().stream("POST", g.url, content=body, headers=headers, timeout=timeout) as r:
+        with _client().stream("POST", url, content=body, headers=headers, timeout=timeout) as r:
             if r.status_code >= 500:
-                return None, f"the endpoint answered {r.status_code}", True
+                return None, f"{who} answered {r.status_code}", True
             if not 200 <= r.status_code < 300:
-                return None, f"the endpoint answered {r.status_code}", False
+                return None, f"{who} answered {r.status_code}", False
             data = bytearray()
             for chunk in r.iter_raw():
                 data += chunk
                 if len(data) > cap:
-                    return None, f"the endpoint's reply is longer than {cap} bytes", False
+                    return None, f"{who}'s reply is longer than {cap} bytes", False
                 if time.monotonic() > deadline:
-                    return None, f"the endpoint took longer than {timeout:g} s", True
+                    return None, f"{who} took longer than {timeout:g} s", True
     except httpx.TimeoutException:
-        return None, f"the endpoint took longer than {timeout:g} s", True
+        return None, f"{who} took longer than {timeout:g} s", True
     except httpx.HTTPError as exc:
-        return None, f"the endpoint could not be reached ({type(exc).__name__})", True
+        return None, f"{who} could not be reached ({type(exc).__name__})", True
+    return bytes(data), "", False
+
+
+def _try(g: EndpointGrader, body: bytes, cap: int) -> tuple[float | None, str, bool]:
+    """(the score or None, the error, whether a retry may help)."""
+    data, error, retry = post(g.url, body, g.headers or {}, g.timeout_seconds, cap, "the endpoint")
+    if data is None:
+        return None, error, retry
     try:
-        return read_score(bytes(data)), "", False
+        return read_score(data), "", False
     except ValueError as exc:
         return None, str(exc), False
 

@@ -23,8 +23,9 @@ Graders that run a local model (``score_model``, ``text_similarity`` with
 path and imports only when such a grader is scored: in the training process, or in an
 eval run's own process (``workers.evaltasks``). The API refuses to run them
 (``needs_model``), so it never loads torch. Generative judges (``label_model``, a
-``score_model`` of a chat model) are not scored here: an eval run asks them through
-the inference workers and reads their answers with ``judging``.
+``score_model`` of a chat model) are scored here only when one of the server's judge
+endpoints serves their model (``judgeendpoints``: training jobs); an eval run asks them
+through the inference workers and reads their answers with ``judging``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pydantic import BaseModel
 
 from trainers.contract.graders import text
 from trainers.contract.graders.expr import compile_formula
+from trainers.contract.graders.judgeendpoints import is_remote_judge, score_judge
 from trainers.contract.graders.python import configure as configure_python
 from trainers.contract.graders.python import score_python
 from trainers.contract.graders.remote import configure, score_endpoint
@@ -160,7 +162,17 @@ def _conversation(g: Any, item: Any, sample: str) -> list[dict[str, str]]:
 def _score_model(g, items, samples, notes):
     rows = zip(items, samples, strict=True)
     convs = [_soft(notes, functools.partial(_conversation, g, i, s)) for i, s in rows]
+    if is_remote_judge(g):  # a model a judge endpoint of the server serves
+        return _fill(convs, lambda ok: score_judge(g, ok, notes))
     return _fill(convs, lambda ok: _model_scorer("reward_scores")(g.model, ok, g.range))
+
+
+@register("label_model")
+def _label_model(g, items, samples, notes):
+    """Only through a judge endpoint here (an eval run asks its inference workers)."""
+    rows = zip(items, samples, strict=True)
+    convs = [_soft(notes, functools.partial(_conversation, g, i, s)) for i, s in rows]
+    return _fill(convs, lambda ok: score_judge(g, ok, notes))
 
 
 @register_each("math_verify")

@@ -4,15 +4,22 @@ Shapes follow OpenAI's graders (``string_check``, ``text_similarity``,
 ``score_model``, ``multi``, ``label_model``;
 https://platform.openai.com/docs/guides/graders) plus posttrain's own
 ``math_verify``, ``regex``, ``length_penalty`` and ``endpoint`` (the user's HTTP service
-scores each sample: ``remote``). The types a training job (and
-``/graders``) may use are ``GRADER_TYPES`` (``parse_grader``); an eval's testing
-criteria may also be ``label_model`` (``parse_criterion``). OpenAI's ``python`` grader
-parses everywhere, and runs in a bubblewrap sandbox where the server enables it
-(``python``; the API refuses it at creation elsewhere). Torch-free: the API validates
-graders with these.
+scores each sample: ``remote``). Every type is ``GRADER_TYPES`` (``parse_grader``; an
+eval's testing criterion is parsed the same way, ``parse_criterion``). OpenAI's
+``python`` grader parses everywhere, and runs in a bubblewrap sandbox where the server
+enables it (``python``; the API refuses it at creation elsewhere). Which models a grader
+may name depends on where it grades, which the API checks with the server's settings
+(``validate.check_grader_models``). Torch-free: the API validates graders with these.
 
-A ``score_model`` is one of two things, told apart by its ``model`` once the API has
-resolved it for the caller (``validate.is_reward_model``):
+A ``score_model`` is one of three things:
+
+* in a training job (and ``/graders/validate``), a *remote judge* when one of the
+  server's judge endpoints (``POSTTRAIN_JUDGE_ENDPOINTS``, ``judgeendpoints``) serves its
+  ``model``: the training process sends its rendered ``input`` to that endpoint's chat
+  completions and reads the answer as an eval's judge's (below).
+
+Otherwise it is told apart by its ``model`` once the API has resolved it for the caller
+(``validate.is_reward_model``):
 
 * a local sequence-classification reward model with one label (its config's
   ``architectures`` name a ``...ForSequenceClassification``): its logit is the score,
@@ -23,9 +30,12 @@ resolved it for the caller (``validate.is_reward_model``):
   a generative judge, in eval runs only. Its ``input`` is rendered and sent as a chat
   completion through posttrain's inference workers; the first number in the answer,
   clamped to ``range`` (default [0, 1]), is the score (``judging.parse_score``). A
-  training job refuses such a model (it is no sequence classifier).
+  training job refuses such a model (it is no sequence classifier) unless a judge
+  endpoint serves it.
 
-A ``label_model`` (eval runs only) is a generative judge too: its rendered ``input``
+A ``label_model`` is a generative judge too, asked through the inference workers as an
+eval's criterion of its own, and through a judge endpoint in a training job (and
+``/graders/validate``), which refuse one no endpoint serves: its rendered ``input``
 is sent as a chat completion and the answer is read as one of ``labels``
 (``judging.parse_label``); the score is 1 when that label is one of
 ``passing_labels``, else 0. Neither judge adds words to the prompt: it is sent as
@@ -35,10 +45,10 @@ otherwise.
 
 Departures from OpenAI, each refused or documented on its field:
 
-* ``label_model`` grades only as an eval's testing criterion of its own: a training
-  job, ``/graders`` and a ``multi`` grader refuse it (they have no inference worker
-  to ask), and so does a ``multi`` grader of an eval for a generative ``score_model``
-  (its sub-graders' models must be local reward models).
+* an eval's ``multi`` grader refuses a ``label_model`` and a generative ``score_model``
+  (its sub-graders' models must be local reward models); a training job's ``multi``
+  grader takes remote judges, scored like any sub-grader in the training process.
+  ``/graders/run`` runs no model grader (the API process asks no model).
 * ``text_similarity``: ``meteor`` is refused (NLTK's METEOR needs WordNet, which
   cannot be installed from PyPI); ``cosine`` needs the extension field
   ``embedding_model``, a local encoder.
@@ -101,6 +111,7 @@ GRADER_TYPES: tuple[str, ...] = (
     "text_similarity",
     "score_model",
     "multi",
+    "label_model",
     "math_verify",
     "regex",
     "length_penalty",
@@ -113,14 +124,6 @@ SIMILARITY_METRICS = (
     "cosine", "fuzzy_match", "bleu", "gleu", "meteor",
     "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l",
 )  # fmt: skip
-# Graders that ask a generative judge through posttrain's inference workers: eval
-# testing criteria only (``parse_criterion``), never a training job's graders.
-EVAL_ONLY_TYPES: tuple[str, ...] = ("label_model",)
-_UNSUPPORTED = {
-    "label_model": "it asks a generative judge through posttrain's inference workers, which "
-    "only eval runs do: use it as a testing criterion of an eval (/v1/evals), on its own, "
-    "not in a training job, /graders or a multi grader",
-}
 
 
 def _template(text: str) -> str:
@@ -269,15 +272,17 @@ class SamplingParams(_Strict):
 
 
 class ScoreModelGrader(_Base):
-    """The scalar output of a local reward model, or (eval runs only) the number a
-    generative judge answers (module docstring)."""
+    """The scalar output of a local reward model, or the number a generative judge answers
+    (a remote judge in training jobs, any chat model in evals; module docstring)."""
 
     type: Literal["score_model"]
     model: str = Field(
         min_length=1,
         description="A local reward model (AutoModelForSequenceClassification, one label: "
-        "loaded in the training process or an eval run's process), or in an eval's criteria "
-        "any chat model the caller may use, asked through posttrain's inference.",
+        "loaded in the training process or an eval run's process); a model a judge endpoint "
+        "of the server serves (POSTTRAIN_JUDGE_ENDPOINTS: asked from the training process); "
+        "or in an eval's criteria any chat model the caller may use, asked through "
+        "posttrain's inference.",
     )
     input: list[ScoreModelMessage] = Field(
         min_length=1,
@@ -323,13 +328,16 @@ def label_key(label: str) -> str:
 
 class LabelModelGrader(_Base):
     """A generative judge picks one of ``labels``: 1 if it is one of ``passing_labels``,
-    else 0. An eval's testing criterion only (``parse_criterion``)."""
+    else 0. An eval's criterion of its own, or a training job's grader served by a judge
+    endpoint (module docstring)."""
 
     type: Literal["label_model"]
     model: str = Field(
         min_length=1,
-        description="The judge: a chat model the caller may use (a base model under a model "
-        "root, an ft: model, a checkpoint), asked through posttrain's inference workers.",
+        description="The judge: in an eval, a chat model the caller may use (a base model "
+        "under a model root, an ft: model, a checkpoint), asked through posttrain's "
+        "inference workers; in a training job, a model a judge endpoint of the server serves "
+        "(POSTTRAIN_JUDGE_ENDPOINTS).",
     )
     input: list[ScoreModelMessage] = Field(
         min_length=1,
@@ -444,8 +452,6 @@ def _type_check(allow_multi: bool):
             return value  # the union names the bad type
         if kind == "multi" and not allow_multi:
             raise ValueError("a multi grader's sub-graders cannot be multi graders")
-        if kind in _UNSUPPORTED:
-            raise ValueError(f"grader type '{kind}' is not supported: {_UNSUPPORTED[kind]}")
         if kind not in GRADER_TYPES:
             raise ValueError(
                 f"unknown grader type {kind!r}; expected one of: {', '.join(GRADER_TYPES)}"
@@ -459,6 +465,7 @@ _LEAVES = Union[  # noqa: UP007
     StringCheckGrader,
     TextSimilarityGrader,
     ScoreModelGrader,
+    LabelModelGrader,
     MathVerifyGrader,
     RegexGrader,
     LengthPenaltyGrader,
@@ -549,24 +556,14 @@ def parse_grader(raw: Any, param: str = "grader") -> GraderSpec:
         raise InvalidGrader(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
 
 
-CriterionSpec = Union[GraderSpec, LabelModelGrader]  # noqa: UP007  (an eval's criterion)
-_LABEL_ADAPTER: TypeAdapter = TypeAdapter(
-    Annotated[
-        LabelModelGrader,
-        BeforeValidator(at_most(MAX_DEFINITION_BYTES, "a grader definition")),
-    ]
-)
+CriterionSpec = GraderSpec  # an eval's testing criterion: any grader
 
 
 def parse_criterion(raw: Any, param: str = "grader") -> CriterionSpec:
-    """An eval's testing criterion: any grader ``parse_grader`` accepts, or a
-    ``label_model`` (which only eval runs can grade); ``InvalidGrader`` names the field."""
-    if not (isinstance(raw, dict) and raw.get("type") in EVAL_ONLY_TYPES):
-        return parse_grader(raw, param)
-    try:
-        return _LABEL_ADAPTER.validate_python(raw)
-    except ValidationError as exc:
-        raise InvalidGrader(*describe_errors(exc, lambda loc: _param(loc, param), param)) from None
+    """An eval's testing criterion: any grader ``parse_grader`` accepts (a label_model and a
+    generative score_model are asked through inference workers there); ``InvalidGrader``
+    names the field."""
+    return parse_grader(raw, param)
 
 
 def describe_errors(
@@ -601,6 +598,8 @@ def reward_range(grader: GraderSpec) -> tuple[float, float] | None:
         return (-1.0, 1.0)
     if isinstance(grader, ScoreModelGrader):
         return tuple(grader.range) if grader.range else None
+    if isinstance(grader, LabelModelGrader):
+        return (0.0, 1.0)
     if isinstance(grader, MultiGrader | EndpointGrader | PythonGrader):
         return None
     return (0.0, 1.0)  # string_check, text_similarity, math_verify, regex
@@ -608,9 +607,10 @@ def reward_range(grader: GraderSpec) -> tuple[float, float] | None:
 
 def needs_model(grader: GraderSpec) -> bool:
     """True if the grader scores with a model (score_model: a reward model or a judge;
-    cosine similarity: an encoder): never in the API process, nor in a bounded child."""
+    label_model: a judge; cosine similarity: an encoder): never in the API process, nor in
+    a bounded child."""
     return any(
-        isinstance(g, ScoreModelGrader)
+        isinstance(g, ScoreModelGrader | LabelModelGrader)
         or (isinstance(g, TextSimilarityGrader) and g.evaluation_metric == "cosine")
         for g in _walk(grader)
     )

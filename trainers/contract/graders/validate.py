@@ -1,19 +1,24 @@
 """Creation-time checks of the models a grader names (torch-free; nothing is loaded).
 
 A training job's ``score_model`` must be a one-label sequence classifier directory with
-weights and a tokenizer (``trainers.contract.modelfiles``). Job creation runs this on
-every grader of a GRPO-family job, and ``/graders/validate`` runs the same check, so the
-two answer alike. An eval's testing criteria (``check_criterion_models``) may also name
-a generative judge: a ``label_model``'s model, and a ``score_model`` whose model is no
-sequence classifier (``is_reward_model``); those are asked through inference workers and
-need no file check beyond the caller's model access.
+weights and a tokenizer (``trainers.contract.modelfiles``), or a *remote judge*: a model
+one of the server's judge endpoints serves (``POSTTRAIN_JUDGE_ENDPOINTS``,
+``judgeendpoints``), which is also the only way a ``label_model`` grades a training job.
+Job creation runs this on every grader of a GRPO-family job, and ``/graders/validate``
+runs the same check, so the two answer alike. An eval's testing criteria
+(``check_criterion_models``) may also name a generative judge: a ``label_model``'s model,
+and a ``score_model`` whose model is no sequence classifier (``is_reward_model``); those
+are asked through inference workers and need no file check beyond the caller's model
+access.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
+from trainers.contract.graders.judgeendpoints import SETTING
 from trainers.contract.graders.spec import (
     CriterionSpec,
     GraderSpec,
@@ -21,16 +26,49 @@ from trainers.contract.graders.spec import (
     MultiGrader,
     ScoreModelGrader,
 )
-from trainers.contract.modelfiles import check_classifier
+from trainers.contract.modelfiles import ModelFileError, check_classifier
 
 
-def check_grader_models(grader: GraderSpec, param: str) -> None:
-    """``ModelFileError`` naming the field of the first score_model that cannot serve."""
+def check_grader_models(
+    grader: GraderSpec, param: str, judges: Collection[str] | None = None
+) -> None:
+    """``ModelFileError`` naming the field of the first score_model or label_model that
+    cannot serve. ``judges``: for a grpo or reinforcement job's graders (and
+    ``/graders/validate``), the models the server's judge endpoints serve (the grader's
+    ``model`` as the caller wrote it, never a resolved path); None where no judge endpoint
+    is asked (an EGPO grader judge, an eval's multi grader)."""
     subs = grader.graders.items() if isinstance(grader, MultiGrader) else [("", grader)]
     for key, sub in subs:
+        where = param + (f".graders.{key}" if key else "") + ".model"
+        if isinstance(sub, ScoreModelGrader | LabelModelGrader) and sub.model in (judges or ()):
+            continue
+        if isinstance(sub, LabelModelGrader):
+            raise ModelFileError(_label_refusal(judges), where)
         if isinstance(sub, ScoreModelGrader):
-            where = param + (f".graders.{key}" if key else "") + ".model"
-            check_classifier(sub.model, (1,), where, "score_model", needs="a reward model has")
+            try:
+                check_classifier(sub.model, (1,), where, "score_model", needs="a reward model has")
+            except ModelFileError as exc:
+                if judges is None:
+                    raise
+                raise ModelFileError(
+                    f"{exc}; a score_model is either a local reward model or a model served by "
+                    f"a judge endpoint this server names in {SETTING}",
+                    exc.param,
+                ) from None
+
+
+def _label_refusal(judges: Collection[str] | None) -> str:
+    if judges is None:
+        return (
+            "label_model cannot grade here: use it as a testing criterion of an eval "
+            "(/v1/evals), on its own, or as a grpo or reinforcement job's grader served by a "
+            f"judge endpoint ({SETTING})"
+        )
+    return (
+        "label_model grades a training job, /graders or a multi grader only through a judge "
+        f"endpoint, and the model is served by none this server names in {SETTING}; without "
+        "one, use it as a testing criterion of an eval (/v1/evals), on its own"
+    )
 
 
 def is_reward_model(path: str) -> bool:

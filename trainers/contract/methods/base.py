@@ -24,7 +24,7 @@ raises ``ValueError`` (pydantic reports it), the others ``JobError`` naming the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, ClassVar
 
 from trainers.contract.hparams import CommonHyperparameters, Strict
@@ -67,9 +67,9 @@ class MethodModel(Strict):
     def check_job(self, resources: Resources) -> None:
         """Pure checks against the job's resources (how it is placed and launched)."""
 
-    def check_request(self, *, validation_file: str | None) -> None:
+    def check_request(self, *, validation_file: str | None, judges: Collection[str] = ()) -> None:
         """Checks that read the outside world, run by the API before anything is stored
-        (the job's validation file is the one other field a method has needed so far)."""
+        (the job's validation file, and the models the server's judge endpoints serve)."""
 
     # ---- run-time hooks
     def divergence_hint(self) -> tuple[str, str]:

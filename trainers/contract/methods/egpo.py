@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -94,7 +95,7 @@ class EGPOMethod(MethodModel):
                 "optimizer state, which sharded strategies split; use 'ddp'"
             )
 
-    def check_request(self, *, validation_file: str | None) -> None:
+    def check_request(self, *, validation_file: str | None, judges: Collection[str] = ()) -> None:
         """No validation pass, and a judge that passes the judges' creation checks
         (a model path that does not load, a bad pattern...)."""
         if validation_file is not None:

@@ -23,6 +23,7 @@ phases across visits of a prompt (``trainers/core/rollout.py``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -491,11 +492,13 @@ class GradedMethod(MethodModel):
         """The resolved hyperparameters the trainer runs with."""
         return resolve(self.block.variant, self.hyperparameters)
 
-    def check_request(self, *, validation_file: str | None) -> None:
-        """Every score_model grader names a one-label sequence classifier directory."""
+    def check_request(self, *, validation_file: str | None, judges: Collection[str] = ()) -> None:
+        """Every score_model grader names a one-label sequence classifier directory or a
+        model one of the server's judge endpoints serves (``judges``); every label_model
+        the latter."""
         for grader, where in self.block.graders_with_params(f"method.{self.type}"):
             try:
-                check_grader_models(grader, where)
+                check_grader_models(grader, where, judges)
             except ModelFileError as exc:
                 raise JobError("invalid_value", f"{exc.param}: {exc}", exc.param) from None
 
