@@ -66,9 +66,22 @@ _PACKABLE_KWARGS = {
     "fused_lm_head",
 }
 _in_packed_forward: ContextVar[bool] = ContextVar("posttrain_packed_forward", default=False)
+_packed_edges: ContextVar[list[int] | None] = ContextVar("posttrain_packed_edges", default=None)
 
 
 # ----------------------------------------------------------------------------- attention
+def _segment_attention(q, k, v, window: int | None, dropout: float, scale: float | None):
+    """Causal SDPA of one sequence, within a sliding ``window`` if it has one."""
+    n = q.shape[2]
+    if window is None or n <= window:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scale, is_causal=True
+        )
+    i = torch.arange(n, device=q.device)
+    band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout, scale=scale)
+
+
 def varlen_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -83,24 +96,29 @@ def varlen_sdpa_attention(
 
     ``cu_seq_lens_q`` ([S+1] int, the sequence starts and N) gives the boundaries;
     without it (or with a batch of several rows) this is transformers' ``sdpa``.
-    Returns ``[1, N, heads, dim]`` like ``sdpa_attention_forward``.
+    A ``sliding_window`` is honoured within each sequence. Returns ``[1, N, heads, dim]``
+    like ``sdpa_attention_forward``.
     """
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None or query.shape[0] != 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            "posttrain_varlen_sdpa has no attention sinks or logit soft-capping; "
+            "train this model with packing 'off'"
+        )
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    edges = bounds.tolist()
+    # the packed forward hands the boundaries as Python ints (no device sync per layer);
+    # a recompute under gradient checkpointing runs outside it and reads the tensor
+    edges = _packed_edges.get() or bounds.tolist()
+    window = kwargs.get("sliding_window")
+    drop = dropout if module.training else 0.0
     parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, a:b],
-            key[:, :, a:b],
-            value[:, :, a:b],
-            dropout_p=dropout if module.training else 0.0,
-            scale=scaling,
-            is_causal=True,
+        _segment_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], window, drop, scaling
         )
         for a, b in itertools.pairwise(edges)
         if b > a
@@ -184,11 +202,12 @@ def _pack_call(fused, kwargs: dict):
     cu = torch.cat([real.new_zeros(1), torch.cumsum(real, 0)]).to(torch.int32)
     packed["cu_seq_lens_q"] = packed["cu_seq_lens_k"] = cu
     packed["max_length_q"] = packed["max_length_k"] = int(real.max())
-    token = _in_packed_forward.set(True)
+    token, edges = _in_packed_forward.set(True), _packed_edges.set(cu.tolist())
     try:
         out = fused(**packed)
     finally:
         _in_packed_forward.reset(token)
+        _packed_edges.reset(edges)
     width = mask.shape[1] - 1
     return type(out)(**{k: _unpad(v, starts, lengths, width) for k, v in out.items()})
 

@@ -78,11 +78,22 @@ def _assert_same_grads(a: torch.nn.Module, b: torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- the forward
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "sdpa+window"])
 def test_packed_forward_gives_the_padded_per_token_outputs_and_gradients(
     model_dir, packed_calls, impl
 ):
-    padded = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl)
+    impl, _, window = impl.partition("+")
+    # a sliding window of 4 tokens on every layer, shorter than most rows
+    extra = {
+        "use_sliding_window": True,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "sliding_attention"],
+    }
+    padded = AutoModelForCausalLM.from_pretrained(
+        model_dir, attn_implementation=impl, **(extra if window else {})
+    )
+    if window:
+        assert set(padded.config.layer_types) == {"sliding_attention"}
     install_fused_head(padded)
     packed = copy.deepcopy(padded)
     assert packing.install_padding_free(packed)
