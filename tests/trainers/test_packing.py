@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, SFTConfig
 
@@ -144,7 +145,7 @@ def test_an_attention_that_cannot_keep_rows_apart_is_refused_or_skipped():
 
 
 # ----------------------------------------------------------------------------- SFT and DPO trainers
-def _sft_trainer(model_dir, out, assistant_only: bool):
+def _sft_trainer(model_dir, out, assistant_only: bool, lora: bool = False):
     rows = [json.loads(x) for x in (ASSETS / "demo_sft.jsonl").read_text().splitlines()[:8]]
     args = SFTConfig(
         output_dir=str(out),
@@ -162,6 +163,7 @@ def _sft_trainer(model_dir, out, assistant_only: bool):
         args=args,
         train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None,
     )
 
 
@@ -231,11 +233,16 @@ def _assert_trainer_matches_when_packed(trainer, batch, packed_calls, forwards: 
         assert packed[2][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.parametrize("assistant_only", [True, False], ids=["assistant_only", "all_tokens"])
+@pytest.mark.parametrize(
+    "assistant_only,lora",
+    [(True, False), (False, False), (True, True)],
+    ids=["assistant_only", "all_tokens", "lora"],
+)
 def test_sft_loss_grads_and_metrics_equal_the_padded_batch(
-    model_dir, tmp_path, packed_calls, assistant_only
+    model_dir, tmp_path, packed_calls, assistant_only, lora
 ):
-    trainer = _sft_trainer(model_dir, tmp_path, assistant_only)
+    trainer = _sft_trainer(model_dir, tmp_path, assistant_only, lora)
+    assert isinstance(trainer.model, PeftModel) == lora
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     assert batch["attention_mask"].min() == 0  # rows of different lengths: there is padding
     _assert_trainer_matches_when_packed(trainer, batch, packed_calls, forwards=1)
