@@ -24,7 +24,8 @@ Attention that keeps packed rows apart (``packed_attention``):
 * ``sdpa`` becomes ``posttrain_varlen_sdpa``: PyTorch's scaled-dot-product attention
   run causally on each packed sequence (the boundaries come as ``cu_seq_lens_q``,
   as for flash-attention), so no ``N x N`` mask is built and the cost is
-  ``sum(L_i^2)`` rather than ``B * T^2``. Without sequence boundaries it is the
+  ``sum(L_i^2)`` rather than ``B * T^2``; a model's sliding window applies within
+  each sequence. Without sequence boundaries it is the
   ordinary ``sdpa`` (generation, unpadded batches).
 * ``flash_attention_2`` / ``flash_attention_3`` / hub flash kernels: their own
   varlen kernels, from ``cu_seq_lens_q/k`` and ``max_length_q/k`` (GPU only).
