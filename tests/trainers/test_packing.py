@@ -145,12 +145,18 @@ def test_an_attention_that_cannot_keep_rows_apart_is_refused_or_skipped():
 
 
 # ----------------------------------------------------------------------------- SFT and DPO trainers
-def _sft_trainer(model_dir, out, assistant_only: bool, lora: bool = False):
+def _sft_trainer(model_dir, out, mode: str, lora: bool = False):
+    """mode: assistant_only (chat rows), all_tokens (chat rows), completion_only
+    (the same conversations as prompt/completion rows)."""
     rows = [json.loads(x) for x in (ASSETS / "demo_sft.jsonl").read_text().splitlines()[:8]]
+    records = [{"messages": r["messages"]} for r in rows]
+    if mode == "completion_only":
+        records = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
     args = SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=8,
-        assistant_only_loss=assistant_only,
+        assistant_only_loss=mode == "assistant_only",
+        completion_only_loss=mode == "completion_only",
         max_length=64,
         report_to="none",
         use_cpu=True,
@@ -161,7 +167,7 @@ def _sft_trainer(model_dir, out, assistant_only: bool, lora: bool = False):
     return PosttrainSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,
-        train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
+        train_dataset=Dataset.from_list(records),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None,
     )
@@ -234,17 +240,24 @@ def _assert_trainer_matches_when_packed(trainer, batch, packed_calls, forwards: 
 
 
 @pytest.mark.parametrize(
-    "assistant_only,lora",
-    [(True, False), (False, False), (True, True)],
-    ids=["assistant_only", "all_tokens", "lora"],
+    "mode,lora",
+    [
+        ("assistant_only", False),
+        ("all_tokens", False),
+        ("completion_only", False),
+        ("assistant_only", True),
+    ],
+    ids=["assistant_only", "all_tokens", "completion_only", "lora"],
 )
 def test_sft_loss_grads_and_metrics_equal_the_padded_batch(
-    model_dir, tmp_path, packed_calls, assistant_only, lora
+    model_dir, tmp_path, packed_calls, mode, lora
 ):
-    trainer = _sft_trainer(model_dir, tmp_path, assistant_only, lora)
+    trainer = _sft_trainer(model_dir, tmp_path, mode, lora)
     assert isinstance(trainer.model, PeftModel) == lora
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     assert batch["attention_mask"].min() == 0  # rows of different lengths: there is padding
+    masked = (batch["labels"][batch["attention_mask"] == 1] == -100).any()
+    assert bool(masked) == (mode != "all_tokens")  # prompt tokens left out of the loss
     _assert_trainer_matches_when_packed(trainer, batch, packed_calls, forwards=1)
 
 
