@@ -23,7 +23,11 @@ a run cut short still leaves one):
    front over its vLLM engine, in this process: the Qwen-shaped model served by vLLM
    with LoRA on, a greedy chat answer and its tokens/s, then a LoRA adapter of it
    loaded at runtime and asked the same; otherwise the reason it was skipped.
-6. ``sft_step``: a trainer-level SFT step on that model with TRL's own fused head,
+6. ``packing``: SFT on variable-length chat rows (16..1024 tokens; ``bench.packing``) on
+   the Qwen2.5-0.5B-shaped model, padded batches vs padding-free ones (``packing: auto``,
+   ``trainers.packing``), in one process: tokens/s of each, the ratio, and the largest
+   relative difference between the two loss curves.
+7. ``sft_step``: a trainer-level SFT step on that model with TRL's own fused head,
    posttrain's kernel behind it, and Liger (``use_liger_kernel``, which patches model
    classes process-wide, so every variant runs in a process of its own): step time and
    peak memory.
@@ -65,14 +69,15 @@ QWEN_05B = {
     "tie_word_embeddings": True,
 }
 GRPO_PRESETS = ("grpo", "dapo", "dr_grpo", "ngrpo", "xrpo", "hapo")
-# Seconds each section may take on a GPU: 7.5 minutes in all, so the run ends within the
-# 8 a GPU host's one command is planned for.
+# Seconds each section may take on a GPU (12.75 minutes in all at most; sections usually
+# end well before their allowance).
 BUDGET = {
     "env": 20,
     "tests": 60,
     "kernels": 120,
     "methods": 170,
     "inference": 240,
+    "packing": 75,
     "sft_step": 80,
 }
 # Modules the sections import, checked (and their import errors reported) first.
@@ -381,6 +386,52 @@ def section_methods(dry: bool) -> dict:
     return {"model": "tiny" if dry else "Qwen2.5-0.5B shape, random, bf16", "rows": rows}
 
 
+# --------------------------------------------------------------------------- packing
+def section_packing(dry: bool) -> dict:
+    """Padded vs padding-free SFT on the suite's model: tokens/s and the loss curves."""
+    import torch
+
+    from bench.packing import loss_gap, run_arm, sft_rows
+
+    cuda = torch.cuda.is_available()
+    steps, batch, hi = (3, 4, 128) if dry else (8, 8, 1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(build_model(Path(tmp) / "model", dry))
+        rows = sft_rows(model, steps * batch, 16, hi)
+        arms = {}
+        for arm in ("padded", "packed"):
+            arms[arm] = run_arm(
+                "sft", arm == "packed", model, rows,
+                steps=steps, batch=batch, max_len=hi, warmup=1, cuda=cuda,
+            )  # fmt: skip
+            _write_partial({"rows": arms})
+    return {
+        "rows": arms,
+        "packed_over_padded": arms["packed"]["tokens_per_s"] / arms["padded"]["tokens_per_s"],
+        "loss_gap": loss_gap(arms["packed"]["losses"], arms["padded"]["losses"]),
+        "lengths": [16, hi],
+    }
+
+
+def _packing_lines(pk: dict) -> list[str]:
+    if "packed_over_padded" not in pk:
+        return ["", f"## Packing (SFT): {pk.get('error')}"]
+    rows = [
+        [arm, _f(r["tokens_per_s"], "{:.0f}"), _f(r["step_s"], "{:.3f}")]
+        for arm, r in pk["rows"].items()
+    ]
+    lo, hi = pk["lengths"]
+    return [
+        "",
+        f"## Packing (SFT, rows of {lo}..{hi} tokens)",
+        "",
+        *_table(["batches", "tokens/s", "s/step"], rows),
+        "",
+        f"packed / padded tokens/s: {_f(pk['packed_over_padded'], '{:.2f}')}; largest relative "
+        f"loss difference {_f(pk['loss_gap'], '{:.1e}')}",
+    ]
+
+
 # --------------------------------------------------------------------------- SFT step
 SFT_VARIANTS = ("trl", "ours", "liger")
 
@@ -586,6 +637,7 @@ SECTIONS = {
     "kernels": section_kernels,
     "methods": section_methods,
     "inference": section_inference,
+    "packing": section_packing,
 }
 _PARTIAL: Path | None = None
 
@@ -779,6 +831,8 @@ def render(report: dict) -> str:
         lines += _method_lines(s["methods"])
     if s.get("inference"):
         lines += _inference_lines(s["inference"])
+    if s.get("packing"):
+        lines += _packing_lines(s["packing"])
     if s.get("sft_step"):
         lines += _sft_lines(s["sft_step"])
     return "\n".join(lines) + "\n"
@@ -837,7 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes (what CI runs)")
     ap.add_argument(
-        "--only", help="comma-separated sections: env,tests,kernels,methods,inference,sft_step"
+        "--only",
+        help="comma-separated sections: env,tests,kernels,methods,inference,packing,sft_step",
     )
     ap.add_argument("--wheels", type=Path, help="a folder of wheels to unpack first (GPU host)")
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -7,9 +7,10 @@ here, once: reading the job's files, the tokenizer and model, the settings every
 method shares (output dir, seed, epochs, batch size, learning rate and schedule,
 logging, checkpoint interval, device), LoRA, the reporting callback (and the samples
 recorder of a method that records samples), the job's trackers (``trainers.trackers``:
-W&B, TensorBoard, MLflow, added here rather than through ``report_to``), resuming from
-the newest complete checkpoint, pausing at a step boundary, and the typed
-``RunResult``.
+W&B, TensorBoard, MLflow, added here rather than through ``report_to``), padding-free
+batches for a method whose hyperparameters have ``packing`` (``trainers.packing``),
+resuming from the newest complete checkpoint, pausing at a step boundary, and the
+typed ``RunResult``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any
 from trainers.callbacks import NonFiniteCallback, ReportingCallback
 from trainers.contract.checkpoints import checkpoint_dir, resumable_checkpoint
 from trainers.contract.errors import JobError
-from trainers.contract.hparams import CommonHyperparameters
+from trainers.contract.hparams import CommonHyperparameters, PackedHyperparameters
 from trainers.contract.plan import RunPlan
 from trainers.models import load_causal_lm, load_tokenizer, lora_config, pick_device_dtype
+from trainers.packing import install_on_trainer, resolve_packing
 from trainers.records import build_dataset, read_rows
 from trainers.reporting import PauseRequest, Reporter, main_process
 from trainers.samples import SampleRecorder
@@ -162,6 +164,10 @@ def run_method(
     for note in method.events(plan, hp, data):
         reporter.event(note)
     model = load_causal_lm(spec.model)
+    pack = False
+    if isinstance(hp, PackedHyperparameters):
+        pack, note = resolve_packing(hp.packing, model)
+        reporter.event(note)
     # a method's own fields win over the shared ones it needs to set differently
     args = method.config_class(
         **{**common_config(plan, hp, data), **method.config_fields(plan, hp, data)}
@@ -179,6 +185,8 @@ def run_method(
         callbacks=[callback, diverged, *trackers],
         **method.trainer_kwargs(plan, model, data),
     )
+    if pack:
+        install_on_trainer(trainer)
     every, rows = spec.sampling()
     if every and main_process():
         trainer.sample_recorder = SampleRecorder(reporter, every, rows, trackers)

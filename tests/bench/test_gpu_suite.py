@@ -47,6 +47,7 @@ def test_every_section_reports(report):
         "kernels",
         "methods",
         "inference",
+        "packing",
         "sft_step",
     }
     assert report["sections"]["inference"]["skipped"] == "dry run"  # vLLM runs on GPU hosts only
@@ -84,3 +85,11 @@ def test_the_sft_step_compares_trls_head_with_ours(report):
     assert sft["rows"]["trl"]["s_per_step"] > 0 and sft["rows"]["ours"]["s_per_step"] > 0
     assert "not run" in sft["rows"]["liger"]["error"]  # no Liger kernels on a CPU
     assert sft["target"]["ours_over_trl"] > 0
+
+
+def test_packed_sft_is_measured_against_padded_with_the_same_losses(report):
+    packing = report["sections"]["packing"]
+    assert packing["rows"]["padded"]["tokens_per_s"] > 0
+    assert packing["rows"]["packed"]["tokens_per_s"] > 0
+    assert packing["packed_over_padded"] > 0
+    assert packing["loss_gap"] < 1e-4  # fp32 on the CPU: the same loss curve

@@ -17,9 +17,10 @@ the union run by orders of magnitude more than the tolerance.
 
 Everything that patches TRL (``use_posttrain_kernel`` rebinds a module global
 in ``trl.trainer.utils``) happens in spawned children, never in pytest's own
-process. The ``trl`` kernel rows run the same harness on TRL's own fused head
-as the control: if they pass and the ``posttrain`` rows fail, the fault is in
-``trainers.fused_head``, not in this harness.
+process. The ``posttrain-packed`` rows run it with padding-free batches
+(``trainers.packing``) behind the DDP wrapper. The ``trl`` kernel rows run the same
+harness on TRL's own fused head as the control: if they pass and the ``posttrain``
+rows fail, the fault is in ``trainers.fused_head``, not in this harness.
 """
 
 from __future__ import annotations
@@ -77,11 +78,15 @@ def _batch(vocab: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def _model(model_dir: str, kernel: str) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     outputs = ("log_probs", "entropy", "is_top1")
-    if kernel == "posttrain":
+    if kernel.startswith("posttrain"):
         from trainers.fused_head import install_fused_head, posttrain_kernel_active
 
         install_fused_head(model, outputs=outputs)
         assert posttrain_kernel_active()
+        if kernel == "posttrain-packed":  # padding-free batches (trainers.packing)
+            from trainers.packing import install_padding_free
+
+            assert install_padding_free(model)
     else:
         from trl.trainer.utils import add_fused_lm_head
 
@@ -176,7 +181,7 @@ def spawned(model_dir, tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=["posttrain", "trl"])
+@pytest.fixture(params=["posttrain", "posttrain-packed", "trl"])
 def runs(request, spawned):
     return spawned(request.param)
 
@@ -215,3 +220,10 @@ def test_posttrain_and_trl_kernels_train_alike(spawned):
     ours, trl = spawned("posttrain")[0]["union"], spawned("trl")[0]["union"]
     for name, p in trl.items():
         torch.testing.assert_close(ours[name], p, atol=ATOL, rtol=RTOL, msg=name)
+
+
+def test_packed_batches_train_like_padded_ones_under_ddp(spawned):
+    padded, packed = spawned("posttrain")[0], spawned("posttrain-packed")
+    for name, p in padded["union"].items():
+        for rank in packed:
+            torch.testing.assert_close(rank["ddp"][name], p, atol=ATOL, rtol=RTOL, msg=name)

@@ -120,6 +120,29 @@ class CommonHyperparameters(Strict):
         return v
 
 
+PackingMode = Literal["auto", "padding_free", "off"]
+
+
+class PackedHyperparameters(CommonHyperparameters):
+    """Methods whose trainer scores padded batches through the fused forward (SFT, DPO):
+    those batches can run padding-free (``trainers/packing.py``)."""
+
+    packing: PackingMode = Field(
+        "auto",
+        description="Run each micro-batch's rows as one packed row with no padding (same rows, "
+        "same loss, less compute): padding_free, or off for padded batches; auto = padding_free "
+        "where the model's attention keeps packed rows apart exactly (sdpa, eager, "
+        "flash-attention), else off. true/false mean padding_free/off.",
+    )
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_bool(cls, v: object) -> object:
+        if isinstance(v, bool):
+            return "padding_free" if v else "off"
+        return v
+
+
 class RolloutEngine(Strict):
     """Where an online method samples: transformers ``generate``, or vLLM through TRL."""
 

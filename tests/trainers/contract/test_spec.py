@@ -37,6 +37,31 @@ def test_sft_alias_and_its_config_key_map_to_supervised():
     assert hp.resolved_learning_rate(lora=False) == pytest.approx(6e-5)
 
 
+def _packing(method: str, value) -> str:
+    hp = {} if value is None else {"packing": value}
+    spec = JobSpec.model_validate(
+        {**BASE, "method": {"type": method, method: {"hyperparameters": hp}}}
+    )
+    return spec.method_hyperparameters().packing
+
+
+@pytest.mark.parametrize("method", ["supervised", "dpo"])
+def test_packing_defaults_to_auto_and_can_be_turned_off(method):
+    assert _packing(method, None) == "auto"
+    assert _packing(method, "off") == "off"
+    assert _packing(method, "padding_free") == "padding_free"
+    assert (_packing(method, False), _packing(method, True)) == ("off", "padding_free")
+    with pytest.raises(ValidationError, match="packing"):
+        _packing(method, "bfd")  # packing that changes the batches is not offered
+
+
+def test_methods_that_do_not_pad_batches_have_no_packing_setting():
+    with pytest.raises(ValidationError, match="packing"):
+        JobSpec.model_validate(
+            {**BASE, "method": {"type": "grpo", "grpo": {"hyperparameters": {"packing": "off"}}}}
+        )
+
+
 def test_absolute_learning_rate_overrides_multiplier():
     spec = JobSpec.model_validate(
         {

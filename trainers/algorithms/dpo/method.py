@@ -12,7 +12,10 @@ The reference model π_ref is what TRL 1.16 builds when ``ref_model`` is None:
 for full training a second, frozen copy of the base model, loaded again from the
 job's model path (so a resumed run compares against the base, not against the
 checkpoint it resumes); for LoRA no copy at all, the policy with its adapter
-disabled. Its log-probs are computed on the fly each step (no precompute pass).
+disabled. Its log-probs are computed on the fly each step (no precompute pass). With ``packing``
+auto/padding_free (the default) the policy's and the reference's fused forwards run the
+batch's sequences as one packed row (``trainers.packing``; TRL 1.16's own
+``padding_free`` is disabled for DPO): same sequences, same log-probs, no padding.
 
 Data: every preference row shape (OpenAI's ``input``/``preferred_output``/
 ``non_preferred_output``, TRL's ``prompt``/``chosen``/``rejected``, implicit-prompt

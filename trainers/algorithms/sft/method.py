@@ -8,9 +8,11 @@ accuracy come from the kernel without building logits.
 Chat rows train on assistant turns only (``assistant_only_loss``; the chat
 template must mark them with ``{% generation %}``, which the tiny model's does);
 prompt/completion rows train on the completion only. ``loss_on_prompt`` turns
-both off. Departures from OpenAI: ``weight`` on assistant turns is accepted but
-not honoured (TRL has no per-turn weights), and the base learning rate is
-posttrain's (2e-5 full, 2e-4 LoRA) times the multiplier.
+both off. With ``packing`` auto/padding_free (the default) the runner makes the fused
+forward run each padded batch as one packed row (``trainers.packing``): same rows, same
+per-token losses, no compute on padding. Departures from OpenAI: ``weight`` on assistant
+turns is accepted but not honoured (TRL has no per-turn weights), and the base learning
+rate is posttrain's (2e-5 full, 2e-4 LoRA) times the multiplier.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from trainers.contract.hparams import Auto, CommonHyperparameters, Strict
+from trainers.contract.hparams import Auto, PackedHyperparameters, Strict
 from trainers.contract.methods.base import MethodModel
 from trainers.contract.rows import RowFormat
 
@@ -33,7 +33,7 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
 DPOLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
 
 
-class DPOHyperparameters(CommonHyperparameters):
+class DPOHyperparameters(PackedHyperparameters):
     """DPO on TRL's DPOTrainer. Base learning rate 1e-6 (TRL's default, full) / 5e-6 (LoRA:
     an adapter needs larger steps for the same change)."""
 

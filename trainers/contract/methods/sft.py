@@ -7,12 +7,12 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from trainers.contract.hparams import CommonHyperparameters, Strict
+from trainers.contract.hparams import PackedHyperparameters, Strict
 from trainers.contract.methods.base import MethodModel
 from trainers.contract.rows import RowFormat
 
 
-class SupervisedHyperparameters(CommonHyperparameters):
+class SupervisedHyperparameters(PackedHyperparameters):
     """SFT. Base learning rate 2e-5 (full) / 2e-4 (LoRA), common choices for SFT."""
 
     loss_on_prompt: bool = Field(
