@@ -16,7 +16,8 @@ Address policy (``trainers.contract.outbound``, shared with RL jobs' tools): an 
 host must resolve only to public addresses (not loopback, private, link-local, multicast,
 reserved or unspecified), unless an address lies in ``webhook_allowed_networks``. It is
 checked when an endpoint is registered and again before every try (a name can change what
-it resolves to).
+it resolves to), and the try connects to an address that check approved
+(``async_pinned_client``), never to what a second lookup would answer.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from standardwebhooks.webhooks import Webhook
 from trainers.contract.outbound import (
     AddressRefused,
     allowed_networks,
+    async_pinned_client,
     check_addresses,
     check_url,
 )
@@ -53,9 +55,12 @@ class Deliverer:
         self.store, self.s = store, settings
         self.allowed = allowed_networks(settings.webhook_allowed_networks)
         self.name = f"api-{uuid.uuid4().hex[:12]}"
-        self.client = httpx.AsyncClient(
-            timeout=settings.webhook_timeout_seconds, follow_redirects=False
-        )
+        self.client = async_pinned_client(self.check, timeout=settings.webhook_timeout_seconds)
+
+    def check(self, url: str) -> list[str]:
+        """The approved addresses of an endpoint's host (the client runs it per request)."""
+        host, port = check_url(url)
+        return check_addresses(host, port, self.allowed)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -73,8 +78,7 @@ class Deliverer:
         endpoint = delivery["endpoint"]
         status_code, error = None, None
         try:
-            host, port = check_url(endpoint["url"])
-            await asyncio.to_thread(check_addresses, host, port, self.allowed)
+            check_url(endpoint["url"])  # the client checks it all again, and pins
             now = datetime.datetime.now(tz=datetime.UTC)
             body = delivery["payload"]
             signature = Webhook(endpoint["secret"]).sign(delivery["event"], now, body)

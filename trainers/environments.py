@@ -9,8 +9,9 @@ starts a session (``{url}/reset``), one method per declared tool sends a step
 (``{url}/step``), and, when the job asks for the environment's reward, ``get_reward``
 asks ``{url}/reward``. The protocol itself is in ``trainers.contract.environments``.
 
-Every request goes through ``trainers.tools.send`` (outbound policy before each try,
-retries, timeout, reply cap). Failures never stop the job:
+Every request goes through ``trainers.tools.send`` on a ``pinned_client`` of the job's
+policy (outbound policy before each try, the connection made to an address that check
+approved, retries, timeout, reply cap). Failures never stop the job:
 
 - a step that fails is an ``error:`` tool message, counted in ``tools/errors`` like any
   tool's (steps are charged to the rollout's ``Episode``: ``max_tool_calls`` and
@@ -65,7 +66,8 @@ class EnvStats:
 
 
 class EnvironmentClient:
-    """The protocol's four requests to one environment, under the server's policy."""
+    """The protocol's four requests to one environment, under the server's policy
+    (``client``: a ``pinned_client`` of ``policy``, whose check every request passes)."""
 
     def __init__(
         self,
@@ -90,7 +92,6 @@ class EnvironmentClient:
         """(the reply's text, "") or (None, why not)."""
         return send(
             self.client,
-            self.policy,
             Target(f"{self.spec.url}/{path}", "POST", self.spec.headers or {}),
             json.dumps(payload, default=str),
             timeout=self.timeout,

@@ -13,8 +13,10 @@ A call is never an exception to TRL: every failure is a string starting ``error:
 the model reads as the tool's answer, and a count in ``ToolStats``:
 
 - arguments that do not match the tool's JSON schema are not sent;
-- the URL is checked against the server's outbound policy before every try
-  (``trainers.contract.outbound``; a name may resolve elsewhere by now);
+- the URL is checked against the server's outbound policy before every try, and the
+  try connects to an address that check approved (``trainers.contract.outbound``: the
+  client comes from ``pinned_client``; a name may resolve elsewhere by now, and a
+  second lookup could answer a forbidden address);
 - the arguments are sent as a JSON body; a timeout, a refused connection or a 5xx is
   retried ``tool_retries`` times; another non-2xx status is an error at once; redirects
   are not followed;
@@ -37,7 +39,7 @@ from typing import Any
 import httpx
 from jsonschema import Draft202012Validator
 
-from trainers.contract.outbound import AddressRefused, ToolPolicy
+from trainers.contract.outbound import AddressRefused, ToolPolicy, pinned_client
 from trainers.contract.tools import FunctionDef, Tool
 
 ERROR = "error: "
@@ -109,7 +111,6 @@ class Target:
 
 def send(
     client: httpx.Client,
-    policy: ToolPolicy,
     target: Target,
     body: str,
     *,
@@ -121,7 +122,8 @@ def send(
 ) -> tuple[str | None, str]:
     """One JSON request to a user's endpoint: (the reply's text, "") or (None, why not).
 
-    The URL is checked against the outbound policy before every try; a timeout, a refused
+    ``client`` is a ``pinned_client`` of the outbound policy: it checks the URL before
+    every try and connects to an address the check approved. A timeout, a refused
     connection or a 5xx is retried ``retries`` times while ``budget`` seconds last;
     another non-2xx status fails at once; redirects are not followed; at most
     ``reply_cap`` bytes are read within ``timeout``, and the reply must be UTF-8. ``what``
@@ -132,10 +134,6 @@ def send(
         left = budget - (time.monotonic() - start)
         if attempt and left <= 0:
             break
-        try:
-            policy.check(target.url)
-        except AddressRefused as exc:
-            return None, f"the {what}'s endpoint is not allowed: {exc}"
         text, error, retry = _try(
             client, target, body, min(timeout, max(left, 0.001)), reply_cap, what
         )
@@ -172,6 +170,8 @@ def _try(
                     return None, f"the {what}'s reply is longer than {cap} bytes", False
                 if time.monotonic() > deadline:
                     return None, f"the {what} took longer than {timeout:g} s", True
+    except AddressRefused as exc:  # the client's check: nothing was sent
+        return None, f"the {what}'s endpoint is not allowed: {exc}", False
     except httpx.TimeoutException:
         return None, f"the {what} took longer than {timeout:g} s", True
     except httpx.HTTPError as exc:
@@ -233,7 +233,8 @@ class ToolCall(dict):
 
 
 class HttpTool(ToolCall):
-    """A job's tool: its arguments are POSTed (or PUT) as JSON to the user's endpoint."""
+    """A job's tool: its arguments are POSTed (or PUT) as JSON to the user's endpoint
+    (``client``: a ``pinned_client`` of ``policy``, whose check every request passes)."""
 
     def __init__(
         self,
@@ -254,7 +255,6 @@ class HttpTool(ToolCall):
         target = Target(self.endpoint.url, self.endpoint.method, self.endpoint.headers or {})
         return send(
             self.client,
-            self.policy,
             target,
             json.dumps(arguments),
             timeout=self.limits.timeout,
@@ -267,7 +267,8 @@ class HttpTool(ToolCall):
 def build_tools(
     tools: list[Tool], policy: ToolPolicy, limits: ToolLimits
 ) -> tuple[list[HttpTool], ToolStats]:
-    """The job's tools as TRL callables sharing one HTTP client and one ``ToolStats``."""
+    """The job's tools as TRL callables sharing one HTTP client (pinned to what ``policy``
+    approves) and one ``ToolStats``."""
     stats = ToolStats()
-    client = httpx.Client(follow_redirects=False, trust_env=False)
+    client = pinned_client(policy.check)
     return [HttpTool(t, policy, limits, stats, client) for t in tools], stats

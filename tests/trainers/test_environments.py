@@ -15,12 +15,11 @@ import threading
 import time
 from typing import ClassVar
 
-import httpx
 import pytest
 
 from tests.loopback import Handler, serving
 from trainers.contract.environments import EnvironmentSpec
-from trainers.contract.outbound import ToolPolicy
+from trainers.contract.outbound import ToolPolicy, pinned_client
 from trainers.environments import EnvironmentClient, EnvStats, environment_class, reward_of
 from trainers.tools import ToolLimits, ToolStats
 
@@ -90,7 +89,7 @@ def build(url: str, policy: ToolPolicy = LOOPBACK, reward: bool = True, **limits
     )
     limits = ToolLimits(**{"timeout": 5.0, "retries": 1, "max_reply_bytes": 1024, **limits})
     tool_stats, env_stats = ToolStats(), EnvStats()
-    client = EnvironmentClient(spec, policy, limits, httpx.Client(), env_stats)
+    client = EnvironmentClient(spec, policy, limits, pinned_client(policy.check), env_stats)
     cls = environment_class(client, limits, tool_stats, prefix="ftjob-x-0")
     return cls, tool_stats, env_stats
 

@@ -20,16 +20,36 @@ them at creation and records them on the job (``outbound``); the worker puts the
 the run plan's ``ToolPolicy``, so the training process applies them before every call.
 
 The check runs when the URL is registered (a 400 naming the field) and again before
-every call, since a name can change what it resolves to. Torch-free: the API, the
-workers and the training process all import it.
+every call, since a name can change what it resolves to.
+
+Pinning: a call connects to an address the check approved, never to what a second
+lookup answers. Checking a name and then letting the HTTP client resolve it again would
+let a hostile DNS server answer a public address to the check and 127.0.0.1 or
+169.254.169.254 to the connection (DNS rebinding). So every call goes through a client
+from ``pinned_client`` (``async_pinned_client``): its transport runs the check on each
+request's URL, which resolves the host once and returns the approved addresses, and its
+network backend connects only to those (in order, the next on a refused connection)
+and refuses any other host. The URL itself is untouched: the Host header, TLS SNI and
+certificate verification all use the host name, and kept-alive connections are pooled
+per host name, so a connection verified for one name never carries another name's
+request. Such a client never follows redirects and ignores proxy variables.
+
+Torch-free: the API, the workers and the training process all import it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import ipaddress
 import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
+import httpx
 from pydantic import BaseModel, Field, field_validator
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -64,16 +84,20 @@ def check_addresses(
     port: int,
     allowed: list[Network],
     setting: str = "POSTTRAIN_WEBHOOK_ALLOWED_NETWORKS",
-) -> None:
-    """``AddressRefused`` naming the address when ``host`` resolves to a non-public one
-    outside ``allowed`` (or does not resolve); ``setting`` is what an operator sets to
-    allow it."""
+) -> list[str]:
+    """The addresses ``host`` resolves to, all of them approved; ``AddressRefused`` naming
+    the address when one is non-public and outside ``allowed`` (or the host does not
+    resolve). ``setting`` is what an operator sets to allow it."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise AddressRefused(f"the host '{host}' does not resolve: {exc}") from None
+    addresses: list[str] = []
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        address = str(info[4][0])
+        addr = ipaddress.ip_address(address.split("%")[0])
+        if address not in addresses:
+            addresses.append(address)
         if any(addr in net for net in allowed):
             continue
         if not addr.is_global or addr.is_multicast:
@@ -81,6 +105,7 @@ def check_addresses(
                 f"the host '{host}' resolves to {addr}, a non-public address; an operator "
                 f"may allow its network with {setting}"
             )
+    return addresses
 
 
 class TenantOutbound(BaseModel):
@@ -143,8 +168,9 @@ class ToolPolicy(BaseModel):
         """This server policy with a tenant's rules on top (None or empty: unchanged)."""
         return self.model_copy(update={"tenant": rules if rules and not rules.empty else None})
 
-    def check(self, url: str) -> None:
-        """``AddressRefused`` unless ``url`` may be called now (resolves its host)."""
+    def check(self, url: str) -> list[str]:
+        """The addresses ``url``'s host resolves to now, all approved; ``AddressRefused``
+        unless ``url`` may be called. A call connects to one of these (``pinned_client``)."""
         host, port = check_url(url, "put secrets in the tool's headers")
         if self.url_prefixes and not any(url.startswith(p) for p in self.url_prefixes):
             raise AddressRefused(
@@ -162,9 +188,171 @@ class ToolPolicy(BaseModel):
         networks = allowed_networks(self.allowed_networks)
         networks += [ipaddress.ip_network(n, strict=False) for n in tenant.allowed_networks]
         setting = "POSTTRAIN_TOOL_ALLOWED_NETWORKS (all tenants)"
-        check_addresses(
+        return check_addresses(
             host,
             port,
             networks,
             f"{setting} or tool_allowed_networks (one tenant's key-file entry)",
         )
+
+
+# --- pinning: connect only to the addresses the check approved (module docstring) ---
+
+Check = Callable[[str], list[str]]
+"""A URL in, the approved addresses of its host out (``AddressRefused`` otherwise)."""
+
+# The pin of the request being sent in this thread (or task): (host, port, addresses).
+_PIN: contextvars.ContextVar[tuple[str, int, list[str]] | None] = contextvars.ContextVar(
+    "posttrain_outbound_pin", default=None
+)
+_PORTS = {"http": 80, "https": 443}
+
+
+def _pinned(host: str, port: int) -> list[str]:
+    """The approved addresses of ``host``:``port`` for the request in flight."""
+    pin = _PIN.get()
+    if pin is None or pin[:2] != (host, port):
+        raise AddressRefused(f"no checked address for '{host}' port {port}; nothing was sent")
+    return pin[2]
+
+
+def _target(request: httpx.Request) -> tuple[str, int]:
+    """The host and port httpcore will connect to for ``request`` (its origin)."""
+    url = request.url
+    return url.raw_host.decode("ascii"), url.port or _PORTS.get(url.scheme, 0)
+
+
+class _PinnedBackend(httpcore.NetworkBackend):
+    """Connects a host name to its pinned addresses only."""
+
+    def __init__(self) -> None:
+        self._net = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        refused: httpcore.ConnectError | None = None
+        for address in _pinned(host, port):
+            try:
+                return self._net.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:  # the next address, as a resolver's list
+                refused = exc
+        assert refused is not None  # a check returns at least one address
+        raise refused
+
+    def sleep(self, seconds: float) -> None:
+        self._net.sleep(seconds)
+
+
+class _AsyncPinnedBackend(httpcore.AsyncNetworkBackend):
+    """``_PinnedBackend`` for the async client."""
+
+    def __init__(self) -> None:
+        self._net = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        refused: httpcore.ConnectError | None = None
+        for address in _pinned(host, port):
+            try:
+                return await self._net.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:
+                refused = exc
+        assert refused is not None
+        raise refused
+
+    async def sleep(self, seconds: float) -> None:
+        await self._net.sleep(seconds)
+
+
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's
+
+
+def _pool_options(ssl_context: ssl.SSLContext) -> dict[str, Any]:
+    return {
+        "ssl_context": ssl_context,
+        "max_connections": _LIMITS.max_connections,
+        "max_keepalive_connections": _LIMITS.max_keepalive_connections,
+        "keepalive_expiry": _LIMITS.keepalive_expiry,
+    }
+
+
+class PinnedTransport(httpx.HTTPTransport):
+    """httpx's transport whose every request is checked by ``check`` and connected to an
+    address the check returned. The pool is httpcore's own with a pinning backend (httpx
+    has no argument for a backend, hence the replaced ``_pool``)."""
+
+    def __init__(
+        self,
+        check: Check,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
+        ctx = httpx.create_ssl_context(verify=verify, trust_env=False)
+        super().__init__(verify=ctx, trust_env=False, limits=_LIMITS)
+        self.check = check
+        self._pool = httpcore.ConnectionPool(network_backend=_PinnedBackend(), **_pool_options(ctx))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        host, port = _target(request)
+        token = _PIN.set((host, port, self.check(str(request.url))))
+        try:
+            return super().handle_request(request)
+        finally:
+            _PIN.reset(token)
+
+
+class AsyncPinnedTransport(httpx.AsyncHTTPTransport):
+    """``PinnedTransport`` for ``httpx.AsyncClient``; ``check`` (which resolves a name, a
+    blocking call) runs in a thread."""
+
+    def __init__(
+        self,
+        check: Check,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
+        ctx = httpx.create_ssl_context(verify=verify, trust_env=False)
+        super().__init__(verify=ctx, trust_env=False, limits=_LIMITS)
+        self.check = check
+        self._pool = httpcore.AsyncConnectionPool(
+            network_backend=_AsyncPinnedBackend(), **_pool_options(ctx)
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host, port = _target(request)
+        addresses = await asyncio.to_thread(self.check, str(request.url))
+        token = _PIN.set((host, port, addresses))
+        try:
+            return await super().handle_async_request(request)
+        finally:
+            _PIN.reset(token)
+
+
+def pinned_client(
+    check: Check, verify: ssl.SSLContext | bool = True, **kwargs: Any
+) -> httpx.Client:
+    """An ``httpx.Client`` for user URLs: each request checked by ``check`` and sent to an
+    address it approved; no redirects followed, no proxy variables read. ``verify``: TLS
+    certificate verification (an ``ssl.SSLContext`` trusting other authorities, or True)."""
+    transport = PinnedTransport(check, verify=verify)
+    return httpx.Client(transport=transport, follow_redirects=False, trust_env=False, **kwargs)
+
+
+def async_pinned_client(
+    check: Check, verify: ssl.SSLContext | bool = True, **kwargs: Any
+) -> httpx.AsyncClient:
+    """``pinned_client`` for async callers."""
+    transport = AsyncPinnedTransport(check, verify=verify)
+    return httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False, **kwargs)

@@ -162,9 +162,8 @@ def _tools(
 ) -> tuple[list, dict[str, Any]]:
     """The job's tools as TRL callables and its environment as TRL's factory (header
     values from the worker, not the plan), sharing one client, budgets and counts."""
-    import httpx
-
     from trainers.contract.environments import merge_environment_secrets
+    from trainers.contract.outbound import pinned_client
     from trainers.contract.tools import merge_secrets
     from trainers.environments import EnvironmentClient, EnvStats, environment_class
     from trainers.tools import HttpTool, ToolLimits, ToolStats
@@ -177,7 +176,7 @@ def _tools(
         episode_seconds=s.episode_tool_seconds,
     )
     stats = ToolStats()
-    client = httpx.Client(follow_redirects=False, trust_env=False)
+    client = pinned_client(plan.tools.check)  # every call checked, and sent where approved
     tools = merge_secrets(method_tools(plan), secrets.get("tool_headers") or {})
     callables = [HttpTool(t, plan.tools, limits, stats, client) for t in tools]
     pieces: dict[str, Any] = {"limits": limits, "stats": stats}

@@ -12,7 +12,8 @@ and no calls). The reply must be a 2xx whose body is a JSON object with a finite
 under ``score`` (``{"score": 0.75}``; other keys are ignored); that number is the reward.
 
 How a call goes: the URL passes the server's outbound policy (``outbound.ToolPolicy``,
-the tools' settings) when the job is created and again before every try; redirects are
+the tools' settings) when the job is created and again before every try, and the try
+connects to an address that check approved (``outbound.pinned_client``); redirects are
 not followed; a timeout, a refused connection or a 5xx is retried ``retries`` times, any
 other status is not; at most the server's ``POSTTRAIN_TOOL_MAX_REPLY_BYTES`` are read; at
 most ``max_concurrency`` calls of one grader run at once. A sample whose call fails
@@ -41,7 +42,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trainers.contract.graders.templates import GraderError, episode_messages, tool_calls
-from trainers.contract.outbound import AddressRefused, ToolPolicy
+from trainers.contract.outbound import AddressRefused, ToolPolicy, pinned_client
 from trainers.contract.tools import REDACTED, check_headers
 
 __all__ = [
@@ -138,9 +139,14 @@ def configure(policy: ToolPolicy | None = None) -> EndpointStats:
     return _RUNTIME.stats
 
 
+def _check(url: str) -> list[str]:
+    """The policy in use now (``configure`` may replace it) checks each request."""
+    return _RUNTIME.policy.check(url)
+
+
 def _client() -> httpx.Client:
     if _RUNTIME.client is None:
-        _RUNTIME.client = httpx.Client(follow_redirects=False, trust_env=False)
+        _RUNTIME.client = pinned_client(_check)
     return _RUNTIME.client
 
 
@@ -232,12 +238,11 @@ def call(g: EndpointGrader, item: Any, sample: str) -> float | str:
     body = request_body(item, sample)
     policy, error = _RUNTIME.policy, "no try was made"
     for _ in range(g.retries + 1):
-        try:
-            policy.check(g.url)
-        except AddressRefused as exc:
-            return f"the endpoint is not allowed: {exc}"
         start = time.monotonic()
-        score, error, retry = _try(g, body, policy.max_reply_bytes)
+        try:
+            score, error, retry = _try(g, body, policy.max_reply_bytes)
+        except AddressRefused as exc:  # the client's check refused the URL: nothing sent
+            return f"the endpoint is not allowed: {exc}"
         _RUNTIME.stats.add(g.name, time.monotonic() - start, failed=score is None)
         if score is not None:
             return score
