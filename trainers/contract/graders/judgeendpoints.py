@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
 from trainers.contract.graders.judging import (
@@ -186,6 +187,7 @@ class _Runtime:
     stats: EndpointStats = field(default_factory=EndpointStats)
     parse_errors: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    client: httpx.Client | None = None
 
 
 _RUNTIME = _Runtime()
@@ -246,6 +248,15 @@ def read_answer(data: bytes) -> str:
     return content
 
 
+def _judge_client() -> httpx.Client:
+    """One client for the operator's judge endpoints: they are the server's own (often
+    posttrain's API on loopback), so the users' outbound policy and its pinning do not
+    apply; redirects are not followed and proxy variables are ignored, as for users' URLs."""
+    if _RUNTIME.client is None:
+        _RUNTIME.client = httpx.Client(follow_redirects=False, trust_env=False)
+    return _RUNTIME.client
+
+
 def ask(
     grader: ScoreModelGrader | LabelModelGrader,
     endpoint: JudgeEndpoint,
@@ -259,7 +270,13 @@ def ask(
     for _ in range(endpoint.retries + 1):
         start = time.monotonic()
         reply, error, retry = post(
-            url, data, headers, endpoint.timeout_seconds, MAX_REPLY_BYTES, "the judge endpoint"
+            url,
+            data,
+            headers,
+            endpoint.timeout_seconds,
+            MAX_REPLY_BYTES,
+            "the judge endpoint",
+            client=_judge_client(),
         )
         answer = None
         if reply is not None:

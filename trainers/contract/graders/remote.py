@@ -190,11 +190,19 @@ def read_score(data: bytes) -> float:
 
 
 def post(
-    url: str, body: bytes, headers: dict[str, str], timeout: float, cap: int, who: str
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    cap: int,
+    who: str,
+    client: httpx.Client | None = None,
 ) -> tuple[bytes | None, str, bool]:
     """One POST of ``body``: (the body of a 2xx reply or None, the error naming ``who``
     and never the URL, whether a retry may help). Redirects are not followed; at most
-    ``cap`` bytes are read; ``timeout`` bounds the try, reply included."""
+    ``cap`` bytes are read; ``timeout`` bounds the try, reply included. ``client``: this
+    module's pinned client (a user's URL, under the outbound policy) unless the caller
+    gives its own (the operator's judge endpoints)."""
     headers = {
         "content-type": "application/json",
         "user-agent": "posttrain-graders",
@@ -203,7 +211,8 @@ def post(
     }
     deadline = time.monotonic() + timeout
     try:
-        with _client().stream("POST", url, content=body, headers=headers, timeout=timeout) as r:
+        client = client or _client()
+        with client.stream("POST", url, content=body, headers=headers, timeout=timeout) as r:
             if r.status_code >= 500:
                 return None, f"{who} answered {r.status_code}", True
             if not 200 <= r.status_code < 300:
