@@ -161,6 +161,9 @@ def test_a_tool_task_learns_to_call_and_copy_through_the_api(tstack, lookup_url)
     assert all({"tools/calls_per_episode", "tools/errors"} <= set(r) for r in steps)
     calls = [r["tools/calls_per_episode"] for r in steps]
     print(f"tool calls per episode: {' '.join(f'{c:.2f}' for c in calls)}")
+    last_step = {k: v for k, v in steps[-1].items() if k.startswith(("tools/", "reward"))}
+    print(f"the last step's episode metrics: {json.dumps(last_step, sort_keys=True)}")
+    assert last_step["tools/episode_tokens"] >= last_step["tools/result_tokens"] > 0
     assert statistics.mean(calls[-10:]) > statistics.mean(calls[:10]), calls
     assert set(_Lookup.keys) & set(VALUES)  # the endpoint was called with real keys
     # the samples show each episode's calls with the results the model read back
