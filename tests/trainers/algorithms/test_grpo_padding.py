@@ -145,3 +145,30 @@ def test_the_switch_scores_one_block():
 def test_rotary_models_are_recognised():
     assert _rotary(_model())
     assert not _rotary(torch.nn.Linear(2, 2))
+
+
+def test_the_trainer_scores_in_groups_only_with_a_planner():
+    from trainers.algorithms.grpo.trainer import PosttrainGRPOTrainer
+
+    model = _model()
+    k, width = 6, 30
+    mask = _mask([30, 28, 4, 5, 3, 4], width, [6, 3, 6, 1, 5, 6], k)
+    ids = torch.randint(2, VOCAB, mask.shape).masked_fill(mask == 0, 0)
+    trainer = PosttrainGRPOTrainer.__new__(PosttrainGRPOTrainer)  # only what the call reads
+    trainer.accelerator = SimpleNamespace(autocast=nullcontext, is_main_process=True)
+    shapes = []
+    real_forward = model.forward
+    model.forward = lambda *a, **kw: (
+        shapes.append(tuple(kw["input_ids"].shape)) or real_forward(*a, **kw)
+    )
+    results = {}
+    for planner in (None, object()):
+        trainer.pt_planner = planner
+        shapes.clear()
+        with torch.no_grad():
+            results[planner is None] = trainer._get_per_token_logps_and_entropies(
+                model, ids, mask, k, None, True
+            )
+        assert shapes == ([(6, 36)] if planner is None else [(4, 11), (2, 36)])
+    for a, b in zip(results[False][:2], results[True][:2], strict=True):
+        torch.testing.assert_close(a * mask[:, -k:], b * mask[:, -k:], rtol=1e-5, atol=1e-5)
