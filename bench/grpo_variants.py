@@ -17,6 +17,13 @@ subprocess:
   (``restore_trl_kernel()``);
 - ``trl+pk``: the same plain TRL run after ``use_posttrain_kernel()``.
 
+``--score-all`` runs every kind with ``trainers.fused_head.SKIP_MASKED_ROWS = False``:
+posttrain's kernel scores every position on CPU, prompt and padding included, as it did
+before the forward passed it only the labelled ones (the baseline of that change).
+``--one-group`` runs posttrain's trainer with ``trainers.algorithms.grpo.padding.
+LENGTH_GROUPS = False``: its log-prob forwards score the batch as one block left-padded
+to the longest prompt, as TRL does, instead of in length groups (XRPO's seeded prompts).
+
 ``x TRL`` = posttrain / trl is what the targets are set on (<= 1.05 for ``grpo``,
 ``dapo``, ``dr_grpo``, which posttrain hands to TRL unchanged; <= 1.10 for ``xrpo``
 and ``hapo``; ``ngrpo`` is reported only). It includes the kernel swap, so
@@ -30,9 +37,11 @@ linear, no gradient checkpointing, logging every step, ...), the variant's TRL f
 come from ``TRL_MATCH``: the preset's loss_type / epsilon / epsilon_high / beta /
 scale_rewards / mask_truncated_completions for ``grpo``/``dapo``/``dr_grpo``, and for
 ``ngrpo``/``xrpo``/``hapo`` the same rollout count, loss_type, clip widths and beta
-(their estimators, planner, objective and temperature rule have no TRL equivalent).
-The ``GRPOConfig`` posttrain actually built is then diffed against the baseline's
-and every unexpected difference is printed, so a mismatch cannot hide.
+(their estimators, planner, objective and temperature rule have no TRL equivalent),
+and for every variant the preset's update schedule (``steps_per_generation``) fitted to
+``--prompts`` as posttrain fits it (``schedule``; ``--set steps_per_generation=N``
+changes both runs). The ``GRPOConfig`` posttrain actually built is then diffed against
+the baseline's and every unexpected difference is printed, so a mismatch cannot hide.
 
 Same in every run: model, data, rollouts (``num_generations`` 8, 16 completions =
 2 prompts per step, ``max_completion_length`` 32, temperature 1), the reward
@@ -53,7 +62,9 @@ decoded completion matches ``--pattern`` (default ``o``: ~15% of completions, so
 many groups stay unsolved and XRPO seeds; ``\\w`` gives ~40% and hardly any seeding).
 
 Measured: step time = ``on_step_begin`` -> ``on_step_end`` of a ``TrainerCallback``
-(generation, reward, advantages, the loss forward/backward, clipping, AdamW step).
+(generation, reward, advantages, the loss forward/backward, clipping, AdamW step),
+as wall time and as the process's CPU time (``cpu s``; with one thread it is the step's
+compute, which other processes on a loaded machine inflate far less than the wall time).
 The baseline adds the probe as a callback. posttrain's runner builds its callbacks
 itself, so the worker replaces ``trainers.runner.ReportingCallback`` with a subclass
 that times the same two hooks and is otherwise the service's callback (its
@@ -113,6 +124,19 @@ TRL_MATCH: dict[str, dict] = {
     "xrpo": {"loss_type": "dapo", "beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.2},
     "hapo": {"loss_type": "bnpo", "beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28},
 }
+
+
+def schedule(variant: str, overrides: dict, prompts: int) -> int:
+    """The preset's optimizer steps per generated batch, fitted to the prompts as posttrain
+    fits it (``trainers.algorithms.grpo.method.updates_per_generation``), for the baseline."""
+    from trainers.contract.methods.grpo import PIECE_DEFAULTS, PRESETS
+
+    wanted = overrides.get("steps_per_generation") or PRESETS[variant].get(
+        "steps_per_generation", PIECE_DEFAULTS["steps_per_generation"]
+    )
+    return max(1, min(int(wanted), prompts // (BATCH // NUM_GENERATIONS)))
+
+
 # Config fields that may differ between posttrain's GRPOConfig and the baseline's.
 EXPECTED_DIFF = {"output_dir", "logging_dir", "run_name", "save_strategy", "save_steps"}
 
@@ -158,6 +182,7 @@ def _probe_class(base):
             self.begins: list[float] = []
             self.ends: list[float] = []
             self.times: list[float] = []
+            self.cpu: list[float] = []
             self.logs: list[dict] = []
             self.args_dict: dict = {}
             self.kernel = ""
@@ -171,12 +196,14 @@ def _probe_class(base):
 
         def on_step_begin(self, args, state, control, **kw):
             self.begins.append(time.perf_counter())
+            self._cpu0 = time.process_time()
             return super().on_step_begin(args, state, control, **kw)
 
         def on_step_end(self, args, state, control, **kw):
             out = super().on_step_end(args, state, control, **kw)
             self.ends.append(time.perf_counter())
             self.times.append(self.ends[-1] - self.begins[-1])
+            self.cpu.append(time.process_time() - self._cpu0)
             return out
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -191,6 +218,7 @@ def _probe_class(base):
             tokens = series("num_tokens")
             return {
                 "times": [round(t, 4) for t in self.times],
+                "cpu": [round(t, 4) for t in self.cpu],
                 # step i's end -> step i+1's begin: logging, callbacks, data (not the last step)
                 "gap": [round(b - a, 4) for a, b in zip(self.ends, self.begins[1:], strict=False)],
                 "trl_step_time": series("step_time"),
@@ -265,8 +293,8 @@ def run_trl(spec: dict, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from trainers.contract.graders.scoring import build_reward_function
     from trainers.fused_head import restore_trl_kernel, use_posttrain_kernel
+    from trainers.graders.reward import build_reward_function
 
     (use_posttrain_kernel if spec["kind"] == "trl+pk" else restore_trl_kernel)()
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line]
@@ -300,6 +328,8 @@ def run_trl(spec: dict, work: Path) -> dict:
         temperature=1.0,
         log_completions=False,
         use_vllm=False,
+        steps_per_generation=spec["steps_per_generation"],
+        logging_nan_inf_filter=False,  # as posttrain's runner sets it
         **TRL_MATCH[spec["variant"]],
     )
     probe = _probe_class(TrainerCallback)()
@@ -318,7 +348,12 @@ def run_trl(spec: dict, work: Path) -> dict:
 def run_worker(spec: dict) -> dict:
     import torch
 
+    from trainers import fused_head
+    from trainers.algorithms.grpo import padding
+
     torch.set_num_threads(spec["threads"])
+    fused_head.SKIP_MASKED_ROWS = not spec.get("score_all")  # read at each forward
+    padding.LENGTH_GROUPS = not spec.get("one_group")
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         run = run_posttrain if spec["kind"] == "posttrain" else run_trl
         if not spec.get("profile"):
@@ -376,6 +411,7 @@ def summarise(r: dict, warmup: int) -> dict:
         return r
     return {
         "s_step": _median(r["times"], warmup),
+        "cpu_step": _median(r["cpu"], warmup),
         "gap": _median(r["gap"], warmup),
         "trl_step": _median(r["trl_step_time"], warmup),
         "tokens": _median(r["tokens"], warmup),
@@ -394,7 +430,7 @@ def merge(old: dict | None, new: dict) -> dict:
     if "error" in new:
         return old
     out = dict(old)
-    for key in ("s_step", "gap", "trl_step"):
+    for key in ("s_step", "cpu_step", "gap", "trl_step"):
         out[key] = min(old[key], new[key])
     out["times"] = old["times"] + new["times"]
     return out
@@ -414,6 +450,7 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
         f"\n{'variant':<9}{'s/step':>8}  {'x TRL':>6}  {'x TRL+pk':>8}  {'target':>6}  {'ok':<5}"
         f"{'own':<5}"
         f"{'gap s':>7}{'TRL gap':>8}{'tok/step':>10}{'seeded':>8}{'reward':>8}"
+        f"{'cpu s':>7}{'cpu x TRL+pk':>13}"
     )
     for variant, by_kind in results.items():
         pt, trl, pk = (by_kind.get(k, {"error": "not run"}) for k in KINDS)
@@ -432,7 +469,8 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
             f"{variant:<9}{pt['s_step']:8.3f}  {r_trl:6.3f}  {r_pk:8.3f}  "
             f"{'-' if target is None else f'{target:.2f}':>6}  {ok:<5}{own:<5}"
             f"{pt['gap']:7.3f}{trl.get('gap', float('nan')):8.3f}{pt['tokens']:10.0f}{seeded:>8}"
-            f"{pt['reward']:8.3f}"
+            f"{pt['reward']:8.3f}{pt['cpu_step']:7.3f}"
+            f"{pt['cpu_step'] / pk['cpu_step'] if 'cpu_step' in pk else float('nan'):13.3f}"
         )
     print(
         f"\nbaselines (kernel effect = trl+pk / trl):\n"
@@ -496,6 +534,18 @@ def main(argv=None) -> None:
         help="override a posttrain hyperparameter (diagnosis), e.g. --set xrpo_exemplars=0",
     )
     ap.add_argument(
+        "--score-all",
+        action="store_true",
+        help="posttrain's kernel scores every position on CPU, prompt and padding included "
+        "(as before it skipped them): the baseline of the masked-row skipping",
+    )
+    ap.add_argument(
+        "--one-group",
+        action="store_true",
+        help="posttrain's GRPO trainer scores the batch as one left-padded block, as TRL "
+        "does (no length groups): the baseline of trainers/algorithms/grpo/padding.py",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="cProfile the posttrain + trl+pk runs (times inflated)",
@@ -530,7 +580,9 @@ def main(argv=None) -> None:
             f"max_completion_length={args.completion_length} prompts={args.prompts} "
             f"grader=regex {args.pattern!r}  steps={args.steps} (warm-up {args.warmup}) "
             f"rounds={args.rounds} threads={args.threads}"
-            + (f"  posttrain overrides {overrides}" if overrides else ""),
+            + (f"  posttrain overrides {overrides}" if overrides else "")
+            + ("  score-all (masked rows scored)" if args.score_all else "")
+            + ("  one-group (no length groups)" if args.one_group else ""),
             flush=True,
         )
         results: dict[str, dict[str, dict]] = {v: {} for v in variants}
@@ -548,6 +600,9 @@ def main(argv=None) -> None:
                         "threads": args.threads,
                         "max_completion_length": args.completion_length,
                         "profile": args.profile,
+                        "score_all": args.score_all,
+                        "one_group": args.one_group,
+                        "steps_per_generation": schedule(variant, overrides, args.prompts),
                         "overrides": overrides,
                     }
                     t0 = time.perf_counter()

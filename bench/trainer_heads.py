@@ -1,13 +1,16 @@
 """Benchmark: TRL's SFT/DPO trainers with posttrain's fused head kernel vs TRL's own.
 
-    python -m bench.trainer_heads                       # SFT + DPO, both kernels, ~2.5 min
+    python -m bench.trainer_heads                       # SFT + DPO, three runs each, ~4 min
     python -m bench.trainer_heads --methods sft --steps 4 --rounds 1   # quick look
+    python -m bench.trainer_heads --methods dpo --kernels ours,ours-all  # the row skipping
 
 Plain ``trl.SFTTrainer``/``DPOTrainer`` patch the model with
 ``add_fused_lm_head``; the ``ours`` rows call ``trainers.fused_head.
 use_posttrain_kernel()`` first, so the same patched forward runs posttrain's
 kernel, the ``trl`` rows call ``restore_trl_kernel()`` (TRL's
-``ChunkedLogProbFunction``). Nothing else differs.
+``ChunkedLogProbFunction``). The ``ours-all`` rows are ``ours`` with
+``trainers.fused_head.SKIP_MASKED_ROWS = False``: posttrain's kernel given every
+position, as TRL's forward does on CPU (below). Nothing else differs.
 
 Model: a random Qwen2 built by ``trainers.tiny_model``'s config recipe, but
 with ``--hidden`` (256), 2 layers and ``--vocab`` (32768) rows in the tied LM
@@ -40,8 +43,13 @@ slowed ours ~8x and TRL's ~2x in a kernel micro-benchmark (fwd 0.15 -> 1.2 s vs
 0.67 -> 1.2 s) and made 2-thread trainer timings meaningless. ``--threads 2``
 on an idle machine measures the parallel case.
 
-On CPU, TRL's patched forward hands the kernel every position (labels clamped,
-``compact=False``), so both kernels see the same ``batch x (seq - 1)`` rows.
+On CPU, TRL's patched forward hands TRL's kernel every position (labels clamped,
+``compact=False``): ``batch x (seq - 1)`` rows, prompt and padding included. With
+posttrain's kernel bound it passes only the labelled rows (``_compact_rows``), so
+``ours/trl`` includes that skipping and ``ours-all`` is the same kernel without it:
+``skip x`` = ours-all s/step / ours s/step is the tokens/s gained by skipping (target
+>= 1.4 for DPO, whose prompts are half of every row; SFT's random rows have no
+prompt, so it has nothing to skip).
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ import time
 
 from bench.kernels import REPO, _status_kb
 
-KERNELS = ("ours", "trl")
-TARGETS = {"time": 1.0, "mem": 0.5}
+KERNELS = ("ours", "trl", "ours-all")
+TARGETS = {"time": 1.0, "mem": 0.5, "skip": 1.4}
 
 
 # --------------------------------------------------------------------------- model + data
@@ -181,10 +189,12 @@ def run_variant(spec: dict) -> dict:
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    from trainers import fused_head
     from trainers.fused_head import restore_trl_kernel, use_posttrain_kernel
 
-    # imported in both variants, so both memory baselines hold the same modules
-    (use_posttrain_kernel if spec["kernel"] == "ours" else restore_trl_kernel)()
+    # imported in every variant, so all memory baselines hold the same modules
+    (restore_trl_kernel if spec["kernel"] == "trl" else use_posttrain_kernel)()
+    fused_head.SKIP_MASKED_ROWS = spec["kernel"] != "ours-all"  # read at each forward
     torch.manual_seed(0)
     model_dir, steps, batch, tokens = spec["model"], spec["steps"], spec["batch"], spec["tokens"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -254,17 +264,18 @@ def _merge(old: dict | None, new: dict) -> dict:
     }
 
 
-def print_table(results: dict, common_mb: float) -> None:
-    """One row per (method, kernel); the ``ours`` row carries the ours/trl ratios."""
+def print_table(results: dict, common_mb: float, tokens: int) -> None:
+    """One row per (method, kernel); the ``ours`` row carries the ratios."""
     print(
-        f"\n{'method':<7}{'kernel':<7}{'s/step':>8}{'cpu s':>8}{'extra MB':>10}{'common MB':>11}"
-        f"  {'time ours/trl (<=1.0)':<22}{'cpu':>6}  {'mem ours/trl (<=0.5)':<20}"
+        f"\n{'method':<7}{'kernel':<9}{'s/step':>8}{'tok/s':>8}{'cpu s':>8}{'extra MB':>10}"
+        f"{'common MB':>11}  {'time ours/trl (<=1.0)':<22}{'cpu':>6}  "
+        f"{'mem ours/trl (<=0.5)':<22}{'skip x (dpo >=1.4)':<18}"
     )
     for method, by_kernel in results.items():
-        ours, trl = by_kernel.get("ours", {}), by_kernel.get("trl", {})
+        ours, trl, full = (by_kernel.get(k, {}) for k in ("ours", "trl", "ours-all"))
         for kernel, r in by_kernel.items():
             if "error" in r:
-                print(f"{method:<7}{kernel:<7} failed: {r['error']}")
+                print(f"{method:<7}{kernel:<9} failed: {r['error']}")
                 continue
             ratios = ""
             if kernel == "ours" and "s_step" in ours and "s_step" in trl:
@@ -273,11 +284,15 @@ def print_table(results: dict, common_mb: float) -> None:
                 m = ours["extra_mb"] / trl["extra_mb"]
                 ratios = (
                     f"{t:6.2f} {'ok' if t <= TARGETS['time'] else 'MISS':<15}{c:6.2f}"
-                    f"  {m:6.2f} {'ok' if m <= TARGETS['mem'] else 'MISS'}"
+                    f"  {m:6.2f} {'ok' if m <= TARGETS['mem'] else 'MISS':<15}"
                 )
+            if kernel == "ours" and "s_step" in ours and "s_step" in full:
+                x = full["s_step"] / ours["s_step"]  # tokens/s with skipping / without
+                verdict = "" if method != "dpo" else ("ok" if x >= TARGETS["skip"] else "MISS")
+                ratios = f"{ratios or ' ' * 44}  {x:6.2f} {verdict}"
             print(
-                f"{method:<7}{kernel:<7}{r['s_step']:8.3f}{r['cpu_step']:8.3f}"
-                f"{r['extra_mb']:10.0f}{common_mb:11.0f}  {ratios}"
+                f"{method:<7}{kernel:<9}{r['s_step']:8.3f}{tokens / r['s_step']:8.0f}"
+                f"{r['cpu_step']:8.3f}{r['extra_mb']:10.0f}{common_mb:11.0f}  {ratios}"
             )
     print("\nper-step wall times (s), all rounds, warm-up included:")
     for method, by_kernel in results.items():
@@ -340,7 +355,7 @@ def main(argv=None) -> None:
         for by_kernel in results.values():  # fixed row order: ours, then trl
             for k in sorted(by_kernel, key=lambda k: KERNELS.index(k) if k in KERNELS else 9):
                 by_kernel[k] = by_kernel.pop(k)
-    print_table(results, common_mb)
+    print_table(results, common_mb, args.tokens)
 
 
 if __name__ == "__main__":

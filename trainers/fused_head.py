@@ -17,12 +17,28 @@ point:
 - ``PosttrainLogProbFunction``: the same ``apply`` signature and 5-tuple as TRL's
   ``ChunkedLogProbFunction`` (differences: ``trainers/kernels/head.py``);
 - ``use_posttrain_kernel()`` / ``restore_trl_kernel()`` / ``trl_kernel()``: rebind
-  that name, process-wide (every patched model in the process is affected);
+  that name, process-wide (every patched model in the process is affected), and with
+  it ``trl.trainer.utils._use_triton``, the forward's "score only the labelled
+  positions" switch (below);
 - ``install_fused_head(model)``: what posttrain's own code calls; it patches a
   model once (TRL's patch is recognised, whoever applied it) and refuses a LoRA
   adapter on the LM head, which TRL's wrapper would silently ignore (it reads
   ``lm_head.weight``);
 - ``fused_head_settings(model)``: temperature/outputs of an installed head.
+
+Only labelled positions reach the kernel, on every device. TRL's forward computes
+``mask = labels != -100`` and then, where ``_use_triton(device)`` says so (CUDA/XPU
+with triton), passes ``hidden[mask]`` and ``labels[mask]`` and scatters the results
+back into zeros (``masked_scatter``, so an all-masked batch still backpropagates a
+zero). Elsewhere (CPU) it passes every position with the labels clamped to 0 and
+zeroes the ignored ones afterwards: prompt and padding rows are scored and thrown
+away, and the kernel cannot tell them apart (label 0 is a real token). TRL scores
+every position there so that Neuron's compiled tile shapes stay fixed; posttrain's
+kernel has no compiled shapes, so while it is bound the forward's ``_use_triton``
+is ``_compact_rows``: True on CPU and CUDA. Outputs and gradients are the same
+(rows are independent; masked positions are zero either way); only the ignored
+rows' work goes. ``SKIP_MASKED_ROWS = False`` turns it off (benchmarks and tests
+compare against it).
 """
 
 from __future__ import annotations
@@ -39,6 +55,9 @@ from trl.kernels import ChunkedLogProbFunction as TRL_KERNEL
 from trainers.kernels import HEAD_OUTPUTS, head_stats
 
 FUSED_OUTPUTS = ("log_probs", *HEAD_OUTPUTS)
+TRL_COMPACTS = trl_utils._use_triton  # TRL's own "score only the labelled positions" rule
+COMPACT_DEVICES = ("cpu", "cuda")  # where posttrain's kernel runs and shapes may vary
+SKIP_MASKED_ROWS = True  # False: score every position on CPU, as TRL does (baseline only)
 DEFAULT_OUTPUTS = ("log_probs", "entropy", "is_top1")
 _MARKER = "_posttrain_fused_head"  # the patched function, set by install_fused_head
 
@@ -84,40 +103,58 @@ class PosttrainLogProbFunction:
         return stats.logp, stats.entropy, stats.log_sum_sq_probs, stats.mean_logits, stats.is_top1
 
 
+def _compact_rows(device: torch.device) -> bool:
+    """TRL's forward asks this whether to pass only the labelled positions to the kernel."""
+    return (SKIP_MASKED_ROWS and device.type in COMPACT_DEVICES) or TRL_COMPACTS(device)
+
+
 def use_posttrain_kernel() -> None:
-    """Make every TRL fused LM head in this process run posttrain's kernel (idempotent)."""
+    """Make every TRL fused LM head in this process run posttrain's kernel (idempotent).
+
+    Also makes the forward pass it only the labelled positions on CPU and CUDA.
+    """
     trl_utils._ChunkedLogProbFunction = PosttrainLogProbFunction
+    trl_utils._use_triton = _compact_rows
 
 
 def restore_trl_kernel() -> None:
-    """Undo ``use_posttrain_kernel``: TRL's own ``ChunkedLogProbFunction`` again."""
+    """Undo ``use_posttrain_kernel``: TRL's own ``ChunkedLogProbFunction`` and row rule."""
     trl_utils._ChunkedLogProbFunction = TRL_KERNEL
+    trl_utils._use_triton = TRL_COMPACTS
 
 
 def posttrain_kernel_active() -> bool:
     return trl_utils._ChunkedLogProbFunction is PosttrainLogProbFunction
 
 
+def _binding() -> tuple:
+    return trl_utils._ChunkedLogProbFunction, trl_utils._use_triton
+
+
+def _rebind(binding: tuple) -> None:
+    trl_utils._ChunkedLogProbFunction, trl_utils._use_triton = binding
+
+
 @contextmanager
 def trl_kernel() -> Iterator[None]:
     """Run TRL's own kernel inside the block, then put back whatever was bound."""
-    previous = trl_utils._ChunkedLogProbFunction
+    previous = _binding()
     restore_trl_kernel()
     try:
         yield
     finally:
-        trl_utils._ChunkedLogProbFunction = previous
+        _rebind(previous)
 
 
 @contextmanager
 def posttrain_kernel() -> Iterator[None]:
     """Run posttrain's kernel inside the block, then put back whatever was bound."""
-    previous = trl_utils._ChunkedLogProbFunction
+    previous = _binding()
     use_posttrain_kernel()
     try:
         yield
     finally:
-        trl_utils._ChunkedLogProbFunction = previous
+        _rebind(previous)
 
 
 # ----------------------------------------------------------------------------- the model side

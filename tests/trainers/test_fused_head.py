@@ -65,10 +65,10 @@ TINY = {
 
 @pytest.fixture(autouse=True)
 def _keep_kernel_binding():
-    before = trl_utils._ChunkedLogProbFunction
+    before = (trl_utils._ChunkedLogProbFunction, trl_utils._use_triton)
     torch.manual_seed(0)
     yield
-    trl_utils._ChunkedLogProbFunction = before
+    trl_utils._ChunkedLogProbFunction, trl_utils._use_triton = before
 
 
 # ----------------------------------------------------------------------------- kernel level

@@ -38,6 +38,7 @@ import torch
 from transformers import LogitsProcessorList
 from trl import GRPOTrainer
 
+from trainers.algorithms.grpo.padding import in_length_groups
 from trainers.algorithms.grpo.toolloop import ToolEpisodesMixin
 from trainers.algorithms.tokens import prompt_ids
 from trainers.base import PosttrainTrainerMixin
@@ -290,6 +291,30 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
                 [texts[i] for i in rows],
             )
 
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **media,
+    ):
+        """TRL's, run in length groups without their shared left padding (``padding.py``)
+        when the planner may seed prompts (text only, rotary models, no MoE aux loss)."""
+        parent = super()._get_per_token_logps_and_entropies
+        args = (batch_size, compute_entropy, compute_aux_loss)
+        plain = compute_aux_loss or any(v is not None for v in media.values())
+        if self.pt_planner is None or plain or not _rotary(model):
+            return parent(model, input_ids, attention_mask, logits_to_keep, *args, **media)
+
+        def score(ids, mask):
+            return parent(model, ids, mask, logits_to_keep, *args)
+
+        return in_length_groups(score, input_ids, attention_mask, logits_to_keep)
+
     # ---------------------------------------------------------------- the objective
     def _compute_loss(self, model, inputs):
         s = self.pt_settings
@@ -371,6 +396,16 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
             self.pt_planner.load_state_dict(state["planner"])
         if self.pt_temperature and state.get("temperature") is not None:
             self.pt_temperature.load_state_dict(state["temperature"])
+
+
+def _rotary(model: torch.nn.Module) -> bool:
+    """Whether the model encodes positions with rotary embeddings (relative positions only)."""
+    inner = unwrap_model(model)
+    found = inner.__dict__.get("_posttrain_rotary")
+    if found is None:
+        found = any(type(m).__name__.endswith("RotaryEmbedding") for m in inner.modules())
+        inner.__dict__["_posttrain_rotary"] = found
+    return found
 
 
 def _group_stats(rewards: torch.Tensor, groups: torch.Tensor) -> dict:
