@@ -9,11 +9,14 @@ grader: the environment's reward is the job's only one.
 As in ``test_tool_job``, the tiny random model never writes a tool call by chance, so an
 SFT job first shows it the format on demonstrations (the tools turn, the call, the
 environment's reply as the system turns the tiny template renders them); the GRPO job,
-started from the SFT job's ``ft:`` model, raises the environment's reward (about 0.3 to
-0.4 over 60 steps). Its learning rate is half the tool task's: at 1.5e-3 and above the
-tiny model's call format collapsed for a few steps before recovering, which would make a
-rise of the kind asserted here mean little. The loopback environment is allowed by the
-stack's ``POSTTRAIN_TOOL_ALLOWED_NETWORKS``.
+started from the SFT job's ``ft:`` model, raises the environment's reward (the means of
+the first and the last 20 of its 60 steps went 0.50 -> 0.65, 0.49 -> 0.64 and 0.49 ->
+0.59 for RL seeds 1, 2 and 3). The warm-up takes 60 steps and the RL job no KL term: after
+30 warm-up steps the call format was fragile (learning rates of 1.5e-3 and above broke it
+for a few steps; with the KL term at 2e-3, seed 1 collapsed to 0) and the rise so small
+(0.31 -> 0.42) that a change in float rounding (the fused head's row skipping) moved it
+under the assertion. The loopback environment is allowed by the stack's
+``POSTTRAIN_TOOL_ALLOWED_NETWORKS``.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from tests.loopback import Handler, serving
 pytestmark = pytest.mark.e2e
 ENV_DB = 7
 TARGETS = "123"
-SFT_HP = {"learning_rate": 1e-2, "batch_size": 8, "n_epochs": 20, "max_steps": 30}
+SFT_HP = {"learning_rate": 1e-2, "batch_size": 8, "n_epochs": 20, "max_steps": 60}
 RL_HP = {
     "num_generations": 8,
     "batch_size": 16,
     "max_completion_length": 96,
-    "learning_rate": 1e-3,
+    "learning_rate": 2e-3,
+    "beta": 0.0,
     "max_steps": 60,
     "max_turns": 2,
 }
@@ -158,9 +162,9 @@ def test_a_stateful_environment_task_learns_through_the_api(estack, env_url):
     assert shown["method"]["grpo"]["environment"]["headers"] == {"Authorization": "[redacted]"}
     curve = reward_curve(estack, job.id)
     assert len(curve) == RL_HP["max_steps"]
-    first, last = statistics.mean(curve[:10]), statistics.mean(curve[-10:])
+    first, last = statistics.mean(curve[:20]), statistics.mean(curve[-20:])
     print(f"\nenvironment task reward per step: {' '.join(f'{r:.2f}' for r in curve)}")
-    print(f"mean of the first 10 steps {first:.2f} -> last 10 {last:.2f} (max 1)")
+    print(f"mean of the first 20 steps {first:.2f} -> last 20 {last:.2f} (max 1)")
     assert last >= first + 0.05, curve
     rows = httpx.get(f"{estack.base_url}/v1/fine_tuning/jobs/{job.id}/metrics", timeout=30)
     steps = [r for r in rows.json()["data"] if "reward" in r]
