@@ -15,7 +15,6 @@ import torch
 
 from tests.loopback import Handler, serving
 from trainers import registry
-from trainers.algorithms.grpo.trainer import PosttrainGRPOTrainer
 from trainers.contract.errors import JobError
 from trainers.contract.graders.remote import split_grader_secrets
 from trainers.contract.outbound import ToolPolicy
@@ -56,21 +55,6 @@ def scorer():
         yield url
 
 
-@pytest.fixture
-def rewards(monkeypatch):
-    """(completions, the trainer's rewards per grader) of every batch it scored."""
-    seen = []
-    original = PosttrainGRPOTrainer._calculate_rewards
-
-    def spy(self, inputs, prompts, completions, completion_ids_list):
-        out = original(self, inputs, prompts, completions, completion_ids_list)
-        seen.append((completions, out.detach().cpu()))
-        return out
-
-    monkeypatch.setattr(PosttrainGRPOTrainer, "_calculate_rewards", spy)
-    return seen
-
-
 def test_the_rewards_are_the_scores_the_endpoint_answered(tmp_path, scorer, rewards, monkeypatch):
     torch.set_num_threads(1)
     rows = [
@@ -109,7 +93,7 @@ def test_the_rewards_are_the_scores_the_endpoint_answered(tmp_path, scorer, rewa
     reporter = Reporter()
     assert run_method(registry.resolve("grpo"), plan, reporter).step == 2
     assert rewards
-    for completions, per_grader in rewards:
+    for completions, per_grader, _ in rewards:
         expected = [score_of(completion_text(c)) for c in completions]
         assert per_grader[:, 0].tolist() == pytest.approx(expected, abs=1e-6)
     assert _Scorer.auth and set(_Scorer.auth) == {SECRET}
@@ -120,7 +104,7 @@ def test_the_rewards_are_the_scores_the_endpoint_answered(tmp_path, scorer, rewa
         if "graders/remote/endpoint_calls" in m
     ]
     assert calls and max(calls) > 0
-    assert len(_Scorer.auth) == sum(len(c) for c, _ in rewards)  # one call per completion
+    assert len(_Scorer.auth) == sum(len(c) for c, _, _ in rewards)  # one call per completion
     assert SECRETS_ENV not in os.environ
 
 

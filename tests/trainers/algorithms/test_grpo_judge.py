@@ -18,7 +18,6 @@ import torch
 
 from tests.loopback import Handler, serving
 from trainers import registry
-from trainers.algorithms.grpo.trainer import PosttrainGRPOTrainer
 from trainers.contract.graders.judgeendpoints import parse_endpoints
 from trainers.contract.graders.judging import JudgeParseError, parse_label, parse_score
 from trainers.contract.plan import RunPlan
@@ -74,20 +73,6 @@ def expected_rating(text: str) -> float:
         return parse_score(rating(text), [0, 10])
     except JudgeParseError:
         return 0.0
-
-
-@pytest.fixture
-def rewards(monkeypatch):
-    seen = []
-    original = PosttrainGRPOTrainer._calculate_rewards
-
-    def spy(self, inputs, prompts, completions, completion_ids_list):
-        out = original(self, inputs, prompts, completions, completion_ids_list)
-        seen.append((completions, out.detach().cpu()))
-        return out
-
-    monkeypatch.setattr(PosttrainGRPOTrainer, "_calculate_rewards", spy)
-    return seen
 
 
 def test_the_rewards_are_the_judges_parsed_answers(tmp_path, rewards, monkeypatch):
@@ -147,7 +132,7 @@ def test_the_rewards_are_the_judges_parsed_answers(tmp_path, rewards, monkeypatc
         assert run_method(registry.resolve("grpo"), plan, reporter).step == 2
     assert rewards
     parse_errors = 0
-    for completions, per_grader in rewards:
+    for completions, per_grader, _ in rewards:
         texts = [completion_text(c) for c in completions]
         assert per_grader[:, 0].tolist() == pytest.approx([expected_rating(t) for t in texts])
         labels = [parse_label(verdict(t), ["good", "bad"]) for t in texts]
@@ -156,7 +141,7 @@ def test_the_rewards_are_the_judges_parsed_answers(tmp_path, rewards, monkeypatc
         both = [expected_rating(t) / 10 + p for t, p in zip(texts, passed, strict=True)]
         assert per_grader[:, 2].tolist() == pytest.approx(both)
         parse_errors += sum(sum(t.encode()) % 5 == 0 for t in texts)
-    n = sum(len(c) for c, _ in rewards)
+    n = sum(len(c) for c, _, _ in rewards)
     assert len(_Judge.asked) == 4 * n and set(_Judge.auth) == {f"Bearer {KEY}"}
     rated = [b for b in _Judge.asked if b["messages"][-1]["content"].startswith(RATE)]
     assert {b["temperature"] for b in rated} == {0.0} and {b["model"] for b in rated} == {

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from trainers import registry
-from trainers.algorithms.grpo.trainer import PosttrainGRPOTrainer
 from trainers.contract.plan import RunPlan
 from trainers.contract.sandbox import SandboxPolicy, probe
 from trainers.contract.spec import JobSpec
@@ -28,21 +27,6 @@ SOURCE = (
     "    bonus = 0.5 if item['answer'] in sample['output_text'] else 0.0\n"
     "    return sum(sample['output_text'].encode()) % 97 / 97 + bonus\n"
 )
-
-
-@pytest.fixture
-def rewards(monkeypatch):
-    """(completions, the trainer's rewards per grader, prompts) of every batch it scored."""
-    seen = []
-    original = PosttrainGRPOTrainer._calculate_rewards
-
-    def spy(self, inputs, prompts, completions, completion_ids_list):
-        out = original(self, inputs, prompts, completions, completion_ids_list)
-        seen.append((completions, out.detach().cpu(), prompts))
-        return out
-
-    monkeypatch.setattr(PosttrainGRPOTrainer, "_calculate_rewards", spy)
-    return seen
 
 
 def score_of(text: str, answer: str) -> float:
