@@ -42,7 +42,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from trainers.contract.outbound import TenantOutbound, ToolPolicy
@@ -98,6 +97,15 @@ class KeyFileError(ValueError):
     """The key file cannot be used; the message says why."""
 
 
+def _outbound_rule(**rule: list[str]) -> TenantOutbound:
+    """One field of a tenant's outbound rules, checked by the contract's own model; its
+    error raised as this field's (so it names the tenant entry's field, not the model's)."""
+    try:
+        return TenantOutbound(**rule)
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
 class _TenantEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keys: list[str] = Field(min_length=1, description="sha256 hex digests of the keys.")
@@ -120,12 +128,15 @@ class _TenantEntry(BaseModel):
         "with one of these (and with one of POSTTRAIN_TOOL_URL_PREFIXES, if set).",
     )
 
-    @model_validator(mode="after")
-    def _outbound(self) -> _TenantEntry:
-        TenantOutbound(
-            allowed_networks=self.tool_allowed_networks, url_prefixes=self.tool_url_prefixes
-        )
-        return self
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return _outbound_rule(allowed_networks=value).allowed_networks
+
+    @field_validator("tool_url_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        return _outbound_rule(url_prefixes=value).url_prefixes
 
     @field_validator("queues")
     @classmethod
@@ -145,7 +156,7 @@ class _TenantEntry(BaseModel):
         return keys
 
 
-class _KeyFile(BaseModel):
+class KeyFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenants: dict[str, _TenantEntry]
 
@@ -202,7 +213,7 @@ class KeyRing:
         return cls(ring)
 
 
-def read_key_file(path: Path) -> _KeyFile:
+def read_key_file(path: Path) -> KeyFile:
     try:
         text = path.read_text()
     except OSError as exc:
@@ -215,7 +226,7 @@ def read_key_file(path: Path) -> _KeyFile:
         kind = "JSON" if is_json else "TOML"
         raise KeyFileError(f"API key file {path} is not valid {kind}: {exc}") from None
     try:
-        parsed = _KeyFile.model_validate(raw)
+        parsed = KeyFile.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])

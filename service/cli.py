@@ -116,67 +116,74 @@ def _inference(args: argparse.Namespace) -> int:
     return run()
 
 
-def _queues(text: str) -> list[str]:
+def _csv(text: str) -> list[str]:
     return [q.strip() for q in text.split(",") if q.strip()]
 
 
+# the key-file fields ``posttrain keys add`` sets, with the flag that sets each
+_ENTRY_FLAGS = {
+    "admin": "--admin",
+    "max_active_jobs": "--max-active-jobs",
+    "max_concurrent_eval_runs": "--max-concurrent-eval-runs",
+    "queues": "--queues",
+    "tool_allowed_networks": "--tool-allowed-networks",
+    "tool_url_prefixes": "--tool-url-prefixes",
+}
+
+
 def _keys_add(args: argparse.Namespace) -> int:
-    """Make a new key for tenant NAME: print it once, and its key-file entry."""
+    """Make a new key for tenant NAME: print it once, and its key-file entry.
+
+    The entry is checked by the key file's own model before anything is written or printed,
+    so a value the API would refuse at start is refused here, naming its flag."""
     import json
     import secrets
     from pathlib import Path
 
-    from service.auth import TENANT_NAME, hash_key, read_key_file
-    from trainers.contract.resources import check_queue_name
+    from pydantic import ValidationError
+
+    from service.auth import TENANT_NAME, KeyFile, hash_key, read_key_file
+
+    def fail(message: str) -> int:
+        print(f"posttrain keys add: {message}", file=sys.stderr)
+        return 2
 
     if not TENANT_NAME.match(args.name):
-        print(f"posttrain keys add: '{args.name}' is not a valid tenant name", file=sys.stderr)
-        return 2
-    if (args.max_concurrent_eval_runs or 0) < 0:
-        print("posttrain keys add: --max-concurrent-eval-runs is 0 (no limit) or more",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    for queue in _queues(args.queues or ""):
-        try:
-            check_queue_name(queue)
-        except ValueError as exc:
-            print(f"posttrain keys add: --queues: {exc}", file=sys.stderr)
-            return 2
+        return fail(f"'{args.name}' is not a valid tenant name")
+    fields: dict = {}
+    for field in _ENTRY_FLAGS:
+        value = getattr(args, field)
+        if value is None or value is False:
+            continue
+        fields[field] = _csv(value) if isinstance(value, str) else value
     key = "pt-" + secrets.token_urlsafe(32)
     digest = hash_key(key)
-    if args.file:
-        path = Path(args.file)
-        if path.suffix != ".json":
-            print("posttrain keys add: --file updates a .json key file; for TOML, paste the "
-                  "entry printed without --file", file=sys.stderr)  # fmt: skip
-            return 2
-        data = json.loads(path.read_text()) if path.exists() else {"tenants": {}}
-        entry = data.setdefault("tenants", {}).setdefault(args.name, {"keys": []})
-        entry["keys"].append(digest)
-        if args.admin:
-            entry["admin"] = True
-        if args.max_active_jobs:
-            entry["max_active_jobs"] = args.max_active_jobs
-        if args.max_concurrent_eval_runs is not None:
-            entry["max_concurrent_eval_runs"] = args.max_concurrent_eval_runs
-        if args.queues:
-            entry["queues"] = _queues(args.queues)
+    path = Path(args.file) if args.file else None
+    if path is not None and path.suffix != ".json":
+        return fail("--file updates a .json key file; for TOML, paste the entry printed "
+                    "without --file")  # fmt: skip
+    data = json.loads(path.read_text()) if path and path.exists() else {"tenants": {}}
+    entry = data.setdefault("tenants", {}).setdefault(args.name, {"keys": []})
+    entry["keys"].append(digest)
+    entry.update(fields)
+    try:
+        KeyFile.model_validate({"tenants": {args.name: entry}})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = err["loc"][2:]  # ("tenants", NAME, field, ...)
+        flag = _ENTRY_FLAGS.get(str(loc[0]), ".".join(map(str, loc))) if loc else args.name
+        return fail(f"{flag}: {err['msg'].removeprefix('Value error, ')}")
+    if path is not None:
         tmp = path.with_name(f".{path.stem}.tmp.json")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
-        read_key_file(tmp)  # never write a file the API would refuse
+        read_key_file(tmp)  # the whole file, as the API will read it
         tmp.replace(path)
         print(f"added a key for tenant '{args.name}' to {path}; restart the API to use it",
               file=sys.stderr)  # fmt: skip
     else:
-        lines = [f"[tenants.{args.name}]", f'keys = ["{digest}"]']
-        if args.admin:
-            lines.append("admin = true")
-        if args.max_active_jobs:
-            lines.append(f"max_active_jobs = {args.max_active_jobs}")
-        if args.max_concurrent_eval_runs is not None:
-            lines.append(f"max_concurrent_eval_runs = {args.max_concurrent_eval_runs}")
-        if args.queues:
-            lines.append(f"queues = {json.dumps(_queues(args.queues))}")
+        # TOML's values for these types are written as JSON writes them
+        lines = [f"[tenants.{args.name}]"]
+        lines += [f"{name} = {json.dumps(value)}" for name, value in entry.items()]
         print("add to the TOML key file (POSTTRAIN_API_KEYS_FILE):", file=sys.stderr)
         print("\n".join(lines), file=sys.stderr)
     print("the key (shown once; only its sha256 is stored):", file=sys.stderr)
@@ -240,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval runs graded at once (0 = no limit; default POSTTRAIN_EVAL_RUNS_PER_TENANT)",
     )
     add.add_argument("--queues", help="comma-separated worker queues the tenant may use")
+    add.add_argument(
+        "--tool-allowed-networks",
+        help="comma-separated non-public CIDRs the tenant's tools, environments and endpoint "
+        "graders may reach",
+    )
+    add.add_argument(
+        "--tool-url-prefixes",
+        help="comma-separated prefixes the tenant's tool, environment and grader URLs must have",
+    )
     add.set_defaults(func=_keys_add)
     hsh = keys.add_parser("hash", help="print the sha256 of each key read from stdin")
     hsh.set_defaults(func=_keys_hash)

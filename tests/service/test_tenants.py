@@ -752,6 +752,40 @@ def test_keys_add_cli_writes_a_hash_the_api_accepts(tmp_path):
     assert bad.returncode == 2 and "--queues: queue 'a:b' is not a queue name" in bad.stderr
 
 
+def test_keys_add_cli_sets_the_outbound_rules_in_json_and_toml(tmp_path):
+    import tomllib
+
+    path = tmp_path / "keys.json"
+    rules = ["--tool-allowed-networks", "10.8.0.0/16, 192.168.7.0/24",
+             "--tool-url-prefixes", "http://10.8.0.5:8080/tools/"]  # fmt: skip
+    out = subprocess.run([*CLI, "keys", "add", "lab", "--file", str(path), *rules],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    tenant = KeyRing.load("", path).tenant_for(out.stdout.strip())
+    assert tenant.tool_allowed_networks == ("10.8.0.0/16", "192.168.7.0/24")
+    assert tenant.tool_url_prefixes == ("http://10.8.0.5:8080/tools/",)
+    # without --file: the printed TOML entry is one the API loads the same way
+    out = subprocess.run([*CLI, "keys", "add", "lab", "--admin", *rules],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    toml = out.stderr.split("\n", 1)[1].split("the key (shown once")[0]
+    entry = tomllib.loads(toml)["tenants"]["lab"]
+    assert entry["admin"] is True and entry["keys"] == [hash_key(out.stdout.strip())]
+    toml_path = tmp_path / "keys.toml"
+    toml_path.write_text(toml)
+    tenant = KeyRing.load("", toml_path).tenant_for(out.stdout.strip())
+    assert tenant.admin and tenant.tool_allowed_networks == ("10.8.0.0/16", "192.168.7.0/24")
+    # a value the API would refuse at start is refused here, naming the flag; nothing written
+    before = path.read_text()
+    for flags, message in (
+        (["--tool-allowed-networks", "10.0.0.0/33"], "--tool-allowed-networks: '10.0.0.0/33'"),
+        (["--max-active-jobs", "0"], "--max-active-jobs: Input should be greater than"),
+        (["--max-concurrent-eval-runs", "-1"], "--max-concurrent-eval-runs: Input should be"),
+    ):
+        bad = subprocess.run([*CLI, "keys", "add", "lab", "--file", str(path), *flags],
+                             capture_output=True, text=True)  # fmt: skip
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert bad.stdout == "" and path.read_text() == before
+
+
 # ---- the bind refusal, as processes
 
 
