@@ -66,6 +66,8 @@ class SpecModels:
 
     model: ResolvedModel
     hub_ids: list[str] = field(default_factory=list)
+    # graders' models kept as remote judges: the worker checks its own endpoints serve them
+    judge_models: list[str] = field(default_factory=list)
 
     def record_fields(self) -> dict[str, str]:
         out = {"model_source": self.model.source}
@@ -73,6 +75,8 @@ class SpecModels:
             out["model_path"] = str(self.model.path)
         if self.hub_ids:
             out["hub_models"] = json.dumps(self.hub_ids)
+        if self.judge_models:
+            out["judge_models"] = json.dumps(sorted(set(self.judge_models)))
         return out
 
 
@@ -181,15 +185,17 @@ class ModelAccess:
         given; the job's own ``model`` keeps the caller's name (it is shown on the job)
         and its directory is returned for the record."""
         hub: list[str] = []
+        judges: list[str] = []
         top = self._one(spec.model, tenant, "model", hub)
         graders = _training_graders(spec)
         for owner, attr, param in _nested_refs(spec):
             if id(owner) in graders and self.is_remote_judge(owner, attr):
+                judges.append(getattr(owner, attr))
                 continue
             resolved = self._one(getattr(owner, attr), tenant, param, hub)
             if resolved.path is not None:
                 setattr(owner, attr, str(resolved.path))
-        return SpecModels(top, hub)
+        return SpecModels(top, hub, judges)
 
     def check_grader(
         self, grader: BaseModel, tenant: Tenant, param: str = "grader", *, training: bool = False

@@ -28,6 +28,7 @@ from pathlib import Path
 import redis
 
 from trainers.contract import fencing
+from trainers.contract.graders.judgeendpoints import SETTING as JUDGES_SETTING
 from trainers.contract.jobdir import JobDir
 from trainers.contract.outbound import TenantOutbound
 from trainers.contract.plan import RunPlan
@@ -249,6 +250,8 @@ class Supervisor:
             if not problem:
                 problem, code = self._hub_problem(job_id), "model_not_found"
             if not problem:
+                problem, code = self._judge_problem(job_id), "judge_endpoint_unavailable"
+            if not problem:
                 problem, code = self._placement_problem(spec), "resources_unavailable"
         if problem:
             return self._fail_before_start(job_id, code, problem)
@@ -280,6 +283,21 @@ class Supervisor:
         names = json.loads(self.store.get(job_id).get("hub_models") or "[]")
         if any(Path(name).exists() for name in names):
             return "model not found or not allowed"
+        return None
+
+    def _judge_problem(self, job_id: str) -> str | None:
+        """A grader model the API kept as a remote judge must be served by this worker's
+        judge endpoints too; otherwise the run would take the name for a local model and
+        fail to load it with a far less useful message."""
+        names = json.loads(self.store.get(job_id).get("judge_models") or "[]")
+        missing = [name for name in names if self.s.judges().endpoint_for(name) is None]
+        if missing:
+            return (
+                f"the graders' judge model(s) {', '.join(map(repr, missing))} were accepted "
+                f"by the API as served by its {JUDGES_SETTING}, but this worker's "
+                f"{JUDGES_SETTING} serves no such model (queue {self.s.queue}); the API and "
+                "the workers must list the same judge endpoints"
+            )
         return None
 
     def _placement_problem(self, spec: JobSpec) -> str | None:

@@ -79,6 +79,9 @@ def test_remote_judges_are_accepted_in_a_training_job_as_written(http):
     graders = stored["method"]["grpo"]["graders"]
     assert [g["model"] for g in graders[:2]] == ["judge-chat", "judge-chat"]
     assert {g["model"] for g in graders[2]["graders"].values()} == {"judge-chat"}
+    # recorded for the worker, which checks its own endpoints serve them before the run
+    record = http.app.state.jobs.get(resp.json()["id"])
+    assert json.loads(record["judge_models"]) == ["judge-chat"]
 
 
 def test_graders_validate_accepts_a_remote_judge(http):

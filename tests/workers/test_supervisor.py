@@ -301,3 +301,26 @@ def test_the_run_plan_carries_the_tenants_outbound_rules(store, file_store, tmp_
         plan.tools.check("http://127.0.0.1:9/other")
     with pytest.raises(AddressRefused, match="non-public"):
         sup.s.tool_policy().check("http://127.0.0.1:9/lab/tool")  # the server alone refuses
+
+
+def test_a_judge_model_this_worker_does_not_serve_fails_before_spawning(
+    store, file_store, tmp_path, tiny_model
+):
+    """The API kept a grader's model as a remote judge (its POSTTRAIN_JUDGE_ENDPOINTS
+    serves it) and recorded it; a worker whose own endpoints do not serve it fails the job
+    naming the model and the setting, instead of loading the name as a local model."""
+    sup, attempt, _ = _setup(store, file_store, tmp_path, str(tiny_model), [json.dumps(CHAT)])
+    store.set_fields("ftjob-s", judge_models=json.dumps(["judge-chat"]))
+    assert sup.run("ftjob-s", attempt) == "failed"
+    err = _error(store)
+    assert err["code"] == "judge_endpoint_unavailable"
+    assert "'judge-chat'" in err["message"] and "POSTTRAIN_JUDGE_ENDPOINTS" in err["message"]
+    # a worker that serves it passes the check (and goes on to start the run)
+    endpoints = {"own": {"base_url": "http://127.0.0.1:9/v1", "models": ["judge-chat"]}}
+    served = WorkerSettings(
+        data_dir=tmp_path,
+        train_threads=1,
+        key_prefix="test:",
+        judge_endpoints=json.dumps(endpoints),
+    )
+    assert Supervisor(served, store, file_store, "w1")._judge_problem("ftjob-s") is None
