@@ -119,6 +119,16 @@ class ProgressReader(io.RawIOBase):
         return self._fh.tell()
 
 
+def _report_rows(rows: list[dict], up_to: float, on_metrics) -> int | None:
+    """Report (and take off ``rows``) the rows up to step ``up_to``; the last one's step."""
+    last = None
+    while rows and rows[0]["step"] <= up_to:
+        row = rows.pop(0)
+        on_metrics(row)
+        last = row["step"]
+    return last
+
+
 class Client:
     """The API's ``/v1`` routes as methods returning the decoded JSON bodies."""
 
@@ -200,18 +210,25 @@ class Client:
         follow: bool = True,
     ) -> dict:
         """Report the job's events (and metrics rows) as they arrive; with ``follow``
-        until the job ends, else once. The job as it was last read."""
+        until the job ends, else once. The job as it was last read.
+
+        Rows carry a step and no time, so they are put among the events by the
+        ``metrics`` events the worker writes beside some steps' rows (always step 1 and
+        the last): a metrics event for step k is reported after every row up to k, so
+        "Training for N steps" comes before step 1's row and a checkpoint's event after
+        its step's row. Rows past the newest such event follow the poll's events."""
         last_event: str | None = None
         last_step: int | None = None
         while True:
             job = self.job(job_id)  # read first: what follows is complete up to its status
-            if on_metrics is not None:  # first: an event may say what the steps led to
-                for row in self.metrics_since(job_id, last_step):
-                    on_metrics(row)
-                    last_step = row["step"]
+            rows = [] if on_metrics is None else self.metrics_since(job_id, last_step)
             for event in self.events_since(job_id, last_event):
+                data = event.get("data")
+                if event.get("type") == "metrics" and isinstance(data, dict) and "step" in data:
+                    last_step = _report_rows(rows, data["step"], on_metrics) or last_step
                 on_event(event)
                 last_event = event["id"]
+            last_step = _report_rows(rows, float("inf"), on_metrics) or last_step
             if not follow or job["status"] in JOB_ENDS:
                 return job
             time.sleep(poll)

@@ -68,6 +68,20 @@ def test_create_follow_logs_and_download(stack, tmp_path):
     messages = [line for line in lines[1:] if not line.startswith("step ")]
     assert messages[-1].endswith("The job has successfully completed"), messages
 
+    # a replay reads everything at once, and still puts each row among the events in the
+    # order they were written: the run's plan before step 1, a checkpoint after its step
+    full = cli(stack, "logs", job_id).stdout.splitlines()
+
+    def row_of(step) -> int:
+        return next(i for i, line in enumerate(full) if re.match(rf"step {step}[ /]", line))
+
+    first_step = row_of(1)
+    plan = next(i for i, line in enumerate(full) if re.search(r"  Training for \d+ steps", line))
+    assert plan < first_step, full
+    for i, line in enumerate(full):
+        if m := re.search(r"  Checkpoint created at step (\d+)", line):
+            assert row_of(m[1]) < i, full
+
     replay = cli(stack, "logs", job_id, "--no-metrics")
     assert replay.returncode == 0, replay.stderr
     # without the metrics rows, the metrics events are printed in their place
