@@ -50,14 +50,8 @@ from workers.evalgrading import (
     http_sampler,
     output_item,
 )
-from workers.evalruns import (
-    FINISHED,
-    Claim,
-    EvalRunStore,
-    RowError,
-    read_rows,
-    wake_waiting,
-)
+from workers.evalrows import RowError, read_rows
+from workers.evalruns import FINISHED, Claim, EvalRunStore, wake_waiting
 from workers.evalstore import EvalStore
 from workers.filestore import FileStore
 from workers.redis_client import make_redis
