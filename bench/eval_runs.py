@@ -48,8 +48,10 @@ starts), then the same ``grade_run`` from a ``python -c`` process (a forked grad
 child re-runs its parent's ``__main__`` module, which for ``-c`` is nothing), with one
 bounded child per row for every criterion, each of those two with the next row sampled
 while a row is graded (the worker's sampler called one row ahead on a thread), and with
-in-process grading (the variants replace ``workers.evaltasks._grade`` in their own
-process only). The plain script runs the same rows before, between and after the
+in-process grading (the variants replace ``workers.evalgrading._grade``, which
+``output_item`` looks up there, in their own process only; ``_grade`` now grades only
+criteria that load a model, none of this bench's, so these two no longer change how its
+rows are graded). The plain script runs the same rows before, between and after the
 rounds, as their baseline. One grade of each criterion is timed in-process, in a bounded
 child, and in a bounded child whose parent's main module is ``workers.evaltasks``.
 
@@ -144,7 +146,7 @@ def render(item: dict[str, str]) -> list[dict[str, str]]:
 
 
 def passes(criterion: dict[str, Any], score: float) -> bool:
-    """OpenAI's pass marks as posttrain documents them (workers/evaltasks.py)."""
+    """OpenAI's pass marks as posttrain documents them (workers/evalgrading.py)."""
     if criterion.get("pass_threshold") is not None:
         return score >= criterion["pass_threshold"]
     if criterion["type"] == "string_check":
@@ -413,7 +415,7 @@ def grade_row(payloads: list[dict], item: Any, text: str) -> list[Any]:
 
 
 class PerRowChild:
-    """Stands in for ``workers.evaltasks._grade``: the first criterion of a row starts one
+    """Stands in for ``workers.evalgrading._grade``: the first criterion of a row starts one
     bounded child grading all of them (same time and memory caps as ``run_isolated``);
     the other criteria of the row take their report from it."""
 
@@ -449,20 +451,20 @@ def whatif_child(mode: str, arg: str) -> None:
     """The ``python -c`` side of a what-if: ``mode`` is a key of ``WHATIFS`` (``arg``: the
     run id) or ``micro`` (``arg``: a JSON file of (item, text) pairs to grade)."""
     from trainers.contract.graders import scoring
-    from workers import evaltasks
+    from workers import evalgrading, evaltasks
 
     if mode == "micro":
         _say(micro(json.loads(Path(arg).read_text())))
         return
     settings, runs, files = evaltasks._context()
     if mode.startswith("per-row"):
-        evaltasks._grade = PerRowChild()
+        evalgrading._grade = PerRowChild()
     elif mode == "in-process":
-        evaltasks._grade = scoring.grade_report
+        evalgrading._grade = scoring.grade_report
     rec = runs.get(arg)
-    sampler = evaltasks._http_sampler(runs, settings, rec["spec"])
+    sampler = evalgrading.http_sampler(runs, settings, rec["spec"])
     if mode.endswith("+ahead"):
-        sampler = Ahead(sampler, rec, evaltasks.input_messages)
+        sampler = Ahead(sampler, rec, evalgrading.input_messages)
     sample_s: list[float] = []
 
     def timed(messages):

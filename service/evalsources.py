@@ -18,7 +18,7 @@ from service.deps import owned_file
 from service.errors import APIError, not_found
 from service.routes.evals import _undeclared, criterion_spec, grading_plan, owned_eval
 from trainers.contract.graders.templates import TemplateError, parse_template
-from workers.evalruns import MAX_ITEMS, RowError, check_item, check_row, read_rows
+from workers.evalrows import MAX_ITEMS, RowError, check_item, check_row, read_rows
 
 DS = "data_source"
 ROLES = ("system", "developer", "user", "assistant")

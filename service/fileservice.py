@@ -4,7 +4,7 @@ The files route hands the raw request here. ``upload`` refuses a body whose
 Content-Length is over the limit, streams it into a staging file within the limits
 (``service.upload``), checks the form fields (``purpose``, OpenAI's ``expires_after``),
 validates every row in the thread pool (``trainers.contract.formats.summarize``, or for
-purpose ``evals`` ``workers.evalruns.read_rows``: each error names its line) and commits
+purpose ``evals`` ``workers.evalrows.read_rows``: each error names its line) and commits
 the file and its record (``FileStore.commit``). The staging file never outlives the
 request.
 """
@@ -21,7 +21,7 @@ from service.auth import Tenant
 from service.errors import APIError
 from service.settings import ApiSettings
 from trainers.contract.formats import DatasetError, FileSummary, summarize
-from workers.evalruns import RowError, read_rows
+from workers.evalrows import RowError, read_rows
 from workers.filestore import FileStore
 
 PURPOSES = ("fine-tune", "evals")
@@ -106,7 +106,7 @@ def _summarize(path):
 
 def _summarize_eval(path) -> FileSummary:
     """An eval data file: ``{"item": {...}, "sample": {...}}`` per line
-    (``workers.evalruns.read_rows``); its format is ``eval``."""
+    (``workers.evalrows.read_rows``); its format is ``eval``."""
     with open(path, "rb") as fh:
         try:
             rows = read_rows(fh, "file")

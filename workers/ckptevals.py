@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from trainers.contract.checkpoints import remove_checkpoints
-from workers.evalruns import EvalRunNotFound, EvalRunStore, RowError, new_run_id, read_rows
+from workers.evalrows import RowError, read_rows
+from workers.evalruns import EvalRunNotFound, EvalRunStore, new_run_id
 from workers.evalstore import EvalNotFound, EvalStore
 from workers.filestore import FileStore
 from workers.store import JobNotFound, JobStore

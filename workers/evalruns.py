@@ -1,4 +1,5 @@
-"""Eval runs and their output items in Redis, and the rows a run grades (torch-free).
+"""Eval runs and their output items in Redis (torch-free; the rows a run grades:
+``workers.evalrows``).
 
   evalrun:{id}              hash: id, eval_id, tenant, name, status, model, created_at,
                             metadata, data_source (JSON, as the caller gave it), spec (JSON:
@@ -53,24 +54,17 @@ from workers.store import DEFAULT_TENANT
 
 __all__ = [
     "FINISHED",
-    "MAX_ITEMS",
     "NO_ERROR",
     "USAGE",
     "Claim",
     "EvalRunNotFound",
     "EvalRunStore",
-    "RowError",
-    "check_item",
-    "check_row",
     "new_run_id",
     "output_item_id",
-    "read_rows",
     "usage_field",
     "wake_waiting",
 ]
 
-MAX_ITEMS = 10_000  # rows of one run
-MAX_ROW_BYTES = 1 << 20  # one row of a run's data, as JSON
 FINISHED = ("completed", "failed", "canceled")
 STATUSES = ("queued", "in_progress", *FINISHED)
 NO_ERROR = {"code": "", "message": ""}  # OpenAI's schema: error is an object, never null
@@ -268,14 +262,6 @@ class Claim:
 
 class EvalRunNotFound(KeyError):
     pass
-
-
-class RowError(ValueError):
-    """A row of a run's data that cannot be graded; ``where`` names it (the field path)."""
-
-    def __init__(self, where: str, message: str, line: int | None = None):
-        super().__init__(f"{where}: {message}")
-        self.where, self.message, self.line = where, message, line
 
 
 def usage_field(model: str, key: str) -> str:
@@ -658,100 +644,3 @@ def _decode(rec: dict[str, str]) -> dict[str, Any]:
         for i in range(len(criteria))
     ]
     return out
-
-
-# ---- rows
-_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "number": (int, float),
-    "integer": (int,),
-    "boolean": (bool,),
-    "object": (dict,),
-    "array": (list,),
-    "null": (type(None),),
-}
-
-
-def _is_type(value: Any, kind: str) -> bool:
-    if kind not in _TYPES:
-        return True  # a type this checker does not know: not checked
-    if isinstance(value, bool) and kind in ("number", "integer"):
-        return False
-    if kind == "integer" and isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, _TYPES[kind])
-
-
-def check_item(value: Any, schema: Any, where: str) -> None:
-    """Raise RowError naming the first field of ``value`` that ``schema`` refuses.
-
-    A subset of JSON Schema, as deep as the schema goes: ``type`` (one or a list),
-    ``required``, ``properties``, ``items``, ``enum``. Other keywords are not checked."""
-    if not isinstance(schema, dict):
-        return
-    kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else kinds
-    if isinstance(kinds, list) and not any(_is_type(value, k) for k in kinds):
-        raise RowError(where, f"must be of type {' or '.join(kinds)}, got {_json_type(value)}")
-    enum = schema.get("enum")
-    if isinstance(enum, list) and value not in enum:
-        raise RowError(where, f"must be one of {json.dumps(enum)[:200]}")
-    if isinstance(value, dict):
-        for name in schema.get("required") or []:
-            if name not in value:
-                raise RowError(f"{where}.{name}", "is required by the eval's item_schema")
-        for name, sub in (schema.get("properties") or {}).items():
-            if name in value:
-                check_item(value[name], sub, f"{where}.{name}")
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, element in enumerate(value):
-            check_item(element, schema["items"], f"{where}[{i}]")
-
-
-def _json_type(value: Any) -> str:
-    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _is_type(value, name) and not (name == "number" and isinstance(value, int)):
-            return name
-    return type(value).__name__
-
-
-def read_rows(lines: Iterable[bytes | str], where: str) -> list[dict[str, Any]]:
-    """The rows of an eval data file: one JSON object ``{"item": {...}, "sample": {...}}``
-    per line (``sample`` optional; blank lines skipped). RowError names the line."""
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
-        if isinstance(line, bytes):
-            line = line.decode("utf-8-sig" if number == 1 else "utf-8", "replace")
-        if not line.strip():
-            continue
-        at = f"{where} line {number}"
-        if len(line) > MAX_ROW_BYTES:
-            raise RowError(at, f"a row is at most {MAX_ROW_BYTES} bytes", number)
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise RowError(at, "is not JSON", number) from None
-        try:
-            check_row(row, at)
-        except RowError as exc:
-            exc.line = number
-            raise
-        rows.append(row)
-        if len(rows) > MAX_ITEMS:
-            raise RowError(where, f"at most {MAX_ITEMS} rows")
-    if not rows:
-        raise RowError(where, "has no rows")
-    return rows
-
-
-def check_row(row: Any, where: str) -> None:
-    """A row's shape: an object with an ``item`` object and an optional ``sample`` object."""
-    if not isinstance(row, dict):
-        raise RowError(where, 'must be an object {"item": {...}, "sample": {...}}')
-    extra = next((k for k in row if k not in ("item", "sample")), None)
-    if extra is not None:
-        raise RowError(f"{where}.{extra}", "unknown field; a row has 'item' and 'sample'")
-    if not isinstance(row.get("item"), dict):
-        raise RowError(f"{where}.item", "is required and must be an object")
-    if "sample" in row and not isinstance(row["sample"], dict):
-        raise RowError(f"{where}.sample", "must be an object")

@@ -6,11 +6,11 @@ A run grades rows against its eval's testing criteria. Its ``data_source`` is ``
 posttrain's inference samples each row). The rows are inline (``file_content``) or an
 uploaded file of the caller's with purpose ``evals`` (``file_id``; one
 ``{"item": ..., "sample": ...}`` per line). The run is checked here and queued to the
-workers as ``posttrain.run_eval`` (``workers.evaltasks``, which states the pass rule);
-cancel stops it between rows, delete removes it, its output items and its events. At
-most ``POSTTRAIN_EVAL_RUNS_PER_TENANT`` runs of a tenant (its key-file entry's
-``max_concurrent_eval_runs`` where it has one) are graded at once; the limit is recorded
-on the run when it is created, and the others wait ``queued``. A run's events
+workers as ``posttrain.run_eval`` (``workers.evaltasks``; ``workers.evalgrading`` states
+the pass rule); cancel stops it between rows, delete removes it, its output items and
+its events. At most ``POSTTRAIN_EVAL_RUNS_PER_TENANT`` runs of a tenant (its key-file
+entry's ``max_concurrent_eval_runs`` where it has one) are graded at once; the limit is
+recorded on the run when it is created, and the others wait ``queued``. A run's events
 (``GET .../runs/{run_id}/events``, an extension in the shape of fine-tuning job events,
 newest first) say what became of it: created, waiting for a slot, started or resumed
 and on which worker, progress, requeued, canceled, completed or failed and why.

@@ -27,7 +27,8 @@ from openai.types.evals.runs import OutputItemListResponse, OutputItemRetrieveRe
 
 from service.main import create_app
 from service.settings import ApiSettings
-from workers.evaltasks import grade_run, passes
+from workers.evalgrading import passes
+from workers.evaltasks import grade_run
 from workers.recovery import broker_has_message, recover_eval_runs
 
 ITEM_SCHEMA = {

@@ -1,7 +1,7 @@
 """Generative judges: the prompt they are sent and how their answer is read.
 
 Two graders ask a chat model: in eval runs through posttrain's inference workers (the
-asking is ``workers.evaltasks``'), in training jobs through a judge endpoint the server
+asking is ``workers.evalgrading``'), in training jobs through a judge endpoint the server
 names (``judgeendpoints``); this module is pure and torch-free:
 
 * ``label_model``: the answer is read as one of the grader's ``labels`` by
