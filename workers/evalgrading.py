@@ -25,17 +25,21 @@ resolved its models for the tenant):
   ``per_model_usage`` under the judge model's name.
 
 Pass rule (``passes``): a criterion passes when its score >= its ``pass_threshold`` where
-it has one (text_similarity, and a score_model given one), when its score >= 1.0 for a
-string_check, and when its score > 0.5 for the other graders (regex, math_verify, multi,
-length_penalty, a score_model without pass_threshold, and a label_model, whose score is
-1 exactly when the judge's label is one of its passing_labels). An item passes when
+it has one (text_similarity, and a score_model or python grader given one), when its
+score >= 1.0 for a string_check, and when its score > 0.5 for the other graders (regex,
+math_verify, multi, length_penalty, a score_model or python grader without
+pass_threshold, and a label_model, whose score is 1 exactly when the judge's label is one
+of its passing_labels). An item passes when
 every criterion passes. An item is ``errored`` (and its output item's status ``fail``)
 when its sample could not be had (the inference worker refused or stayed unreachable, a
 template read a field the row lacks) or a criterion could not grade it (a template
 variable missing, a grader that failed or ran out of time, a judge that could not be
-asked: ``model_grader_server_error``); a sample the grader could not parse
+asked: ``model_grader_server_error``; a python grader whose sandbox could not run:
+``python_grader_server_error``); a sample the grader could not parse
 (``sample.output_json`` of a non-JSON answer) or a judge's answer that names no label or
-holds no number (``model_grader_parse_error``, quoting it) is a fail, not an error.
+holds no number (``model_grader_parse_error``, quoting it) is a fail, not an error, and
+so is a sample a python grader's ``grade`` failed on (it raised, returned no number, or
+hit a sandbox limit: ``python_grader_runtime_error``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -62,6 +66,7 @@ from trainers.contract.graders.scoring import (
     run_isolated_many,
 )
 from trainers.contract.graders.spec import (
+    THRESHOLD_CRITERIA,
     LabelModelGrader,
     needs_model,
     parse_criterion,
@@ -72,6 +77,9 @@ from workers.evalruns import NO_ERROR, EvalRunStore, output_item_id, usage_field
 from workers.inference.registry import live_workers, pick
 from workers.settings import WorkerSettings
 
+if TYPE_CHECKING:
+    from trainers.contract.sandbox import SandboxPolicy
+
 MODEL_HEADER = "X-Posttrain-Model"
 # Grader flags that mean the criterion could not grade the item (an error), as opposed
 # to a sample the grader scored 0 (sample_parse_error, formula_parse_error, ...).
@@ -80,6 +88,7 @@ HARD_FLAGS = (
     "other_error",
     "unresponsive_reward_error",
     "model_grader_server_error",
+    "python_grader_server_error",
 )
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)  # between tries of an unreachable inference worker
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -118,7 +127,7 @@ def criteria_of(spec: dict[str, Any]) -> list[Criterion]:
     for i, (criterion, plan) in enumerate(zip(criteria, plans, strict=True)):
         raw = dict(criterion)
         threshold = raw.get("pass_threshold")
-        if raw.get("type") == "score_model":
+        if raw.get("type") in THRESHOLD_CRITERIA:
             raw.pop("pass_threshold", None)
         c = Criterion(raw.get("name", ""), raw.get("type", ""), parse_criterion(raw), threshold)
         shown = f"testing_criteria[{i}] ({c.name})"
@@ -143,10 +152,13 @@ def criteria_of(spec: dict[str, Any]) -> list[Criterion]:
     return out
 
 
-def _grade_bounded(criteria: list[Criterion], item: Any, text: str) -> list[GradeReport]:
+def _grade_bounded(
+    criteria: list[Criterion], item: Any, text: str, sandbox: SandboxPolicy | None = None
+) -> list[GradeReport]:
     """The criteria that load no model, on one row, in one bounded child (time and memory
-    capped): a pathological sample errs the row's criteria, never the worker."""
-    return run_isolated_many([c.grader for c in criteria], item, text)
+    capped): a pathological sample errs the row's criteria, never the worker. A python
+    criterion runs in the worker's sandbox (``sandbox``, its settings), inside that child."""
+    return run_isolated_many([c.grader for c in criteria], item, text, sandbox=sandbox)
 
 
 def _grade(c: Criterion, item: Any, text: str, judge: Judge | None, increments: dict):
@@ -243,7 +255,7 @@ def passes(kind: str, score: float, threshold: float | None) -> bool:
     return score > 0.5
 
 
-def output_item(run, spec, graders, index, row, sampler, judge=None):
+def output_item(run, spec, graders, index, row, sampler, judge=None, sandbox=None):
     """Row ``index`` sampled (``sampler``, a completions run's) and graded with the run's
     criteria (``criteria_of``): the output item, its counter (``passed``, ``failed`` or
     ``errored``) and the counts it adds to the run's."""
@@ -277,7 +289,8 @@ def output_item(run, spec, graders, index, row, sampler, judge=None):
     if not errored:
         # the criteria that load no model: graded together in one bounded child
         bounded = [c for c in graders if c.how == "bounded"]
-        reports = dict(zip(map(id, bounded), _grade_bounded(bounded, item, text), strict=True))
+        graded = _grade_bounded(bounded, item, text, sandbox)
+        reports = dict(zip(map(id, bounded), graded, strict=True))
         for i, c in enumerate(graders):
             if c.how == "bounded":
                 report, extra = reports[id(c)], {}

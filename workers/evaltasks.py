@@ -211,6 +211,7 @@ def _grade_rows(run, runs, files, settings, attempt, sampler, judge, stop_after)
         return "failed"
     if judge is None and any(c.how == "judge" for c in graders):
         judge = http_chat(runs, settings)
+    sandbox = settings.sandbox_policy()  # python criteria's (the server's settings)
     done, new = runs.stored(run_id), 0
     progress = _Progress(runs, run_id, len(rows))
     for index, row in enumerate(rows):
@@ -221,7 +222,9 @@ def _grade_rows(run, runs, files, settings, attempt, sampler, judge, stop_after)
             return "canceled"  # canceled or deleted meanwhile
         if holder != str(attempt):
             return "superseded"  # this claim's lease ran out and another took the run
-        item, counter, increments = output_item(run, spec, graders, index, row, sampler, judge)
+        item, counter, increments = output_item(
+            run, spec, graders, index, row, sampler, judge, sandbox=sandbox
+        )
         if runs.store_item(run_id, index, item, counter, increments) < 0:
             return "canceled"  # deleted meanwhile
         new += 1

@@ -10,7 +10,8 @@ Departures from OpenAI, each refused with a 400 naming the field:
   completions OpenAI stored on its platform, which posttrain has none of.
 * ``testing_criteria`` are posttrain's graders (``trainers.contract.graders.spec``), checked
   as ``/v1/fine_tuning/alpha/graders/validate`` checks one, and ``label_model``;
-  ``python`` never (posttrain runs no user code). posttrain's own grader types
+  ``python`` only where the server runs it in its sandbox (``POSTTRAIN_PYTHON_GRADER``
+  ``bwrap``; with ``off`` a 400 naming the criterion). posttrain's own grader types
   (``multi``, ``regex``, ``math_verify``, ``length_penalty``) are accepted too.
 * A ``label_model``'s ``model``, and a ``score_model``'s that is no sequence classifier,
   is a generative judge: any model the caller may use for chat completions (a base model
@@ -46,9 +47,10 @@ from service.jobrequest import check_numbers
 from service.modelaccess import NOT_ALLOWED
 from service.schemas import Page, page
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
-from trainers.contract.graders.python import runs_code
+from trainers.contract.graders.python import refusal, runs_code
 from trainers.contract.graders.remote import calls_out
 from trainers.contract.graders.spec import (
+    THRESHOLD_CRITERIA,
     CriterionSpec,
     InvalidGrader,
     LabelModelGrader,
@@ -179,8 +181,8 @@ class EvalCreateRequest(BaseModel):
     )
     testing_criteria: list[dict[str, Any]] = Field(
         description="One or more graders (string_check, text_similarity with pass_threshold, "
-        "score_model, label_model, multi, math_verify, regex, length_penalty), each with a "
-        "name."
+        "score_model, label_model, multi, math_verify, regex, length_penalty, and python "
+        "where the server runs it), each with a name."
     )
     name: str | None = Field(None, max_length=MAX_NAME)
     metadata: dict[str, str] | None = Field(
@@ -439,6 +441,9 @@ def _criteria(
     for i, criterion in enumerate(raw):
         where = f"testing_criteria[{i}]"
         grader, extra = _criterion(criterion, where)
+        why = refusal(request.app.state.settings.sandbox_policy()) if runs_code(grader) else ""
+        if why:  # where it is on, the eval worker probes the sandbox before grading
+            raise _bad(f"{where}: {why}", where, "unsupported_grader")
         _check_references(grader, where, source)
         parsed.append((where, grader, extra))
     found = [p for where, grader, _ in parsed for p in patterns_in(dump_grader(grader), where)]
@@ -453,7 +458,7 @@ def _criteria(
 def criterion_spec(criterion: dict[str, Any], where: str = "grader") -> CriterionSpec:
     """A stored criterion as its grader (without the criterion's ``pass_threshold``)."""
     raw = dict(criterion)
-    if raw.get("type") == "score_model":
+    if raw.get("type") in THRESHOLD_CRITERIA:
         raw.pop("pass_threshold", None)
     return parse_criterion(raw, where)
 
@@ -492,10 +497,10 @@ def grading_plan(
 
 def _criterion(raw: dict[str, Any], where: str) -> tuple[CriterionSpec, dict[str, Any]]:
     """One criterion as a posttrain grader, and the criterion's fields beyond the grader
-    (a score_model's ``pass_threshold``)."""
+    (a score_model's or python grader's ``pass_threshold``)."""
     kind = raw.get("type")
     raw, extra = dict(raw), {}
-    if kind == "score_model" and "pass_threshold" in raw:
+    if kind in THRESHOLD_CRITERIA and "pass_threshold" in raw:
         threshold = raw.pop("pass_threshold")
         if isinstance(threshold, bool) or not isinstance(threshold, int | float):
             raise _bad(f"{where}.pass_threshold must be a number", f"{where}.pass_threshold")
@@ -513,13 +518,6 @@ def _criterion(raw: dict[str, Any], where: str) -> tuple[CriterionSpec, dict[str
     if calls_out(grader):  # an eval's criteria are shown as stored: no place for secrets
         raise _bad(
             f"{where}: an endpoint grader grades grpo and reinforcement jobs (and "
-            "/v1/fine_tuning/alpha/graders/run), not an eval's testing criteria",
-            where,
-            "unsupported_grader",
-        )
-    if runs_code(grader):  # an eval run's process is not given the sandbox settings
-        raise _bad(
-            f"{where}: a python grader grades grpo and reinforcement jobs (and "
             "/v1/fine_tuning/alpha/graders/run), not an eval's testing criteria",
             where,
             "unsupported_grader",

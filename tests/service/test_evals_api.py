@@ -416,7 +416,7 @@ BAD = [
     (
         _criteria({"type": "python", "name": "py", "source": "def grade(s, i): return 1"}),
         "testing_criteria[0]",
-        "a python grader grades grpo and reinforcement jobs",
+        "the python grader needs the bubblewrap sandbox on the workers",
     ),
     (_criteria({**CHECK, "type": "nonsense"}), "testing_criteria[0]", "unknown grader type"),
     (

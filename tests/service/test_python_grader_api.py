@@ -97,3 +97,77 @@ def test_graders_run_answers_the_reward_the_source_computes(on, sample, expected
     errors = on.post(RUN, json=bad).json()["metadata"]["errors"]
     assert errors["python_grader_runtime_error"] is True
     assert "grade returned str, not a number" in errors["details"]["python_grader_runtime_error"]
+
+
+# ---- in an eval's testing criteria
+
+EVAL_SOURCE = {
+    "type": "custom",
+    "item_schema": {"type": "object", "properties": {"answer": {"type": "string"}}},
+    "include_sample_schema": True,
+}
+STRICT = (  # a KeyError for an item without an answer: the grader failed on that sample
+    "def grade(sample, item):\n"
+    "    said = sample['output_text'].strip()\n"
+    "    return 1.0 if said == item['answer'] else len(said) / 10\n"
+)
+
+
+def _sdk(client, key="k1"):
+    import openai
+
+    return openai.OpenAI(api_key=key, base_url="http://testserver/v1", http_client=client,
+                         max_retries=0)  # fmt: skip
+
+
+def test_an_eval_with_a_python_criterion_is_refused_where_the_server_has_it_off(off):
+    import openai
+
+    criterion = {**GRADER, "pass_threshold": 0.5}
+    with pytest.raises(openai.BadRequestError) as info:
+        _sdk(off).evals.create(data_source_config=EVAL_SOURCE, testing_criteria=[criterion])
+    err = info.value.body
+    assert err["param"] == "testing_criteria[0]" and err["code"] == "unsupported_grader"
+    assert "POSTTRAIN_PYTHON_GRADER=off" in err["message"]
+
+
+@pytest.mark.skipif(bool(WHY), reason=f"no working bubblewrap sandbox: {WHY}")
+def test_an_eval_run_grades_a_python_criterion_in_the_sandbox(on, tmp_path, unit_redis_url):
+    """Each row's score is what the source computes, from the worker's sandbox; the
+    criterion's pass_threshold decides pass/fail; a sample grade failed on is a fail
+    with python_grader_runtime_error, not an errored row; a worker whose sandbox cannot
+    run errs the rows with python_grader_server_error."""
+    from workers.evaltasks import grade_run
+
+    sdk = _sdk(on)
+    ev = sdk.evals.create(
+        data_source_config=EVAL_SOURCE,
+        testing_criteria=[{**GRADER, "source": STRICT, "pass_threshold": 0.5}],
+    )
+    assert ev.testing_criteria[0].pass_threshold == 0.5
+    content = [
+        {"item": {"answer": "4"}, "sample": {"output_text": "4"}},
+        {"item": {"answer": "4"}, "sample": {"output_text": "five"}},
+        {"item": {}, "sample": {"output_text": "4"}},
+        {"item": {"answer": "4"}, "sample": {"output_text": "123456"}},
+    ]
+    data_source = {"type": "jsonl", "source": {"type": "file_content", "content": content}}
+    run = sdk.evals.runs.create(ev.id, data_source=data_source)
+    state = on.app.state
+    assert grade_run(run.id, state.eval_runs, state.files, state.settings) == "completed"
+    listed = on.get(f"/v1/evals/{ev.id}/runs/{run.id}/output_items",
+                    headers={"Authorization": "Bearer k1"}).json()["data"]  # fmt: skip
+    results = [o["results"][0] for o in sorted(listed, key=lambda o: o["datasource_item_id"])]
+    assert [r["score"] for r in results] == pytest.approx([1.0, 0.4, 0.0, 0.6])
+    assert [r["passed"] for r in results] == [True, False, False, True]
+    assert "KeyError" in results[2]["errors"]["python_grader_runtime_error"]
+    assert [r.get("errors") for r in results[:2]] == [None, None]
+    done = sdk.evals.runs.retrieve(run.id, eval_id=ev.id)
+    assert done.result_counts.model_dump() == {
+        "errored": 0, "failed": 2, "passed": 2, "total": 4}  # fmt: skip
+    # a worker whose sandbox cannot start: every row errs, naming the server error
+    broken = state.settings.model_copy(update={"python_grader_interpreter": "/nonexistent/py"})
+    run = sdk.evals.runs.create(ev.id, data_source=data_source)
+    assert grade_run(run.id, state.eval_runs, state.files, broken) == "completed"
+    done = sdk.evals.runs.retrieve(run.id, eval_id=ev.id)
+    assert done.result_counts.errored == 4

@@ -43,7 +43,7 @@ from trainers.contract.graders import text
 from trainers.contract.graders.expr import compile_formula
 from trainers.contract.graders.judgeendpoints import is_remote_judge, score_judge
 from trainers.contract.graders.python import configure as configure_python
-from trainers.contract.graders.python import score_python
+from trainers.contract.graders.python import runs_code, score_python
 from trainers.contract.graders.remote import configure, score_endpoint
 from trainers.contract.graders.spec import GraderSpec, MultiGrader, parse_grader
 from trainers.contract.graders.templates import GraderError, render
@@ -273,24 +273,36 @@ _PRELOAD = [
 ]
 
 
-def _grade_each(payloads: list[dict], item: Any, sample_text: str) -> list[GradeReport]:
+def _grade_each(
+    sandbox: dict | None, payloads: list[dict], item: Any, sample_text: str
+) -> list[GradeReport]:
+    if sandbox is not None:
+        configure_python(SandboxPolicy.model_validate(sandbox))
     return [grade_report(p, item, sample_text) for p in payloads]
 
 
 def run_isolated_many(
-    graders: list[GraderSpec], item: Any, sample_text: str, timeout_s: float = RUN_TIMEOUT_S
+    graders: list[GraderSpec],
+    item: Any,
+    sample_text: str,
+    timeout_s: float = RUN_TIMEOUT_S,
+    sandbox: SandboxPolicy | None = None,
 ) -> list[GradeReport]:
     """``run_isolated`` for several graders of one sample in one child (one process start
     instead of one per grader: the start costs more than most grades). The child has
-    ``timeout_s`` per grader and the same memory cap; if it times out, runs out of memory
-    or dies, every grader of the call gets that error."""
+    ``timeout_s`` per grader (at least the sandbox's wall clock and 5 s for a python
+    grader run under ``sandbox``) and the same memory cap; if it times out, runs out of
+    memory or dies, every grader of the call gets that error."""
     if not graders:
         return []
     payloads = [g.model_dump(mode="json") for g in graders]
     total = timeout_s * len(graders)
+    if sandbox is not None:
+        slack = max(0.0, sandbox.wall_seconds + 5.0 - timeout_s)
+        total += slack * sum(1 for g in graders if runs_code(g))
     out = run_bounded(
         _grade_each,
-        (payloads, item, sample_text),
+        (sandbox and sandbox.model_dump(), payloads, item, sample_text),
         timeout_s=total,
         memory_bytes=RUN_MEMORY_BYTES,
         preload=_PRELOAD,

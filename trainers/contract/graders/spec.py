@@ -559,6 +559,11 @@ def parse_grader(raw: Any, param: str = "grader") -> GraderSpec:
 CriterionSpec = GraderSpec  # an eval's testing criterion: any grader
 
 
+# Eval criteria whose ``pass_threshold`` is the criterion's, not a field of the grader (as
+# in OpenAI's testing criteria); a text_similarity's is its grader's own.
+THRESHOLD_CRITERIA = frozenset({"score_model", "python"})
+
+
 def parse_criterion(raw: Any, param: str = "grader") -> CriterionSpec:
     """An eval's testing criterion: any grader ``parse_grader`` accepts (a label_model and a
     generative score_model are asked through inference workers there); ``InvalidGrader``
