@@ -221,3 +221,35 @@ def test_the_shaper_is_not_deferred_across_processes_or_with_tool_results(
     assert not trainer._defers({**out, "tool_mask": torch.ones(2, 3)})
     monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
     assert not trainer._defers(out)
+
+
+def test_a_run_with_the_deferred_shaper_logs_and_samples_the_shaped_advantages(
+    model_dir, tmp_path, extra_forwards, monkeypatch
+):
+    from trainers.reporting import Reporter
+    from trainers.runner import run_method
+
+    hp = {**HP, "batch_size": 8, "max_completion_length": 8, "max_steps": 3}
+    plan = make_plan(
+        tmp_path, "xrpo", hp, graders=[LENGTH, SAYS_YES], rows=ROWS, model=str(model_dir)
+    )
+    shaped = []
+    original = grpo_trainer.PosttrainGRPOTrainer._shape_deferred
+    monkeypatch.setattr(
+        grpo_trainer.PosttrainGRPOTrainer,
+        "_shape_deferred",
+        lambda self, inputs, logps: (shaped.append(len(logps)), original(self, inputs, logps)),
+    )
+    reporter = Reporter()
+    assert run_method(METHOD, plan, reporter).step == 3
+    assert shaped == [8, 8, 8] and extra_forwards == []  # in the loss, never a forward more
+    logs = [m for m in reporter.sent if m.type == "log"]
+    assert [m.step for m in logs] == [1, 2, 3]
+    for m in logs:  # the shaper's and the advantages' metrics, once a step, all finite
+        for name in ("xrpo/bonus_frac", "advantages/std", "loss", "clip_ratio/high_max"):
+            assert name in m.metrics and m.metrics[name] == m.metrics[name], (m.step, name)
+    samples = [m for m in reporter.sent if m.type == "samples"]
+    assert [m.step for m in samples] == [1, 2, 3]
+    advantages = [r.advantage for m in samples for r in m.rows]
+    assert advantages and all(a == a for a in advantages)  # never the NaN placeholder
+    assert any(a != 0 for a in advantages)
