@@ -23,6 +23,10 @@ before the forward passed it only the labelled ones (the baseline of that change
 ``--one-group`` runs posttrain's trainer with ``trainers.algorithms.grpo.padding.
 LENGTH_GROUPS = False``: its log-prob forwards score the batch as one block left-padded
 to the longest prompt, as TRL does, instead of in length groups (XRPO's seeded prompts).
+``--extra-forward`` runs posttrain's trainer with ``trainers.algorithms.grpo.trainer.
+DEFER_SHAPER = False``: XRPO's novelty shaper gets the sampling policy's log-probs from
+one more no-grad forward of the rollout batch, as before, instead of from the loss's own
+forward (only where TRL computes none: ``--set steps_per_generation=1``).
 
 ``x TRL`` = posttrain / trl is what the targets are set on (<= 1.05 for ``grpo``,
 ``dapo``, ``dr_grpo``, which posttrain hands to TRL unchanged; <= 1.10 for ``xrpo``
@@ -350,10 +354,12 @@ def run_worker(spec: dict) -> dict:
 
     from trainers import fused_head
     from trainers.algorithms.grpo import padding
+    from trainers.algorithms.grpo import trainer as grpo_trainer
 
     torch.set_num_threads(spec["threads"])
     fused_head.SKIP_MASKED_ROWS = not spec.get("score_all")  # read at each forward
     padding.LENGTH_GROUPS = not spec.get("one_group")
+    grpo_trainer.DEFER_SHAPER = not spec.get("extra_forward")
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         run = run_posttrain if spec["kind"] == "posttrain" else run_trl
         if not spec.get("profile"):
@@ -546,6 +552,12 @@ def main(argv=None) -> None:
         "does (no length groups): the baseline of trainers/algorithms/grpo/padding.py",
     )
     ap.add_argument(
+        "--extra-forward",
+        action="store_true",
+        help="XRPO's novelty shaper reads its log-probs from a no-grad forward of its own, as "
+        "before, not from the loss's forward: the baseline of the deferred shaper",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="cProfile the posttrain + trl+pk runs (times inflated)",
@@ -582,7 +594,8 @@ def main(argv=None) -> None:
             f"rounds={args.rounds} threads={args.threads}"
             + (f"  posttrain overrides {overrides}" if overrides else "")
             + ("  score-all (masked rows scored)" if args.score_all else "")
-            + ("  one-group (no length groups)" if args.one_group else ""),
+            + ("  one-group (no length groups)" if args.one_group else "")
+            + ("  extra-forward (shaper not deferred)" if args.extra_forward else ""),
             flush=True,
         )
         results: dict[str, dict[str, dict]] = {v: {} for v in variants}
@@ -602,6 +615,7 @@ def main(argv=None) -> None:
                         "profile": args.profile,
                         "score_all": args.score_all,
                         "one_group": args.one_group,
+                        "extra_forward": args.extra_forward,
                         "steps_per_generation": schedule(variant, overrides, args.prompts),
                         "overrides": overrides,
                     }

@@ -21,7 +21,9 @@ Departures and choices:
   the code's sign (see ``trainers.core.entropy``).
 - DAR's ratio test and Â carry no gradient (the code runs them under no-grad).
 - Clip-fraction metrics follow TRL: low = (ρ < 1 − e⁻) ∧ (A < 0), high =
-  (ρ > 1 + e⁺) ∧ (A > 0), with the per-token widths for HAPO; dual = (ρ > c) ∧ (A < 0).
+  (ρ > 1 + e⁺) ∧ (A > 0), with the per-token widths for HAPO; dual = (ρ > c) ∧ (A < 0);
+  their token means, and (as TRL) the smallest completion's share of low clipping and
+  the largest of high clipping, over this process's non-empty completions.
 """
 
 from __future__ import annotations
@@ -109,9 +111,19 @@ def _finish(
     metrics["clip_ratio/low_mean"] = masked_mean(low, inp.mask)
     metrics["clip_ratio/high_mean"] = masked_mean(high, inp.mask)
     metrics["clip_ratio/region_mean"] = masked_mean(low | high, inp.mask)
+    m = inp.mask.float()
+    rows = m.sum(1) > 0
+    if bool(rows.any()):  # TRL's too: the most clipped completion's share, each way
+        metrics["clip_ratio/low_min"] = _row_means(low, m)[rows].min()
+        metrics["clip_ratio/high_max"] = _row_means(high, m)[rows].max()
     if dual_clip is not None:
         metrics["clip_ratio/dual_mean"] = masked_mean((r > dual_clip) & (advantages < 0), inp.mask)
     return pg * inp.mask.to(pg.dtype), metrics
+
+
+def _row_means(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """[B,T] -> [B]: each row's mean of ``x`` over its valid tokens; detached."""
+    return ((x.float() * m).sum(1) / m.sum(1).clamp(min=1.0)).detach()
 
 
 # ----------------------------------------------------------------------------- objectives

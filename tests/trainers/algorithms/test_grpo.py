@@ -513,6 +513,8 @@ def test_posttrains_objective_equals_trls_loss(model_dir, tmp_path, loss_type, b
     metrics = ours._metrics["train"]
     assert metrics["clip_ratio/dual_mean"] == [0.0, 0.0]  # posttrain's objective ran; c never bound
     assert metrics["clip_ratio/region_mean"][-1] > 0
+    for name in ("clip_ratio/low_min", "clip_ratio/high_max", "clip_ratio/region_mean"):
+        assert metrics[name] == pytest.approx(theirs._metrics["train"][name], rel=1e-6), name
     _assert_same(loss, grads, ref_loss, ref_grads)
     if beta:
         assert metrics["kl"][-1] == pytest.approx(theirs._metrics["train"]["kl"][-1], rel=1e-5)

@@ -14,7 +14,16 @@ no further:
   from the planner (they may be ragged);
 - ``_compute_loss``: the objective (``trainers/core/objectives.py``) and the
   aggregation (``trainers/core/aggregation.py``) replace TRL's PPO loss, from the
-  same per-token log-probs and entropies TRL computes through the fused head.
+  same per-token log-probs and entropies TRL computes through the fused head (also for
+  plain PPO clipping when the shaper is deferred to the loss, below).
+
+A shaper that reads the sampling policy's log-probs (XRPO's novelty bonus) needs one more
+no-grad forward when TRL does not compute them (it generates for every optimizer step:
+the loss then uses its own log-probs, detached, as the old ones). When the loss will see
+exactly the rollout batch, once, with the weights that sampled it (one process, one
+micro-batch per generation, one pass), the shaper is deferred instead: the rollout keeps
+the estimator's advantages, and the loss shapes them from its own forward's detached
+log-probs, which are the ones the extra forward would have computed (``_defers``).
 
 The planner's history and the temperature rule's entropy statistics are saved
 with every checkpoint (``posttrain_rollout_state.json``) and restored on resume.
@@ -52,6 +61,21 @@ from trainers.fused_head import unwrap_model
 from trainers.graders.reward import completion_text
 
 STATE_FILE = "posttrain_rollout_state.json"
+# False: the shaper always gets its own no-grad forward (benchmark baseline and tests)
+DEFER_SHAPER = True
+# inputs posttrain's objective branch does not read; a batch with any of them keeps TRL's loss
+_TRL_ONLY_INPUTS = (
+    "tool_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+    "num_images",
+)
 
 
 class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer):
@@ -65,6 +89,7 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
         self._pt_rewards: torch.Tensor | None = None
         self._pt_scored: tuple[list, list] = ([], [])
         self._pt_rollout_s = 0.0
+        self._pt_deferred: dict | None = None  # the rollout whose shaping waits for the loss
         super().__init__(*args, **kwargs)
         self._use_environment_schemas()
         self._check_prompt_lengths()
@@ -113,7 +138,8 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
             out = super()._generate_and_score_completions(inputs)
         self._replace_advantages(out, groups, originals)
         self._pt_rollout_s += time.perf_counter() - start
-        self._record_samples(out, groups)
+        if self._pt_deferred is None:  # else recorded once the loss has shaped the advantages
+            self._record_samples(out, groups)
         return out
 
     def _record_samples(self, out: dict, groups: list[int]) -> None:
@@ -229,8 +255,10 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
         n_local = mask.shape[0]
         weights = self.reward_weights.to(device).unsqueeze(0)
         rewards = torch.nan_to_num(self._pt_rewards.to(device) * weights).sum(dim=1)
+        s = self.pt_settings
         old = out.get("old_per_token_logps")
-        if old is None and self.pt_settings.advantage_shaper != "none":
+        defer = s.advantage_shaper != "none" and old is None and self._defers(out)
+        if old is None and s.advantage_shaper != "none" and not defer:
             old = self._old_logps(out)
         seq_old = None if old is None else (old * mask).sum(1) / mask.sum(1).clamp(min=1)
         rank = self.accelerator.process_index
@@ -243,27 +271,88 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
             local_groups = torch.tensor(groups, device=device) + rank * n_local
             g_groups = self.accelerator.gather(local_groups)
         g_lengths = self.accelerator.gather(mask.sum(1))
-        g_mask = torch.arange(int(g_lengths.max().item()) or 1, device=device) < g_lengths[:, None]
-        g_mask = g_mask.float()
+        g_mask = _lengths_mask(g_lengths)
         g_old = None
         if seq_old is not None:
             g_old = self.accelerator.gather(seq_old)[:, None] * g_mask
         inp = AdvantageInputs(
             rewards=rewards, groups=g_groups, mask=g_mask, old_logps=g_old, entropy=None
         )
-        s = self.pt_settings
         a, metrics = adv.get_advantage(s.advantage_estimator)(inp, **self.pt_pieces["estimator"])
-        if s.advantage_shaper != "none":
-            a, shaped = adv.get_shaper(s.advantage_shaper)(inp, a, **self.pt_pieces["shaper"])
-            metrics.update(shaped)
-        seq_a = (a * g_mask).sum(1) / g_mask.sum(1).clamp(min=1)
-        out["advantages"] = seq_a[rank * n_local : (rank + 1) * n_local]
         metrics.update(_group_stats(rewards, g_groups))
-        metrics.update(_advantage_stats(seq_a))
-        self._pt_log(metrics)
+        if defer:  # one process: the gathered batch is this process's rows
+            out.update(
+                pt_rewards=rewards,
+                pt_groups=g_groups,
+                pt_estimated=a,
+                pt_row=torch.arange(n_local, device=device),
+            )
+            out["advantages"] = torch.full((n_local,), float("nan"), device=device)  # the loss's
+            self._pt_deferred = {"out": out, "groups": groups, "metrics": metrics}
+        else:
+            self._pt_deferred = None
+            if s.advantage_shaper != "none":
+                a, shaped = adv.get_shaper(s.advantage_shaper)(inp, a, **self.pt_pieces["shaper"])
+                metrics.update(shaped)
+            seq_a = (a * g_mask).sum(1) / g_mask.sum(1).clamp(min=1)
+            out["advantages"] = seq_a[rank * n_local : (rank + 1) * n_local]
+            metrics.update(_advantage_stats(seq_a))
+            self._pt_log(metrics)
         if self.pt_planner is not None:
             local = rewards[rank * n_local : (rank + 1) * n_local]
             self._observe(out, local, groups, originals)
+
+    def _defers(self, out: dict) -> bool:
+        """Whether the shaper can wait for the loss's forward: that forward must see every row
+        of the rollout batch at once (one process, the generation batch one micro-batch), with
+        the weights that sampled them (one pass, generated just before), and go through
+        posttrain's objective branch, which computes what TRL's loss computes only for inputs
+        without tool results or images and TRL's loss options posttrain leaves off.
+
+        The rollout batch then carries the rows' rewards, groups and estimator advantages
+        (``pt_*``: TRL shuffles and splits them with the batch) and NaN advantages until the
+        loss writes the shaped ones (``_shape_deferred``)."""
+        args = self.args
+        return (
+            DEFER_SHAPER
+            and self.accelerator.num_processes == 1
+            and args.steps_per_generation == 1
+            and self.num_iterations == 1
+            and not (self.use_vllm and self.vllm_importance_sampling_correction)
+            and not self.aux_loss_enabled
+            and args.importance_sampling_level == "token"
+            and args.top_entropy_quantile == 1.0
+            and args.off_policy_mask_threshold is None
+            and args.delta is None
+            and not getattr(self, "_entropy_bonus_enabled", False)
+            and not any(key in out for key in _TRL_ONLY_INPUTS)
+        )
+
+    def _shape_deferred(self, inputs: dict, logps: torch.Tensor) -> None:
+        """The deferred shaper on the loss's rows (TRL shuffled them), from the loss forward's
+        log-probs; the same arithmetic as ``_replace_advantages`` on the extra forward's."""
+        mask = inputs["completion_mask"].float()
+        seq_old = (logps * mask).sum(1) / mask.sum(1).clamp(min=1)
+        g_mask = _lengths_mask(mask.sum(1))
+        inp = AdvantageInputs(
+            rewards=inputs["pt_rewards"],
+            groups=inputs["pt_groups"],
+            mask=g_mask,
+            old_logps=seq_old[:, None] * g_mask,
+            entropy=None,
+        )
+        shaper = adv.get_shaper(self.pt_settings.advantage_shaper)
+        a, shaped = shaper(inp, inputs["pt_estimated"], **self.pt_pieces["shaper"])
+        seq_a = (a * g_mask).sum(1) / g_mask.sum(1).clamp(min=1)
+        inputs["advantages"] = seq_a
+        pending, self._pt_deferred = self._pt_deferred, None
+        if pending is None:
+            return
+        metrics = {**pending["metrics"], **shaped, **_advantage_stats(seq_a)}
+        self._pt_log(metrics)
+        out = pending["out"]  # the rollout batch in its own row order, for the sample
+        out["advantages"] = seq_a[inputs["pt_row"].argsort()]
+        self._record_samples(out, pending["groups"])
 
     @torch.no_grad()
     def _old_logps(self, out: dict) -> torch.Tensor:
@@ -318,7 +407,11 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
     # ---------------------------------------------------------------- the objective
     def _compute_loss(self, model, inputs):
         s = self.pt_settings
-        if s.objective == "ppo_clip" and s.dual_clip is None and self.pt_temperature is None:
+        deferred = "pt_estimated" in inputs  # the shaper waits for this forward (_defers)
+        own = (
+            s.objective != "ppo_clip" or s.dual_clip is not None or self.pt_temperature is not None
+        )
+        if not (own or deferred):
             return super()._compute_loss(model, inputs)
         mask = inputs["completion_mask"].float()
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -326,6 +419,8 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
         logps, entropy, _ = self._get_per_token_logps_and_entropies(
             model, ids, attn, inputs["completion_ids"].size(1), compute_entropy=True
         )
+        if deferred:
+            self._shape_deferred(inputs, logps.detach())
         old = inputs.get("old_per_token_logps")
         a = inputs["advantages"]
         a = (a.unsqueeze(1) if a.dim() == 1 else a) * mask
@@ -406,6 +501,12 @@ def _rotary(model: torch.nn.Module) -> bool:
         found = any(type(m).__name__.endswith("RotaryEmbedding") for m in inner.modules())
         inner.__dict__["_posttrain_rotary"] = found
     return found
+
+
+def _lengths_mask(lengths: torch.Tensor) -> torch.Tensor:
+    """[B] completion lengths -> [B, longest] float mask (at least one column)."""
+    width = int(lengths.max().item()) or 1
+    return (torch.arange(width, device=lengths.device) < lengths[:, None]).float()
 
 
 def _group_stats(rewards: torch.Tensor, groups: torch.Tensor) -> dict:
