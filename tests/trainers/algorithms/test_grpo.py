@@ -540,6 +540,32 @@ def test_posttrains_objective_corrects_for_vllm_sampling_as_trl_does(model_dir, 
     _assert_same(loss, grads, ref_loss, ref_grads)
 
 
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
+def test_posttrains_objective_leaves_tool_results_out_of_the_loss_as_trl_does(
+    model_dir, tmp_path, loss_type
+):
+    """A tool episode's result tokens (``tool_mask`` 0) are attended to but not trained on:
+    TRL's loss multiplies them out, and so does posttrain's objective path (hapo, a dual
+    clip), in the policy term, the KL term, the aggregation and the entropy metric."""
+    hp = {**HP, "dual_clip": 1e9, "loss_type": loss_type, "beta": 0.04}
+    ours, theirs, data = _trainers(model_dir, make_plan(tmp_path, "grpo", hp))
+    batch = _batch(ours, data, HP["num_generations"])
+    tool_mask = torch.ones_like(batch["completion_mask"])
+    tool_mask[::2, 2:5] = 0  # a tool's result inside every other completion
+    batch["tool_mask"] = tool_mask
+    # dapo's step-wide count is of model tokens only, as TRL counts it with tools
+    batch["num_items_in_batch"] = (batch["completion_mask"] * tool_mask).sum()
+    assert (batch["completion_mask"] * (1 - tool_mask)).sum() > 0
+    with fused_head.posttrain_kernel():
+        loss, grads = _loss_and_grads(ours, batch)
+    with fused_head.trl_kernel():
+        ref_loss, ref_grads = _loss_and_grads(theirs, batch)
+    _assert_same(loss, grads, ref_loss, ref_grads)
+    mine, trls = ours._metrics["train"], theirs._metrics["train"]
+    for name in ("entropy", "kl", "clip_ratio/region_mean"):
+        assert mine[name][-1] == pytest.approx(trls[name][-1], rel=1e-5), name
+
+
 # ----------------------------------------------------------------------------- real runs
 RUN_HP = {
     "num_generations": 4,

@@ -413,12 +413,16 @@ class PosttrainGRPOTrainer(PosttrainTrainerMixin, ToolEpisodesMixin, GRPOTrainer
         )
         if not (own or deferred):
             return super()._compute_loss(model, inputs)
-        mask = inputs["completion_mask"].float()
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         logps, entropy, _ = self._get_per_token_logps_and_entropies(
             model, ids, attn, inputs["completion_ids"].size(1), compute_entropy=True
         )
+        # what is trained on: the model's own tokens; a tool's result (tool_mask 0) is
+        # attended to above but left out of every term below, as TRL's loss leaves it out
+        mask = inputs["completion_mask"].float()
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
         if deferred:
             self._shape_deferred(inputs, logps.detach())
         old = inputs.get("old_per_token_logps")
