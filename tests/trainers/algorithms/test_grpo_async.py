@@ -46,9 +46,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model_dir: Path, log: Path, *extra: str, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    env = {**os.environ, "FAKE_VLLM_LOG": str(log), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "FAKE_VLLM_LOG": str(log), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -176,3 +178,118 @@ def test_async_grpo_learns_with_bounded_staleness_and_the_ratio(server, tmp_path
     assert versions == list(range(1, steps + 2))
     sampled = {e["version"] for e in events if e["event"] == "completion"}
     assert min(sampled) == 1 and max(sampled) >= steps - staleness
+
+
+# ----------------------------------------------------------------------------- as a job
+def async_plan(root: Path, model_dir: Path, url: str, **spec_fields):
+    from trainers.contract.plan import RunPlan
+    from trainers.contract.spec import JobSpec
+
+    hp = {
+        "rollout_mode": "async",
+        "rollout_engine": "vllm",
+        "vllm_mode": "server",
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "num_generations": 4,
+        "batch_size": 8,
+        "max_completion_length": 8,
+        "max_steps": 3,
+        "max_staleness": 1,
+        "learning_rate": 1e-2,
+    }
+    grader = {
+        "type": "length_penalty",
+        "name": "short",
+        "input": "{{sample.output_text}}",
+        "max_length": 40,
+        "target_length": 8,
+        "unit": "characters",
+    }
+    spec = JobSpec.model_validate(
+        {
+            "model": str(model_dir),
+            "training_file": "file-x",
+            "method": {"type": "grpo", "grpo": {"graders": [grader], "hyperparameters": hp}},
+            **spec_fields,
+        }
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    train = root / "train.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Count to {i}."}]} for i in range(4)]
+    train.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return RunPlan(
+        job_id="j",
+        spec=spec,
+        training_path=train,
+        output_dir=root / "out",
+        data_dir=root,
+        checkpoint_every_steps=100,
+        vllm_server_url=url,
+    )
+
+
+def test_an_async_job_runs_through_the_runner(server, tmp_path):
+    """A job with ``rollout_mode: "async"`` goes to TRL's AsyncGRPOTrainer through the
+    registry and the shared runner: its grader is the reward, its steps are reported, its
+    checkpoint holds moved weights, and every step's weights reached the server."""
+    from safetensors.torch import load_file
+
+    from trainers import registry
+    from trainers.reporting import Reporter
+    from trainers.runner import run_method
+
+    model_dir, url, log, proc = server
+    wait_healthy(proc, url)
+    plan = async_plan(tmp_path / "job", model_dir, url)
+    method = registry.resolve_job(plan.spec)
+    assert method.name == "grpo_async"
+    reporter = Reporter()
+    result = run_method(method, plan, reporter)
+    assert result.step == 3 and not result.paused
+    logs = [m for m in reporter.sent if m.type == "log"]
+    assert [m.step for m in logs] == [1, 2, 3]
+    assert all("rewards/short" in m.metrics and "ratio" in m.metrics for m in logs)
+    before = load_file(model_dir / "model.safetensors")
+    after = load_file(tmp_path / "job" / result.checkpoint / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["version"] for e in events if e["event"] == "weights"] == [1, 2, 3, 4]
+
+
+def test_a_lora_job_syncs_the_adapter_alone(tmp_path):
+    """With a server started with ``--enable-lora`` (and runtime adapter loading), TRL
+    syncs the LoRA adapter alone: every step loads a new adapter version on the server,
+    no base weight moves there, and the rollouts ask for the newest adapters."""
+    from trainers import registry
+    from trainers.reporting import Reporter
+    from trainers.runner import run_method
+
+    model_dir = build_tiny_model(tmp_path / "tiny", seed=0)
+    log = tmp_path / "vllm.jsonl"
+    proc, url = start_server(
+        model_dir,
+        log,
+        "--enable-lora",
+        "--max-loras",
+        "4",
+        "--max-lora-rank",
+        "8",
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"},
+    )
+    try:
+        wait_healthy(proc, url)
+        plan = async_plan(
+            tmp_path / "job", model_dir, url, training_type="lora", lora={"r": 4, "alpha": 8}
+        )
+        result = run_method(registry.resolve_job(plan.spec), plan, Reporter())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert result.step == 3
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert not [e for e in events if e["event"] == "weights"]
+    loads = [e["name"] for e in events if e["event"] == "lora" and e["action"] == "load"]
+    assert loads == [f"trl-policy-v{v}" for v in range(1, 5)]
+    asked = {e["model"] for e in events if e["event"] == "completion"}
+    assert asked <= set(loads) and "trl-policy-v1" in asked

@@ -69,16 +69,16 @@ def server_takes_adapters(url: str, timeout: float) -> bool:
     return client.get_server_info()["lora_config"] is not None
 
 
-def build_trainer(model: str, args: Any, *, peft_config: Any = None, **kwargs: Any):
-    """``AsyncGRPOTrainer(model, args=args, peft_config=peft_config, **kwargs)`` with the
-    attention kernel, weight transfer and rollout worker this host can run."""
-    from trl.experimental.async_grpo import AsyncGRPOTrainer
-
+@contextlib.contextmanager
+def adapted_for_host(args: Any, peft_config: Any = None) -> Iterator[dict[str, Any]]:
+    """Around ``AsyncGRPOTrainer.__init__``: installs what this host needs and yields the
+    extra keyword arguments (``weight_transfer``) to pass it."""
     device = PartialState().device
     varlen.install(device)
     if vllm_importable():
         with _no_peak_flops_off_cuda(device):
-            return AsyncGRPOTrainer(model, args=args, peft_config=peft_config, **kwargs)
+            yield {}
+        return
     transfer = None
     if peft_config is None or not server_takes_adapters(
         args.vllm_server_base_url, args.vllm_server_timeout
@@ -87,6 +87,13 @@ def build_trainer(model: str, args: Any, *, peft_config: Any = None, **kwargs: A
             args.vllm_server_base_url, Path(args.output_dir) / ".policy_weights"
         )
     with _rollout_worker_without_vllm(), _no_peak_flops_off_cuda(device):
-        return AsyncGRPOTrainer(
-            model, args=args, peft_config=peft_config, weight_transfer=transfer, **kwargs
-        )
+        yield {"weight_transfer": transfer}
+
+
+def build_trainer(model: str, args: Any, *, peft_config: Any = None, **kwargs: Any):
+    """``AsyncGRPOTrainer(model, args=args, peft_config=peft_config, **kwargs)`` with the
+    attention kernel, weight transfer and rollout worker this host can run."""
+    from trl.experimental.async_grpo import AsyncGRPOTrainer
+
+    with adapted_for_host(args, peft_config) as extra:
+        return AsyncGRPOTrainer(model, args=args, peft_config=peft_config, **kwargs, **extra)
