@@ -40,6 +40,10 @@ def low_token_reward(completions, completion_ids, **_):
     return [sum(t < TARGET for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
 
+def failing_reward(completions, **_):
+    raise ValueError("this reward function cannot score")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -293,3 +297,53 @@ def test_a_lora_job_syncs_the_adapter_alone(tmp_path):
     assert loads == [f"trl-policy-v{v}" for v in range(1, 5)]
     asked = {e["model"] for e in events if e["event"] == "completion"}
     assert asked <= set(loads) and "trl-policy-v1" in asked
+
+
+def test_a_failed_rollout_worker_fails_the_run_instead_of_hanging(server, tmp_path):
+    """TRL's rollout child dies when a reward function raises; the trainer then raises
+    (``guard_worker_stop``: TRL's stop would wait forever on the dead child's Event)."""
+    from transformers import AutoTokenizer
+    from trl.experimental.async_grpo import AsyncGRPOConfig
+
+    from trainers.algorithms.grpo_async.trainer import build_trainer
+
+    model_dir, url, _log, proc = server
+    args = AsyncGRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=4,
+        token_budget=0,
+        report_to=[],
+        save_strategy="no",
+        vllm_server_base_url=url,
+        vllm_server_timeout=120,
+        heartbeat_stale_after_s=60,
+    )
+    wait_healthy(proc, url)
+    trainer = build_trainer(
+        str(model_dir),
+        args,
+        reward_funcs=failing_reward,
+        train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "hi"}]] * 2}),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="Rollout worker child has failed"):
+        trainer.train()
+    assert time.monotonic() - started < 120
+
+
+def test_plain_text_prompts_are_refused_for_async(tmp_path):
+    from trainers.algorithms.grpo_async.method import check_messages
+    from trainers.contract.errors import JobError
+
+    with pytest.raises(JobError, match="takes prompts as messages") as err:
+        check_messages([{"prompt": "Count to 3."}], "training_file")
+    assert err.value.param == "training_file"
+    chat = [{"prompt": [{"role": "user", "content": "Count to 3."}]}]
+    assert check_messages(chat, "training_file") == chat

@@ -31,8 +31,9 @@ from typing import Any
 
 from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
 
-from trainers.algorithms.grpo_async.trainer import adapted_for_host
+from trainers.algorithms.grpo_async.trainer import adapted_for_host, guard_worker_stop
 from trainers.base import PosttrainTrainerMixin
+from trainers.contract.errors import JobError
 from trainers.contract.methods.grpo import GRPOHyperparameters
 from trainers.contract.plan import RunPlan
 from trainers.records import prompt_records
@@ -67,10 +68,28 @@ class PosttrainAsyncGRPOTrainer(PosttrainTrainerMixin, AsyncGRPOTrainer):
                 peft_config=peft_config,
                 **extra,
             )
+        guard_worker_stop(self)
 
 
 def records(rows: list, hp: GRPOHyperparameters | None = None, param: str = "") -> list:
-    return prompt_records(rows)
+    """Prompt rows; TRL's asynchronous rollout worker renders every prompt with the chat
+    template, so a plain-text prompt (which the synchronous path continues as raw text)
+    is refused rather than silently wrapped as a user message."""
+    return check_messages(prompt_records(rows), param)
+
+
+def check_messages(out: list[dict[str, Any]], param: str = "") -> list[dict[str, Any]]:
+    """``out`` if every prompt is messages; else a JobError naming the first text row."""
+    for i, row in enumerate(out):
+        if isinstance(row.get("prompt"), str):
+            raise JobError(
+                "invalid_training_file",
+                f"{param or 'training_file'} row {i + 1}: rollout_mode 'async' takes prompts as "
+                "messages (TRL's asynchronous trainer applies the chat template to every "
+                "prompt); give the row 'messages' or use rollout_mode 'sync'",
+                param or "training_file",
+            )
+    return out
 
 
 def planned_steps(plan: RunPlan, s: GRPOHyperparameters, data: TrainData) -> int:

@@ -10,6 +10,11 @@ vLLM and a CPU host with the stand-in server of the tests, and nothing else.
 * MFU: TRL asks ``torch.cuda.get_device_name`` for the device's peak FLOPs while
   building the trainer, which raises on a CPU-only torch; off CUDA the peak is unknown
   (``None``: TRL then logs no MFU, as for any device it does not know);
+* stopping the rollout worker: TRL's ``AsyncRolloutWorker.stop`` sets a
+  multiprocessing ``Event`` the child's stop watcher waits on, and an ``Event``'s
+  ``set`` waits for every waiter to wake: when the child has died (a reward function
+  raised, say) nothing ever wakes and the trainer hangs in its ``finally`` instead of
+  raising. ``guard_worker_stop`` skips the signal to a child that is no longer alive;
 * the rollout worker: TRL's ``AsyncRolloutWorker`` refuses to be built without vLLM
   importable, although its child process only talks HTTP to the server (aiohttp) and
   never imports vLLM; without vLLM that guard is answered ``True`` while the trainer
@@ -90,10 +95,30 @@ def adapted_for_host(args: Any, peft_config: Any = None) -> Iterator[dict[str, A
         yield {"weight_transfer": transfer}
 
 
+def guard_worker_stop(trainer: Any) -> None:
+    """Make ``trainer.rollout_worker.stop()`` return at once for a dead child (see above)."""
+    worker = getattr(trainer, "rollout_worker", None)
+    stop = getattr(worker, "stop", None)
+    if stop is None or not hasattr(worker, "_process"):
+        return
+
+    def stop_unless_dead() -> None:
+        process = worker._process
+        if process is not None and process._popen is not None and not process.is_alive():
+            process.join(timeout=5)
+            worker._process = None
+            return
+        stop()
+
+    worker.stop = stop_unless_dead
+
+
 def build_trainer(model: str, args: Any, *, peft_config: Any = None, **kwargs: Any):
     """``AsyncGRPOTrainer(model, args=args, peft_config=peft_config, **kwargs)`` with the
     attention kernel, weight transfer and rollout worker this host can run."""
     from trl.experimental.async_grpo import AsyncGRPOTrainer
 
     with adapted_for_host(args, peft_config) as extra:
-        return AsyncGRPOTrainer(model, args=args, peft_config=peft_config, **kwargs, **extra)
+        trainer = AsyncGRPOTrainer(model, args=args, peft_config=peft_config, **kwargs, **extra)
+    guard_worker_stop(trainer)
+    return trainer

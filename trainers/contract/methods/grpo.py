@@ -389,7 +389,8 @@ def _check(s: GRPOHyperparameters, hp: GRPOHyperparameters, variant: str) -> Non
         )
     if hp.rollout_mode == "async":
         check_async(s, hp, variant)
-    elif "max_staleness" in hp.model_fields_set:
+    elif hp.max_staleness != type(hp).model_fields["max_staleness"].default:
+        # (compared with the default, not "was it set": a stored spec holds every field)
         raise ValueError(
             "max_staleness applies to rollout_mode 'async' only; drop it or set rollout_mode "
             "'async'"
