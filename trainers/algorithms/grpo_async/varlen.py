@@ -5,7 +5,8 @@ TRL's ``AsyncGRPOTrainer`` loads its model with the ``tree_fa3`` attention
 attends to the K/V rows of its root-to-segment path, through the FlashAttention-3
 varlen kernel that ``packing._flash_attn`` fetches from the Hugging Face Hub with
 ``kernels.get_kernel``. That kernel is CUDA-only and the Hub is not always reachable,
-so on CPU ``install()`` points ``packing._flash_attn`` at this module instead. It
+so on CPU (or without ``kernels``) ``install()`` points ``packing._flash_attn`` at this
+module instead. It
 computes the same thing, segment by segment, with ``scaled_dot_product_attention``:
 
 * ``q`` is ``(total_q, heads, d)``, ``k``/``v`` ``(total_k, kv_heads, d)`` (grouped
@@ -94,9 +95,12 @@ def _cpu_kernel() -> SimpleNamespace:
 
 
 def install(device: torch.device | str) -> bool:
-    """On a device other than CUDA, make TRL's tree attention use this kernel; return
-    whether it did. On CUDA TRL's own FA3 kernel stays."""
-    if torch.device(device).type == "cuda":
+    """Make TRL's tree attention use this kernel on a device other than CUDA, or where
+    the ``kernels`` package that fetches FA3 is missing; return whether it did. On CUDA
+    with ``kernels`` TRL's own FA3 kernel stays."""
+    import importlib.util
+
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("kernels") is not None:
         return False
     import trl.experimental.async_grpo.packing as packing
 
