@@ -116,7 +116,7 @@ def test_async_grpo_learns_with_bounded_staleness_and_the_ratio(server, tmp_path
     model_dir, url, log, proc = server
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    steps, staleness = 32, 2
+    steps, staleness = 40, 1
     prompts = [
         [{"role": "user", "content": f"Say something about {w}."}]
         for w in ("cats", "rain", "maps", "tea", "boats", "stars", "bread", "wind")
@@ -164,7 +164,7 @@ def test_async_grpo_learns_with_bounded_staleness_and_the_ratio(server, tmp_path
     print("ratio per step:", [round(r["ratio"], 5) for r in rows])
     dropped = sum(r.get("sample/dropped_stale_total") or 0 for r in rows)
     print("dropped as stale:", dropped)
-    assert last > first + 0.1, (first, last)
+    assert last > first + 0.3, (first, last)
 
     # Bounded staleness, and real overlap of generation with training.
     stale = [r["sample/staleness_max"] for r in rows]
