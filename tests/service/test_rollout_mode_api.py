@@ -141,6 +141,16 @@ def test_tools_validation_and_processes_are_refused_for_async(client, redis_clie
     assert err["param"] == "validation_file" and "rollout_mode 'async'" in err["message"]
 
 
+def test_reinforcement_takes_async_too(client):
+    fid = upload(client, [PROMPT]).json()["id"]
+    method = {
+        "type": "reinforcement",
+        "reinforcement": {"grader": GRADER, "hyperparameters": ASYNC},
+    }
+    resp = create_job(client, fid, method=method)
+    assert resp.status_code == 200, resp.text
+
+
 def test_max_staleness_is_validated_and_belongs_to_async(client, redis_client):
     err = refused(client, redis_client, grpo(**ASYNC, max_staleness=-1))
     assert "max_staleness" in err["param"]

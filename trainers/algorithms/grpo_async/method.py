@@ -5,7 +5,9 @@ The contract (``trainers/contract/methods/grpo.py``, ``check_async``) admits onl
 that generate on the worker's vLLM server and whose settings are what this trainer
 computes, so the mapping here is direct:
 
-* ``num_generations``, ``max_completion_length``, ``temperature``, ``top_p``, ``top_k``,
+* ``num_generations`` (``reinforcement``: times ``compute_multiplier``; its
+  ``reasoning_effort`` goes to the chat template as on the synchronous path),
+  ``max_completion_length``, ``temperature``, ``top_p``, ``top_k``,
   ``epsilon``/``epsilon_high``, ``max_staleness``, the learning rate and its schedule, the
   seed: the ``AsyncGRPOConfig`` fields of the same names;
 * ``batch_size`` (completions per micro-batch) and ``gradient_accumulation_steps``: a
@@ -116,6 +118,7 @@ def config_fields(plan: RunPlan, hp: GRPOHyperparameters, data: TrainData) -> di
         "include_num_input_tokens_seen": "no",
         "log_completions": False,
         "dtype": "float32",
+        "chat_template_kwargs": s.chat_template_kwargs(),  # reinforcement's reasoning_effort
     }
 
 
