@@ -347,3 +347,33 @@ def test_plain_text_prompts_are_refused_for_async(tmp_path):
     assert err.value.param == "training_file"
     chat = [{"prompt": [{"role": "user", "content": "Count to 3."}]}]
     assert check_messages(chat, "training_file") == chat
+
+
+def test_an_async_job_resumes_from_its_checkpoint(server, tmp_path):
+    """A retried run resumes from the newest complete checkpoint: TRL's rollout state
+    (the next prompt, the policy version) comes back with it and training goes on to the
+    new ``max_steps``."""
+    from trainers import registry
+    from trainers.reporting import Reporter
+    from trainers.runner import run_method
+
+    model_dir, url, _log, proc = server
+    wait_healthy(proc, url)
+    plan = async_plan(tmp_path / "job", model_dir, url).model_copy(
+        update={"checkpoint_every_steps": 2}
+    )
+    first = run_method(registry.resolve_job(plan.spec), plan, Reporter())
+    assert first.step == 3
+    state = json.loads(
+        (tmp_path / "job" / "out" / "checkpoint-2" / "rollout_state.json").read_text()
+    )
+    assert state["model_version"] == 3  # the initial sync and one per step
+
+    method = plan.spec.method
+    longer = method.hyperparameters.model_copy(update={"max_steps": 5})
+    block = method.grpo.model_copy(update={"hyperparameters": longer})
+    spec = plan.spec.model_copy(update={"method": method.model_copy(update={"grpo": block})})
+    reporter = Reporter()
+    again = run_method(registry.resolve_job(spec), plan.model_copy(update={"spec": spec}), reporter)
+    assert again.step == 5
+    assert [m.step for m in reporter.sent if m.type == "log"] == [4, 5]
