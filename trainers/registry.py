@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from trainers.contract.methods import method_model
 
 if TYPE_CHECKING:
+    from trainers.contract.spec import JobSpec
     from trainers.runner import MethodDef
 
 
@@ -21,3 +22,9 @@ def resolve(method: str) -> MethodDef:
     """Import and return the method definition for ``method`` (KeyError naming the valid
     ones for an unknown name)."""
     return importlib.import_module(method_model(method).algorithm).METHOD
+
+
+def resolve_job(spec: JobSpec) -> MethodDef:
+    """The method definition that trains ``spec``: its method's, or the one its settings
+    pick (``MethodModel.job_algorithm``)."""
+    return importlib.import_module(spec.method.job_algorithm()).METHOD

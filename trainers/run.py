@@ -56,7 +56,7 @@ def execute(plan: RunPlan, reporter: Reporter) -> int:
         _load_onto_indexed_cpu(torch)
     pause = PauseRequest(plan.pause_path).install()
     try:
-        result = run_method(registry.resolve(plan.spec.method_type), plan, reporter, pause)
+        result = run_method(registry.resolve_job(plan.spec), plan, reporter, pause)
     except JobError as exc:
         reporter.error(exc.code, exc.message, exc.param)
         return 2

@@ -52,7 +52,7 @@ from workers.processes import die_with_parent
 from workers.settings import WorkerSettings
 from workers.store import JobStatus, JobStore
 from workers.verdict import Verdict, write_end_state
-from workers.vllm_server import VLLMServer, wants_server
+from workers.vllm_server import VLLMServer, lora_serving, wants_server
 from workers.watch import RunWatch
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,9 @@ class Supervisor:
         if wants_server(spec):
             try:
                 model = self._run_spec(job_id, spec).model
-                server = VLLMServer.start(self.s, model, self.dir(job_id).vllm_log)
+                server = VLLMServer.start(
+                    self.s, model, self.dir(job_id).vllm_log, lora_serving(spec)
+                )
             except RuntimeError as exc:
                 return self._fail_before_start(job_id, "rollout_server_failed", str(exc))
             self.store.add_event(job_id, f"Started a vLLM server for rollouts at {server.url}")

@@ -8,7 +8,11 @@ its ``/health`` endpoint, hands its URL to the trainer through the run plan
 (TRL's ``vllm_server_base_url``), and stops the whole group when the run ends
 however it ends. The command is what TRL 1.16's ``trl vllm-serve`` would run:
 ``vllm serve MODEL --port P`` with NCCL weight transfer and processed log-probs,
-so TRL's ``VLLMClient`` can push weights to it each step.
+so TRL's ``VLLMClient`` can push weights to it each step. A LoRA job with
+``rollout_mode: "async"`` also gets ``--enable-lora`` (its rank rounded up to one vLLM
+builds buffers for, and room for ``max_staleness + 2`` adapters: the versions requests may
+still name, plus the next one loaded before the oldest is unloaded) and runtime adapter
+loading, so TRL's AsyncGRPOTrainer syncs the adapter alone instead of merged weights.
 """
 
 from __future__ import annotations
@@ -35,13 +39,47 @@ def wants_server(spec: JobSpec) -> bool:
     return isinstance(hp, RolloutEngine) and hp.wants_vllm_server
 
 
+# The max_lora_rank values vLLM builds its stacked LoRA buffers for.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class LoraServing:
+    max_lora_rank: int
+    max_loras: int
+
+
+def lora_serving(spec: JobSpec) -> LoraServing | None:
+    """The adapter serving an async LoRA job's server needs (None: none)."""
+    hp = spec.method.hyperparameters
+    if spec.training_type != "lora" or getattr(hp, "rollout_mode", "sync") != "async":
+        return None
+    rank = next((r for r in VLLM_LORA_RANKS if r >= spec.lora.r), None)
+    if rank is None:
+        return None  # vLLM cannot serve it as an adapter; TRL then syncs merged weights
+    return LoraServing(max_lora_rank=rank, max_loras=hp.max_staleness + 2)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def server_command(settings: WorkerSettings, model: str, port: int) -> list[str]:
+def server_command(
+    settings: WorkerSettings, model: str, port: int, lora: LoraServing | None = None
+) -> list[str]:
+    adapters = (
+        [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(lora.max_lora_rank),
+            "--max-loras",
+            str(lora.max_loras),
+        ]
+        if lora is not None
+        else []
+    )
     return [
         *shlex.split(settings.vllm_command),
         "serve",
@@ -56,6 +94,7 @@ def server_command(settings: WorkerSettings, model: str, port: int) -> list[str]
         "processed_logprobs",
         "--max-logprobs",
         "-1",
+        *adapters,
     ]
 
 
@@ -65,15 +104,19 @@ class VLLMServer:
     url: str
 
     @classmethod
-    def start(cls, settings: WorkerSettings, model: str, log: Path) -> VLLMServer:
+    def start(
+        cls, settings: WorkerSettings, model: str, log: Path, lora: LoraServing | None = None
+    ) -> VLLMServer:
         port = _free_port()
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+        if lora is not None:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         if settings.vllm_server_gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = settings.vllm_server_gpus
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                server_command(settings, model, port),
+                server_command(settings, model, port, lora),
                 start_new_session=True,
                 preexec_fn=die_with_parent,
                 stdin=subprocess.DEVNULL,

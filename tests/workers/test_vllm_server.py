@@ -93,7 +93,7 @@ def test_a_server_mode_grpo_run_gets_its_own_server_for_the_run_only(
 
     assert sup.run("ftjob-v", claim.attempt) == "failed"
     err = json.loads(store.get("ftjob-v")["error"])
-    assert err["code"] == "rollout_engine_unavailable"
+    assert err["code"] == "rollout_engine_unavailable", err
     (start,) = [json.loads(x) for x in record.read_text().splitlines()]
     assert start["argv"][:2] == ["serve", str(model)]
     with pytest.raises(ProcessLookupError):
@@ -103,3 +103,100 @@ def test_a_server_mode_grpo_run_gets_its_own_server_for_the_run_only(
     messages = [f["message"] for _, f in store.events("ftjob-v", None, 20)[0]]
     assert any(m.startswith("Started a vLLM server") for m in messages)
     assert "Stopped the run's vLLM server" in messages
+
+
+ROLLOUTS = Path(__file__).parent / "vllm_rollouts.py"
+
+
+def _async_spec(model: Path, file_id: str, **fields):
+    from trainers.contract.spec import JobSpec
+
+    hp = {
+        "rollout_mode": "async",
+        "rollout_engine": "vllm",
+        "vllm_mode": "server",
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "num_generations": 2,
+        "batch_size": 4,
+        "max_completion_length": 6,
+        "max_steps": 2,
+        "max_staleness": 1,
+    }
+    grader = {
+        "type": "string_check",
+        "name": "g",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "like",
+    }
+    return JobSpec.model_validate(
+        {
+            "model": str(model),
+            "training_file": file_id,
+            "method": {"type": "grpo", "grpo": {"graders": [grader], "hyperparameters": hp}},
+            **fields,
+        }
+    )
+
+
+def test_an_async_lora_job_gets_a_server_that_takes_adapters(tmp_path):
+    from workers.vllm_server import lora_serving
+
+    spec = _async_spec(tmp_path, "file-x", training_type="lora", lora={"r": 4, "alpha": 8})
+    lora = lora_serving(spec)
+    assert (lora.max_lora_rank, lora.max_loras) == (8, 3)  # rank 4 -> 8; max_staleness 1 + 2
+    cmd = server_command(WorkerSettings(), "/models/m", 8123, lora)
+    assert cmd[-5:] == ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "3"]
+    assert lora_serving(_async_spec(tmp_path, "file-x")) is None  # full weights: no adapters
+
+
+def test_an_async_grpo_job_trains_on_its_own_server(store, file_store, tmp_path, monkeypatch):
+    """Through the supervisor and a real training process: the worker starts the run's
+    server (the sampling stand-in of ``vllm serve``), the job trains on TRL's
+    AsyncGRPOTrainer against it, succeeds, and the server is stopped with the run."""
+    from trainers.tiny_model import build_tiny_model
+    from workers.store import JobStatus
+    from workers.supervisor import Supervisor
+
+    log = tmp_path / "vllm.jsonl"
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(log))
+    model = build_tiny_model(tmp_path / "model")
+    staged = file_store.staging_path()
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"Who lives on mountain {i}?"}],
+            "answer": "Heidi",
+        }
+        for i in range(4)
+    ]
+    staged.write_text("\n".join(json.dumps(r) for r in rows))
+    rec = file_store.commit(
+        staged,
+        filename="p.jsonl",
+        purpose="fine-tune",
+        formats=["prompt_only"],
+        rows=4,
+        extra_fields=["answer"],
+    )
+    spec = _async_spec(model, rec["id"])
+    store.create("ftjob-a", spec.model_dump_json(), JobStatus.queued)
+    claim = store.claim("ftjob-a", "w1", 30, 3)
+    settings = WorkerSettings(
+        vllm_command=f"{sys.executable} {ROLLOUTS}",
+        vllm_start_timeout=120,
+        data_dir=tmp_path,
+        train_threads=1,
+        key_prefix="test:",
+    )
+    sup = Supervisor(settings, store, file_store, "w1")
+
+    assert sup.run("ftjob-a", claim.attempt) == "succeeded", store.get("ftjob-a").get("error")
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    (start,) = [e for e in events if e["event"] == "start"]
+    assert start["argv"][:2] == ["serve", str(model)]
+    assert [e["version"] for e in events if e["event"] == "weights"] == [1, 2, 3]
+    with pytest.raises(ProcessLookupError):
+        os.kill(start["pid"], 0)  # stopped with the run
+    messages = [f["message"] for _, f in store.events("ftjob-a", None, 50)[0]]
+    assert any(m.startswith("Asynchronous rollouts: TRL's AsyncGRPOTrainer") for m in messages)

@@ -80,9 +80,16 @@ class RewardFunction:
     ):
         self.grader = spec_of(grader)
         self.__name__ = self.grader.name
+        self._settings = (policy, sandbox, judges)
         self.stats = configure(policy)
         configure_python(sandbox)
         configure_judges(judges)
+
+    def __reduce__(self):
+        # Pickled as what built it (TRL's asynchronous trainer scores in a spawned
+        # process): unpickling configures that process's endpoint policy, sandbox and
+        # judges the way building it configured this one, with counts of its own.
+        return (RewardFunction, (self.grader, *self._settings))
 
     def __call__(self, prompts: Any = None, completions: Any = (), **kwargs: Any) -> list[float]:
         samples = [episode_sample(c) for c in completions]

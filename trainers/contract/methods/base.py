@@ -8,7 +8,8 @@ carries everything else the torch-free layers need to know about the method:
 
 - ``accepted_formats``: the row formats it trains on (``trainers.contract.rows``);
 - ``algorithm``: the module of its torch side (``trainers/algorithms/<name>/``),
-  imported only by the training process (``trainers.registry``);
+  imported only by the training process (``trainers.registry``); ``job_algorithm()``
+  names another for a job whose settings need one;
 - ``aliases``: other spellings of its ``type`` a request may use;
 - ``records_samples``: whether its trainer reports samples of its scored completions;
 - hooks the API calls at job creation without knowing which method it holds:
@@ -48,6 +49,11 @@ class MethodModel(Strict):
     def type_name(cls) -> str:
         """The ``type`` this member is selected by (its ``Literal``)."""
         return cls.model_fields["type"].annotation.__args__[0]
+
+    def job_algorithm(self) -> str:
+        """The module of the torch side that trains this job: ``algorithm``, unless the
+        job's settings pick another (GRPO's ``rollout_mode: "async"``)."""
+        return self.algorithm
 
     @property
     def block(self) -> Any:
