@@ -21,6 +21,7 @@ from trainers.contract.formats import DatasetError, iter_rows, read_as
 from trainers.contract.graders.patterns import PatternError, check_compiles, patterns_in
 from trainers.contract.graders.python import python_params, refusal
 from trainers.contract.graders.remote import endpoint_urls
+from trainers.contract.hparams import ROLLOUT_ENGINES, RolloutEngine
 from trainers.contract.integrations import TrackerPolicy
 from trainers.contract.outbound import AddressRefused, ToolPolicy
 from trainers.contract.sandbox import SandboxPolicy
@@ -208,7 +209,7 @@ def check_workers(spec: JobSpec, jobs: JobStore, queue: str, unserved_seconds: f
     """The job's queue against the workers live on it (``workers.fleet``). None live: the
     job is accepted and waits (workers can join later); the returned note says for what,
     and how long before it fails. Some live, none able to run it (too few GPUs, strategy
-    not installed): a 400."""
+    not installed, no vLLM for a job whose rollout_engine is 'vllm'): a 400."""
     res = spec.resources
     workers = live_workers(jobs.r, jobs.p, queue)
     if not workers:
@@ -219,17 +220,23 @@ def check_workers(spec: JobSpec, jobs: JobStore, queue: str, unserved_seconds: f
             f"it within {unserved_seconds:g} s. It does not count towards the tenant's "
             "active jobs while it waits"
         )
-    problems, param = [], "resources"
+    hp = spec.method.hyperparameters
+    engine = hp.needs_engine if isinstance(hp, RolloutEngine) else None
+    problems, param, where = [], "resources", "resources"
     for w in workers:
         try:
             place(res, w["gpus"], w["strategies"])
-            return None
         except PlacementError as exc:
             problems.append(f"{w['name']}: {exc}")
             param = f"resources.{exc.field}"
+            continue
+        if engine is None or engine in w.get("engines", [engine]):  # none listed: unchecked
+            return None
+        problems.append(f"{w['name']} {ROLLOUT_ENGINES[engine]}")
+        param = where = f"method.{spec.method.type}.hyperparameters.rollout_engine"
     raise APIError(
         400,
-        f"resources: no live worker of queue '{queue}' can run this job ("
+        f"{where}: no live worker of queue '{queue}' can run this job ("
         + "; ".join(problems)
         + ")",
         param=param,

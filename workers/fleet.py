@@ -55,6 +55,7 @@ def advertise(
     devices: list[str],
     strategies: list[str],
     ttl: float,
+    engines: list[str] | None = None,
 ) -> None:
     info = {
         "name": name,
@@ -63,6 +64,8 @@ def advertise(
         "strategies": strategies,
         "expires_at": _now(client) + ttl,
     }
+    if engines is not None:  # absent: a worker of an earlier release (not checked)
+        info["engines"] = engines
     client.hset(fleet_key(prefix, queue), name, json.dumps(info))
 
 
@@ -98,10 +101,12 @@ def live_queues(client: redis.Redis, prefix: str) -> set[str]:
 class Advertiser(threading.Thread):
     """Rewrites this worker's key every ``interval`` s (TTL ``ttl``); deletes it on stop."""
 
-    def __init__(self, client, prefix, queue, name, devices, strategies, interval, ttl):
+    def __init__(
+        self, client, prefix, queue, name, devices, strategies, interval, ttl, engines=None
+    ):
         super().__init__(name="posttrain-advertiser", daemon=True)
         self.client, self.prefix, self.queue, self.name = client, prefix, queue, name
-        self.devices, self.strategies = devices, strategies
+        self.devices, self.strategies, self.engines = devices, strategies, engines
         self.interval, self.ttl = interval, ttl
         self.stopped = threading.Event()
 
@@ -114,6 +119,7 @@ class Advertiser(threading.Thread):
             self.devices,
             self.strategies,
             self.ttl,
+            self.engines,
         )
 
     def run(self) -> None:

@@ -24,6 +24,7 @@ from workers.recovery import Reaper, broker_has_message, recover_eval_runs
 from workers.redis_client import make_redis
 from workers.settings import WorkerSettings
 from workers.store import JobNotFound, JobStatus, JobStore
+from workers.vllm_server import rollout_engines
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def _advertise(sender=None, **_: object) -> None:
         placement.available_strategies(),
         interval=settings.heartbeat_seconds,
         ttl=max(3 * settings.heartbeat_seconds, 10.0),
+        engines=rollout_engines(settings),
     )
     _advertiser.start()
 

@@ -17,8 +17,10 @@ loading, so TRL's AsyncGRPOTrainer syncs the adapter alone instead of merged wei
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -31,6 +33,20 @@ from trainers.contract.hparams import RolloutEngine
 from trainers.contract.spec import JobSpec
 from workers.processes import die_with_parent, stop_group
 from workers.settings import WorkerSettings
+
+
+def rollout_engines(settings: WorkerSettings) -> list[str]:
+    """What this worker's runs can sample with, for its fleet entry (the API refuses a job
+    whose rollout_engine no live worker of its queue has): always ``transformers``;
+    ``vllm`` where its runs can import vLLM (colocate); ``vllm-server`` where its
+    ``vllm_command`` is installed (server mode, and ``rollout_mode: "async"``)."""
+    engines = ["transformers"]
+    if importlib.util.find_spec("vllm") is not None:
+        engines.append("vllm")
+    command = shlex.split(settings.vllm_command)
+    if command and shutil.which(command[0]):
+        engines.append("vllm-server")
+    return engines
 
 
 def wants_server(spec: JobSpec) -> bool:

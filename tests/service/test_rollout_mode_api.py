@@ -164,3 +164,53 @@ def test_sync_is_the_default_and_accepted(client):
     assert resp.status_code == 200, resp.text
     hps = resp.json()["method"]["grpo"]["hyperparameters"]
     assert hps["rollout_mode"] == "sync"
+
+
+# ---- against the live workers of the job's queue
+
+
+def _serve(client, name: str, engines: list[str] | None) -> None:
+    """A live worker entry on the job's queue, as a worker's heartbeat writes it."""
+    from workers.fleet import advertise
+
+    jobs = client.app.state.jobs
+    advertise(jobs.r, jobs.p, "posttrain.test-rm", name, [], ["ddp"], ttl=600, engines=engines)
+
+
+def test_a_vllm_job_is_refused_where_no_live_worker_has_vllm(client, redis_client):
+    """Workers say what they sample with; a job whose rollout_engine is 'vllm' on a queue
+    whose live workers have none is refused naming rollout_engine (async included: it
+    needs the vLLM command a server-mode worker starts), not failed when a worker takes it."""
+    _serve(client, "cpu-1", ["transformers"])
+    err = refused(client, redis_client, grpo(**ASYNC))
+    assert err["param"] == "method.grpo.hyperparameters.rollout_engine"
+    assert err["message"] == (
+        "method.grpo.hyperparameters.rollout_engine: no live worker of queue "
+        "'posttrain.test-rm' can run this job (cpu-1 cannot start a vLLM server (its "
+        "POSTTRAIN_VLLM_COMMAND is not installed))"
+    )
+    colocate = grpo(rollout_engine="vllm", vllm_mode="colocate")
+    err = refused(client, redis_client, colocate)
+    assert "cpu-1 has no vLLM installed for its runs" in err["message"]
+    fid = upload(client, [PROMPT]).json()["id"]
+    assert create_job(client, fid, method=grpo()).status_code == 200  # auto: no vLLM needed
+    # one worker with the vLLM command is enough; a worker that lists nothing is not checked
+    _serve(client, "gpu-1", ["transformers", "vllm-server"])
+    assert create_job(client, fid, method=grpo(**ASYNC)).status_code == 200
+    assert refused(client, redis_client, colocate)["param"].endswith("rollout_engine")
+    _serve(client, "old-1", None)
+    assert create_job(client, fid, method=colocate).status_code == 200
+
+
+def test_a_worker_advertises_the_engines_it_has(tmp_path):
+    import sys
+
+    from workers.settings import WorkerSettings
+    from workers.vllm_server import rollout_engines
+
+    def engines(command: str) -> list[str]:
+        return rollout_engines(WorkerSettings(data_dir=tmp_path, vllm_command=command))
+
+    assert engines("vllm-not-installed-here serve") == ["transformers"]  # vLLM: not here
+    stand_in = f"{sys.executable} tests/workers/fixtures/fake_vllm.py"
+    assert engines(stand_in) == ["transformers", "vllm-server"]

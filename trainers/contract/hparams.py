@@ -157,3 +157,19 @@ class RolloutEngine(Strict):
     def wants_vllm_server(self) -> bool:
         """The worker starts a vLLM server for the run (``workers.vllm_server``)."""
         return self.rollout_engine == "vllm" and self.vllm_mode == "server"
+
+    @property
+    def needs_engine(self) -> str | None:
+        """What the job's worker must have (one of ``ROLLOUT_ENGINES``; None: nothing):
+        ``vllm-server`` its vLLM command, ``vllm`` vLLM importable by its runs."""
+        if self.rollout_engine != "vllm":
+            return None
+        return "vllm-server" if self.vllm_mode == "server" else "vllm"
+
+
+# What a worker advertises it can sample with (``workers.vllm_server.rollout_engines``),
+# and what a job that needs one is told when no live worker of its queue has it.
+ROLLOUT_ENGINES = {
+    "vllm-server": "cannot start a vLLM server (its POSTTRAIN_VLLM_COMMAND is not installed)",
+    "vllm": "has no vLLM installed for its runs (the gpu extra)",
+}
