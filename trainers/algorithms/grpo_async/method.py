@@ -1,7 +1,7 @@
 """``rollout_mode: "async"`` jobs on TRL's ``AsyncGRPOTrainer`` (``trainers.registry``
 picks this module through ``GradedMethod.job_algorithm``).
 
-The contract (``trainers/contract/methods/grpo.py``, ``check_async``) admits only jobs
+The contract (``trainers/contract/methods/grpo_async.py``, ``check_async``) admits only jobs
 that generate on the worker's vLLM server and whose settings are what this trainer
 computes, so the mapping here is direct:
 
