@@ -1,4 +1,4 @@
-"""Fixtures shared by the GRPO trainer tests."""
+"""Fixtures shared by the trainer tests of this folder."""
 
 from __future__ import annotations
 
@@ -21,3 +21,11 @@ def rewards(monkeypatch):
 
     monkeypatch.setattr(PosttrainGRPOTrainer, "_calculate_rewards", spy)
     return seen
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model (seed 0), built once per test module."""
+    from trainers.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)

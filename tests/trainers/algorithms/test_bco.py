@@ -34,17 +34,11 @@ from trainers.core.bco import PromptClassifier
 from trainers.records import build_dataset
 from trainers.reporting import Reporter
 from trainers.runner import run_method
-from trainers.tiny_model import build_tiny_model
 
 DEMO = resources.files("trainers") / "assets" / "demo_bco.jsonl"
 U = {"role": "user", "content": "Q?"}
 A = {"role": "assistant", "content": "Good."}
 B = {"role": "assistant", "content": "Bad."}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 
 
 def demo_records(n: int) -> list[dict]:

@@ -29,17 +29,11 @@ from trainers.contract.spec import JobSpec
 from trainers.records import build_dataset
 from trainers.reporting import PauseRequest, Reporter
 from trainers.runner import TrainData, common_config, run_method
-from trainers.tiny_model import build_tiny_model
 
 DEMO = resources.files("trainers") / "assets" / "demo_dpo.jsonl"
 U = {"role": "user", "content": "Q?"}
 A = {"role": "assistant", "content": "Good."}
 B = {"role": "assistant", "content": "Bad."}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 
 
 def demo_rows(n: int) -> list[OpenAIPreferenceRow]:

@@ -36,7 +36,6 @@ from trainers.logprobs import causal_lm_logprobs
 from trainers.records import build_dataset
 from trainers.reporting import PauseRequest, Reporter
 from trainers.runner import run_method
-from trainers.tiny_model import build_tiny_model
 
 # Cyclic preferences over three styles, by the completion's first character; anything
 # else ("other") loses to all three.
@@ -55,11 +54,6 @@ JUDGE = {
     ],
 }
 SETTINGS = {"max_new_tokens": 8, "max_seq_length": 64}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 
 
 def prompts(n: int) -> list[dict]:

@@ -30,7 +30,6 @@ from trainers import fused_head
 from trainers.algorithms.grpo import trainer as grpo_trainer
 from trainers.algorithms.grpo.method import METHOD
 from trainers.runner import read_data
-from trainers.tiny_model import build_tiny_model
 
 # Rewards: the length penalty (in [-1, 0]) plus 2 on the rows whose answer is "yes". Those
 # prompts score 1..2 (solved; "correct" for the shaper, which gives the unlikely ones a
@@ -52,11 +51,6 @@ HP = {
     "steps_per_generation": 1,
     "reward_weights": [1.0, 2.0],
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 
 
 @pytest.fixture(autouse=True)

@@ -14,14 +14,8 @@ import pytest
 
 from bench.grpo_clip import clip_fractions, run
 from trainers.contract.methods.grpo import GRPOHyperparameters, resolve
-from trainers.tiny_model import build_tiny_model
 
 SCHEDULES = {"grpo": 1, "dapo": 16, "dr_grpo": 8, "ngrpo": 4, "xrpo": 16, "hapo": 16}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 
 
 def test_each_preset_has_its_recipes_schedule_and_a_request_overrides_it():

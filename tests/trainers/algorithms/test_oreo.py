@@ -26,14 +26,8 @@ from trainers.contract.spec import JobSpec
 from trainers.records import build_dataset
 from trainers.reporting import Reporter
 from trainers.runner import run_method
-from trainers.tiny_model import build_tiny_model
 
 DEMO = resources.files("trainers") / "assets" / "demo_oreo.jsonl"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 
 
 def demo_rows(n: int) -> list[ScoredRow]:
