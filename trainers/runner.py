@@ -57,6 +57,9 @@ class MethodDef:
                     that then read them in order).
     events:         ``(plan, hyperparameters, data) -> list[str]``: what the job's
                     events should say about how the method will run.
+    loads_model:    the trainer loads the model itself from the path it is given (as
+                    ``model``) instead of taking the runner's loaded copy, so only one
+                    copy is ever held.
     """
 
     name: str
@@ -71,6 +74,7 @@ class MethodDef:
     events: Callable[[RunPlan, Any, TrainData], list[str]] = field(
         default=lambda plan, hp, data: []
     )
+    loads_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ def run_method(
     )
     for note in method.events(plan, hp, data):
         reporter.event(note)
-    model = load_causal_lm(spec.model)
+    model = spec.model if method.loads_model else load_causal_lm(spec.model)
     pack = False
     if isinstance(hp, PackedHyperparameters):
         pack, note = resolve_packing(hp.packing, model)

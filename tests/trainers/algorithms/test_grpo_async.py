@@ -233,16 +233,21 @@ def async_plan(root: Path, model_dir: Path, url: str, **spec_fields):
     )
 
 
-def test_an_async_job_runs_through_the_runner(server, tmp_path):
+def test_an_async_job_runs_through_the_runner(server, tmp_path, monkeypatch):
     """A job with ``rollout_mode: "async"`` goes to TRL's AsyncGRPOTrainer through the
     registry and the shared runner: its grader is the reward, its steps are reported, its
-    checkpoint holds moved weights, and every step's weights reached the server."""
+    checkpoint holds moved weights, and every step's weights reached the server. The
+    runner loads no copy of the model of its own (the trainer loads it from the path)."""
     from safetensors.torch import load_file
 
-    from trainers import registry
+    from trainers import registry, runner
     from trainers.reporting import Reporter
     from trainers.runner import run_method
 
+    def no_second_copy(name):
+        raise AssertionError(f"the runner loaded {name} beside the async trainer's copy")
+
+    monkeypatch.setattr(runner, "load_causal_lm", no_second_copy)
     model_dir, url, log, proc = server
     wait_healthy(proc, url)
     plan = async_plan(tmp_path / "job", model_dir, url)

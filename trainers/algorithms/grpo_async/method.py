@@ -22,7 +22,8 @@ computes, so the mapping here is direct:
 * the server: ``plan.vllm_server_url``, the server the worker started for the run.
 
 The trainer loads the model itself from its path (``AsyncGRPOTrainer`` takes a model
-id, not a model), with ``tree_fa3`` attention; ``trainer.build_kwargs`` adds what the
+id, not a model), with ``tree_fa3`` attention, and the runner loads none
+(``loads_model``); ``trainer.build_kwargs`` adds what the
 host needs (the CPU kernel, the weight transfer).
 """
 
@@ -44,7 +45,8 @@ from trainers.runner import MethodDef, TrainData, per_process_batch
 
 class PosttrainAsyncGRPOTrainer(PosttrainTrainerMixin, AsyncGRPOTrainer):
     """TRL's ``AsyncGRPOTrainer`` built from the runner's arguments: the model's path
-    instead of the loaded model, no evaluation set (the contract refuses one)."""
+    (``loads_model``: the runner loads no copy of its own), no evaluation set (the
+    contract refuses one)."""
 
     def __init__(
         self,
@@ -58,7 +60,7 @@ class PosttrainAsyncGRPOTrainer(PosttrainTrainerMixin, AsyncGRPOTrainer):
         callbacks=None,
     ):
         path = model if isinstance(model, str) else model.name_or_path
-        del model  # the trainer loads its own copy, with tree attention
+        del model  # the trainer loads the model itself, with tree attention
         with adapted_for_host(args, peft_config) as extra:
             super().__init__(
                 path,
@@ -154,4 +156,5 @@ METHOD = MethodDef(
     config_fields=config_fields,
     trainer_kwargs=trainer_kwargs,
     events=events,
+    loads_model=True,
 )
