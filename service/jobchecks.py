@@ -78,12 +78,16 @@ def check_tools(spec: JobSpec, policy: ToolPolicy) -> None:
 
 
 def check_python(spec: JobSpec, sandbox: SandboxPolicy) -> None:
-    """A python grader of an RL job, on a server whose python grader is off: a 400 naming
-    the grader. (Where it is on, the trainer probes the sandbox before grading.)"""
-    block = spec.method.block
-    if not hasattr(block, "graders_with_params"):
-        return
-    pairs = block.graders_with_params(f"method.{spec.method.type}")  # none: environment only
+    """A python grader of an RL job (or EGPO's grader judge), on a server whose python
+    grader is off: a 400 naming the grader. (Where it is on, the trainer probes the
+    sandbox before grading.)"""
+    block, base = spec.method.block, f"method.{spec.method.type}"
+    pairs = []
+    if hasattr(block, "graders_with_params"):
+        pairs = block.graders_with_params(base)  # none: environment only
+    judge = getattr(spec.method.hyperparameters, "judge", None)
+    if getattr(judge, "type", None) == "grader":  # EGPO's grader judge
+        pairs = [*pairs, (judge.grader, f"{base}.hyperparameters.judge.grader")]
     found = python_params([g for g, _ in pairs], [p for _, p in pairs])
     why = refusal(sandbox)
     if found and why:

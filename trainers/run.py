@@ -49,9 +49,13 @@ def execute(plan: RunPlan, reporter: Reporter) -> int:
     import torch
 
     from trainers import registry
+    from trainers.contract.graders.python import configure as configure_python
     from trainers.runner import run_method
 
     torch.set_num_threads(plan.threads)
+    # every python grader this process runs (an RL job's rewards, EGPO's grader judge) runs
+    # under the server's sandbox settings, which the run plan carries
+    configure_python(plan.python_graders)
     if plan.processes > 1:
         _load_onto_indexed_cpu(torch)
     pause = PauseRequest(plan.pause_path).install()

@@ -171,3 +171,25 @@ def test_an_eval_run_grades_a_python_criterion_in_the_sandbox(on, tmp_path, unit
     assert grade_run(run.id, state.eval_runs, state.files, broken) == "completed"
     done = sdk.evals.runs.retrieve(run.id, eval_id=ev.id)
     assert done.result_counts.errored == 4
+
+
+# ---- as EGPO's grader judge
+
+EGPO = {
+    "type": "egpo",
+    "egpo": {"hyperparameters": {"judge": {"type": "grader", "grader": GRADER}}},
+}
+
+
+def test_an_egpo_job_judged_by_a_python_grader_follows_the_servers_sandbox(off, on):
+    fid = upload(off, [{"messages": PROMPT["messages"]}]).json()["id"]
+    resp = create_job(off, fid, method=EGPO)
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert err["param"] == "method.egpo.hyperparameters.judge.grader"
+    assert "POSTTRAIN_PYTHON_GRADER=off" in err["message"]
+    fid = upload(on, [{"messages": PROMPT["messages"]}]).json()["id"]
+    resp = create_job(on, fid, method=EGPO)
+    assert resp.status_code == 200, resp.text
+    judge = resp.json()["method"]["egpo"]["hyperparameters"]["judge"]["grader"]
+    assert judge["source"] == SOURCE and judge["type"] == "python"

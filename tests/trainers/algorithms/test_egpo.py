@@ -264,3 +264,39 @@ def test_pause_waits_for_the_full_step_and_resume_continues_exactly(model_dir, t
     assert json.loads((a / "posttrain_egpo_state.json").read_text()) == json.loads(
         (b / "posttrain_egpo_state.json").read_text()
     )
+
+
+# ---- a python grader as the judge, run through the training process's entry point
+PY_JUDGE = {
+    "type": "grader",
+    "grader": {  # prefers completions with more letters 'e': a pointwise score per sample
+        "type": "python",
+        "name": "letters",
+        "source": "def grade(sample, item):\n    return float(sample['output_text'].count('e'))\n",
+    },
+}
+
+
+def test_a_python_grader_judge_runs_in_the_plans_sandbox(model_dir, tmp_path):
+    """``trainers.run.execute`` runs every python grader of the process under the plan's
+    sandbox settings: with the sandbox on, an EGPO job judged by a python grader trains and
+    reports; with it off (a plan from a server that has it off), the judge cannot run and
+    the job fails naming the grader."""
+    from trainers.contract.messages import Error, Result
+    from trainers.contract.sandbox import SandboxPolicy, probe
+    from trainers.run import execute
+
+    policy = SandboxPolicy(mode="bwrap")
+    if probe(policy):
+        pytest.skip(f"no working bubblewrap sandbox: {probe(policy)}")
+    plan = plan_for(model_dir, tmp_path / "on", every=10, max_steps=2, judge=PY_JUDGE)
+    reporter = Reporter()
+    assert execute(plan.model_copy(update={"python_graders": policy}), reporter) == 0
+    assert [m.step for m in reporter.sent if isinstance(m, Result)] == [2]
+    assert [m.step for m in reporter.sent if isinstance(m, Log)] == [1, 2]
+
+    off = plan_for(model_dir, tmp_path / "off", every=10, max_steps=2, judge=PY_JUDGE)
+    reporter = Reporter()
+    assert execute(off, reporter) != 0  # the plan's default: the python grader is off
+    (error,) = [m for m in reporter.sent if isinstance(m, Error)]
+    assert "python grader 'letters' cannot run" in error.message

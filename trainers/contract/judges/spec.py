@@ -34,7 +34,6 @@ from pydantic import (
     field_validator,
 )
 
-from trainers.contract.graders.python import runs_code
 from trainers.contract.graders.remote import calls_out
 from trainers.contract.graders.spec import Grader, RegexPattern, describe_errors, template_fields
 from trainers.contract.graders.spec import _param as grader_param
@@ -179,12 +178,7 @@ class GraderJudge(_Base):
                 "an endpoint grader grades only grpo and reinforcement jobs (its header "
                 "secrets are kept for those); use it there, or a grader posttrain runs itself"
             )
-        if runs_code(value):
-            raise ValueError(
-                "a python grader grades only grpo and reinforcement jobs (only their "
-                "trainers are given the sandbox); use it there, or another grader type"
-            )
-        return value
+        return value  # a python grader: the API checks the server runs its sandbox
 
     @field_validator("mode")
     @classmethod
