@@ -20,8 +20,9 @@ from transformers import AutoTokenizer
 from trl import GRPOConfig
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 
-from tests.trainers.algorithms.test_grpo import (
+from tests.trainers.algorithms.test_grpo import (  # noqa: F401  (_one_thread: autouse)
     LENGTH,
+    _one_thread,
     _tiny,
     config_dict,
     make_plan,
@@ -51,14 +52,6 @@ HP = {
     "steps_per_generation": 1,
     "reward_weights": [1.0, 2.0],
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _Samples:
